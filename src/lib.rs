@@ -1,0 +1,3 @@
+//! listrak-worker: keeps Listrak profile fields in step with Segment Engage audiences.
+
+pub mod model;

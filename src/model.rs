@@ -1,0 +1,84 @@
+//! The vocabulary shared by every stage: list and field ids, event times, profile updates.
+
+use std::fmt;
+use std::num::NonZeroU32;
+
+/// A Listrak list id: a positive 32-bit integer (Listrak's `int32`, so at most `i32::MAX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListId(NonZeroU32);
+
+/// A Listrak profile (segmentation) field id: a positive 32-bit integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FieldId(NonZeroU32);
+
+macro_rules! positive_id {
+    ($name:ident) => {
+        impl $name {
+            /// Accepts 1..=i32::MAX, the range Listrak's `int32` ids take.
+            pub fn new(value: i64) -> Option<Self> {
+                if value > 0 && value <= i64::from(i32::MAX) {
+                    NonZeroU32::new(value as u32).map(Self)
+                } else {
+                    None
+                }
+            }
+
+            pub fn get(self) -> u32 {
+                self.0.get()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                text.trim()
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(Self::new)
+                    .ok_or_else(|| format!("{text:?} is not a positive 32-bit integer"))
+            }
+        }
+    };
+}
+
+positive_id!(ListId);
+positive_id!(FieldId);
+
+/// When an event happened, in microseconds since the Unix epoch; the last-write-wins clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventTime(pub i64);
+
+impl EventTime {
+    /// Parses RFC 3339 (what Segment sends: `2024-05-01T12:00:00.123Z`, offsets allowed).
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        chrono::DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|t| Self(t.timestamp_micros()))
+    }
+
+    pub fn now() -> Self {
+        Self(chrono::Utc::now().timestamp_micros())
+    }
+
+    pub fn to_rfc3339(self) -> String {
+        chrono::DateTime::from_timestamp_micros(self.0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default()
+    }
+}
+
+/// One contact's field values for one list, produced from one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    pub list_id: ListId,
+    /// Trimmed and lower-cased, so one person is one contact however producers spell it.
+    pub email: String,
+    pub fields: Vec<(FieldId, String)>,
+    pub timestamp: EventTime,
+}
