@@ -82,3 +82,52 @@ pub struct Update {
     pub fields: Vec<(FieldId, String)>,
     pub timestamp: EventTime,
 }
+
+/// Why a message went to the dead-letter queue; the value of its `x-listrak-reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeadLetterReason {
+    /// Not UTF-8, not JSON, or over the size limit.
+    InvalidJson,
+    /// JSON, but not an event the worker can apply (wrong types, no email, undecidable value).
+    InvalidEvent,
+    /// Listrak answered 400 for this contact alone.
+    Rejected,
+    /// Listrak answered 404 for this contact alone: the list does not exist.
+    ListNotFound,
+    /// Systemic failures outlasted `retry.max_age`.
+    RetriesExhausted,
+    /// The broker's own delivery limit dead-lettered it (recognised from `x-death`).
+    DeliveryLimit,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 6] = [
+        Self::InvalidJson,
+        Self::InvalidEvent,
+        Self::Rejected,
+        Self::ListNotFound,
+        Self::RetriesExhausted,
+        Self::DeliveryLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidEvent => "invalid_event",
+            Self::Rejected => "rejected",
+            Self::ListNotFound => "list_not_found",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::DeliveryLimit => "delivery_limit",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == text)
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
