@@ -1,0 +1,417 @@
+//! Grouping: updates collected per list, merged per contact, last write wins per field.
+//!
+//! Pure and clock-driven: the caller passes `now`, so every flush rule is tested without
+//! sleeping. The encoded size of each batch is tracked exactly as the request body will be,
+//! so `max_bytes` is a promise, not an estimate.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::model::{EventTime, FieldId, ListId, Update};
+
+/// Identifies the message an update came from; opaque to the batcher.
+pub type MessageKey = u64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_contacts: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+/// Why a batch left the batcher; the `trigger` label of `listrak_batch_flushes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushTrigger {
+    Size,
+    Bytes,
+    Time,
+    Shutdown,
+}
+
+impl FlushTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Size => "size",
+            Self::Bytes => "bytes",
+            Self::Time => "time",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One field's winning value and the event time that made it win.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldValue {
+    pub field: FieldId,
+    pub value: String,
+    pub timestamp: EventTime,
+}
+
+/// One contact entry of a request, and every message whose updates it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    pub email: String,
+    /// Sorted by field id, one entry per field.
+    pub fields: Vec<FieldValue>,
+    /// Messages that settle when this contact is settled, in arrival order, without repeats.
+    pub messages: Vec<MessageKey>,
+}
+
+impl Contact {
+    /// The exact length of this contact's JSON object in the request body.
+    pub fn encoded_len(&self) -> usize {
+        // {"emailAddress":"…","segmentationFieldValues":[…]}
+        let mut len = r#"{"emailAddress":,"segmentationFieldValues":[]}"#.len();
+        len += json_string_len(&self.email);
+        for (i, field) in self.fields.iter().enumerate() {
+            // {"segmentationFieldId":N,"value":"…"}
+            len += usize::from(i > 0);
+            len += r#"{"segmentationFieldId":,"value":}"#.len();
+            len += decimal_len(field.field.get());
+            len += json_string_len(&field.value);
+        }
+        len
+    }
+
+    /// Merges one update in; on the same field the later timestamp wins, and on equal
+    /// timestamps the later delivery (this one) wins, so "Entered then Exited" ends "off".
+    fn merge(&mut self, fields: Vec<(FieldId, String)>, timestamp: EventTime) {
+        for (field, value) in fields {
+            match self.fields.binary_search_by_key(&field, |f| f.field) {
+                Ok(at) => {
+                    if timestamp >= self.fields[at].timestamp {
+                        self.fields[at] = FieldValue {
+                            field,
+                            value,
+                            timestamp,
+                        };
+                    }
+                }
+                Err(at) => self.fields.insert(
+                    at,
+                    FieldValue {
+                        field,
+                        value,
+                        timestamp,
+                    },
+                ),
+            }
+        }
+    }
+}
+
+/// A request's worth of contacts for one list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub list_id: ListId,
+    pub contacts: Vec<Contact>,
+    pub trigger: FlushTrigger,
+}
+
+impl Batch {
+    pub fn encoded_len(&self) -> usize {
+        body_len(&self.contacts)
+    }
+
+    /// The request body, encoded once.
+    pub fn encode(contacts: &[Contact]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(body_len(contacts));
+        body.push(b'[');
+        for (i, contact) in contacts.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(br#"{"emailAddress":"#);
+            write_json_string(&mut body, &contact.email);
+            body.extend_from_slice(br#","segmentationFieldValues":["#);
+            for (j, field) in contact.fields.iter().enumerate() {
+                if j > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(br#"{"segmentationFieldId":"#);
+                body.extend_from_slice(field.field.get().to_string().as_bytes());
+                body.extend_from_slice(br#","value":"#);
+                write_json_string(&mut body, &field.value);
+                body.push(b'}');
+            }
+            body.extend_from_slice(b"]}");
+        }
+        body.push(b']');
+        body
+    }
+}
+
+fn body_len(contacts: &[Contact]) -> usize {
+    2 + contacts.iter().map(Contact::encoded_len).sum::<usize>() + contacts.len().saturating_sub(1)
+}
+
+/// Contacts of one list waiting to be sent.
+#[derive(Debug)]
+struct OpenBatch {
+    contacts: Vec<Contact>,
+    by_email: HashMap<String, usize>,
+    /// Equals `body_len(&contacts)`, kept up to date on every merge.
+    bytes: usize,
+    opened_at: Instant,
+}
+
+impl OpenBatch {
+    fn new(now: Instant) -> Self {
+        Self {
+            contacts: Vec::new(),
+            by_email: HashMap::new(),
+            bytes: 2,
+            opened_at: now,
+        }
+    }
+}
+
+/// What adding one update did.
+#[derive(Debug, Default)]
+pub struct Added {
+    /// The message gained a contact entry it was not part of yet: one more part to settle.
+    pub new_part: bool,
+    /// Batches that became full and must be sent now.
+    pub flushed: Vec<Batch>,
+}
+
+/// Open batches of every list.
+#[derive(Debug)]
+pub struct Batcher {
+    limits: BatchLimits,
+    open: HashMap<ListId, OpenBatch>,
+}
+
+impl Batcher {
+    pub fn new(limits: BatchLimits) -> Self {
+        Self {
+            limits,
+            open: HashMap::new(),
+        }
+    }
+
+    pub fn limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    /// Adds one update of message `key`.
+    pub fn add(&mut self, key: MessageKey, update: Update, now: Instant) -> Added {
+        self.add_with_ceiling(key, update, now, self.limits.max_bytes)
+    }
+
+    /// Adds one update, with a byte ceiling for its list that may be lower than `max_bytes`
+    /// (a list whose size limit Listrak proved to be smaller).
+    pub fn add_with_ceiling(
+        &mut self,
+        key: MessageKey,
+        update: Update,
+        now: Instant,
+        max_bytes: usize,
+    ) -> Added {
+        let mut added = Added::default();
+        let max_bytes = max_bytes.min(self.limits.max_bytes);
+        let Update {
+            list_id,
+            email,
+            fields,
+            timestamp,
+        } = update;
+        let open = self
+            .open
+            .entry(list_id)
+            .or_insert_with(|| OpenBatch::new(now));
+
+        if let Some(&at) = open.by_email.get(&email) {
+            let contact = &mut open.contacts[at];
+            let before = contact.encoded_len();
+            contact.merge(fields, timestamp);
+            if contact.messages.last() != Some(&key) && !contact.messages.contains(&key) {
+                contact.messages.push(key);
+                added.new_part = true;
+            }
+            open.bytes = open.bytes + contact.encoded_len() - before;
+            if open.bytes > max_bytes && open.contacts.len() > 1 {
+                // The merge grew the body past the limit: send the others now, and let this
+                // contact open the next batch.
+                let contact = open.contacts.swap_remove(at);
+                open.by_email.remove(&contact.email);
+                if let Some(moved) = open.contacts.get(at) {
+                    open.by_email.insert(moved.email.clone(), at);
+                }
+                open.bytes = body_len(&open.contacts);
+                added.flushed.push(Self::take(
+                    &mut self.open,
+                    list_id,
+                    FlushTrigger::Bytes,
+                    now,
+                ));
+                self.insert_contact(list_id, contact, now);
+            }
+        } else {
+            let mut contact = Contact {
+                email,
+                fields: Vec::with_capacity(fields.len()),
+                messages: vec![key],
+            };
+            contact.merge(fields, timestamp);
+            added.new_part = true;
+            let grown = open.bytes + contact.encoded_len() + usize::from(!open.contacts.is_empty());
+            if grown > max_bytes && !open.contacts.is_empty() {
+                added.flushed.push(Self::take(
+                    &mut self.open,
+                    list_id,
+                    FlushTrigger::Bytes,
+                    now,
+                ));
+            }
+            self.insert_contact(list_id, contact, now);
+        }
+
+        let open = &self.open[&list_id];
+        if open.contacts.len() >= self.limits.max_contacts {
+            added
+                .flushed
+                .push(Self::take(&mut self.open, list_id, FlushTrigger::Size, now));
+        } else if open.bytes >= max_bytes {
+            added.flushed.push(Self::take(
+                &mut self.open,
+                list_id,
+                FlushTrigger::Bytes,
+                now,
+            ));
+        }
+        added
+    }
+
+    fn insert_contact(&mut self, list_id: ListId, contact: Contact, now: Instant) {
+        let open = self
+            .open
+            .entry(list_id)
+            .or_insert_with(|| OpenBatch::new(now));
+        if !open.contacts.is_empty() {
+            open.bytes += 1;
+        }
+        open.bytes += contact.encoded_len();
+        open.by_email
+            .insert(contact.email.clone(), open.contacts.len());
+        open.contacts.push(contact);
+    }
+
+    fn take(
+        open: &mut HashMap<ListId, OpenBatch>,
+        list_id: ListId,
+        trigger: FlushTrigger,
+        now: Instant,
+    ) -> Batch {
+        let batch = open
+            .insert(list_id, OpenBatch::new(now))
+            .expect("a batch is open for the list being flushed");
+        Batch {
+            list_id,
+            contacts: batch.contacts,
+            trigger,
+        }
+    }
+
+    /// The earliest moment a partial batch must leave, if any is open.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.open
+            .values()
+            .filter(|open| !open.contacts.is_empty())
+            .map(|open| open.opened_at + self.limits.max_wait)
+            .min()
+    }
+
+    /// Partial batches that have waited `max_wait`.
+    pub fn flush_due(&mut self, now: Instant) -> Vec<Batch> {
+        let max_wait = self.limits.max_wait;
+        self.flush_where(FlushTrigger::Time, |open| {
+            now.saturating_duration_since(open.opened_at) >= max_wait
+        })
+    }
+
+    /// Every open batch, for shutdown.
+    pub fn flush_all(&mut self) -> Vec<Batch> {
+        self.flush_where(FlushTrigger::Shutdown, |_| true)
+    }
+
+    fn flush_where(
+        &mut self,
+        trigger: FlushTrigger,
+        due: impl Fn(&OpenBatch) -> bool,
+    ) -> Vec<Batch> {
+        let lists: Vec<ListId> = self
+            .open
+            .iter()
+            .filter(|(_, open)| !open.contacts.is_empty() && due(open))
+            .map(|(list, _)| *list)
+            .collect();
+        lists
+            .into_iter()
+            .map(|list_id| {
+                let open = self.open.remove(&list_id).expect("listed above");
+                Batch {
+                    list_id,
+                    contacts: open.contacts,
+                    trigger,
+                }
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.values().all(|open| open.contacts.is_empty())
+    }
+}
+
+fn decimal_len(mut n: u32) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
+/// Length of `text` as a JSON string literal, quotes included, escaped as serde_json does.
+fn json_string_len(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests;
