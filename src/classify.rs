@@ -60,9 +60,9 @@ pub enum Class {
 /// Decides from the outcome alone; `contacts` is the number of contacts in the request.
 pub fn classify(outcome: &Outcome, contacts: usize) -> Class {
     match outcome {
-        Outcome::Timeout | Outcome::Connection(_) | Outcome::NoToken(_) => Class::Systemic {
-            retry_after: None,
-        },
+        Outcome::Timeout | Outcome::Connection(_) | Outcome::NoToken(_) => {
+            Class::Systemic { retry_after: None }
+        }
         Outcome::Answered {
             status,
             retry_after,
@@ -134,7 +134,11 @@ mod tests {
             (answered(302), 10, systemic),
             (Outcome::Timeout, 10, systemic),
             (Outcome::Connection("reset".into()), 1, systemic),
-            (Outcome::NoToken("503 from the token endpoint".into()), 1, systemic),
+            (
+                Outcome::NoToken("503 from the token endpoint".into()),
+                1,
+                systemic,
+            ),
         ];
         for (outcome, contacts, class) in table {
             assert_eq!(

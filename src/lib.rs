@@ -2,5 +2,11 @@
 
 pub mod batch;
 pub mod classify;
+pub mod concurrency;
+pub mod config;
+pub mod deliver;
+pub mod guard;
+pub mod listrak;
 pub mod model;
 pub mod retry;
+pub mod telemetry;

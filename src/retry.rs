@@ -100,7 +100,13 @@ mod tests {
         let table = [(0, 0), (1, 1), (2, 2), (3, 2), (40, 2)];
         for (attempts, step) in table {
             assert_eq!(
-                plan_retry(attempts, EventTime(0), EventTime(60 * SECOND), &schedule(), max_age),
+                plan_retry(
+                    attempts,
+                    EventTime(0),
+                    EventTime(60 * SECOND),
+                    &schedule(),
+                    max_age
+                ),
                 RetryPlan::Delay { step },
                 "after {attempts} attempts"
             );
@@ -111,11 +117,23 @@ mod tests {
     fn a_message_older_than_max_age_is_exhausted() {
         let max_age = Duration::from_secs(3600);
         assert_eq!(
-            plan_retry(1, EventTime(0), EventTime(3600 * SECOND), &schedule(), max_age),
+            plan_retry(
+                1,
+                EventTime(0),
+                EventTime(3600 * SECOND),
+                &schedule(),
+                max_age
+            ),
             RetryPlan::Exhausted
         );
         assert_eq!(
-            plan_retry(1, EventTime(0), EventTime(3599 * SECOND), &schedule(), max_age),
+            plan_retry(
+                1,
+                EventTime(0),
+                EventTime(3599 * SECOND),
+                &schedule(),
+                max_age
+            ),
             RetryPlan::Delay { step: 1 }
         );
     }

@@ -1,0 +1,212 @@
+//! Adaptive request concurrency: how many requests Listrak gets at once, learned from its
+//! answers (additive increase, multiplicative decrease), between 1 and a configured maximum.
+//!
+//! Modelled on Vector's adaptive request concurrency, with two changes: a 429, 5xx or
+//! timeout cuts the limit at most once per round trip (a burst of failures from one
+//! overload is one signal, not ten), and the limit only grows while it is actually used.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::telemetry::Metrics;
+
+/// What one answer says about Listrak's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Answered in time and without a sign of overload.
+    Healthy,
+    /// 429, 5xx, timeout or connection failure.
+    Overloaded,
+    /// Says nothing about load (401, 4xx rejections).
+    Neutral,
+}
+
+pub struct AdaptiveConcurrency {
+    max: usize,
+    state: Mutex<State>,
+    released: Notify,
+    metrics: Metrics,
+}
+
+struct State {
+    limit: f64,
+    in_flight: usize,
+    /// Smoothed round trip of healthy answers: the baseline that "rising latency" is
+    /// measured against.
+    rtt: Option<f64>,
+    samples: u32,
+    last_decrease: Instant,
+}
+
+/// A slot for one request; dropping it without `record` counts as neutral.
+pub struct Permit {
+    owner: Arc<AdaptiveConcurrency>,
+    /// The limit was reached when this slot was taken: only then may success raise it.
+    saturated: bool,
+    started: Instant,
+}
+
+const DECREASE: f64 = 0.5;
+const LATENCY_DECREASE: f64 = 0.9;
+const RTT_SMOOTHING: f64 = 0.1;
+/// A round trip this many times the baseline counts as a sign of overload.
+const LATENCY_TOLERANCE: f64 = 2.0;
+
+impl AdaptiveConcurrency {
+    pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
+        let max = max.max(1);
+        let initial = (max / 4).max(1);
+        metrics.concurrency_limit(initial);
+        Arc::new(Self {
+            max,
+            state: Mutex::new(State {
+                limit: initial as f64,
+                in_flight: 0,
+                rtt: None,
+                samples: 0,
+                last_decrease: Instant::now(),
+            }),
+            released: Notify::new(),
+            metrics,
+        })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.state.lock().expect("limit lock").limit as usize
+    }
+
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
+        loop {
+            let notified = self.released.notified();
+            {
+                let mut state = self.state.lock().expect("limit lock");
+                let limit = state.limit as usize;
+                if state.in_flight < limit {
+                    state.in_flight += 1;
+                    return Permit {
+                        owner: Arc::clone(self),
+                        saturated: state.in_flight >= limit,
+                        started: Instant::now(),
+                    };
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn observe(&self, signal: Signal, saturated: bool, rtt: Duration) {
+        let mut state = self.state.lock().expect("limit lock");
+        let now = Instant::now();
+        let rtt = rtt.as_secs_f64();
+        let baseline = state.rtt.unwrap_or(rtt);
+        let once_per_round_trip = now.duration_since(state.last_decrease).as_secs_f64() >= baseline;
+        match signal {
+            Signal::Overloaded if once_per_round_trip => {
+                state.limit = (state.limit * DECREASE).max(1.0);
+                state.last_decrease = now;
+            }
+            Signal::Healthy
+                if state.samples >= 5
+                    && rtt > baseline * LATENCY_TOLERANCE
+                    && once_per_round_trip =>
+            {
+                state.limit = (state.limit * LATENCY_DECREASE).max(1.0);
+                state.last_decrease = now;
+            }
+            Signal::Healthy => {
+                if saturated {
+                    state.limit = (state.limit + 1.0 / state.limit).min(self.max as f64);
+                }
+                state.rtt = Some(baseline + RTT_SMOOTHING * (rtt - baseline));
+                state.samples = state.samples.saturating_add(1);
+            }
+            Signal::Overloaded | Signal::Neutral => {}
+        }
+        self.metrics.concurrency_limit(state.limit as usize);
+    }
+
+    fn release(&self) {
+        self.state.lock().expect("limit lock").in_flight -= 1;
+        self.released.notify_waiters();
+    }
+}
+
+impl Permit {
+    /// Reports how the request went; the slot is freed.
+    pub fn record(self, signal: Signal) {
+        self.owner
+            .observe(signal, self.saturated, self.started.elapsed());
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.owner.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_limit_grows_while_used_and_halves_on_overload() {
+        let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
+        assert_eq!(limiter.limit(), 2);
+        for _ in 0..40 {
+            let a = limiter.acquire().await;
+            let b = limiter.acquire().await;
+            a.record(Signal::Healthy);
+            b.record(Signal::Healthy);
+        }
+        let grown = limiter.limit();
+        assert!(grown > 2, "grew to {grown}");
+        assert!(grown <= 8);
+        std::thread::sleep(Duration::from_millis(2));
+        limiter.acquire().await.record(Signal::Overloaded);
+        assert_eq!(limiter.limit(), (grown as f64 * DECREASE).max(1.0) as usize);
+    }
+
+    #[tokio::test]
+    async fn the_limit_never_goes_below_one_nor_above_the_maximum() {
+        let limiter = AdaptiveConcurrency::new(3, Metrics::new(10));
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(1));
+            limiter.acquire().await.record(Signal::Overloaded);
+        }
+        assert_eq!(limiter.limit(), 1);
+        for _ in 0..200 {
+            let mut permits = Vec::new();
+            for _ in 0..limiter.limit() {
+                permits.push(limiter.acquire().await);
+            }
+            permits.into_iter().for_each(|p| p.record(Signal::Healthy));
+        }
+        assert_eq!(limiter.limit(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unused_limit_does_not_grow() {
+        let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
+        for _ in 0..100 {
+            limiter.acquire().await.record(Signal::Healthy);
+        }
+        assert_eq!(limiter.limit(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_a_free_slot() {
+        let limiter = AdaptiveConcurrency::new(1, Metrics::new(10));
+        let held = limiter.acquire().await;
+        let waiting = tokio::spawn({
+            let limiter = Arc::clone(&limiter);
+            async move { limiter.acquire().await.record(Signal::Neutral) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(held);
+        waiting.await.unwrap();
+    }
+}

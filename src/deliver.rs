@@ -1,0 +1,345 @@
+//! Delivering: one batch to Listrak, with in-process retries, token refresh and bisection,
+//! until every contact has a verdict.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::{join, BoxFuture, FutureExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, Contact};
+use crate::classify::{classify, Class, ListrakError, Outcome};
+use crate::concurrency::{AdaptiveConcurrency, Signal};
+use crate::guard::SupersededGuard;
+use crate::listrak::ListrakApi;
+use crate::model::{DeadLetterReason, EventTime, ListId};
+use crate::retry::InProcessBackoff;
+use crate::telemetry::Metrics;
+
+/// Why Listrak refused a contact for good; becomes the dead letter's `x-listrak-*` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: DeadLetterReason,
+    pub status: Option<u16>,
+    pub error: String,
+    pub message: String,
+    pub list_id: Option<ListId>,
+}
+
+/// What became of one contact of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Applied,
+    /// Every field of it was older than a value already applied.
+    Superseded,
+    /// Systemic failures outlasted the in-process budget: move to the retry queues.
+    Retry,
+    DeadLetter(Rejection),
+    /// Shutdown came while the batch was held: leave its messages unacknowledged.
+    Abandoned,
+}
+
+/// The smallest body size that Listrak refused with a size-404, per list, learned by
+/// bisection; later batches for the list stay under it.
+#[derive(Default)]
+pub struct SizeCeilings {
+    ceilings: Mutex<HashMap<ListId, usize>>,
+}
+
+impl SizeCeilings {
+    pub fn get(&self, list: ListId) -> Option<usize> {
+        self.ceilings
+            .lock()
+            .expect("ceilings lock")
+            .get(&list)
+            .copied()
+    }
+
+    fn learn(&self, list: ListId, max_bytes_that_passed: usize) {
+        let mut ceilings = self.ceilings.lock().expect("ceilings lock");
+        let ceiling = ceilings.entry(list).or_insert(usize::MAX);
+        if max_bytes_that_passed < *ceiling {
+            tracing::info!(list_id = %list, bytes = max_bytes_that_passed, "Listrak refused larger bodies for this list; later batches stay under this size");
+            *ceiling = max_bytes_that_passed;
+        }
+    }
+}
+
+/// Everything a delivery needs, shared by all batches.
+pub struct Deliverer<A> {
+    pub api: Arc<A>,
+    pub concurrency: Arc<AdaptiveConcurrency>,
+    pub guard: Arc<SupersededGuard>,
+    pub ceilings: Arc<SizeCeilings>,
+    pub metrics: Metrics,
+    /// How long a batch is held and retried in process before its messages go to the
+    /// retry queues.
+    pub in_process: Duration,
+    pub shutdown: CancellationToken,
+}
+
+struct Attempt<'a> {
+    list: ListId,
+    contacts: &'a [Contact],
+    deadline: Instant,
+}
+
+impl<A: ListrakApi> Deliverer<A> {
+    /// Sends the batch; the verdicts are in the order of `batch.contacts`.
+    pub async fn deliver(&self, batch: &Batch) -> Vec<Verdict> {
+        let attempt = Attempt {
+            list: batch.list_id,
+            contacts: &batch.contacts,
+            deadline: Instant::now() + self.in_process,
+        };
+        let all: Vec<usize> = (0..batch.contacts.len()).collect();
+        let mut verdicts = vec![Verdict::Abandoned; batch.contacts.len()];
+        for (index, verdict) in self.send(&attempt, all, None).await {
+            verdicts[index] = verdict;
+        }
+        verdicts
+    }
+
+    /// Sends the contacts at `indexes` as one request (retrying it while the failure is
+    /// systemic), splitting it when Listrak refuses it as a whole. `parent_refused_size`
+    /// is set when the parent group got a 404 that may have been about its size.
+    fn send<'a>(
+        &'a self,
+        attempt: &'a Attempt<'a>,
+        mut indexes: Vec<usize>,
+        parent_refused_size: Option<usize>,
+    ) -> BoxFuture<'a, Vec<(usize, Verdict)>> {
+        async move {
+            let mut verdicts = Vec::with_capacity(indexes.len());
+            let mut backoff = InProcessBackoff::until(attempt.deadline);
+            loop {
+                // Filtered again on every attempt: while this batch waited, a newer value may
+                // have been applied for one of its contacts.
+                let (body, sent) = self.encode_current(attempt, &mut indexes, &mut verdicts);
+                if sent.is_empty() {
+                    return verdicts;
+                }
+                let body_len = body.len();
+                let permit = self.concurrency.acquire().await;
+                let outcome = self
+                    .api
+                    .post_contacts(attempt.list, body, sent.len())
+                    .await;
+                let class = classify(&outcome, sent.len());
+                permit.record(match class {
+                    Class::Ok => Signal::Healthy,
+                    Class::Systemic { .. } => Signal::Overloaded,
+                    _ => Signal::Neutral,
+                });
+                match class {
+                    Class::Ok => {
+                        self.applied(attempt, &sent);
+                        if let Some(refused) = parent_refused_size {
+                            if body_len < refused {
+                                attempt_ceiling(&self.ceilings, attempt.list, body_len);
+                            }
+                        }
+                        verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Applied)));
+                        return verdicts;
+                    }
+                    Class::Auth | Class::Systemic { .. } => {
+                        let retry_after = match class {
+                            Class::Systemic { retry_after } => retry_after,
+                            _ => None,
+                        };
+                        let Some(delay) = backoff.next_delay(retry_after) else {
+                            tracing::warn!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak kept failing; moving the batch to the retry queues");
+                            verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
+                            return verdicts;
+                        };
+                        self.metrics.retried(if class == Class::Auth { "auth" } else { "systemic" });
+                        tracing::debug!(list_id = %attempt.list, status = %outcome.status_label(), ?delay, "retrying batch");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = self.shutdown.cancelled() => {
+                                verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Abandoned)));
+                                return verdicts;
+                            }
+                        }
+                    }
+                    Class::Ambiguous => {
+                        self.metrics.retried("ambiguous");
+                        let status = match &outcome {
+                            Outcome::Answered { status, .. } => *status,
+                            _ => 0,
+                        };
+                        let error = listrak_error(&outcome);
+                        // A rejection that names one contact of this request: set it aside
+                        // and resend the rest, instead of halving blindly.
+                        if status == 400 {
+                            if let Some(guilty) = named_contact(attempt, &sent, &error) {
+                                verdicts.push((guilty, rejection(attempt.list, &outcome)));
+                                indexes = sent.into_iter().filter(|&i| i != guilty).collect();
+                                continue;
+                            }
+                        }
+                        if status == 404 {
+                            // One contact alone tells a missing list from a body too large.
+                            let (probe, rest) = sent.split_at(1);
+                            let probed = self.send(attempt, probe.to_vec(), None).await;
+                            let list_missing = matches!(
+                                probed.first(),
+                                Some((_, Verdict::DeadLetter(r))) if r.reason == DeadLetterReason::ListNotFound
+                            );
+                            verdicts.extend(probed);
+                            if list_missing {
+                                let probe_error = verdicts.last().map(|(_, v)| v.clone());
+                                if let Some(Verdict::DeadLetter(rejection)) = probe_error {
+                                    verdicts.extend(rest.iter().map(|&i| (i, Verdict::DeadLetter(rejection.clone()))));
+                                }
+                                return verdicts;
+                            }
+                            verdicts.extend(self.split(attempt, rest.to_vec(), Some(body_len)).await);
+                            return verdicts;
+                        }
+                        verdicts.extend(self.split(attempt, sent, None).await);
+                        return verdicts;
+                    }
+                    Class::Permanent => {
+                        let verdict = rejection(attempt.list, &outcome);
+                        tracing::info!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak refused; dead-lettering");
+                        verdicts.extend(sent.into_iter().map(|i| (i, verdict.clone())));
+                        return verdicts;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// Halves a group and sends both halves at once.
+    async fn split<'a>(
+        &'a self,
+        attempt: &'a Attempt<'a>,
+        mut indexes: Vec<usize>,
+        refused_size: Option<usize>,
+    ) -> Vec<(usize, Verdict)> {
+        if indexes.is_empty() {
+            return Vec::new();
+        }
+        let back = indexes.split_off(indexes.len().div_ceil(2));
+        if back.is_empty() {
+            return self.send(attempt, indexes, refused_size).await;
+        }
+        let (mut first, second) = join(
+            self.send(attempt, indexes, refused_size),
+            self.send(attempt, back, refused_size),
+        )
+        .await;
+        first.extend(second);
+        first
+    }
+
+    /// Drops fields (and whole contacts) that a newer applied value supersedes, then encodes
+    /// what is left. Returns the body and the indexes it carries.
+    fn encode_current(
+        &self,
+        attempt: &Attempt<'_>,
+        indexes: &mut Vec<usize>,
+        verdicts: &mut Vec<(usize, Verdict)>,
+    ) -> (Bytes, Vec<usize>) {
+        let mut current = Vec::with_capacity(indexes.len());
+        let mut sent = Vec::with_capacity(indexes.len());
+        for &index in indexes.iter() {
+            let contact = &attempt.contacts[index];
+            let stale = |f: &crate::batch::FieldValue| {
+                self.guard
+                    .is_superseded(attempt.list, &contact.email, f.field, f.timestamp)
+            };
+            if !contact.fields.iter().any(stale) {
+                current.push(contact.clone());
+                sent.push(index);
+                continue;
+            }
+            let fields: Vec<_> = contact
+                .fields
+                .iter()
+                .filter(|f| !stale(f))
+                .cloned()
+                .collect();
+            if fields.is_empty() {
+                verdicts.push((index, Verdict::Superseded));
+            } else {
+                current.push(Contact {
+                    email: contact.email.clone(),
+                    fields,
+                    messages: Vec::new(),
+                });
+                sent.push(index);
+            }
+        }
+        indexes.clone_from(&sent);
+        (Bytes::from(Batch::encode(&current)), sent)
+    }
+
+    fn applied(&self, attempt: &Attempt<'_>, sent: &[usize]) {
+        let now = EventTime::now();
+        self.metrics.request_accepted(now.0 as f64 / 1e6);
+        for &index in sent {
+            let contact = &attempt.contacts[index];
+            for field in &contact.fields {
+                self.guard
+                    .record(attempt.list, &contact.email, field.field, field.timestamp);
+                let lag =
+                    Duration::from_micros(now.0.saturating_sub(field.timestamp.0).max(0) as u64);
+                self.metrics.event_applied(lag);
+            }
+        }
+    }
+}
+
+fn attempt_ceiling(ceilings: &SizeCeilings, list: ListId, passed: usize) {
+    ceilings.learn(list, passed);
+}
+
+fn listrak_error(outcome: &Outcome) -> ListrakError {
+    match outcome {
+        Outcome::Answered {
+            error: Some(error), ..
+        } => error.clone(),
+        _ => ListrakError::default(),
+    }
+}
+
+/// The index of the one contact whose email Listrak's message names, if exactly one does.
+fn named_contact(attempt: &Attempt<'_>, sent: &[usize], error: &ListrakError) -> Option<usize> {
+    let message = error.message.to_lowercase();
+    if message.is_empty() {
+        return None;
+    }
+    let mut named = sent
+        .iter()
+        .copied()
+        .filter(|&i| message.contains(attempt.contacts[i].email.as_str()));
+    let first = named.next()?;
+    named.next().is_none().then_some(first)
+}
+
+fn rejection(list: ListId, outcome: &Outcome) -> Verdict {
+    let error = listrak_error(outcome);
+    let status = match outcome {
+        Outcome::Answered { status, .. } => Some(*status),
+        _ => None,
+    };
+    Verdict::DeadLetter(Rejection {
+        reason: if status == Some(404) {
+            DeadLetterReason::ListNotFound
+        } else {
+            DeadLetterReason::Rejected
+        },
+        status,
+        error: error.error,
+        message: error.message,
+        list_id: Some(list),
+    })
+}
+
+#[cfg(test)]
+mod tests;

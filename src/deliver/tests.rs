@@ -1,0 +1,233 @@
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::batch::{FieldValue, FlushTrigger};
+use crate::model::FieldId;
+
+/// Listrak in memory: refuses what it is told to, the way the real one does.
+#[derive(Default)]
+struct MemoryListrak {
+    rejected: BTreeSet<String>,
+    name_rejected_email: bool,
+    unknown_lists: BTreeSet<u32>,
+    max_body: Option<usize>,
+    systemic_failures_left: AtomicUsize,
+    requests: Mutex<Vec<(u32, usize, u16)>>,
+}
+
+impl ListrakApi for MemoryListrak {
+    async fn post_contacts(&self, list: ListId, body: Bytes, contacts: usize) -> Outcome {
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let emails: Vec<String> = parsed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["emailAddress"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(emails.len(), contacts);
+        let answer = |status: u16, message: String| Outcome::Answered {
+            status,
+            retry_after: None,
+            error: (status >= 400).then(|| ListrakError {
+                status,
+                error: "ERROR".into(),
+                message,
+            }),
+        };
+        let outcome = if self
+            .systemic_failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            answer(503, "unavailable".into())
+        } else if self.unknown_lists.contains(&list.get()) {
+            answer(
+                404,
+                "Unable to locate a resource associated with the listId supplied.".into(),
+            )
+        } else if self.max_body.is_some_and(|max| body.len() > max) {
+            answer(
+                404,
+                "Unable to locate a resource associated with the listId supplied.".into(),
+            )
+        } else if let Some(bad) = emails.iter().find(|e| self.rejected.contains(*e)) {
+            let message = if self.name_rejected_email {
+                format!("The email address {bad} is invalid.")
+            } else {
+                "An invalid value was supplied.".into()
+            };
+            answer(400, message)
+        } else {
+            answer(201, String::new())
+        };
+        let status = match &outcome {
+            Outcome::Answered { status, .. } => *status,
+            _ => 0,
+        };
+        self.requests
+            .lock()
+            .unwrap()
+            .push((list.get(), contacts, status));
+        outcome
+    }
+}
+
+fn batch(list: u32, people: usize) -> Batch {
+    Batch {
+        list_id: ListId::new(list.into()).unwrap(),
+        contacts: (0..people)
+            .map(|i| Contact {
+                email: format!("p{i}@x.io"),
+                fields: vec![FieldValue {
+                    field: FieldId::new(7).unwrap(),
+                    value: "on".into(),
+                    timestamp: EventTime(1_000),
+                }],
+                messages: vec![i as u64],
+            })
+            .collect(),
+        trigger: FlushTrigger::Size,
+    }
+}
+
+fn deliverer(api: MemoryListrak, in_process: Duration) -> Deliverer<MemoryListrak> {
+    let metrics = Metrics::new(1000);
+    Deliverer {
+        api: Arc::new(api),
+        concurrency: AdaptiveConcurrency::new(4, metrics.clone()),
+        guard: Arc::new(SupersededGuard::new(10_000)),
+        ceilings: Arc::new(SizeCeilings::default()),
+        metrics,
+        in_process,
+        shutdown: CancellationToken::new(),
+    }
+}
+
+fn dead_lettered(verdicts: &[Verdict]) -> Vec<usize> {
+    verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| matches!(v, Verdict::DeadLetter(_)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_accepted_batch_applies_every_contact_in_one_request() {
+    let d = deliverer(MemoryListrak::default(), Duration::from_secs(1));
+    let verdicts = d.deliver(&batch(1, 50)).await;
+    assert!(verdicts.iter().all(|v| *v == Verdict::Applied));
+    assert_eq!(d.api.requests.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bisection_dead_letters_only_the_rejected_contacts() {
+    let api = MemoryListrak {
+        rejected: ["p3@x.io", "p500@x.io", "p998@x.io"]
+            .map(String::from)
+            .into(),
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(1));
+    let verdicts = d.deliver(&batch(1, 1000)).await;
+    assert_eq!(dead_lettered(&verdicts), [3, 500, 998]);
+    let Verdict::DeadLetter(rejection) = &verdicts[500] else {
+        unreachable!()
+    };
+    assert_eq!(rejection.reason, DeadLetterReason::Rejected);
+    assert_eq!(rejection.status, Some(400));
+    assert_eq!(
+        verdicts.iter().filter(|v| **v == Verdict::Applied).count(),
+        997
+    );
+    let requests = d.api.requests.lock().unwrap().len();
+    assert!(requests <= 70, "{requests} requests");
+}
+
+#[tokio::test]
+async fn a_rejection_that_names_the_contact_costs_one_request_per_bad_contact() {
+    let api = MemoryListrak {
+        rejected: ["p3@x.io", "p500@x.io", "p998@x.io"]
+            .map(String::from)
+            .into(),
+        name_rejected_email: true,
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(1));
+    let verdicts = d.deliver(&batch(1, 1000)).await;
+    assert_eq!(dead_lettered(&verdicts), [3, 500, 998]);
+    assert_eq!(d.api.requests.lock().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn an_unknown_list_is_told_from_a_size_limit_with_one_probe() {
+    let api = MemoryListrak {
+        unknown_lists: [9].into(),
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(1));
+    let verdicts = d.deliver(&batch(9, 100)).await;
+    assert_eq!(dead_lettered(&verdicts).len(), 100);
+    assert!(verdicts.iter().all(|v| matches!(v, Verdict::DeadLetter(r) if r.reason == DeadLetterReason::ListNotFound && r.list_id == ListId::new(9))));
+    assert_eq!(d.api.requests.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_size_limit_is_learned_and_everything_is_applied() {
+    let api = MemoryListrak {
+        max_body: Some(3_000),
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(1));
+    let big = batch(1, 200);
+    let verdicts = d.deliver(&big).await;
+    assert!(verdicts.iter().all(|v| *v == Verdict::Applied));
+    let ceiling = d.ceilings.get(big.list_id).expect("a ceiling was learned");
+    assert!(ceiling <= 3_000, "{ceiling}");
+}
+
+#[tokio::test]
+async fn systemic_failures_are_retried_in_process_then_handed_to_the_retry_queues() {
+    let api = MemoryListrak {
+        systemic_failures_left: AtomicUsize::new(2),
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(30));
+    assert!(d
+        .deliver(&batch(1, 5))
+        .await
+        .iter()
+        .all(|v| *v == Verdict::Applied));
+    assert_eq!(d.api.requests.lock().unwrap().len(), 3);
+
+    let api = MemoryListrak {
+        systemic_failures_left: AtomicUsize::new(usize::MAX),
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_millis(300));
+    let verdicts = d.deliver(&batch(1, 5)).await;
+    assert!(
+        verdicts.iter().all(|v| *v == Verdict::Retry),
+        "{verdicts:?}"
+    );
+    assert!(dead_lettered(&verdicts).is_empty());
+}
+
+#[tokio::test]
+async fn a_contact_superseded_by_an_applied_newer_value_is_not_sent() {
+    let d = deliverer(MemoryListrak::default(), Duration::from_secs(1));
+    let b = batch(1, 3);
+    d.guard.record(
+        b.list_id,
+        "p1@x.io",
+        FieldId::new(7).unwrap(),
+        EventTime(2_000),
+    );
+    let verdicts = d.deliver(&b).await;
+    assert_eq!(
+        verdicts,
+        [Verdict::Applied, Verdict::Superseded, Verdict::Applied]
+    );
+    assert_eq!(d.api.requests.lock().unwrap()[0].1, 2);
+}

@@ -1,0 +1,228 @@
+//! The Listrak API: OAuth token cache and the SegmentationField request.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+use crate::classify::{parse_retry_after, ListrakError, Outcome};
+use crate::config::{ListrakSettings, Secret};
+use crate::model::ListId;
+use crate::telemetry::Metrics;
+
+/// The one call the pipeline makes; narrow so the pipeline runs against anything in tests.
+pub trait ListrakApi: Send + Sync + 'static {
+    /// Sends one request body (a JSON array of `contacts` contacts) to one list.
+    fn post_contacts(
+        &self,
+        list: ListId,
+        body: Bytes,
+        contacts: usize,
+    ) -> impl Future<Output = Outcome> + Send;
+}
+
+/// An access token and when to stop using it.
+#[derive(Clone)]
+struct Token {
+    value: Arc<str>,
+    /// Tells a stale 401 (for a token already replaced) from a fresh one.
+    generation: u64,
+    refresh_at: Instant,
+}
+
+/// Listrak's Email API over HTTPS, with a token shared by every request in flight.
+pub struct ListrakClient {
+    http: reqwest::Client,
+    api_url: String,
+    auth_url: String,
+    client_id: String,
+    client_secret: Secret,
+    /// A tokio mutex, held across the token request: while one task refreshes, the others
+    /// wait for its token instead of asking for their own.
+    token: Mutex<Option<Token>>,
+    generations: std::sync::atomic::AtomicU64,
+    metrics: Metrics,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl ListrakClient {
+    pub fn new(settings: &ListrakSettings, metrics: Metrics) -> anyhow::Result<Self> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("listrak-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            api_url: settings.api_url.trim_end_matches('/').to_string(),
+            auth_url: settings.auth_url.clone(),
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+            token: Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            metrics,
+        })
+    }
+
+    /// Obtains a token now (for `check --auth`), whatever is cached.
+    pub async fn authenticate(&self) -> Result<Duration, String> {
+        let token = self.fetch_token().await?;
+        Ok(token.refresh_at.saturating_duration_since(Instant::now()))
+    }
+
+    async fn bearer(&self) -> Result<Token, String> {
+        let mut cached = self.token.lock().await;
+        if let Some(token) = cached.as_ref() {
+            if Instant::now() < token.refresh_at {
+                return Ok(token.clone());
+            }
+        }
+        let token = self.fetch_token().await?;
+        *cached = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Forgets the token of `generation`, unless another request already replaced it.
+    async fn invalidate(&self, generation: u64) {
+        let mut cached = self.token.lock().await;
+        if cached.as_ref().is_some_and(|t| t.generation == generation) {
+            *cached = None;
+        }
+    }
+
+    async fn fetch_token(&self) -> Result<Token, String> {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.client_secret.expose()),
+        ];
+        let result = async {
+            let response = self
+                .http
+                .post(&self.auth_url)
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| {
+                    format!(
+                        "token request to {} failed: {}",
+                        self.auth_url,
+                        e.without_url()
+                    )
+                })?;
+            let status = response.status();
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| format!("token answer unreadable: {}", e.without_url()))?;
+            if !status.is_success() {
+                let error: ListrakError = serde_json::from_slice(&body).unwrap_or_default();
+                return Err(format!(
+                    "token endpoint answered {status}{}",
+                    if error.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {} {}", error.error, error.message)
+                    }
+                ));
+            }
+            let answer: TokenAnswer = serde_json::from_slice(&body)
+                .map_err(|e| format!("token answer is not the expected JSON: {e}"))?;
+            let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(900));
+            // Refresh a little early, so a request does not leave with a token about to lapse.
+            let margin = (lifetime / 10).min(Duration::from_secs(30));
+            Ok(Token {
+                value: answer.access_token.into(),
+                generation: self
+                    .generations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                refresh_at: Instant::now() + lifetime - margin,
+            })
+        }
+        .await;
+        self.metrics.token_refreshed(result.is_ok());
+        if let Err(reason) = &result {
+            tracing::warn!(%reason, "could not obtain a Listrak token");
+        }
+        result
+    }
+
+    async fn post_once(&self, list: ListId, token: &str, body: Bytes, contacts: usize) -> Outcome {
+        let url = format!("{}/List/{}/Contact/SegmentationField", self.api_url, list);
+        let started = Instant::now();
+        self.metrics.requests_in_flight(1);
+        let result = self
+            .http
+            .post(url)
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let outcome = match result {
+            Err(error) if error.is_timeout() => Outcome::Timeout,
+            Err(error) => Outcome::Connection(error.without_url().to_string()),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after);
+                match response.bytes().await {
+                    Err(error) if error.is_timeout() => Outcome::Timeout,
+                    Err(error) => Outcome::Connection(error.without_url().to_string()),
+                    Ok(body) => Outcome::Answered {
+                        status,
+                        retry_after,
+                        error: (status >= 400)
+                            .then(|| serde_json::from_slice::<ListrakError>(&body).ok())
+                            .flatten(),
+                    },
+                }
+            }
+        };
+        self.metrics.requests_in_flight(-1);
+        self.metrics
+            .request_answered(&outcome.status_label(), started.elapsed(), contacts);
+        outcome
+    }
+}
+
+impl ListrakApi for ListrakClient {
+    async fn post_contacts(&self, list: ListId, body: Bytes, contacts: usize) -> Outcome {
+        let mut refreshed = false;
+        loop {
+            let token = match self.bearer().await {
+                Ok(token) => token,
+                Err(reason) => return Outcome::NoToken(reason),
+            };
+            let outcome = self
+                .post_once(list, &token.value, body.clone(), contacts)
+                .await;
+            match outcome {
+                Outcome::Answered { status: 401, .. } if !refreshed => {
+                    refreshed = true;
+                    self.metrics.retried("auth");
+                    self.invalidate(token.generation).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+}
+
+/// reqwest is built without a bundled TLS provider; this picks ring, once per process.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,393 @@
+//! Telemetry: every metric the worker exposes, and one function per occurrence that counts it.
+//!
+//! Labels come from small fixed sets (outcome, reason, class, status, trigger, queue role);
+//! never an email address or an unbounded id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::model::DeadLetterReason;
+
+/// How a message was finally acknowledged; the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AckOutcome {
+    Applied,
+    Ignored,
+    Superseded,
+    RetryScheduled,
+    DeadLettered,
+}
+
+impl AckOutcome {
+    pub const ALL: [AckOutcome; 5] = [
+        Self::Applied,
+        Self::Ignored,
+        Self::Superseded,
+        Self::RetryScheduled,
+        Self::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Ignored => "ignored",
+            Self::Superseded => "superseded",
+            Self::RetryScheduled => "retry_scheduled",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// The worker's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    messages_received: IntCounter,
+    messages_acked: IntCounterVec,
+    dead_letters: IntCounterVec,
+    retries: IntCounterVec,
+    requests: IntCounterVec,
+    request_duration: Histogram,
+    batch_contacts: Histogram,
+    batch_flushes: IntCounterVec,
+    concurrency_limit: IntGauge,
+    requests_in_flight: IntGauge,
+    token_refreshes: IntCounterVec,
+    event_lag: Histogram,
+    last_success: Gauge,
+    amqp_connected: IntGauge,
+    amqp_reconnects: IntCounter,
+    queue_messages: IntGaugeVec,
+    acks_refused: IntCounter,
+}
+
+fn exponential_buckets(start: f64, end: f64, count: usize) -> Vec<f64> {
+    let factor = (end / start).powf(1.0 / (count - 1) as f64);
+    prometheus::exponential_buckets(start, factor, count).expect("valid bucket layout")
+}
+
+impl Metrics {
+    /// Creates the metrics; `max_contacts` shapes the batch-size buckets.
+    pub fn new(max_contacts: usize) -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique");
+            h
+        };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+
+        let messages_received = counter(
+            "listrak_messages_received_total",
+            "Messages delivered to the worker by RabbitMQ.",
+        );
+        let messages_acked = counter_vec(
+            "listrak_messages_acked_total",
+            "Messages acknowledged, by what became of them.",
+            "outcome",
+        );
+        let dead_letters = counter_vec(
+            "listrak_dead_letters_total",
+            "Messages published to the dead-letter queue, by reason.",
+            "reason",
+        );
+        let retries = counter_vec(
+            "listrak_retries_total",
+            "Retries of requests or messages, by failure class.",
+            "class",
+        );
+        let requests = counter_vec(
+            "listrak_requests_total",
+            "SegmentationField requests sent to Listrak, by HTTP status (or timeout, connection_error, no_token).",
+            "status",
+        );
+        let request_duration = histogram(
+            "listrak_request_duration_seconds",
+            "Time from sending a SegmentationField request to its answer.",
+            exponential_buckets(0.01, 60.0, 14),
+        );
+        let batch_top = max_contacts.max(2) as f64;
+        let batch_contacts = histogram(
+            "listrak_batch_contacts",
+            "Contacts per request sent.",
+            exponential_buckets(1.0, batch_top, 12.min(max_contacts.max(2))),
+        );
+        let batch_flushes = counter_vec(
+            "listrak_batch_flushes_total",
+            "Batches that left the batcher, by what made them leave.",
+            "trigger",
+        );
+        let concurrency_limit = int_gauge(
+            "listrak_concurrency_limit",
+            "Requests to Listrak allowed in flight at once (adaptive).",
+        );
+        let requests_in_flight = int_gauge(
+            "listrak_requests_in_flight",
+            "Requests to Listrak awaiting their answer.",
+        );
+        let token_refreshes = counter_vec(
+            "listrak_token_refreshes_total",
+            "OAuth token requests, by result.",
+            "result",
+        );
+        let event_lag = histogram(
+            "listrak_event_lag_seconds",
+            "Time from an event's timestamp to Listrak accepting its update.",
+            exponential_buckets(0.1, 86_400.0, 16),
+        );
+        let last_success = Gauge::new(
+            "listrak_last_success_timestamp_seconds",
+            "Unix time of the last request Listrak accepted.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(last_success.clone()))
+            .expect("unique");
+        let amqp_connected = int_gauge(
+            "listrak_amqp_connected",
+            "1 while the broker connection is up and consuming.",
+        );
+        let amqp_reconnects = counter(
+            "listrak_amqp_reconnects_total",
+            "Broker connections re-established after a loss.",
+        );
+        let queue_messages = IntGaugeVec::new(
+            Opts::new(
+                "listrak_queue_messages",
+                "Messages ready in the worker's queues (polled), by queue role.",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_messages.clone()))
+            .expect("unique");
+        let build_info = IntGaugeVec::new(
+            Opts::new("listrak_build_info", "Always 1; the version is a label."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let acks_refused = counter(
+            "listrak_acks_refused_total",
+            "Acknowledgements the broker no longer accepted (the channel was gone); those messages come again.",
+        );
+
+        // Known label values start at zero, so rates and alerts work before the first event.
+        for outcome in AckOutcome::ALL {
+            messages_acked.with_label_values(&[outcome.as_str()]);
+        }
+        for reason in DeadLetterReason::ALL {
+            dead_letters.with_label_values(&[reason.as_str()]);
+        }
+        for class in ["systemic", "auth", "ambiguous"] {
+            retries.with_label_values(&[class]);
+        }
+        for result in ["success", "failure"] {
+            token_refreshes.with_label_values(&[result]);
+        }
+        for trigger in ["size", "bytes", "time", "shutdown"] {
+            batch_flushes.with_label_values(&[trigger]);
+        }
+
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                messages_received,
+                messages_acked,
+                dead_letters,
+                retries,
+                requests,
+                request_duration,
+                batch_contacts,
+                batch_flushes,
+                concurrency_limit,
+                requests_in_flight,
+                token_refreshes,
+                event_lag,
+                last_success,
+                amqp_connected,
+                amqp_reconnects,
+                queue_messages,
+                acks_refused,
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.inner.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    pub fn message_received(&self) {
+        self.inner.messages_received.inc();
+    }
+
+    pub fn messages_acked(&self, outcome: AckOutcome, count: u64) {
+        self.inner
+            .messages_acked
+            .with_label_values(&[outcome.as_str()])
+            .inc_by(count);
+    }
+
+    pub fn dead_lettered(&self, reason: DeadLetterReason) {
+        self.inner
+            .dead_letters
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    pub fn retried(&self, class: &str) {
+        self.inner.retries.with_label_values(&[class]).inc();
+    }
+
+    pub fn request_answered(&self, status: &str, duration: Duration, contacts: usize) {
+        self.inner.requests.with_label_values(&[status]).inc();
+        self.inner.request_duration.observe(duration.as_secs_f64());
+        self.inner.batch_contacts.observe(contacts as f64);
+    }
+
+    pub fn request_accepted(&self, now_unix: f64) {
+        self.inner.last_success.set(now_unix);
+    }
+
+    pub fn batch_flushed(&self, trigger: &str) {
+        self.inner.batch_flushes.with_label_values(&[trigger]).inc();
+    }
+
+    pub fn concurrency_limit(&self, limit: usize) {
+        self.inner.concurrency_limit.set(limit as i64);
+    }
+
+    pub fn requests_in_flight(&self, delta: i64) {
+        self.inner.requests_in_flight.add(delta);
+    }
+
+    pub fn token_refreshed(&self, ok: bool) {
+        self.inner
+            .token_refreshes
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    pub fn event_applied(&self, lag: Duration) {
+        self.inner.event_lag.observe(lag.as_secs_f64());
+    }
+
+    pub fn amqp_connected(&self, up: bool) {
+        self.inner.amqp_connected.set(i64::from(up));
+    }
+
+    pub fn amqp_reconnected(&self) {
+        self.inner.amqp_reconnects.inc();
+    }
+
+    pub fn queue_depth(&self, role: &str, messages: u32) {
+        self.inner
+            .queue_messages
+            .with_label_values(&[role])
+            .set(i64::from(messages));
+    }
+
+    pub fn ack_refused(&self, count: u64) {
+        self.inner.acks_refused.inc_by(count);
+    }
+
+    /// Reads one counter or gauge sample, for summaries and tests: `name` with `labels`.
+    pub fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for family in self.inner.registry.gather() {
+            if family.name() != name {
+                continue;
+            }
+            let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+            for metric in family.get_metric() {
+                let matches = labels.iter().all(|(key, value)| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .any(|l| l.name() == *key && l.value() == *value)
+                });
+                if matches {
+                    total += if counter {
+                        metric.get_counter().get_value()
+                    } else {
+                        metric.get_gauge().get_value()
+                    };
+                }
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_of_the_contract_is_exposed_with_help() {
+        let metrics = Metrics::new(1000);
+        metrics.request_answered("201", Duration::from_millis(30), 10);
+        metrics.queue_depth("main", 3);
+        let text = metrics.render();
+        for name in [
+            "listrak_messages_received_total",
+            "listrak_messages_acked_total",
+            "listrak_dead_letters_total",
+            "listrak_retries_total",
+            "listrak_requests_total",
+            "listrak_request_duration_seconds",
+            "listrak_batch_contacts",
+            "listrak_batch_flushes_total",
+            "listrak_concurrency_limit",
+            "listrak_requests_in_flight",
+            "listrak_token_refreshes_total",
+            "listrak_event_lag_seconds",
+            "listrak_last_success_timestamp_seconds",
+            "listrak_amqp_connected",
+            "listrak_amqp_reconnects_total",
+            "listrak_queue_messages",
+            "listrak_build_info",
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
+        }
+        assert_eq!(
+            metrics.sample("listrak_requests_total", &[("status", "201")]),
+            1.0
+        );
+    }
+}
