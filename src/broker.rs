@@ -1,0 +1,328 @@
+//! The broker: connection, queue topology, publishing with confirms, and message headers.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::model::EventTime;
+use crate::retry::retry_queue_name;
+
+/// How long a publisher confirm may take before the publish counts as failed.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The safety net against a message that crashes the worker every time it is delivered.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Every exchange and queue the worker uses, named after `amqp.queue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub exchange: String,
+    pub queue: String,
+    /// `<queue>.dead`: the dead-letter exchange and queue share this name.
+    pub dead: String,
+    /// One queue per `retry.schedule` step: name and delay.
+    pub retries: Vec<(String, Duration)>,
+}
+
+impl Topology {
+    pub fn new(exchange: &str, queue: &str, schedule: &[Duration]) -> Self {
+        let mut retries: Vec<(String, Duration)> = Vec::new();
+        for delay in schedule {
+            let name = retry_queue_name(queue, *delay);
+            if !retries.iter().any(|(n, _)| *n == name) {
+                retries.push((name, *delay));
+            }
+        }
+        Self {
+            exchange: exchange.to_string(),
+            queue: queue.to_string(),
+            dead: format!("{queue}.dead"),
+            retries,
+        }
+    }
+
+    /// The retry queue for a step of the schedule.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        retry_queue_name(&self.queue, delay)
+    }
+
+    /// Declares everything; declaring again with the same arguments changes nothing.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+
+        let queue_options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), string("quorum"));
+        channel
+            .queue_declare(self.dead.as_str().into(), queue_options, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead.as_str().into(),
+                self.dead.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        let mut main_args = FieldTable::default();
+        main_args.insert("x-queue-type".into(), string("quorum"));
+        main_args.insert("x-dead-letter-exchange".into(), string(&self.dead));
+        main_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        main_args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        main_args.insert("x-overflow".into(), string("reject-publish"));
+        channel
+            .queue_declare(self.queue.as_str().into(), queue_options, main_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        for (name, delay) in &self.retries {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            // Expired messages go straight back to the main queue through the default exchange.
+            args.insert("x-dead-letter-exchange".into(), string(""));
+            args.insert("x-dead-letter-routing-key".into(), string(&self.queue));
+            channel
+                .queue_declare(name.as_str().into(), queue_options, args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every queue and exchange (for the demo and tests, never for a deployment).
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let mut queues = vec![self.queue.clone(), self.dead.clone()];
+        queues.extend(self.retries.iter().map(|(name, _)| name.clone()));
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for exchange in [&self.exchange, &self.dead] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// Opens a connection named after the process, so operators can tell it apart in RabbitMQ.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties).await
+}
+
+/// Why a publish did not reach a durable queue.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("no publisher confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("the message was unroutable: no queue is bound for it")]
+    Unroutable,
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+}
+
+/// A channel in confirm mode: a publish returns only once the broker holds the message.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> lapin::Result<Self> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes and waits for the broker's confirm (bounded by [`CONFIRM_TIMEOUT`]).
+    /// `mandatory` so that a message no queue takes is reported, not silently dropped.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self.start(exchange, routing_key, body, properties).await?;
+        wait_confirm(confirm).await
+    }
+
+    /// Sends without waiting; await the returned confirm with [`wait_confirm`].
+    pub async fn start(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm, PublishError> {
+        Ok(self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?)
+    }
+}
+
+pub async fn wait_confirm(
+    confirm: lapin::PublisherConfirm,
+) -> Result<(), PublishError> {
+    let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
+    if confirmation.is_nack() {
+        return Err(PublishError::Nacked);
+    }
+    if confirmation.take_message().is_some() {
+        return Err(PublishError::Unroutable);
+    }
+    Ok(())
+}
+
+/// The worker's own headers, read from a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryHeaders {
+    pub attempts: u32,
+    pub first_failed_at: Option<EventTime>,
+}
+
+pub const ATTEMPTS: &str = "x-listrak-attempts";
+pub const FIRST_FAILED_AT: &str = "x-listrak-first-failed-at";
+pub const LAST_FAILED_AT: &str = "x-listrak-last-failed-at";
+pub const REASON: &str = "x-listrak-reason";
+pub const STATUS: &str = "x-listrak-status";
+pub const ERROR: &str = "x-listrak-error";
+pub const MESSAGE: &str = "x-listrak-message";
+pub const LIST_ID: &str = "x-listrak-list-id";
+pub const REPLAYS: &str = "x-listrak-replays";
+
+impl RetryHeaders {
+    pub fn read(properties: &BasicProperties) -> Self {
+        let Some(headers) = properties.headers() else {
+            return Self::default();
+        };
+        let headers = headers.inner();
+        Self {
+            attempts: headers
+                .get(ATTEMPTS)
+                .and_then(as_i64)
+                .map_or(0, |n| n.clamp(0, i64::from(u32::MAX)) as u32),
+            first_failed_at: headers.get(FIRST_FAILED_AT).and_then(as_time),
+        }
+    }
+}
+
+/// Reads an integer header whatever integer type the publisher chose.
+pub fn as_i64(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+pub fn as_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        other => as_i64(other).map(|n| n.to_string()),
+    }
+}
+
+fn as_time(value: &AMQPValue) -> Option<EventTime> {
+    match value {
+        AMQPValue::Timestamp(seconds) => Some(EventTime(*seconds as i64 * 1_000_000)),
+        other => EventTime::parse_rfc3339(&as_text(other)?),
+    }
+}
+
+/// The original properties with headers added or replaced; everything else is kept as it
+/// was, so a dead letter or a retry is the message the producer sent.
+pub fn with_headers(
+    properties: &BasicProperties,
+    headers: impl IntoIterator<Item = (&'static str, AMQPValue)>,
+) -> BasicProperties {
+    let mut table = properties.headers().clone().unwrap_or_default();
+    for (key, value) in headers {
+        table.insert(ShortString::from(key), value);
+    }
+    properties.clone().with_headers(table)
+}
+
+pub fn text_header(value: impl Into<String>) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.into()))
+}
+
+pub fn int_header(value: i64) -> AMQPValue {
+    AMQPValue::LongLongInt(value)
+}

@@ -1,0 +1,305 @@
+//! Settling: follows each message until every update it produced has a verdict, decides how
+//! it is acknowledged, and folds acknowledgements into as few `multiple` acks as possible.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::deliver::{Rejection, Verdict};
+use crate::telemetry::AckOutcome;
+
+/// What to do with a message once all of its updates have a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    Ack(AckOutcome),
+    /// Publish to the delayed retry queues (or dead-letter it if it is too old), then ack.
+    Retry,
+    /// Publish to the dead-letter queue with the rejection's headers, then ack.
+    DeadLetter(Rejection),
+    /// Leave unacknowledged: RabbitMQ delivers it again.
+    Abandon,
+}
+
+/// How bad a verdict is for the message as a whole; the worst part decides. A retry beats a
+/// dead letter, so the parts that failed only for systemic reasons are not lost with it.
+fn rank(verdict: &Verdict) -> u8 {
+    match verdict {
+        Verdict::Superseded => 0,
+        Verdict::Applied => 1,
+        Verdict::DeadLetter(_) => 2,
+        Verdict::Retry => 3,
+        Verdict::Abandoned => 4,
+    }
+}
+
+struct Pending<T> {
+    original: T,
+    remaining: u32,
+    /// All of the message's updates were handed to the batcher: only now can it settle.
+    sealed: bool,
+    worst: Option<Verdict>,
+}
+
+/// Messages whose updates are still on their way to Listrak, by delivery tag.
+pub struct Ledger<T> {
+    pending: HashMap<u64, Pending<T>>,
+}
+
+impl<T> Default for Ledger<T> {
+    fn default() -> Self {
+        Self {
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Ledger<T> {
+    pub fn open(&mut self, tag: u64, original: T) {
+        self.pending.insert(
+            tag,
+            Pending {
+                original,
+                remaining: 0,
+                sealed: false,
+                worst: None,
+            },
+        );
+    }
+
+    /// One more contact entry carries an update of this message.
+    pub fn add_part(&mut self, tag: u64) {
+        if let Some(pending) = self.pending.get_mut(&tag) {
+            pending.remaining += 1;
+        }
+    }
+
+    /// An update of this message was already superseded when it arrived.
+    pub fn superseded_on_arrival(&mut self, tag: u64) {
+        if let Some(pending) = self.pending.get_mut(&tag) {
+            merge(&mut pending.worst, &Verdict::Superseded);
+        }
+    }
+
+    /// Every update of the message has been added.
+    pub fn seal(&mut self, tag: u64) -> Option<(T, Settlement)> {
+        let pending = self.pending.get_mut(&tag)?;
+        pending.sealed = true;
+        self.settle_if_done(tag)
+    }
+
+    /// One part of the message got its verdict.
+    pub fn settle_part(&mut self, tag: u64, verdict: &Verdict) -> Option<(T, Settlement)> {
+        let pending = self.pending.get_mut(&tag)?;
+        pending.remaining = pending.remaining.saturating_sub(1);
+        merge(&mut pending.worst, verdict);
+        self.settle_if_done(tag)
+    }
+
+    fn settle_if_done(&mut self, tag: u64) -> Option<(T, Settlement)> {
+        let pending = &self.pending[&tag];
+        if !pending.sealed || pending.remaining > 0 {
+            return None;
+        }
+        let pending = self.pending.remove(&tag)?;
+        let settlement = match pending.worst {
+            None | Some(Verdict::Superseded) => Settlement::Ack(AckOutcome::Superseded),
+            Some(Verdict::Applied) => Settlement::Ack(AckOutcome::Applied),
+            Some(Verdict::DeadLetter(rejection)) => Settlement::DeadLetter(rejection),
+            Some(Verdict::Retry) => Settlement::Retry,
+            Some(Verdict::Abandoned) => Settlement::Abandon,
+        };
+        Some((pending.original, settlement))
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+fn merge(worst: &mut Option<Verdict>, verdict: &Verdict) {
+    if worst.as_ref().is_none_or(|w| rank(verdict) > rank(w)) {
+        *worst = Some(verdict.clone());
+    }
+}
+
+/// One `basic.ack` to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckCommand {
+    pub tag: u64,
+    pub multiple: bool,
+    /// How many messages it acknowledges, by outcome, for the metrics.
+    pub outcomes: Vec<(AckOutcome, u64)>,
+}
+
+/// Delivery tags of one channel: those not yet settled, and those settled but not yet acked.
+#[derive(Default)]
+pub struct Acks {
+    /// Delivered and not ready to ack (in flight, or abandoned): a `multiple` ack must never
+    /// reach up to one of these.
+    outstanding: BTreeSet<u64>,
+    ready: BTreeMap<u64, AckOutcome>,
+}
+
+impl Acks {
+    pub fn delivered(&mut self, tag: u64) {
+        self.outstanding.insert(tag);
+    }
+
+    pub fn ready(&mut self, tag: u64, outcome: AckOutcome) {
+        self.outstanding.remove(&tag);
+        self.ready.insert(tag, outcome);
+    }
+
+    pub fn pending_acks(&self) -> usize {
+        self.ready.len()
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// The acks that settle everything ready: one `multiple` ack for all ready tags below the
+    /// lowest outstanding one, a single ack for each ready tag above it.
+    pub fn take(&mut self) -> Vec<AckCommand> {
+        let floor = self.outstanding.first().copied().unwrap_or(u64::MAX);
+        let above = self.ready.split_off(&floor);
+        let below = std::mem::replace(&mut self.ready, BTreeMap::new());
+        let mut commands = Vec::new();
+        if let Some((&last, _)) = below.last_key_value() {
+            let mut counts: BTreeMap<AckOutcome, u64> = BTreeMap::new();
+            for outcome in below.values() {
+                *counts.entry(*outcome).or_default() += 1;
+            }
+            commands.push(AckCommand {
+                tag: last,
+                multiple: below.len() > 1,
+                outcomes: counts.into_iter().collect(),
+            });
+        }
+        commands.extend(above.into_iter().map(|(tag, outcome)| AckCommand {
+            tag,
+            multiple: false,
+            outcomes: vec![(outcome, 1)],
+        }));
+        commands
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DeadLetterReason;
+
+    fn rejected() -> Rejection {
+        Rejection {
+            reason: DeadLetterReason::Rejected,
+            status: Some(400),
+            error: "ERROR_INVALID_PARAMETER".into(),
+            message: "bad".into(),
+            list_id: None,
+        }
+    }
+
+    #[test]
+    fn a_message_fanned_out_to_two_lists_settles_after_both() {
+        let mut ledger = Ledger::default();
+        ledger.open(1, "m1");
+        ledger.add_part(1);
+        ledger.add_part(1);
+        assert_eq!(ledger.seal(1), None);
+        assert_eq!(ledger.settle_part(1, &Verdict::Applied), None);
+        assert_eq!(
+            ledger.settle_part(1, &Verdict::Applied),
+            Some(("m1", Settlement::Ack(AckOutcome::Applied)))
+        );
+        assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn a_part_settled_before_the_message_is_sealed_does_not_settle_it() {
+        let mut ledger = Ledger::default();
+        ledger.open(1, ());
+        ledger.add_part(1);
+        assert_eq!(ledger.settle_part(1, &Verdict::Applied), None);
+        assert_eq!(ledger.seal(1), Some(((), Settlement::Ack(AckOutcome::Applied))));
+    }
+
+    #[test]
+    fn the_worst_part_decides_and_a_retry_beats_a_dead_letter() {
+        let table: &[(&[Verdict], Settlement)] = &[
+            (&[Verdict::Superseded], Settlement::Ack(AckOutcome::Superseded)),
+            (
+                &[Verdict::Superseded, Verdict::Applied],
+                Settlement::Ack(AckOutcome::Applied),
+            ),
+            (
+                &[Verdict::Applied, Verdict::DeadLetter(rejected())],
+                Settlement::DeadLetter(rejected()),
+            ),
+            (
+                &[Verdict::DeadLetter(rejected()), Verdict::Retry],
+                Settlement::Retry,
+            ),
+            (&[Verdict::Retry, Verdict::Abandoned], Settlement::Abandon),
+        ];
+        for (verdicts, expected) in table {
+            let mut ledger = Ledger::default();
+            ledger.open(1, ());
+            for _ in verdicts.iter() {
+                ledger.add_part(1);
+            }
+            ledger.seal(1);
+            let mut settled = None;
+            for verdict in verdicts.iter() {
+                settled = ledger.settle_part(1, verdict);
+            }
+            assert_eq!(settled, Some(((), expected.clone())), "{verdicts:?}");
+        }
+    }
+
+    #[test]
+    fn a_message_whose_updates_were_all_superseded_on_arrival_is_acked_as_superseded() {
+        let mut ledger = Ledger::default();
+        ledger.open(4, ());
+        ledger.superseded_on_arrival(4);
+        assert_eq!(
+            ledger.seal(4),
+            Some(((), Settlement::Ack(AckOutcome::Superseded)))
+        );
+    }
+
+    #[test]
+    fn acks_below_the_lowest_unsettled_tag_are_folded_into_one_multiple_ack() {
+        let mut acks = Acks::default();
+        for tag in 1..=6 {
+            acks.delivered(tag);
+        }
+        acks.ready(1, AckOutcome::Applied);
+        acks.ready(2, AckOutcome::Ignored);
+        acks.ready(3, AckOutcome::Applied);
+        acks.ready(5, AckOutcome::Applied);
+        assert_eq!(
+            acks.take(),
+            [
+                AckCommand {
+                    tag: 3,
+                    multiple: true,
+                    outcomes: vec![(AckOutcome::Applied, 2), (AckOutcome::Ignored, 1)],
+                },
+                AckCommand {
+                    tag: 5,
+                    multiple: false,
+                    outcomes: vec![(AckOutcome::Applied, 1)],
+                },
+            ]
+        );
+        assert!(acks.take().is_empty());
+        acks.ready(4, AckOutcome::Applied);
+        acks.ready(6, AckOutcome::Applied);
+        let commands = acks.take();
+        assert_eq!(commands.len(), 1);
+        assert_eq!((commands[0].tag, commands[0].multiple), (6, true));
+    }
+}
