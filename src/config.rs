@@ -1,18 +1,2123 @@
-//! TEMPORARY stand-in until the configuration module lands.
+//! Configuration: the TOML file and the environment, read once into validated settings.
+//!
+//! Everything is checked here, at start, so that nothing downstream re-checks or re-parses
+//! it: durations are `Duration`s, counts that must not be zero are `NonZero`, ids are the
+//! model's newtypes, JSON paths are parsed. Every refusal names the key it is about.
+//!
+//! The file is walked by hand (as a `toml::Table`) rather than deserialized with serde:
+//! that is what lets every error name the full key path (`mappings[2].profile_fields."abc"`),
+//! including unknown keys, and keep secrets out of error messages.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-#[derive(Clone)]
-pub struct Secret(pub String);
+
+use crate::model::{FieldId, ListId};
+
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DEFAULT_EXCHANGE: &str = "listrak.audience";
+const DEFAULT_QUEUE: &str = "listrak.audience";
+const DEFAULT_PREFETCH: i64 = 2000;
+const DEFAULT_API_URL: &str = "https://api.listrak.com/email/v1";
+const DEFAULT_AUTH_URL: &str = "https://auth.listrak.com/OAuth2/Token";
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONCURRENCY: i64 = 16;
+const DEFAULT_MAX_CONTACTS: i64 = 1000;
+const DEFAULT_MAX_BYTES: i64 = 1_000_000;
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
+const DEFAULT_SCHEDULE: [Duration; 5] = [
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+    Duration::from_secs(600),
+    Duration::from_secs(3600),
+    Duration::from_secs(4 * 3600),
+];
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_IN_PROCESS: Duration = Duration::from_secs(120);
+const DEFAULT_LISTEN: &str = "0.0.0.0:9464";
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_SUPERSEDED_CAPACITY: i64 = 1_000_000;
+
+/// RabbitMQ cancels a consumer that holds a delivery unacknowledged for 30 minutes (its
+/// `consumer_timeout`); retrying in process must end well before that.
+const MAX_IN_PROCESS: Duration = Duration::from_secs(25 * 60);
+/// A request body must hold at least one contact with a few fields.
+const MIN_MAX_BYTES: i64 = 1024;
+/// AMQP short strings are at most 255 bytes; the retry and dead queues append to the name.
+const MAX_QUEUE_NAME_BYTES: usize = 200;
+
+/// The environment variables that override the file.
+pub const ENV_AMQP_URL: &str = "AMQP_URL";
+pub const ENV_CLIENT_ID: &str = "LISTRAK_CLIENT_ID";
+pub const ENV_CLIENT_SECRET: &str = "LISTRAK_CLIENT_SECRET";
+pub const ENV_API_URL: &str = "LISTRAK_API_URL";
+pub const ENV_AUTH_URL: &str = "LISTRAK_AUTH_URL";
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub listrak: ListrakSettings,
+    pub batch: BatchSettings,
+    pub retry: RetrySettings,
+    pub http: HttpSettings,
+    pub shutdown: ShutdownSettings,
+    pub superseded: SupersededSettings,
+    /// In file order; every one that matches an event produces an update.
+    pub mappings: Vec<Mapping>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpSettings {
+    /// A secret because it usually carries the broker password.
+    pub url: Secret,
+    pub exchange: String,
+    /// The main queue; the retry and dead-letter queues are named after it.
+    pub queue: String,
+    /// At least `batch.max_contacts`, so that a full batch can be in hand at once.
+    pub prefetch: u16,
+}
+
+impl AmqpSettings {
+    /// The broker URL with its password replaced, for logs and `check`.
+    pub fn redacted_url(&self) -> String {
+        redact_url_password(self.url.expose())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListrakSettings {
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Without a trailing slash, so that paths are appended as `{api_url}/List/...`.
+    pub api_url: String,
+    pub auth_url: String,
+    pub request_timeout: Duration,
+    /// The ceiling of the adaptive request concurrency.
+    pub max_concurrency: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSettings {
+    pub max_contacts: NonZeroUsize,
+    /// The JSON body size of one request; at least 1024.
+    pub max_bytes: NonZeroUsize,
+    /// How long a partial batch lingers before it is sent.
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// One delayed retry queue per step; never empty, no step is zero.
+    pub schedule: Vec<Duration>,
+    /// Past this age (since the first failure) a message is dead-lettered as exhausted.
+    pub max_age: Duration,
+    /// How long a batch is retried in process before its messages move to the retry
+    /// queues; below 25 minutes because RabbitMQ's consumer timeout is 30. Zero sends
+    /// them to the retry queues at the first systemic failure.
+    pub in_process: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownSettings {
+    /// How long shutdown waits for batched updates to be answered.
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupersededSettings {
+    /// How many (list, contact, field) newest-applied times are remembered; 0 remembers none.
+    pub capacity: usize,
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The only way to the value; call it where the value is sent, nowhere else.
     pub fn expose(&self) -> &str {
         &self.0
     }
 }
-pub struct ListrakSettings {
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub api_url: String,
-    pub auth_url: String,
-    pub request_timeout: Duration,
-    pub max_concurrency: NonZeroUsize,
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// One `[[mappings]]` table: which events it takes and what it makes of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub name: String,
+    /// Track event names this mapping takes.
+    pub events: Vec<String>,
+    /// Event types this mapping takes whatever their name.
+    pub types: Vec<SegmentType>,
+    /// When set, only events whose audience key is this one.
+    pub audience_key: Option<String>,
+    pub list: ListSource,
+    /// Tried in order; the first that holds a string is the email. Never empty.
+    pub email_paths: Vec<JsonPath>,
+    /// Sorted by id; never empty.
+    pub profile_fields: Vec<(FieldId, FieldRule)>,
+}
+
+/// The paths tried for the email when a mapping names none (Engage puts it in
+/// `context.traits`; other sources in `traits` or `properties`).
+pub const DEFAULT_EMAIL_PATHS: [&str; 3] = [
+    "$.context.traits.email",
+    "$.traits.email",
+    "$.properties.email",
+];
+
+pub fn default_email_paths() -> Vec<JsonPath> {
+    DEFAULT_EMAIL_PATHS
+        .iter()
+        .map(|text| JsonPath::parse(text).expect("the default email paths parse"))
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SegmentType {
+    Track,
+    Identify,
+}
+
+impl SegmentType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Track => "track",
+            Self::Identify => "identify",
+        }
+    }
+}
+
+impl fmt::Display for SegmentType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a mapping's list id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListSource {
+    Id(ListId),
+    /// A number or a numeric string in the event.
+    Path(JsonPath),
+}
+
+/// What a mapping sets a profile field to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldRule {
+    /// "on" or "off" from the event's audience membership.
+    UseAudienceKey,
+    /// Sent as written ("on", "off", or text).
+    Literal(String),
+}
+
+impl FieldRule {
+    /// The magic value Segment's Listrak destination gives this meaning; the same here.
+    pub const USE_AUDIENCE_KEY: &'static str = "useAudienceKey";
+
+    /// The value as written in the configuration.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::UseAudienceKey => Self::USE_AUDIENCE_KEY,
+            Self::Literal(text) => text,
+        }
+    }
+}
+
+/// A JSON path of the simple kind Segment mappings use: `$.a.b`, `$['key with spaces']`,
+/// `$["k"]`, `$.list[0]`. No wildcards, filters or recursive descent.
+#[derive(Debug, Clone)]
+pub struct JsonPath {
+    text: String,
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+impl JsonPath {
+    pub fn parse(text: &str) -> Result<JsonPath, String> {
+        let Some(rest) = text.strip_prefix('$') else {
+            return Err(format!(
+                "{text:?} is not a JSON path: it must start with `$`"
+            ));
+        };
+        let fail = |why: &str| format!("{text:?} is not a JSON path: {why}");
+        let mut steps = Vec::new();
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '.' => {
+                    let mut name = String::new();
+                    while let Some(&c) = chars.peek() {
+                        if c == '.' || c == '[' {
+                            break;
+                        }
+                        if c == '*' {
+                            return Err(fail("wildcards are not supported"));
+                        }
+                        if c.is_whitespace() || c.is_control() || matches!(c, ']' | '\'' | '"') {
+                            return Err(fail(&format!(
+                                "{c:?} needs the bracket form, as in $['a b']"
+                            )));
+                        }
+                        name.push(c);
+                        chars.next();
+                    }
+                    if name.is_empty() {
+                        return Err(fail("a `.` must be followed by a name"));
+                    }
+                    steps.push(Step::Key(name));
+                }
+                '[' => match chars.next() {
+                    Some(quote @ ('\'' | '"')) => {
+                        let mut name = String::new();
+                        loop {
+                            match chars.next() {
+                                None => return Err(fail("a quoted name is not closed")),
+                                Some('\\') => match chars.next() {
+                                    Some(escaped @ ('\\' | '\'' | '"')) => name.push(escaped),
+                                    _ => return Err(fail("only \\\\, \\' and \\\" are escapes")),
+                                },
+                                Some(c) if c == quote => break,
+                                Some(c) => name.push(c),
+                            }
+                        }
+                        if chars.next() != Some(']') {
+                            return Err(fail("a quoted name must be followed by `]`"));
+                        }
+                        steps.push(Step::Key(name));
+                    }
+                    Some(first) if first.is_ascii_digit() => {
+                        let mut digits = String::from(first);
+                        loop {
+                            match chars.next() {
+                                Some(']') => break,
+                                Some(c) if c.is_ascii_digit() => digits.push(c),
+                                _ => return Err(fail("an index must be digits followed by `]`")),
+                            }
+                        }
+                        let index = digits.parse().map_err(|_| fail("the index is too large"))?;
+                        steps.push(Step::Index(index));
+                    }
+                    Some('*') => return Err(fail("wildcards are not supported")),
+                    _ => return Err(fail("`[` must hold a quoted name or an index")),
+                },
+                other => return Err(fail(&format!("unexpected {other:?}"))),
+            }
+        }
+        if steps.is_empty() {
+            return Err(fail("it names no field"));
+        }
+        Ok(JsonPath {
+            text: text.to_owned(),
+            steps,
+        })
+    }
+
+    /// The value at this path, if every step exists (a JSON `null` counts as present).
+    pub fn lookup<'v>(&self, root: &'v serde_json::Value) -> Option<&'v serde_json::Value> {
+        self.steps.iter().try_fold(root, |value, step| match step {
+            Step::Key(key) => value.as_object()?.get(key),
+            Step::Index(index) => value.as_array()?.get(*index),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Two paths are the same when they reach the same place, however they are spelled.
+impl PartialEq for JsonPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.steps == other.steps
+    }
+}
+
+impl Eq for JsonPath {}
+
+impl fmt::Display for JsonPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::str::FromStr for JsonPath {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse(text)
+    }
+}
+
+/// Why the configuration was refused. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Only the position and toml's description: the offending line is not quoted, since
+    /// it may be the one holding the client secret.
+    #[error("the configuration is not valid TOML: {message}")]
+    Syntax { message: String },
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Settings {
+    /// Reads and validates the file at `path` (or only the defaults and the environment
+    /// when there is none), with `env` looking up the override variables.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|error| syntax_error(text, &error))?;
+        // Surrounding whitespace in an environment value is an accident (a trailing
+        // newline from a secret file), and an empty value means "not set".
+        let env = |name: &str| {
+            env(name)
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+        };
+        let root = Node::root(&table);
+        root.only(&[
+            "amqp",
+            "listrak",
+            "batch",
+            "retry",
+            "http",
+            "shutdown",
+            "superseded",
+            "mappings",
+        ])?;
+        let amqp_node = root.table("amqp")?;
+        let amqp = amqp_settings(&amqp_node, &env)?;
+        let listrak = listrak_settings(&root.table("listrak")?, &env)?;
+        let batch = batch_settings(&root.table("batch")?)?;
+        let retry = retry_settings(&root.table("retry")?)?;
+        let http = http_settings(&root.table("http")?)?;
+        let shutdown = shutdown_settings(&root.table("shutdown")?)?;
+        let superseded = superseded_settings(&root.table("superseded")?)?;
+        let mappings = mappings(&root)?;
+
+        if usize::from(amqp.prefetch) < batch.max_contacts.get() {
+            return Err(invalid(
+                amqp_node.key("prefetch"),
+                format!(
+                    "is {}, smaller than batch.max_contacts ({}): the prefetch must hold at least one full batch",
+                    amqp.prefetch, batch.max_contacts
+                ),
+            ));
+        }
+
+        Ok(Settings {
+            amqp,
+            listrak,
+            batch,
+            retry,
+            http,
+            shutdown,
+            superseded,
+            mappings,
+        })
+    }
+
+    /// The effective configuration as TOML (what `check` prints), with the client secret
+    /// and the broker password replaced by `[redacted]`. It loads back as the same settings.
+    pub fn redacted_toml(&self) -> String {
+        let mut out = String::new();
+        let amqp = &self.amqp;
+        let _ = writeln!(out, "[amqp]");
+        let _ = writeln!(out, "url = {}", toml_str(&amqp.redacted_url()));
+        let _ = writeln!(out, "exchange = {}", toml_str(&amqp.exchange));
+        let _ = writeln!(out, "queue = {}", toml_str(&amqp.queue));
+        let _ = writeln!(out, "prefetch = {}", amqp.prefetch);
+
+        let listrak = &self.listrak;
+        let _ = writeln!(out, "\n[listrak]");
+        let _ = writeln!(out, "client_id = {}", toml_str(&listrak.client_id));
+        let _ = writeln!(out, "client_secret = {}", toml_str(REDACTED));
+        let _ = writeln!(out, "api_url = {}", toml_str(&listrak.api_url));
+        let _ = writeln!(out, "auth_url = {}", toml_str(&listrak.auth_url));
+        let _ = writeln!(
+            out,
+            "request_timeout = {}",
+            toml_duration(listrak.request_timeout)
+        );
+        let _ = writeln!(out, "max_concurrency = {}", listrak.max_concurrency);
+
+        let batch = &self.batch;
+        let _ = writeln!(out, "\n[batch]");
+        let _ = writeln!(out, "max_contacts = {}", batch.max_contacts);
+        let _ = writeln!(out, "max_bytes = {}", batch.max_bytes);
+        let _ = writeln!(out, "max_wait = {}", toml_duration(batch.max_wait));
+
+        let retry = &self.retry;
+        let _ = writeln!(out, "\n[retry]");
+        let schedule: Vec<String> = retry.schedule.iter().map(|d| toml_duration(*d)).collect();
+        let _ = writeln!(out, "schedule = [{}]", schedule.join(", "));
+        let _ = writeln!(out, "max_age = {}", toml_duration(retry.max_age));
+        let _ = writeln!(out, "in_process = {}", toml_duration(retry.in_process));
+
+        let _ = writeln!(out, "\n[http]");
+        let _ = writeln!(out, "listen = {}", toml_str(&self.http.listen.to_string()));
+
+        let _ = writeln!(out, "\n[shutdown]");
+        let _ = writeln!(out, "grace = {}", toml_duration(self.shutdown.grace));
+
+        let _ = writeln!(out, "\n[superseded]");
+        let _ = writeln!(out, "capacity = {}", self.superseded.capacity);
+
+        for mapping in &self.mappings {
+            let _ = writeln!(out, "\n[[mappings]]");
+            let _ = writeln!(out, "name = {}", toml_str(&mapping.name));
+            if !mapping.events.is_empty() {
+                let _ = writeln!(out, "events = {}", toml_array(&mapping.events));
+            }
+            if !mapping.types.is_empty() {
+                let types: Vec<&str> = mapping.types.iter().map(|t| t.as_str()).collect();
+                let _ = writeln!(out, "types = {}", toml_array(&types));
+            }
+            if let Some(key) = &mapping.audience_key {
+                let _ = writeln!(out, "audience_key = {}", toml_str(key));
+            }
+            match &mapping.list {
+                ListSource::Id(id) => {
+                    let _ = writeln!(out, "list_id = {id}");
+                }
+                ListSource::Path(path) => {
+                    let _ = writeln!(out, "list_id_path = {}", toml_str(path.as_str()));
+                }
+            }
+            let paths: Vec<&str> = mapping.email_paths.iter().map(JsonPath::as_str).collect();
+            let _ = writeln!(out, "email_path = {}", toml_array(&paths));
+            let fields: Vec<String> = mapping
+                .profile_fields
+                .iter()
+                .map(|(id, rule)| format!("\"{id}\" = {}", toml_str(rule.as_str())))
+                .collect();
+            let _ = writeln!(out, "profile_fields = {{ {} }}", fields.join(", "));
+        }
+        out
+    }
+}
+
+fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let description = error.message().trim_end();
+    let message = match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("line {line}, column {column}: {description}")
+        }
+        None => description.to_owned(),
+    };
+    ConfigError::Syntax { message }
+}
+
+/// A table of the file with the key path that leads to it; an absent table reads as empty,
+/// so that every key takes its default.
+struct Node<'t> {
+    path: String,
+    table: Option<&'t toml::Table>,
+}
+
+impl<'t> Node<'t> {
+    fn root(table: &'t toml::Table) -> Self {
+        Node {
+            path: String::new(),
+            table: Some(table),
+        }
+    }
+
+    /// The full key path of `name` in this table, as it is spelled in error messages.
+    fn key(&self, name: &str) -> String {
+        let name = if is_bare_key(name) {
+            name.to_owned()
+        } else {
+            toml_str(name)
+        };
+        self.child_path(&name)
+    }
+
+    fn child_path(&self, spelled: &str) -> String {
+        if self.path.is_empty() {
+            spelled.to_owned()
+        } else {
+            format!("{}.{spelled}", self.path)
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'t toml::Value> {
+        self.table.and_then(|table| table.get(name))
+    }
+
+    /// Refuses the first key that is not one of `known` (a typo would otherwise be a
+    /// silently ignored setting).
+    fn only(&self, known: &[&str]) -> Result<(), ConfigError> {
+        let Some(table) = self.table else {
+            return Ok(());
+        };
+        match table.keys().find(|key| !known.contains(&key.as_str())) {
+            Some(unknown) => Err(invalid(
+                self.key(unknown),
+                format!("is not a known key; the keys here are {}", known.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn table(&self, name: &str) -> Result<Node<'t>, ConfigError> {
+        let table = match self.get(name) {
+            None => None,
+            Some(toml::Value::Table(table)) => Some(table),
+            Some(other) => return Err(wrong_type(self.key(name), "a table", other)),
+        };
+        Ok(Node {
+            path: self.key(name),
+            table,
+        })
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&'t str>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(toml::Value::String(text)) => Ok(Some(text)),
+            Some(other) => Err(wrong_type(self.key(name), "a string", other)),
+        }
+    }
+
+    fn integer(&self, name: &str) -> Result<Option<i64>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(toml::Value::Integer(number)) => Ok(Some(*number)),
+            Some(other) => Err(wrong_type(self.key(name), "an integer", other)),
+        }
+    }
+
+    fn duration(&self, name: &str) -> Result<Option<Duration>, ConfigError> {
+        self.get(name)
+            .map(|value| parse_duration(&self.key(name), value))
+            .transpose()
+    }
+
+    /// A duration that must be longer than zero.
+    fn positive_duration(&self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let duration = self.duration(name)?.unwrap_or(default);
+        if duration.is_zero() {
+            return Err(invalid(self.key(name), "must be longer than zero"));
+        }
+        Ok(duration)
+    }
+
+    /// An integer in `min..=max`, or the default.
+    fn bounded(&self, name: &str, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let number = self.integer(name)?.unwrap_or(default);
+        if number < min {
+            return Err(invalid(
+                self.key(name),
+                format!("is {number}; it must be at least {min}"),
+            ));
+        }
+        if number > max {
+            return Err(invalid(
+                self.key(name),
+                format!("is {number}; it must be at most {max}"),
+            ));
+        }
+        Ok(number)
+    }
+
+    fn array(&self, name: &str) -> Result<Option<&'t Vec<toml::Value>>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(toml::Value::Array(items)) => Ok(Some(items)),
+            Some(other) => Err(wrong_type(self.key(name), "an array", other)),
+        }
+    }
+
+    /// An array of strings; each bad element is named by its index.
+    fn strings(&self, name: &str) -> Result<Option<Vec<&'t str>>, ConfigError> {
+        let Some(items) = self.array(name)? else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                toml::Value::String(text) => Ok(text.as_str()),
+                other => Err(wrong_type(
+                    format!("{}[{index}]", self.key(name)),
+                    "a string",
+                    other,
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+fn is_bare_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn type_name(value: &toml::Value) -> &'static str {
+    match value {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date-time",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// Names the expected and the found type, never the value (it may be a secret).
+fn wrong_type(key: String, expected: &str, found: &toml::Value) -> ConfigError {
+    invalid(
+        key,
+        format!("expected {expected}, found {}", type_name(found)),
+    )
+}
+
+fn parse_duration(key: &str, value: &toml::Value) -> Result<Duration, ConfigError> {
+    let toml::Value::String(text) = value else {
+        return Err(invalid(
+            key,
+            format!(
+                "expected a duration string such as \"30s\", found {}",
+                type_name(value)
+            ),
+        ));
+    };
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration (e.g. \"1s\", \"500ms\")"),
+        )
+    })
+}
+
+/// A value the environment may override: the variable wins over the file.
+struct Sourced {
+    value: Option<String>,
+    variable: &'static str,
+    from_env: bool,
+}
+
+impl Sourced {
+    fn read(
+        node: &Node<'_>,
+        name: &str,
+        variable: &'static str,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Ok(match env(variable) {
+            Some(value) => Sourced {
+                value: Some(value),
+                variable,
+                from_env: true,
+            },
+            None => Sourced {
+                value: node.string(name)?.map(str::to_owned),
+                variable,
+                from_env: false,
+            },
+        })
+    }
+
+    /// Says where a refused value came from, so the operator looks in the right place.
+    fn reason(&self, why: &str) -> String {
+        if self.from_env {
+            format!(
+                "{why} (the value comes from the {} environment variable)",
+                self.variable
+            )
+        } else {
+            why.to_owned()
+        }
+    }
+
+    /// A value that has no default: missing or empty is refused, naming both places.
+    fn required(self, node: &Node<'_>, name: &str) -> Result<String, ConfigError> {
+        match self.value {
+            Some(value) if !value.is_empty() => Ok(value),
+            _ => Err(invalid(
+                node.key(name),
+                format!(
+                    "is missing or empty; set it here or in the {} environment variable",
+                    self.variable
+                ),
+            )),
+        }
+    }
+
+    fn url(
+        self,
+        node: &Node<'_>,
+        name: &str,
+        default: &str,
+        schemes: &[&str],
+    ) -> Result<String, ConfigError> {
+        let url = self.value.clone().unwrap_or_else(|| default.to_owned());
+        check_url(&url, schemes).map_err(|why| invalid(node.key(name), self.reason(&why)))?;
+        Ok(url)
+    }
+}
+
+/// The minimal check the worker needs: a known scheme, a host, a valid port, nothing
+/// that cannot be in a URL. The value is not quoted in the reason: it may hold a password.
+fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+    let expected = schemes
+        .iter()
+        .map(|scheme| format!("{scheme}://"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("is not a URL: it must start with {expected}"));
+    };
+    if !schemes
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(scheme))
+    {
+        return Err(format!("must start with {expected}"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace".to_owned());
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or("has an unclosed `[` in its host")?;
+        match after {
+            "" => (host, None),
+            _ => (
+                host,
+                Some(after.strip_prefix(':').ok_or("has junk after its host")?),
+            ),
+        }
+    } else {
+        match host_port.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".to_owned());
+    }
+    if let Some(port) = port {
+        if !port.is_empty() && port.parse::<u16>().is_err() {
+            return Err("has a port that is not a number from 0 to 65535".to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `[redacted]`.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:{REDACTED}@{host}{path}"),
+        None => url.to_owned(),
+    }
+}
+
+fn amqp_settings(
+    node: &Node<'_>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<AmqpSettings, ConfigError> {
+    node.only(&["url", "exchange", "queue", "prefetch"])?;
+    let url = Sourced::read(node, "url", ENV_AMQP_URL, env)?.url(
+        node,
+        "url",
+        DEFAULT_AMQP_URL,
+        &["amqp", "amqps"],
+    )?;
+    let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
+    let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
+    let prefetch = node.bounded("prefetch", DEFAULT_PREFETCH, 1, i64::from(u16::MAX))?;
+    Ok(AmqpSettings {
+        url: Secret(url),
+        exchange,
+        queue,
+        prefetch: u16::try_from(prefetch).expect("bounded to u16"),
+    })
+}
+
+/// An exchange or queue name: not empty (that is the default exchange, or a server-named
+/// queue), not in the broker's reserved `amq.` namespace, short enough for the suffixes.
+fn amqp_name(node: &Node<'_>, name: &str, default: &str) -> Result<String, ConfigError> {
+    let value = node.string(name)?.unwrap_or(default);
+    let why = if value.trim().is_empty() {
+        Some("must not be empty".to_owned())
+    } else if value.starts_with("amq.") {
+        Some(format!(
+            "{value:?} is in the broker's reserved `amq.` namespace"
+        ))
+    } else if value.len() > MAX_QUEUE_NAME_BYTES {
+        Some(format!(
+            "is {} bytes long; at most {MAX_QUEUE_NAME_BYTES}, so that the retry and dead-letter names fit AMQP's 255",
+            value.len()
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(invalid(node.key(name), why)),
+        None => Ok(value.to_owned()),
+    }
+}
+
+fn listrak_settings(
+    node: &Node<'_>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<ListrakSettings, ConfigError> {
+    node.only(&[
+        "client_id",
+        "client_secret",
+        "api_url",
+        "auth_url",
+        "request_timeout",
+        "max_concurrency",
+    ])?;
+    let client_id =
+        Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
+    let client_secret = Sourced::read(node, "client_secret", ENV_CLIENT_SECRET, env)?
+        .required(node, "client_secret")?;
+    let api_url = Sourced::read(node, "api_url", ENV_API_URL, env)?;
+    let api_from_env = api_url.reason("");
+    let api_url = api_url.url(node, "api_url", DEFAULT_API_URL, &["http", "https"])?;
+    if api_url.contains(['?', '#']) {
+        return Err(invalid(
+            node.key("api_url"),
+            format!(
+                "must not have a query or a fragment: request paths are appended to it{api_from_env}"
+            ),
+        ));
+    }
+    let api_url = api_url.trim_end_matches('/').to_owned();
+    let auth_url = Sourced::read(node, "auth_url", ENV_AUTH_URL, env)?.url(
+        node,
+        "auth_url",
+        DEFAULT_AUTH_URL,
+        &["http", "https"],
+    )?;
+    let request_timeout = node.positive_duration("request_timeout", DEFAULT_REQUEST_TIMEOUT)?;
+    let max_concurrency = node.bounded(
+        "max_concurrency",
+        DEFAULT_MAX_CONCURRENCY,
+        1,
+        i64::from(u32::MAX),
+    )?;
+    Ok(ListrakSettings {
+        client_id,
+        client_secret: Secret(client_secret),
+        api_url,
+        auth_url,
+        request_timeout,
+        max_concurrency: nonzero(max_concurrency),
+    })
+}
+
+fn nonzero(number: i64) -> NonZeroUsize {
+    usize::try_from(number)
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .expect("bounded to be positive")
+}
+
+fn batch_settings(node: &Node<'_>) -> Result<BatchSettings, ConfigError> {
+    node.only(&["max_contacts", "max_bytes", "max_wait"])?;
+    let max_contacts =
+        node.bounded("max_contacts", DEFAULT_MAX_CONTACTS, 1, i64::from(u16::MAX))?;
+    let max_bytes = node.bounded(
+        "max_bytes",
+        DEFAULT_MAX_BYTES,
+        MIN_MAX_BYTES,
+        i64::from(u32::MAX),
+    )?;
+    let max_wait = node.positive_duration("max_wait", DEFAULT_MAX_WAIT)?;
+    Ok(BatchSettings {
+        max_contacts: nonzero(max_contacts),
+        max_bytes: nonzero(max_bytes),
+        max_wait,
+    })
+}
+
+fn retry_settings(node: &Node<'_>) -> Result<RetrySettings, ConfigError> {
+    node.only(&["schedule", "max_age", "in_process"])?;
+    let schedule = match node.array("schedule")? {
+        None => DEFAULT_SCHEDULE.to_vec(),
+        Some(items) if items.is_empty() => {
+            return Err(invalid(
+                node.key("schedule"),
+                "must hold at least one delay, such as [\"10s\", \"1m\"]",
+            ))
+        }
+        Some(items) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let key = format!("{}[{index}]", node.key("schedule"));
+                let step = parse_duration(&key, item)?;
+                if step.is_zero() {
+                    return Err(invalid(key, "must be longer than zero"));
+                }
+                Ok(step)
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let max_age = node.positive_duration("max_age", DEFAULT_MAX_AGE)?;
+    let in_process = node.duration("in_process")?.unwrap_or(DEFAULT_IN_PROCESS);
+    if in_process >= MAX_IN_PROCESS {
+        return Err(invalid(
+            node.key("in_process"),
+            format!(
+                "is {}; it must be under 25m, since RabbitMQ gives up on a consumer that holds a message for 30m",
+                humantime::format_duration(in_process)
+            ),
+        ));
+    }
+    Ok(RetrySettings {
+        schedule,
+        max_age,
+        in_process,
+    })
+}
+
+fn http_settings(node: &Node<'_>) -> Result<HttpSettings, ConfigError> {
+    node.only(&["listen"])?;
+    let text = node.string("listen")?.unwrap_or(DEFAULT_LISTEN);
+    let listen = text.trim().parse().map_err(|_| {
+        invalid(
+            node.key("listen"),
+            format!("{text:?} is not an address and port such as \"0.0.0.0:9464\""),
+        )
+    })?;
+    Ok(HttpSettings { listen })
+}
+
+fn shutdown_settings(node: &Node<'_>) -> Result<ShutdownSettings, ConfigError> {
+    node.only(&["grace"])?;
+    Ok(ShutdownSettings {
+        grace: node.positive_duration("grace", DEFAULT_GRACE)?,
+    })
+}
+
+fn superseded_settings(node: &Node<'_>) -> Result<SupersededSettings, ConfigError> {
+    node.only(&["capacity"])?;
+    let capacity = node.bounded(
+        "capacity",
+        DEFAULT_SUPERSEDED_CAPACITY,
+        0,
+        i64::from(u32::MAX),
+    )?;
+    Ok(SupersededSettings {
+        capacity: usize::try_from(capacity).expect("bounded to be non-negative"),
+    })
+}
+
+fn mappings(root: &Node<'_>) -> Result<Vec<Mapping>, ConfigError> {
+    let none = || {
+        invalid(
+            "mappings",
+            "no mappings: add at least one [[mappings]] table, or every event would be ignored",
+        )
+    };
+    let tables = match root.get("mappings") {
+        None => return Err(none()),
+        Some(toml::Value::Array(items)) if items.is_empty() => return Err(none()),
+        Some(toml::Value::Array(items)) => items,
+        Some(other) => {
+            return Err(wrong_type(
+                "mappings".to_owned(),
+                "an array of tables ([[mappings]])",
+                other,
+            ))
+        }
+    };
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut mappings = Vec::with_capacity(tables.len());
+    for (index, item) in tables.iter().enumerate() {
+        let path = format!("mappings[{index}]");
+        let toml::Value::Table(table) = item else {
+            return Err(wrong_type(path, "a table", item));
+        };
+        let node = Node {
+            path,
+            table: Some(table),
+        };
+        let mapping = mapping(&node)?;
+        if let Some(first) = names.get(&mapping.name) {
+            return Err(invalid(
+                node.key("name"),
+                format!(
+                    "{:?} is already the name of mappings[{first}]",
+                    mapping.name
+                ),
+            ));
+        }
+        names.insert(mapping.name.clone(), index);
+        mappings.push(mapping);
+    }
+    Ok(mappings)
+}
+
+fn mapping(node: &Node<'_>) -> Result<Mapping, ConfigError> {
+    node.only(&[
+        "name",
+        "events",
+        "types",
+        "audience_key",
+        "list_id",
+        "list_id_path",
+        "email_path",
+        "profile_fields",
+    ])?;
+    let name = match node.string("name")? {
+        Some(name) if !name.trim().is_empty() => name.to_owned(),
+        _ => {
+            return Err(invalid(
+                node.key("name"),
+                "is missing or empty; every mapping needs a name for logs and dead letters",
+            ))
+        }
+    };
+
+    let events = node.strings("events")?.unwrap_or_default();
+    if let Some(index) = events.iter().position(|event| event.is_empty()) {
+        return Err(invalid(
+            format!("{}[{index}]", node.key("events")),
+            "is empty; an event name matches exactly",
+        ));
+    }
+    let events: Vec<String> = events.into_iter().map(str::to_owned).collect();
+
+    let types = node
+        .strings("types")?
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(index, text)| match text {
+            "track" => Ok(SegmentType::Track),
+            "identify" => Ok(SegmentType::Identify),
+            other => Err(invalid(
+                format!("{}[{index}]", node.key("types")),
+                format!("{other:?} is not \"track\" or \"identify\""),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if events.is_empty() && types.is_empty() {
+        return Err(invalid(
+            node.key("events"),
+            "the mapping has neither `events` nor `types`, so it would match nothing",
+        ));
+    }
+
+    let audience_key = match node.string("audience_key")? {
+        Some("") => {
+            return Err(invalid(
+                node.key("audience_key"),
+                "is empty; leave it out to take every audience",
+            ))
+        }
+        other => other.map(str::to_owned),
+    };
+
+    let list = match (node.get("list_id"), node.string("list_id_path")?) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                node.key("list_id_path"),
+                "set either `list_id` or `list_id_path`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                node.key("list_id"),
+                "is missing: set `list_id` or `list_id_path`",
+            ))
+        }
+        (Some(_), None) => {
+            let number = node.integer("list_id")?.expect("present");
+            let id = ListId::new(number).ok_or_else(|| {
+                invalid(
+                    node.key("list_id"),
+                    format!(
+                        "is {number}; a list id is a positive 32-bit integer (1 to 2147483647)"
+                    ),
+                )
+            })?;
+            ListSource::Id(id)
+        }
+        (None, Some(text)) => ListSource::Path(
+            JsonPath::parse(text).map_err(|why| invalid(node.key("list_id_path"), why))?,
+        ),
+    };
+
+    let email_paths = email_paths(node)?;
+    let profile_fields = profile_fields(node)?;
+
+    Ok(Mapping {
+        name,
+        events,
+        types,
+        audience_key,
+        list,
+        email_paths,
+        profile_fields,
+    })
+}
+
+/// A single path goes first and the defaults follow it; an array is exactly those paths.
+fn email_paths(node: &Node<'_>) -> Result<Vec<JsonPath>, ConfigError> {
+    let key = node.key("email_path");
+    match node.get("email_path") {
+        None => Ok(default_email_paths()),
+        Some(toml::Value::String(text)) => {
+            let first = JsonPath::parse(text).map_err(|why| invalid(&key, why))?;
+            let mut paths = vec![first];
+            for path in default_email_paths() {
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+            Ok(paths)
+        }
+        Some(toml::Value::Array(items)) => {
+            if items.is_empty() {
+                return Err(invalid(
+                    key,
+                    "must hold at least one path; leave it out for the default ones",
+                ));
+            }
+            let mut paths: Vec<JsonPath> = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                let item_key = format!("{key}[{index}]");
+                let toml::Value::String(text) = item else {
+                    return Err(wrong_type(item_key, "a string", item));
+                };
+                let path = JsonPath::parse(text).map_err(|why| invalid(&item_key, why))?;
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+            Ok(paths)
+        }
+        Some(other) => Err(wrong_type(key, "a string or an array of strings", other)),
+    }
+}
+
+fn profile_fields(node: &Node<'_>) -> Result<Vec<(FieldId, FieldRule)>, ConfigError> {
+    let fields = node.table("profile_fields")?;
+    let Some(table) = fields.table.filter(|table| !table.is_empty()) else {
+        return Err(invalid(
+            node.key("profile_fields"),
+            "is missing or empty; map at least one profile field id to a value, as in { \"456\" = \"on\" }",
+        ));
+    };
+    let mut rules = BTreeMap::new();
+    for (id_text, value) in table {
+        // Field ids are always quoted here, since they look like numbers but are keys.
+        let key = fields.child_path(&toml_str(id_text));
+        let id = id_text
+            .parse::<FieldId>()
+            .ok()
+            .filter(|id| id.to_string() == *id_text)
+            .ok_or_else(|| {
+                invalid(
+                    &key,
+                    "is not a profile field id: a positive 32-bit integer written plainly, such as \"456\"",
+                )
+            })?;
+        let toml::Value::String(text) = value else {
+            return Err(wrong_type(key, "a string", value));
+        };
+        let rule = if text == FieldRule::USE_AUDIENCE_KEY {
+            FieldRule::UseAudienceKey
+        } else if text.eq_ignore_ascii_case(FieldRule::USE_AUDIENCE_KEY) {
+            // Listrak would store the misspelling as the field's value.
+            return Err(invalid(
+                key,
+                format!("{text:?} would be sent as written; did you mean \"useAudienceKey\"?"),
+            ));
+        } else if text.is_empty() {
+            return Err(invalid(
+                key,
+                "is empty; a field is set to \"on\", \"off\", text, or \"useAudienceKey\"",
+            ));
+        } else {
+            FieldRule::Literal(text.clone())
+        };
+        rules.insert(id, rule);
+    }
+    Ok(rules.into_iter().collect())
+}
+
+/// A TOML basic string.
+fn toml_str(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn toml_array(items: &[impl AsRef<str>]) -> String {
+    let items: Vec<String> = items.iter().map(|item| toml_str(item.as_ref())).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn toml_duration(duration: Duration) -> String {
+    toml_str(&humantime::format_duration(duration).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "s3cr3t-do-not-print";
+    const AMQP_PASSWORD: &str = "br0ker-pw";
+
+    /// The smallest mapping the configuration accepts; appended after the tables a test sets.
+    const MAPPING: &str = r#"
+[[mappings]]
+name = "vip"
+events = ["Audience Entered", "Audience Exited"]
+list_id = 12345
+profile_fields = { "456" = "useAudienceKey" }
+"#;
+
+    /// The credentials come from the environment, as the operator is advised to do.
+    fn credentials(name: &str) -> Option<String> {
+        match name {
+            ENV_CLIENT_ID => Some("client-1".to_owned()),
+            ENV_CLIENT_SECRET => Some(SECRET.to_owned()),
+            _ => None,
+        }
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            vars.iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| (*value).to_owned())
+        }
+    }
+
+    fn accepted(text: &str) -> Settings {
+        Settings::from_toml(text, credentials).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn refusal(text: &str, env: impl Fn(&str) -> Option<String>) -> (String, String) {
+        match Settings::from_toml(text, env) {
+            Err(ConfigError::Invalid { key, reason }) => (key, reason),
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    struct Refused {
+        behaviour: &'static str,
+        toml: &'static str,
+        key: &'static str,
+        reason_mentions: &'static str,
+    }
+
+    fn refused(behaviour: &'static str, toml: &'static str, key: &'static str) -> Refused {
+        Refused {
+            behaviour,
+            toml,
+            key,
+            reason_mentions: "",
+        }
+    }
+
+    fn check_refusals(cases: &[Refused], with_mapping: bool) {
+        for case in cases {
+            let text = if with_mapping {
+                format!("{}\n{MAPPING}", case.toml)
+            } else {
+                case.toml.to_owned()
+            };
+            let (key, reason) = refusal(&text, credentials);
+            assert_eq!(key, case.key, "{}: reason {reason:?}", case.behaviour);
+            assert!(
+                reason.contains(case.reason_mentions),
+                "{}: {reason:?} does not mention {:?}",
+                case.behaviour,
+                case.reason_mentions
+            );
+            assert!(
+                !reason.contains(SECRET),
+                "{}: leaks the secret",
+                case.behaviour
+            );
+        }
+    }
+
+    #[test]
+    fn every_refused_setting_names_its_key() {
+        check_refusals(
+            &[
+                refused("unknown_top_level_key", "colour = \"blue\"", "colour"),
+                refused(
+                    "unknown_key_in_a_table",
+                    "[amqp]\nprefetchh = 10",
+                    "amqp.prefetchh",
+                ),
+                refused(
+                    "unknown_key_needing_quotes",
+                    "[batch]\n\"max wait\" = \"1s\"",
+                    "batch.\"max wait\"",
+                ),
+                refused("section_that_is_not_a_table", "amqp = 3", "amqp"),
+                Refused {
+                    behaviour: "word_instead_of_duration",
+                    toml: "[batch]\nmax_wait = \"soon\"",
+                    key: "batch.max_wait",
+                    reason_mentions: "\"soon\" is not a duration",
+                },
+                refused(
+                    "number_instead_of_duration",
+                    "[batch]\nmax_wait = 5",
+                    "batch.max_wait",
+                ),
+                refused(
+                    "zero_max_wait",
+                    "[batch]\nmax_wait = \"0s\"",
+                    "batch.max_wait",
+                ),
+                refused(
+                    "zero_request_timeout",
+                    "[listrak]\nrequest_timeout = \"0ms\"",
+                    "listrak.request_timeout",
+                ),
+                refused(
+                    "zero_max_contacts",
+                    "[batch]\nmax_contacts = 0",
+                    "batch.max_contacts",
+                ),
+                refused(
+                    "max_bytes_below_1024",
+                    "[batch]\nmax_bytes = 1023",
+                    "batch.max_bytes",
+                ),
+                refused("zero_prefetch", "[amqp]\nprefetch = 0", "amqp.prefetch"),
+                Refused {
+                    behaviour: "prefetch_smaller_than_a_batch",
+                    toml: "[amqp]\nprefetch = 500",
+                    key: "amqp.prefetch",
+                    reason_mentions: "batch.max_contacts",
+                },
+                refused(
+                    "prefetch_over_16_bits",
+                    "[amqp]\nprefetch = 70000",
+                    "amqp.prefetch",
+                ),
+                refused(
+                    "prefetch_as_text",
+                    "[amqp]\nprefetch = \"many\"",
+                    "amqp.prefetch",
+                ),
+                Refused {
+                    behaviour: "amqp_url_with_http_scheme",
+                    toml: "[amqp]\nurl = \"http://guest:guest@localhost\"",
+                    key: "amqp.url",
+                    reason_mentions: "amqp:// or amqps://",
+                },
+                refused(
+                    "amqp_url_without_host",
+                    "[amqp]\nurl = \"amqp:///vhost\"",
+                    "amqp.url",
+                ),
+                refused(
+                    "amqp_url_with_bad_port",
+                    "[amqp]\nurl = \"amqp://host:99999\"",
+                    "amqp.url",
+                ),
+                refused("empty_queue_name", "[amqp]\nqueue = \"\"", "amqp.queue"),
+                refused(
+                    "reserved_exchange_name",
+                    "[amqp]\nexchange = \"amq.topic\"",
+                    "amqp.exchange",
+                ),
+                refused(
+                    "api_url_with_ftp_scheme",
+                    "[listrak]\napi_url = \"ftp://api.listrak.com\"",
+                    "listrak.api_url",
+                ),
+                refused(
+                    "api_url_with_query",
+                    "[listrak]\napi_url = \"https://api.listrak.com/v1?x=1\"",
+                    "listrak.api_url",
+                ),
+                refused(
+                    "auth_url_that_is_not_a_url",
+                    "[listrak]\nauth_url = \"auth.listrak.com\"",
+                    "listrak.auth_url",
+                ),
+                refused(
+                    "zero_max_concurrency",
+                    "[listrak]\nmax_concurrency = 0",
+                    "listrak.max_concurrency",
+                ),
+                refused(
+                    "empty_retry_schedule",
+                    "[retry]\nschedule = []",
+                    "retry.schedule",
+                ),
+                refused(
+                    "zero_retry_step",
+                    "[retry]\nschedule = [\"10s\", \"0s\"]",
+                    "retry.schedule[1]",
+                ),
+                refused(
+                    "retry_step_that_is_no_duration",
+                    "[retry]\nschedule = [\"10s\", \"later\"]",
+                    "retry.schedule[1]",
+                ),
+                refused("zero_max_age", "[retry]\nmax_age = \"0s\"", "retry.max_age"),
+                Refused {
+                    behaviour: "in_process_at_25_minutes",
+                    toml: "[retry]\nin_process = \"25m\"",
+                    key: "retry.in_process",
+                    reason_mentions: "30m",
+                },
+                refused(
+                    "listen_without_port",
+                    "[http]\nlisten = \"0.0.0.0\"",
+                    "http.listen",
+                ),
+                refused(
+                    "grace_that_is_no_duration",
+                    "[shutdown]\ngrace = \"forever\"",
+                    "shutdown.grace",
+                ),
+                refused(
+                    "negative_superseded_capacity",
+                    "[superseded]\ncapacity = -1",
+                    "superseded.capacity",
+                ),
+            ],
+            true,
+        );
+    }
+
+    #[test]
+    fn every_refused_mapping_names_its_key() {
+        const BASE: &str = "[[mappings]]\nname = \"vip\"\nevents = [\"Audience Entered\"]\n";
+        check_refusals(
+            &[
+                refused("no_mappings", "", "mappings"),
+                refused("mappings_as_a_single_table", "[mappings]\nname = \"vip\"", "mappings"),
+                refused(
+                    "unknown_mapping_key",
+                    "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 1\nlists = [1]\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].lists",
+                ),
+                refused(
+                    "mapping_without_name",
+                    "[[mappings]]\nevents = [\"E\"]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].name",
+                ),
+                Refused {
+                    behaviour: "duplicate_mapping_names",
+                    toml: "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }\n\
+                           [[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 2\nprofile_fields = { \"456\" = \"on\" }",
+                    key: "mappings[1].name",
+                    reason_mentions: "mappings[0]",
+                },
+                refused(
+                    "mapping_with_neither_events_nor_types",
+                    "[[mappings]]\nname = \"vip\"\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].events",
+                ),
+                refused(
+                    "mapping_with_empty_events_and_no_types",
+                    "[[mappings]]\nname = \"vip\"\nevents = []\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].events",
+                ),
+                refused(
+                    "event_name_that_is_not_a_string",
+                    "[[mappings]]\nname = \"vip\"\nevents = [1]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].events[0]",
+                ),
+                refused(
+                    "type_other_than_track_or_identify",
+                    "[[mappings]]\nname = \"vip\"\ntypes = [\"identify\", \"page\"]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].types[1]",
+                ),
+                refused(
+                    "empty_audience_key",
+                    "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\naudience_key = \"\"\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "mappings[0].audience_key",
+                ),
+            ],
+            false,
+        );
+        let lists_and_fields: &[(&str, &str, &str)] = &[
+            ("zero_list_id", "list_id = 0\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
+            ("negative_list_id", "list_id = -5\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
+            ("list_id_over_int32", "list_id = 2147483648\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
+            ("list_id_as_text", "list_id = \"12345\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
+            ("fractional_list_id", "list_id = 1.5\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
+            ("both_list_id_and_path", "list_id = 1\nlist_id_path = \"$.properties.list_id\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id_path"),
+            ("neither_list_id_nor_path", "profile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
+            ("list_id_path_without_dollar", "list_id_path = \"properties.list_id\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id_path"),
+            ("field_id_that_is_a_word", "list_id = 1\nprofile_fields = { \"abc\" = \"on\" }", "mappings[0].profile_fields.\"abc\""),
+            ("field_id_zero", "list_id = 1\nprofile_fields = { \"0\" = \"on\" }", "mappings[0].profile_fields.\"0\""),
+            ("negative_field_id", "list_id = 1\nprofile_fields = { \"-4\" = \"on\" }", "mappings[0].profile_fields.\"-4\""),
+            ("field_id_over_int32", "list_id = 1\nprofile_fields = { \"2147483648\" = \"on\" }", "mappings[0].profile_fields.\"2147483648\""),
+            ("field_id_with_leading_zero", "list_id = 1\nprofile_fields = { \"0456\" = \"on\" }", "mappings[0].profile_fields.\"0456\""),
+            ("field_id_with_spaces", "list_id = 1\nprofile_fields = { \" 456\" = \"on\" }", "mappings[0].profile_fields.\" 456\""),
+            ("field_value_that_is_a_boolean", "list_id = 1\nprofile_fields = { \"456\" = true }", "mappings[0].profile_fields.\"456\""),
+            ("empty_field_value", "list_id = 1\nprofile_fields = { \"456\" = \"\" }", "mappings[0].profile_fields.\"456\""),
+            ("misspelt_use_audience_key", "list_id = 1\nprofile_fields = { \"456\" = \"useaudiencekey\" }", "mappings[0].profile_fields.\"456\""),
+            ("empty_profile_fields", "list_id = 1\nprofile_fields = {}", "mappings[0].profile_fields"),
+            ("missing_profile_fields", "list_id = 1", "mappings[0].profile_fields"),
+            ("email_path_without_dollar", "list_id = 1\nemail_path = \"context.email\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
+            ("bad_path_in_email_path_array", "list_id = 1\nemail_path = [\"$.a\", \"$..b\"]\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path[1]"),
+            ("empty_email_path_array", "list_id = 1\nemail_path = []\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
+            ("email_path_as_number", "list_id = 1\nemail_path = 3\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
+        ];
+        for (behaviour, rest, expected) in lists_and_fields {
+            let (key, reason) = refusal(&format!("{BASE}{rest}"), credentials);
+            assert_eq!(key, *expected, "{behaviour}: reason {reason:?}");
+        }
+    }
+
+    #[test]
+    fn refusal_reads_as_key_then_reason() {
+        let error = Settings::from_toml(
+            &format!("[batch]\nmax_wait = \"soon\"\n{MAPPING}"),
+            credentials,
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "configuration key `batch.max_wait`: \"soon\" is not a duration (e.g. \"1s\", \"500ms\")"
+        );
+    }
+
+    #[test]
+    fn missing_credentials_name_the_environment_variable() {
+        let (key, reason) = refusal(MAPPING, no_env);
+        assert_eq!(key, "listrak.client_id");
+        assert!(reason.contains(ENV_CLIENT_ID), "{reason}");
+
+        let (key, reason) = refusal(
+            &format!("[listrak]\nclient_id = \"c\"\nclient_secret = \"\"\n{MAPPING}"),
+            no_env,
+        );
+        assert_eq!(key, "listrak.client_secret");
+        assert!(reason.contains(ENV_CLIENT_SECRET), "{reason}");
+    }
+
+    #[test]
+    fn bad_value_from_the_environment_says_it_came_from_there() {
+        let env = |name: &str| match name {
+            ENV_AMQP_URL => Some("http://guest:guest@rabbit".to_owned()),
+            other => credentials(other),
+        };
+        let (key, reason) = refusal(MAPPING, env);
+        assert_eq!(key, "amqp.url");
+        assert!(reason.contains(ENV_AMQP_URL), "{reason}");
+        assert!(!reason.contains("guest"), "the URL is not quoted: {reason}");
+    }
+
+    #[test]
+    fn syntax_error_gives_line_and_column_without_quoting_the_line() {
+        let text = format!("[listrak]\nclient_secret = \"{SECRET}\n{MAPPING}");
+        match Settings::from_toml(&text, no_env) {
+            Err(ConfigError::Syntax { message }) => {
+                assert!(message.starts_with("line 2, column "), "{message}");
+                assert!(!message.contains(SECRET), "{message}");
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_every_unset_key() {
+        let settings = accepted(MAPPING);
+        assert_eq!(settings.amqp.url.expose(), DEFAULT_AMQP_URL);
+        assert_eq!(settings.amqp.exchange, "listrak.audience");
+        assert_eq!(settings.amqp.queue, "listrak.audience");
+        assert_eq!(settings.amqp.prefetch, 2000);
+        assert_eq!(settings.listrak.client_id, "client-1");
+        assert_eq!(settings.listrak.client_secret.expose(), SECRET);
+        assert_eq!(settings.listrak.api_url, "https://api.listrak.com/email/v1");
+        assert_eq!(
+            settings.listrak.auth_url,
+            "https://auth.listrak.com/OAuth2/Token"
+        );
+        assert_eq!(settings.listrak.request_timeout, Duration::from_secs(30));
+        assert_eq!(settings.listrak.max_concurrency.get(), 16);
+        assert_eq!(settings.batch.max_contacts.get(), 1000);
+        assert_eq!(settings.batch.max_bytes.get(), 1_000_000);
+        assert_eq!(settings.batch.max_wait, Duration::from_secs(1));
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        assert_eq!(
+            settings.retry.schedule,
+            [
+                Duration::from_secs(10),
+                minutes(1),
+                minutes(10),
+                minutes(60),
+                minutes(240)
+            ]
+        );
+        assert_eq!(settings.retry.max_age, minutes(24 * 60));
+        assert_eq!(settings.retry.in_process, minutes(2));
+        assert_eq!(settings.http.listen, "0.0.0.0:9464".parse().unwrap());
+        assert_eq!(settings.shutdown.grace, Duration::from_secs(30));
+        assert_eq!(settings.superseded.capacity, 1_000_000);
+    }
+
+    #[test]
+    fn file_values_replace_defaults() {
+        let settings = accepted(&format!(
+            r#"
+[amqp]
+url = "amqps://worker:pw@rabbit.internal:5671/prod"
+exchange = "audiences"
+queue = "audiences.listrak"
+prefetch = 500
+
+[listrak]
+api_url = "http://127.0.0.1:8080/email/v1/"
+request_timeout = "5s"
+max_concurrency = 4
+
+[batch]
+max_contacts = 250
+max_bytes = 2048
+max_wait = "250ms"
+
+[retry]
+schedule = ["1s", "2s"]
+max_age = "1h"
+in_process = "0s"
+
+[http]
+listen = "127.0.0.1:9000"
+
+[shutdown]
+grace = "5s"
+
+[superseded]
+capacity = 0
+{MAPPING}"#
+        ));
+        assert_eq!(settings.amqp.exchange, "audiences");
+        assert_eq!(settings.amqp.queue, "audiences.listrak");
+        assert_eq!(settings.amqp.prefetch, 500);
+        assert_eq!(
+            settings.listrak.api_url, "http://127.0.0.1:8080/email/v1",
+            "the trailing slash is dropped"
+        );
+        assert_eq!(settings.listrak.request_timeout, Duration::from_secs(5));
+        assert_eq!(settings.listrak.max_concurrency.get(), 4);
+        assert_eq!(settings.batch.max_contacts.get(), 250);
+        assert_eq!(settings.batch.max_bytes.get(), 2048);
+        assert_eq!(settings.batch.max_wait, Duration::from_millis(250));
+        assert_eq!(
+            settings.retry.schedule,
+            [Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(settings.retry.max_age, Duration::from_secs(3600));
+        assert_eq!(settings.retry.in_process, Duration::ZERO);
+        assert_eq!(settings.http.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(settings.shutdown.grace, Duration::from_secs(5));
+        assert_eq!(settings.superseded.capacity, 0);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = format!(
+            r#"
+[amqp]
+url = "amqp://file:file@file-host/"
+
+[listrak]
+client_id = "file-id"
+client_secret = "file-secret"
+api_url = "https://file.example/api"
+auth_url = "https://file.example/token"
+{MAPPING}"#
+        );
+        let settings = Settings::from_toml(
+            &file,
+            env_of(&[
+                (ENV_AMQP_URL, "amqps://env:env@env-host/"),
+                (ENV_CLIENT_ID, "env-id"),
+                (ENV_CLIENT_SECRET, "env-secret\n"),
+                (ENV_API_URL, "https://env.example/api/"),
+                (ENV_AUTH_URL, "https://env.example/token"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.amqp.url.expose(), "amqps://env:env@env-host/");
+        assert_eq!(settings.listrak.client_id, "env-id");
+        assert_eq!(
+            settings.listrak.client_secret.expose(),
+            "env-secret",
+            "a trailing newline from a secret file is not part of the secret"
+        );
+        assert_eq!(settings.listrak.api_url, "https://env.example/api");
+        assert_eq!(settings.listrak.auth_url, "https://env.example/token");
+    }
+
+    #[test]
+    fn empty_environment_value_counts_as_unset() {
+        let file = format!(
+            "[listrak]\nclient_id = \"file-id\"\nclient_secret = \"file-secret\"\n{MAPPING}"
+        );
+        let settings = Settings::from_toml(
+            &file,
+            env_of(&[
+                (ENV_CLIENT_ID, ""),
+                (ENV_CLIENT_SECRET, "  "),
+                (ENV_AMQP_URL, ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.listrak.client_id, "file-id");
+        assert_eq!(settings.listrak.client_secret.expose(), "file-secret");
+        assert_eq!(settings.amqp.url.expose(), DEFAULT_AMQP_URL);
+    }
+
+    fn secret_laden() -> Settings {
+        accepted(&format!(
+            "[amqp]\nurl = \"amqp://worker:{AMQP_PASSWORD}@rabbit:5672/%2f\"\n{MAPPING}"
+        ))
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_or_display() {
+        let settings = secret_laden();
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains(SECRET), "{debug}");
+        assert!(!debug.contains(AMQP_PASSWORD), "{debug}");
+        assert!(debug.contains("[redacted]"));
+        assert_eq!(settings.listrak.client_secret.to_string(), "[redacted]");
+        assert_eq!(
+            format!("{:?}", settings.listrak.client_secret),
+            "[redacted]"
+        );
+    }
+
+    #[test]
+    fn redacted_toml_hides_the_secret_and_the_broker_password() {
+        let text = secret_laden().redacted_toml();
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(!text.contains(AMQP_PASSWORD), "{text}");
+        assert!(text.contains("client_secret = \"[redacted]\""), "{text}");
+        assert!(
+            text.contains("url = \"amqp://worker:[redacted]@rabbit:5672/%2f\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn redacted_toml_loads_back_as_the_same_settings() {
+        let original = accepted(&format!(
+            r#"
+[retry]
+schedule = ["1m 30s", "250ms"]
+{MAPPING}
+[[mappings]]
+name = "by \"path\""
+types = ["identify", "track"]
+audience_key = "gold"
+list_id_path = "$.properties['list id']"
+email_path = ["$.traits.email", "$.context.traits.email"]
+profile_fields = {{ "9" = "tab\there", "10" = "on" }}
+"#
+        ));
+        let reloaded = Settings::from_toml(&original.redacted_toml(), no_env).unwrap();
+        let mut expected = original.clone();
+        expected.listrak.client_secret = Secret::new("[redacted]");
+        expected.amqp.url = Secret::new(original.amqp.redacted_url());
+        assert_eq!(
+            reloaded.amqp.url.expose(),
+            "amqp://guest:[redacted]@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(reloaded, expected);
+    }
+
+    #[test]
+    fn redacted_url_replaces_only_the_password() {
+        let cases = [
+            (
+                "user_and_password",
+                "amqp://u:p@h:5672/v",
+                "amqp://u:[redacted]@h:5672/v",
+            ),
+            (
+                "password_with_at_sign",
+                "amqp://u:p@ss@h/v",
+                "amqp://u:[redacted]@h/v",
+            ),
+            ("user_without_password", "amqp://u@h/v", "amqp://u@h/v"),
+            ("no_user", "amqps://h", "amqps://h"),
+            ("at_sign_in_path_only", "amqp://h/v@x", "amqp://h/v@x"),
+        ];
+        for (behaviour, url, expected) in cases {
+            assert_eq!(redact_url_password(url), expected, "{behaviour}");
+        }
+    }
+
+    #[test]
+    fn email_path_forms() {
+        let paths = |email_path: &str| -> Vec<String> {
+            let text = format!(
+                "[[mappings]]\nname = \"m\"\nevents = [\"E\"]\nlist_id = 1\n{email_path}\nprofile_fields = {{ \"1\" = \"on\" }}"
+            );
+            accepted(&text).mappings[0]
+                .email_paths
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let cases: [(&str, &str, &[&str]); 5] = [
+            (
+                "absent_means_the_defaults",
+                "",
+                &[
+                    "$.context.traits.email",
+                    "$.traits.email",
+                    "$.properties.email",
+                ],
+            ),
+            (
+                "single_string_goes_first_then_the_defaults",
+                "email_path = \"$.properties.contact.email\"",
+                &[
+                    "$.properties.contact.email",
+                    "$.context.traits.email",
+                    "$.traits.email",
+                    "$.properties.email",
+                ],
+            ),
+            (
+                "single_default_path_is_not_repeated",
+                "email_path = \"$.traits.email\"",
+                &[
+                    "$.traits.email",
+                    "$.context.traits.email",
+                    "$.properties.email",
+                ],
+            ),
+            (
+                "default_path_spelled_with_brackets_is_not_repeated",
+                "email_path = \"$['traits'].email\"",
+                &[
+                    "$['traits'].email",
+                    "$.context.traits.email",
+                    "$.properties.email",
+                ],
+            ),
+            (
+                "array_means_exactly_those",
+                "email_path = [\"$.properties.email\", \"$.traits['e-mail']\"]",
+                &["$.properties.email", "$.traits['e-mail']"],
+            ),
+        ];
+        for (behaviour, email_path, expected) in cases {
+            assert_eq!(paths(email_path), expected, "{behaviour}");
+        }
+    }
+
+    #[test]
+    fn profile_fields_are_sorted_by_numeric_id_and_keep_literals_as_written() {
+        let settings = accepted(
+            "[[mappings]]\nname = \"m\"\ntypes = [\"track\"]\nlist_id_path = \"$.properties.list_id\"\n\
+             profile_fields = { \"789\" = \"off\", \"1000\" = \"Gold tier\", \"456\" = \"useAudienceKey\", \"5\" = \"on\" }",
+        );
+        let mapping = &settings.mappings[0];
+        let field = |id: i64| FieldId::new(id).unwrap();
+        assert_eq!(
+            mapping.profile_fields,
+            [
+                (field(5), FieldRule::Literal("on".into())),
+                (field(456), FieldRule::UseAudienceKey),
+                (field(789), FieldRule::Literal("off".into())),
+                (field(1000), FieldRule::Literal("Gold tier".into())),
+            ]
+        );
+        assert_eq!(mapping.types, [SegmentType::Track]);
+        assert!(mapping.events.is_empty());
+        assert_eq!(
+            mapping.list,
+            ListSource::Path(JsonPath::parse("$.properties.list_id").unwrap())
+        );
+    }
+
+    #[test]
+    fn json_paths_parse_and_look_up() {
+        let body = serde_json::json!({
+            "a": {"b": {"c": 1}},
+            "key with spaces": 2,
+            "k": {"it's": 3},
+            "list": [{"x": 4}],
+        });
+        let cases = [
+            ("dotted_names", "$.a.b.c", Some(1)),
+            ("single_quoted_name", "$['key with spaces']", Some(2)),
+            (
+                "double_quoted_name_with_escaped_quote",
+                "$[\"k\"]['it\\'s']",
+                Some(3),
+            ),
+            ("index_then_name", "$.list[0].x", Some(4)),
+            ("missing_name", "$.a.zz", None),
+            ("index_out_of_range", "$.list[3].x", None),
+            ("name_on_a_number", "$.a.b.c.d", None),
+        ];
+        for (behaviour, text, expected) in cases {
+            let path = JsonPath::parse(text).unwrap_or_else(|why| panic!("{behaviour}: {why}"));
+            assert_eq!(
+                path.to_string(),
+                text,
+                "{behaviour}: Display gives the text back"
+            );
+            let found = path.lookup(&body).and_then(serde_json::Value::as_i64);
+            assert_eq!(found, expected, "{behaviour}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_paths_are_refused() {
+        let cases = [
+            ("empty", ""),
+            ("no_dollar", "a.b"),
+            ("root_alone", "$"),
+            ("empty_name", "$.a..b"),
+            ("trailing_dot", "$.a."),
+            ("wildcard", "$.a.*"),
+            ("bracket_wildcard", "$[*]"),
+            ("unclosed_quote", "$['a"),
+            ("unclosed_bracket", "$['a'"),
+            ("bare_bracket_name", "$[a]"),
+            ("space_in_dotted_name", "$.a b"),
+            ("junk_after_root", "$a"),
+        ];
+        for (behaviour, text) in cases {
+            assert!(
+                JsonPath::parse(text).is_err(),
+                "{behaviour}: {text:?} parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let settings = Settings::load(Some(&path), credentials).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!settings.mappings.is_empty());
+    }
+
+    #[test]
+    fn no_file_means_defaults_and_still_needs_a_mapping() {
+        let error = Settings::load(None, credentials).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::Invalid { key, .. } if key == "mappings"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_names_its_path() {
+        let error =
+            Settings::load(Some(Path::new("/nonexistent/listrak.toml")), credentials).unwrap_err();
+        assert!(matches!(error, ConfigError::Read { .. }));
+        assert!(
+            error.to_string().contains("/nonexistent/listrak.toml"),
+            "{error}"
+        );
+    }
 }
