@@ -1,0 +1,121 @@
+//! Publishing events from a JSON-lines file, with publisher confirms and progress.
+
+use std::collections::VecDeque;
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::Context;
+use lapin::types::ShortString;
+use lapin::BasicProperties;
+
+use crate::broker::{self, wait_confirm, Publisher, Topology};
+use crate::progress::Progress;
+
+/// Confirms awaited at once; enough to keep the broker busy, few enough to bound memory.
+const CONFIRM_WINDOW: usize = 1024;
+
+/// What `publish` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub messages: u64,
+    /// Lines that were not JSON: published all the same (the worker dead-letters them).
+    pub not_json: u64,
+}
+
+/// The properties producers should use: persistent, JSON, with the event's own id.
+pub fn event_properties(body: &[u8]) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+    if let Some(id) = message_id(body) {
+        properties = properties.with_message_id(ShortString::from(id));
+    }
+    properties
+}
+
+fn message_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        #[serde(rename = "messageId")]
+        segment: Option<String>,
+        message_id: Option<String>,
+    }
+    let ids: Ids = serde_json::from_slice(body).ok()?;
+    ids.segment.or(ids.message_id).filter(|id| id.len() <= 255)
+}
+
+/// The routing key: the event's `type`, so bindings can tell track, identify and
+/// profile_update apart.
+fn routing_key(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    serde_json::from_slice::<Kind>(body)
+        .ok()
+        .and_then(|k| k.kind)
+        .filter(|k| !k.is_empty() && k.len() < 200)
+        .unwrap_or_else(|| "event".into())
+}
+
+/// Publishes every non-empty line of `path` to the topology's exchange, each confirmed.
+pub async fn publish_file(
+    url: &str,
+    topology: &Topology,
+    path: &Path,
+) -> anyhow::Result<Published> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let total = std::io::BufReader::new(&file).lines().count() as u64;
+    let lines = std::io::BufReader::new(
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+    )
+    .lines()
+    .map(|line| line.map(String::into_bytes));
+    publish_lines(url, topology, lines, total).await
+}
+
+/// Publishes bodies; `total` only sizes the progress bar.
+pub async fn publish_lines(
+    url: &str,
+    topology: &Topology,
+    bodies: impl IntoIterator<Item = std::io::Result<Vec<u8>>>,
+    total: u64,
+) -> anyhow::Result<Published> {
+    let connection = broker::connect(url, "listrak-worker publish")
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ: {e}"))?;
+    let publisher = Publisher::new(&connection).await?;
+    topology.declare(publisher.channel()).await?;
+    let progress = Progress::new("published", total);
+    let mut published = Published::default();
+    let mut window = VecDeque::with_capacity(CONFIRM_WINDOW);
+    for body in bodies {
+        let body = body.context("cannot read the input")?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            published.not_json += 1;
+        }
+        let properties = event_properties(&body);
+        let confirm = publisher
+            .start(&topology.exchange, &routing_key(&body), &body, properties)
+            .await?;
+        window.push_back(confirm);
+        if window.len() >= CONFIRM_WINDOW {
+            let oldest = window.pop_front().expect("window is full");
+            wait_confirm(oldest).await?;
+        }
+        published.messages += 1;
+        progress.advance(1);
+    }
+    for confirm in window {
+        wait_confirm(confirm).await?;
+    }
+    progress.finish();
+    let _ = connection.close(200, "done".into()).await;
+    Ok(published)
+}
