@@ -6,6 +6,7 @@ pub mod classify;
 pub mod concurrency;
 pub mod config;
 pub mod deliver;
+pub mod fake;
 pub mod guard;
 pub mod listrak;
 pub mod model;

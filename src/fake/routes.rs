@@ -1,0 +1,314 @@
+//! The fake's HTTP surface: Listrak's token and SegmentationField endpoints, and `/_fake/*` controls.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::answer::{self, Refusal};
+use super::faults::Faults;
+use super::payload::{self, Payload};
+use super::state::{Incoming, RecordedRequest};
+use super::Shared;
+
+/// Bodies are read whole up to this size; anything larger is answered like an over-size
+/// payload (404) without being kept in memory.
+const BODY_HARD_CAP: usize = 64 * 1024 * 1024;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/OAuth2/Token", post(issue_token))
+        .route(
+            "/email/v1/List/{listId}/Contact/SegmentationField",
+            post(segmentation_field),
+        )
+        .route("/_fake/contacts", get(contacts))
+        .route("/_fake/requests", get(requests))
+        .route(
+            "/_fake/faults",
+            get(faults).put(replace_faults).patch(amend_faults),
+        )
+        .route("/_fake/reset", post(reset))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(unsupported_method)
+        .with_state(shared)
+}
+
+#[derive(Serialize)]
+struct TokenIssued {
+    access_token: String,
+    token_type: &'static str,
+    expires_in: u64,
+}
+
+async fn issue_token(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form = "application/x-www-form-urlencoded";
+    if !payload::content_type_is(header(&headers, CONTENT_TYPE), form) {
+        return refused(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            answer::UNSUPPORTED_CONTENT_TYPE,
+            format!("Please use a Content-Type of {form}."),
+        ));
+    }
+    let Some(pairs) = payload::form_pairs(&body) else {
+        return refused(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            answer::MALFORMED_REQUEST_BODY,
+            "The form body is not valid UTF-8 URL encoding.",
+        ));
+    };
+    let field = |name: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    match field("grant_type") {
+        Some("client_credentials") => {}
+        Some(other) => {
+            return refused(Refusal::invalid(
+                "grant_type",
+                format!("{other:?} is not supported; use client_credentials"),
+            ))
+        }
+        None => return refused(Refusal::invalid("grant_type", "the parameter is required")),
+    }
+    let (Some(client_id), Some(client_secret)) = (field("client_id"), field("client_secret"))
+    else {
+        return refused(Refusal::invalid(
+            "client_id, client_secret",
+            "both parameters are required",
+        ));
+    };
+    if client_id != shared.client_id || client_secret != shared.client_secret {
+        tracing::debug!("token refused: wrong client credentials");
+        return refused(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            answer::INVALID_CREDENTIALS,
+            "Invalid client credentials.",
+        ));
+    }
+    let token = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let lifetime = shared.lock().issue_token(token.clone(), Instant::now());
+    tracing::debug!("token issued");
+    json(
+        StatusCode::OK,
+        &TokenIssued {
+            access_token: token,
+            token_type: "Bearer",
+            expires_in: answer::retry_after_seconds(lifetime),
+        },
+    )
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResourceCreated {
+    status: u16,
+    resource_id: String,
+}
+
+async fn segmentation_field(
+    State(shared): State<Arc<Shared>>,
+    list: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // A segment that is not even text still gets recorded and answered as a bad listId.
+    let list = list.map(|Path(list)| list).unwrap_or_default();
+    let body = axum::body::to_bytes(body, BODY_HARD_CAP).await.ok();
+    let body_bytes = match &body {
+        Some(body) => body.len(),
+        None => header(&headers, CONTENT_LENGTH)
+            .and_then(|length| length.parse().ok())
+            .unwrap_or(BODY_HARD_CAP + 1),
+    };
+    // Parsed before the lock is taken, so that concurrent requests only queue for bookkeeping.
+    let payload = body.as_deref().map(Payload::read);
+    let incoming = Incoming {
+        authorization: header(&headers, AUTHORIZATION),
+        list_segment: &list,
+        content_type: header(&headers, CONTENT_TYPE),
+        payload,
+        body_bytes,
+        arrived: Instant::now(),
+    };
+    let decision = shared
+        .lock()
+        .decide(incoming, |share| rand::rng().random_bool(share));
+    if !decision.latency.is_zero() {
+        tokio::time::sleep(decision.latency).await;
+    }
+    match decision.answer {
+        Ok(resource_id) => {
+            tracing::debug!(list = %list, status = 201, "SegmentationField accepted");
+            json(
+                StatusCode::CREATED,
+                &ResourceCreated {
+                    status: StatusCode::CREATED.as_u16(),
+                    resource_id,
+                },
+            )
+        }
+        Err(refusal) => {
+            tracing::debug!(list = %list, status = refusal.status.as_u16(), error = refusal.error, "SegmentationField refused");
+            refused(refusal)
+        }
+    }
+}
+
+async fn contacts(State(shared): State<Arc<Shared>>) -> Response {
+    json(StatusCode::OK, shared.lock().contacts())
+}
+
+#[derive(Deserialize)]
+struct RequestsQuery {
+    /// Only the most recent `limit` requests are listed; the counts still cover all of them.
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct RequestsReport<'a> {
+    total: usize,
+    by_status: BTreeMap<u16, usize>,
+    tokens_issued: usize,
+    requests: &'a [RecordedRequest],
+}
+
+async fn requests(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<RequestsQuery>,
+) -> Response {
+    let state = shared.lock();
+    let all = state.requests();
+    let listed = &all[all.len() - query.limit.unwrap_or(all.len()).min(all.len())..];
+    json(
+        StatusCode::OK,
+        &RequestsReport {
+            total: all.len(),
+            by_status: super::count_by_status(all),
+            tokens_issued: state.tokens_issued(),
+            requests: listed,
+        },
+    )
+}
+
+async fn faults(State(shared): State<Arc<Shared>>) -> Response {
+    json(StatusCode::OK, &shared.lock().faults(Instant::now()))
+}
+
+/// Every fault is replaced: what the body leaves out goes back to its default.
+async fn replace_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let faults = serde_json::from_slice::<Faults>(&body).map_err(|err| err.to_string());
+    set_faults(&shared, faults.and_then(validated), Instant::now())
+}
+
+/// Only the faults the body names change; an outage in progress keeps its end.
+async fn amend_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let changes = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(changes)) => changes,
+        Ok(_) => return refused(Refusal::invalid("faults", "expected a JSON object")),
+        Err(err) => return refused(Refusal::invalid("faults", err)),
+    };
+    let now = Instant::now();
+    let current = shared.lock().faults(now);
+    let amended = serde_json::to_value(current)
+        .map_err(|err| err.to_string())
+        .and_then(|mut faults| {
+            if let Value::Object(faults) = &mut faults {
+                faults.extend(changes);
+            }
+            serde_json::from_value::<Faults>(faults).map_err(|err| err.to_string())
+        });
+    set_faults(&shared, amended.and_then(validated), now)
+}
+
+fn validated(faults: Faults) -> Result<Faults, String> {
+    faults.validate().map(|()| faults)
+}
+
+fn set_faults(shared: &Shared, faults: Result<Faults, String>, now: Instant) -> Response {
+    match faults {
+        Ok(faults) => {
+            tracing::info!(?faults, "faults set");
+            let mut state = shared.lock();
+            state.set_faults(faults, now);
+            json(StatusCode::OK, &state.faults(now))
+        }
+        Err(why) => refused(Refusal::invalid("faults", why)),
+    }
+}
+
+async fn reset(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.lock().reset();
+    tracing::info!("contacts and recorded requests cleared");
+    StatusCode::NO_CONTENT
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> Response {
+    refused(Refusal::new(
+        StatusCode::NOT_FOUND,
+        answer::UNKNOWN_ROUTE,
+        format!("No route matches {method} {}.", uri.path()),
+    ))
+}
+
+async fn unsupported_method(method: Method, uri: Uri) -> Response {
+    refused(Refusal::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        answer::UNSUPPORTED_METHOD,
+        format!("{} does not support {method}.", uri.path()),
+    ))
+}
+
+fn header(headers: &HeaderMap, name: axum::http::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            status,
+            [(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(%err, "answer could not be serialised");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+fn refused(refusal: Refusal) -> Response {
+    let mut response = json(refusal.status, &refusal.envelope());
+    if let Some(delay) = refusal.retry_after {
+        response.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(answer::retry_after_seconds(delay)),
+        );
+    }
+    response
+}
