@@ -1,0 +1,186 @@
+//! `listrak-worker demo`: the whole pipeline on this machine, against an in-process Listrak
+//! stand-in, on queues of its own; ends with a summary.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::broker::{self, Topology};
+use crate::config::Settings;
+use crate::fake::{FakeOptions, FakeServer};
+use crate::listrak::ListrakClient;
+use crate::model::DeadLetterReason;
+use crate::publish::publish_lines;
+use crate::sample::{self, TrafficShape, MAPPINGS_TOML};
+use crate::telemetry::{AckOutcome, Metrics};
+use crate::worker::{self, Health};
+
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The configuration the demo runs with: its own queue names, the fake's URLs.
+pub fn settings(amqp_url: &str, queue: &str, fake: &FakeServer) -> anyhow::Result<Settings> {
+    let options = FakeOptions::default();
+    let text = format!(
+        r#"
+[amqp]
+url = "{amqp_url}"
+exchange = "{queue}"
+queue = "{queue}"
+
+[listrak]
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+api_url = "{api_url}"
+auth_url = "{auth_url}"
+request_timeout = "10s"
+
+[batch]
+max_wait = "200ms"
+
+[retry]
+schedule = ["1s", "5s"]
+in_process = "20s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[shutdown]
+grace = "10s"
+{MAPPINGS_TOML}"#,
+        client_id = options.client_id,
+        client_secret = options.client_secret,
+        api_url = fake.api_url(),
+        auth_url = fake.auth_url(),
+    );
+    Ok(Settings::from_toml(&text, |_| None)?)
+}
+
+pub async fn run(events: usize) -> anyhow::Result<()> {
+    let amqp_url = std::env::var("AMQP_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_AMQP_URL.to_string());
+    let fake = FakeServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), FakeOptions::default())
+        .await
+        .context("cannot start the Listrak stand-in")?;
+    let queue = format!("listrak-worker-demo.{}", std::process::id());
+    let settings = settings(&amqp_url, &queue, &fake)?;
+    if let Err(error) = broker::connect(&amqp_url, "listrak-worker demo probe").await {
+        anyhow::bail!(
+            "RabbitMQ is not reachable at {} ({error}).\n\
+             Start it, then run the demo again:\n  \
+             Debian/Ubuntu: sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached\n  \
+             Docker:        docker run -d -p 5672:5672 rabbitmq:3.13\n\
+             or point AMQP_URL at a running broker.",
+            settings.amqp.redacted_url()
+        );
+    }
+
+    let topology = Topology::new(&queue, &queue, &settings.retry.schedule);
+    let traffic = sample::generate(TrafficShape {
+        events,
+        people: (events / 5).max(10),
+        ..TrafficShape::default()
+    });
+    println!(
+        "demo: {} Engage events for {} people, queue {queue}, Listrak stand-in at {}",
+        traffic.bodies.len(),
+        (events / 5).max(10),
+        fake.api_url()
+    );
+
+    let started = Instant::now();
+    let published = publish_lines(
+        &amqp_url,
+        &topology,
+        traffic.bodies.iter().map(|b| Ok(b.clone())),
+        traffic.bodies.len() as u64,
+    )
+    .await?;
+
+    let metrics = Metrics::new(settings.batch.max_contacts.get());
+    let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
+    let drained = {
+        let metrics = metrics.clone();
+        let expected = published.messages as f64;
+        async move {
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while acked(&metrics) < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    worker::run(settings, api, metrics.clone(), Health::default(), drained).await?;
+    let elapsed = started.elapsed();
+
+    let cleanup = async {
+        let connection = broker::connect(&amqp_url, "listrak-worker demo cleanup").await?;
+        let channel = connection.create_channel().await?;
+        topology.delete(&channel).await?;
+        connection.close(200, "done".into()).await
+    };
+    if let Err(error) = cleanup.await {
+        eprintln!("demo: could not delete the demo queues: {error}");
+    }
+
+    let state = fake.contacts();
+    let requests = fake.requests();
+    let accepted = requests.iter().filter(|r| r.status == 201).count();
+    println!();
+    println!("events published     {}", published.messages);
+    for outcome in AckOutcome::ALL {
+        println!(
+            "  acked {:<15}{}",
+            outcome.as_str(),
+            metrics.sample("listrak_messages_acked_total", &[("outcome", outcome.as_str())])
+        );
+    }
+    println!(
+        "requests to Listrak  {} ({} accepted), {:.1} events per request",
+        requests.len(),
+        accepted,
+        published.messages as f64 / requests.len().max(1) as f64
+    );
+    for (list, contacts) in &state {
+        println!("  list {list:<14} {} contacts", contacts.len());
+    }
+    println!("dead letters");
+    let mut dead: BTreeMap<&str, f64> = BTreeMap::new();
+    for reason in DeadLetterReason::ALL {
+        let count = metrics.sample("listrak_dead_letters_total", &[("reason", reason.as_str())]);
+        if count > 0.0 {
+            dead.insert(reason.as_str(), count);
+        }
+    }
+    if dead.is_empty() {
+        println!("  none");
+    }
+    for (reason, count) in &dead {
+        println!("  {reason:<19}{count}");
+    }
+    let matches = state == traffic.expected;
+    println!(
+        "final Listrak state  {}",
+        if matches {
+            "matches last-write-wins over every event"
+        } else {
+            "DIFFERS from last-write-wins"
+        }
+    );
+    println!("took                 {:.2}s", elapsed.as_secs_f64());
+    fake.shutdown().await;
+    anyhow::ensure!(matches, "the final state differs from what the events imply");
+    anyhow::ensure!(
+        acked(&metrics) >= published.messages as f64,
+        "not every event was settled within {DRAIN_TIMEOUT:?}"
+    );
+    Ok(())
+}
+
+fn acked(metrics: &Metrics) -> f64 {
+    metrics.sample("listrak_messages_acked_total", &[])
+}
