@@ -1,4 +1,5 @@
 //! listrak-worker: keeps Listrak profile fields in step with Segment Engage audiences.
 
 pub mod config;
+pub mod decode;
 pub mod model;
