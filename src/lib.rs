@@ -2,4 +2,5 @@
 
 pub mod config;
 pub mod decode;
+pub mod mapping;
 pub mod model;
