@@ -1347,8 +1347,26 @@ fn toml_array(items: &[impl AsRef<str>]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// A duration in the largest unit that holds it exactly ("24h", "90s", "250ms"), the way
+/// people write them in this file.
 fn toml_duration(duration: Duration) -> String {
-    toml_str(&humantime::format_duration(duration).to_string())
+    const UNITS: [(&str, u128); 6] = [
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
+    let nanos = duration.as_nanos();
+    if nanos == 0 {
+        return toml_str("0s");
+    }
+    let (unit, size) = UNITS
+        .into_iter()
+        .find(|(_, size)| nanos.is_multiple_of(*size))
+        .expect("every duration is a whole number of nanoseconds");
+    toml_str(&format!("{}{unit}", nanos / size))
 }
 
 #[cfg(test)]
@@ -1927,6 +1945,20 @@ profile_fields = {{ "9" = "tab\there", "10" = "on" }}
             "amqp://guest:[redacted]@127.0.0.1:5672/%2f"
         );
         assert_eq!(reloaded, expected);
+    }
+
+    #[test]
+    fn printed_durations_use_the_largest_exact_unit() {
+        let cases = [
+            ("whole_hours", Duration::from_secs(24 * 3600), "\"24h\""),
+            ("whole_minutes", Duration::from_secs(600), "\"10m\""),
+            ("minutes_and_seconds", Duration::from_secs(90), "\"90s\""),
+            ("milliseconds", Duration::from_millis(250), "\"250ms\""),
+            ("zero", Duration::ZERO, "\"0s\""),
+        ];
+        for (behaviour, duration, expected) in cases {
+            assert_eq!(toml_duration(duration), expected, "{behaviour}");
+        }
     }
 
     #[test]
