@@ -816,17 +816,38 @@ impl Sourced {
         node: &Node<'_>,
         name: &str,
         default: &str,
-        schemes: &[&str],
+        rule: &UrlRule,
     ) -> Result<String, ConfigError> {
         let url = self.value.clone().unwrap_or_else(|| default.to_owned());
-        check_url(&url, schemes).map_err(|why| invalid(node.key(name), self.reason(&why)))?;
+        check_url(&url, rule).map_err(|why| invalid(node.key(name), self.reason(&why)))?;
         Ok(url)
     }
 }
 
+/// What a URL setting must look like.
+struct UrlRule {
+    schemes: &'static [&'static str],
+    /// Request paths are appended to it, so it cannot have a query or a fragment.
+    base: bool,
+}
+
+const AMQP_URL: UrlRule = UrlRule {
+    schemes: &["amqp", "amqps"],
+    base: false,
+};
+const ENDPOINT_URL: UrlRule = UrlRule {
+    schemes: &["http", "https"],
+    base: false,
+};
+const BASE_URL: UrlRule = UrlRule {
+    schemes: &["http", "https"],
+    base: true,
+};
+
 /// The minimal check the worker needs: a known scheme, a host, a valid port, nothing
 /// that cannot be in a URL. The value is not quoted in the reason: it may hold a password.
-fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+fn check_url(url: &str, rule: &UrlRule) -> Result<(), String> {
+    let schemes = rule.schemes;
     let expected = schemes
         .iter()
         .map(|scheme| format!("{scheme}://"))
@@ -871,6 +892,11 @@ fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
             return Err("has a port that is not a number from 0 to 65535".to_owned());
         }
     }
+    if rule.base && url.contains(['?', '#']) {
+        return Err(
+            "must not have a query or a fragment: request paths are appended to it".to_owned(),
+        );
+    }
     Ok(())
 }
 
@@ -899,7 +925,7 @@ fn amqp_settings(
         node,
         "url",
         DEFAULT_AMQP_URL,
-        &["amqp", "amqps"],
+        &AMQP_URL,
     )?;
     let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
     let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
@@ -952,23 +978,15 @@ fn listrak_settings(
         Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
     let client_secret = Sourced::read(node, "client_secret", ENV_CLIENT_SECRET, env)?
         .required(node, "client_secret")?;
-    let api_url = Sourced::read(node, "api_url", ENV_API_URL, env)?;
-    let api_from_env = api_url.reason("");
-    let api_url = api_url.url(node, "api_url", DEFAULT_API_URL, &["http", "https"])?;
-    if api_url.contains(['?', '#']) {
-        return Err(invalid(
-            node.key("api_url"),
-            format!(
-                "must not have a query or a fragment: request paths are appended to it{api_from_env}"
-            ),
-        ));
-    }
-    let api_url = api_url.trim_end_matches('/').to_owned();
+    let api_url = Sourced::read(node, "api_url", ENV_API_URL, env)?
+        .url(node, "api_url", DEFAULT_API_URL, &BASE_URL)?
+        .trim_end_matches('/')
+        .to_owned();
     let auth_url = Sourced::read(node, "auth_url", ENV_AUTH_URL, env)?.url(
         node,
         "auth_url",
         DEFAULT_AUTH_URL,
-        &["http", "https"],
+        &ENDPOINT_URL,
     )?;
     let request_timeout = node.positive_duration("request_timeout", DEFAULT_REQUEST_TIMEOUT)?;
     let max_concurrency = node.bounded(
