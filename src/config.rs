@@ -816,17 +816,38 @@ impl Sourced {
         node: &Node<'_>,
         name: &str,
         default: &str,
-        schemes: &[&str],
+        rule: &UrlRule,
     ) -> Result<String, ConfigError> {
         let url = self.value.clone().unwrap_or_else(|| default.to_owned());
-        check_url(&url, schemes).map_err(|why| invalid(node.key(name), self.reason(&why)))?;
+        check_url(&url, rule).map_err(|why| invalid(node.key(name), self.reason(&why)))?;
         Ok(url)
     }
 }
 
+/// What a URL setting must look like.
+struct UrlRule {
+    schemes: &'static [&'static str],
+    /// Request paths are appended to it, so it cannot have a query or a fragment.
+    base: bool,
+}
+
+const AMQP_URL: UrlRule = UrlRule {
+    schemes: &["amqp", "amqps"],
+    base: false,
+};
+const ENDPOINT_URL: UrlRule = UrlRule {
+    schemes: &["http", "https"],
+    base: false,
+};
+const BASE_URL: UrlRule = UrlRule {
+    schemes: &["http", "https"],
+    base: true,
+};
+
 /// The minimal check the worker needs: a known scheme, a host, a valid port, nothing
 /// that cannot be in a URL. The value is not quoted in the reason: it may hold a password.
-fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+fn check_url(url: &str, rule: &UrlRule) -> Result<(), String> {
+    let schemes = rule.schemes;
     let expected = schemes
         .iter()
         .map(|scheme| format!("{scheme}://"))
@@ -871,6 +892,11 @@ fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
             return Err("has a port that is not a number from 0 to 65535".to_owned());
         }
     }
+    if rule.base && url.contains(['?', '#']) {
+        return Err(
+            "must not have a query or a fragment: request paths are appended to it".to_owned(),
+        );
+    }
     Ok(())
 }
 
@@ -899,7 +925,7 @@ fn amqp_settings(
         node,
         "url",
         DEFAULT_AMQP_URL,
-        &["amqp", "amqps"],
+        &AMQP_URL,
     )?;
     let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
     let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
@@ -952,23 +978,15 @@ fn listrak_settings(
         Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
     let client_secret = Sourced::read(node, "client_secret", ENV_CLIENT_SECRET, env)?
         .required(node, "client_secret")?;
-    let api_url = Sourced::read(node, "api_url", ENV_API_URL, env)?;
-    let api_from_env = api_url.reason("");
-    let api_url = api_url.url(node, "api_url", DEFAULT_API_URL, &["http", "https"])?;
-    if api_url.contains(['?', '#']) {
-        return Err(invalid(
-            node.key("api_url"),
-            format!(
-                "must not have a query or a fragment: request paths are appended to it{api_from_env}"
-            ),
-        ));
-    }
-    let api_url = api_url.trim_end_matches('/').to_owned();
+    let api_url = Sourced::read(node, "api_url", ENV_API_URL, env)?
+        .url(node, "api_url", DEFAULT_API_URL, &BASE_URL)?
+        .trim_end_matches('/')
+        .to_owned();
     let auth_url = Sourced::read(node, "auth_url", ENV_AUTH_URL, env)?.url(
         node,
         "auth_url",
         DEFAULT_AUTH_URL,
-        &["http", "https"],
+        &ENDPOINT_URL,
     )?;
     let request_timeout = node.positive_duration("request_timeout", DEFAULT_REQUEST_TIMEOUT)?;
     let max_concurrency = node.bounded(
@@ -1347,8 +1365,26 @@ fn toml_array(items: &[impl AsRef<str>]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// A duration in the largest unit that holds it exactly ("24h", "90s", "250ms"), the way
+/// people write them in this file.
 fn toml_duration(duration: Duration) -> String {
-    toml_str(&humantime::format_duration(duration).to_string())
+    const UNITS: [(&str, u128); 6] = [
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
+    let nanos = duration.as_nanos();
+    if nanos == 0 {
+        return toml_str("0s");
+    }
+    let (unit, size) = UNITS
+        .into_iter()
+        .find(|(_, size)| nanos.is_multiple_of(*size))
+        .expect("every duration is a whole number of nanoseconds");
+    toml_str(&format!("{}{unit}", nanos / size))
 }
 
 #[cfg(test)]
@@ -1927,6 +1963,20 @@ profile_fields = {{ "9" = "tab\there", "10" = "on" }}
             "amqp://guest:[redacted]@127.0.0.1:5672/%2f"
         );
         assert_eq!(reloaded, expected);
+    }
+
+    #[test]
+    fn printed_durations_use_the_largest_exact_unit() {
+        let cases = [
+            ("whole_hours", Duration::from_secs(24 * 3600), "\"24h\""),
+            ("whole_minutes", Duration::from_secs(600), "\"10m\""),
+            ("minutes_and_seconds", Duration::from_secs(90), "\"90s\""),
+            ("milliseconds", Duration::from_millis(250), "\"250ms\""),
+            ("zero", Duration::ZERO, "\"0s\""),
+        ];
+        for (behaviour, duration, expected) in cases {
+            assert_eq!(toml_duration(duration), expected, "{behaviour}");
+        }
     }
 
     #[test]

@@ -1,15 +1,77 @@
 //! listrak-worker: keeps Listrak profile fields in step with Segment Engage audiences.
+//!
+//! # Layout
+//!
+//! ```text
+//!  RabbitMQ ──► decode ──► mapping ──► batch ──► deliver ──► Listrak
+//!  (broker)     bytes to    events to   per list,  requests,    (listrak)
+//!               messages    updates     contact,   retries,
+//!                                       field      bisection
+//!                                                     │
+//!                 ack / retry queue / dead letter ◄── settle
+//! ```
+//!
+//! The decisions are pure functions (decode, mapping, batch, classify, retry, settle); the
+//! I/O sits around them (broker, listrak, http), and `worker` drives the whole.
+//!
+//! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
+//! - [`model`]: list and field ids, event times, updates, dead-letter reasons.
+//! - [`decode`]: message bytes into a Segment event or a direct update, or poison.
+//! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter.
+//! - [`batch`]: grouping per list, merging per contact, last write wins per field.
+//! - [`guard`]: the bounded memory that keeps an older update from overwriting a newer one.
+//! - [`classify`]: one pure decision from a Listrak answer to ok / auth / systemic /
+//!   ambiguous / permanent.
+//! - [`retry`]: the retry schedule (the only user of the `backoff` crate).
+//! - [`concurrency`]: adaptive request concurrency (additive increase, multiplicative decrease).
+//! - [`deliver`]: one batch to Listrak: in-process retries, bisection, size ceilings.
+//! - [`listrak`]: the Listrak API client and its shared OAuth token.
+//! - [`settle`]: following each message to its acknowledgement; folding acks.
+//! - [`broker`]: connection, queue topology, confirmed publishing, headers.
+//! - [`worker`]: the session loop that drives everything, reconnection, shutdown.
+//! - [`telemetry`]: every metric, one function per occurrence.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`publish`], [`progress`]: the `publish` command.
+//! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
+//! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
 
 pub mod batch;
 pub mod broker;
 pub mod classify;
 pub mod concurrency;
 pub mod config;
+pub mod decode;
 pub mod deliver;
+pub mod demo;
 pub mod fake;
 pub mod guard;
+pub mod http;
 pub mod listrak;
+pub mod mapping;
 pub mod model;
+pub mod progress;
+pub mod publish;
 pub mod retry;
+pub mod sample;
 pub mod settle;
 pub mod telemetry;
+pub mod worker;
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
