@@ -91,14 +91,17 @@ fn update(event: &SegmentEvent, mapping: &Mapping) -> Result<Update, Poison> {
     for (id, rule) in &mapping.profile_fields {
         let value = match rule {
             FieldRule::Literal(text) => text.clone(),
-            FieldRule::UseAudienceKey => {
-                if membership.is_none() {
-                    membership = Some(member(event).map_err(|why| {
+            FieldRule::UseAudienceKey => match membership {
+                Some(value) => value,
+                None => {
+                    let value = member(event).map_err(|why| {
                         poison(format!("field {id} is \"useAudienceKey\", but {why}"))
-                    })?);
+                    })?;
+                    membership = Some(value);
+                    value
                 }
-                membership.expect("just set").to_owned()
             }
+            .to_owned(),
         };
         fields.push((*id, value));
     }
