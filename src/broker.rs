@@ -96,7 +96,10 @@ impl Topology {
         let mut main_args = FieldTable::default();
         main_args.insert("x-queue-type".into(), string("quorum"));
         main_args.insert("x-dead-letter-exchange".into(), string(&self.dead));
-        main_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        main_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
         main_args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
         main_args.insert("x-overflow".into(), string("reject-publish"));
         channel
@@ -226,9 +229,7 @@ impl Publisher {
     }
 }
 
-pub async fn wait_confirm(
-    confirm: lapin::PublisherConfirm,
-) -> Result<(), PublishError> {
+pub async fn wait_confirm(confirm: lapin::PublisherConfirm) -> Result<(), PublishError> {
     let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
         .await
         .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;

@@ -64,9 +64,12 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         .ok()
         .filter(|url| !url.trim().is_empty())
         .unwrap_or_else(|| DEFAULT_AMQP_URL.to_string());
-    let fake = FakeServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), FakeOptions::default())
-        .await
-        .context("cannot start the Listrak stand-in")?;
+    let fake = FakeServer::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        FakeOptions::default(),
+    )
+    .await
+    .context("cannot start the Listrak stand-in")?;
     let queue = format!("listrak-worker-demo.{}", std::process::id());
     let settings = settings(&amqp_url, &queue, &fake)?;
     if let Err(error) = broker::connect(&amqp_url, "listrak-worker demo probe").await {
@@ -136,7 +139,10 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         println!(
             "  acked {:<15}{}",
             outcome.as_str(),
-            metrics.sample("listrak_messages_acked_total", &[("outcome", outcome.as_str())])
+            metrics.sample(
+                "listrak_messages_acked_total",
+                &[("outcome", outcome.as_str())]
+            )
         );
     }
     println!(
@@ -173,7 +179,10 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     );
     println!("took                 {:.2}s", elapsed.as_secs_f64());
     fake.shutdown().await;
-    anyhow::ensure!(matches, "the final state differs from what the events imply");
+    anyhow::ensure!(
+        matches,
+        "the final state differs from what the events imply"
+    );
     anyhow::ensure!(
         acked(&metrics) >= published.messages as f64,
         "not every event was settled within {DRAIN_TIMEOUT:?}"

@@ -67,13 +67,14 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo { events } => exit(demo::run(events).await),
             command => {
-                let settings = match Settings::load(cli.config.as_deref(), |key| std::env::var(key).ok()) {
-                    Ok(settings) => settings,
-                    Err(error) => {
-                        eprintln!("error: {error}");
-                        return ExitCode::from(2);
-                    }
-                };
+                let settings =
+                    match Settings::load(cli.config.as_deref(), |key| std::env::var(key).ok()) {
+                        Ok(settings) => settings,
+                        Err(error) => {
+                            eprintln!("error: {error}");
+                            return ExitCode::from(2);
+                        }
+                    };
                 exit(dispatch(command, settings).await)
             }
         }
@@ -97,7 +98,12 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             let health = Health::default();
             let listener = tokio::net::TcpListener::bind(settings.http.listen)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {} (http.listen): {e}", settings.http.listen))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot listen on {} (http.listen): {e}",
+                        settings.http.listen
+                    )
+                })?;
             tracing::info!(listen = %settings.http.listen, "serving /metrics, /healthz, /readyz");
             let stop_http = tokio_util::sync::CancellationToken::new();
             let server = tokio::spawn(http::serve(
@@ -107,7 +113,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 stop_http.clone().cancelled_owned(),
             ));
             let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
-            let result = listrak_worker::worker::run(settings, api, metrics, health, shutdown_signal()).await;
+            let result =
+                listrak_worker::worker::run(settings, api, metrics, health, shutdown_signal())
+                    .await;
             stop_http.cancel();
             let _ = server.await;
             result
@@ -120,7 +128,10 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                     .authenticate()
                     .await
                     .map_err(|reason| anyhow::anyhow!("authentication failed: {reason}"))?;
-                println!("# authentication: ok, token valid for about {}s", lifetime.as_secs());
+                println!(
+                    "# authentication: ok, token valid for about {}s",
+                    lifetime.as_secs()
+                );
             }
             Ok(())
         }
@@ -130,13 +141,17 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 &settings.amqp.queue,
                 &settings.retry.schedule,
             );
-            let published = publish::publish_file(settings.amqp.url.expose(), &topology, &file).await?;
+            let published =
+                publish::publish_file(settings.amqp.url.expose(), &topology, &file).await?;
             println!(
                 "published {} messages to exchange {:?}{}",
                 published.messages,
                 topology.exchange,
                 if published.not_json > 0 {
-                    format!(" ({} lines were not JSON; the worker will dead-letter them)", published.not_json)
+                    format!(
+                        " ({} lines were not JSON; the worker will dead-letter them)",
+                        published.not_json
+                    )
                 } else {
                     String::new()
                 }

@@ -66,8 +66,8 @@ pub async fn publish_file(
     topology: &Topology,
     path: &Path,
 ) -> anyhow::Result<Published> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let total = std::io::BufReader::new(&file).lines().count() as u64;
     let lines = std::io::BufReader::new(
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,

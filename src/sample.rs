@@ -82,13 +82,22 @@ impl Default for TrafficShape {
 fn targets(audience: &str) -> &'static [(u32, u32, Option<&'static str>)] {
     match audience {
         "vip_customers" => &[(1001, 101, None)],
-        "cart_abandoners" => &[(1001, 102, None), (2002, 201, None), (2002, 202, Some("abandoned-cart"))],
+        "cart_abandoners" => &[
+            (1001, 102, None),
+            (2002, 201, None),
+            (2002, 202, Some("abandoned-cart")),
+        ],
         "newsletter_fans" => &[(2002, 203, None)],
         _ => &[],
     }
 }
 
-const AUDIENCES: [&str; 4] = ["vip_customers", "cart_abandoners", "newsletter_fans", "high_spenders"];
+const AUDIENCES: [&str; 4] = [
+    "vip_customers",
+    "cart_abandoners",
+    "newsletter_fans",
+    "high_spenders",
+];
 const BASE_MICROS: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
 
 pub fn email(person: usize) -> String {
@@ -108,13 +117,26 @@ pub fn generate(shape: TrafficShape) -> Traffic {
     for index in 0..shape.events {
         if shape.poison_every > 0 && index % shape.poison_every == shape.poison_every / 2 {
             let (reason, body) = match (index / shape.poison_every) % 4 {
-                0 => ("invalid_json", b"{\"type\": \"track\", \"event\": ".to_vec()),
+                0 => (
+                    "invalid_json",
+                    b"{\"type\": \"track\", \"event\": ".to_vec(),
+                ),
                 1 => ("invalid_json", vec![0xff, 0xfe, b'{', b'}']),
                 2 => (
                     "invalid_event",
-                    track("Audience Entered", "vip_customers", true, "not-an-email", index, BASE_MICROS),
+                    track(
+                        "Audience Entered",
+                        "vip_customers",
+                        true,
+                        "not-an-email",
+                        index,
+                        BASE_MICROS,
+                    ),
                 ),
-                _ => ("invalid_event", serde_json::to_vec(&json!({"type": "track", "event": 42})).unwrap()),
+                _ => (
+                    "invalid_event",
+                    serde_json::to_vec(&json!({"type": "track", "event": 42})).unwrap(),
+                ),
             };
             *poison.entry(reason).or_default() += 1;
             bodies.push(body);
@@ -136,7 +158,11 @@ pub fn generate(shape: TrafficShape) -> Traffic {
         let body = if audience == "newsletter_fans" {
             identify(audience, entered, &address, index, micros)
         } else {
-            let event = if entered { "Audience Entered" } else { "Audience Exited" };
+            let event = if entered {
+                "Audience Entered"
+            } else {
+                "Audience Exited"
+            };
             track(event, audience, entered, &address, index, micros)
         };
         bodies.push(body);
@@ -145,7 +171,9 @@ pub fn generate(shape: TrafficShape) -> Traffic {
             ignored += 1;
         }
         for (list, field, literal) in fields {
-            let value = literal.map_or(if entered { "on" } else { "off" }, |v| v).to_string();
+            let value = literal
+                .map_or(if entered { "on" } else { "off" }, |v| v)
+                .to_string();
             let key = (*list, address.clone(), *field);
             let entry = winners.entry(key).or_insert((i64::MIN, 0, String::new()));
             if (micros, index) >= (entry.0, entry.1) {
@@ -156,7 +184,12 @@ pub fn generate(shape: TrafficShape) -> Traffic {
 
     let mut expected = State::new();
     for ((list, email, field), (_, _, value)) in winners {
-        expected.entry(list).or_default().entry(email).or_default().insert(field, value);
+        expected
+            .entry(list)
+            .or_default()
+            .entry(email)
+            .or_default()
+            .insert(field, value);
     }
     Traffic {
         bodies,
@@ -170,7 +203,14 @@ fn timestamp(micros: i64) -> String {
     EventTime(micros).to_rfc3339()
 }
 
-fn track(event: &str, audience: &str, member: bool, email: &str, index: usize, micros: i64) -> Vec<u8> {
+fn track(
+    event: &str,
+    audience: &str,
+    member: bool,
+    email: &str,
+    index: usize,
+    micros: i64,
+) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "type": "track",
         "event": event,

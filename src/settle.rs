@@ -165,7 +165,7 @@ impl Acks {
     pub fn take(&mut self) -> Vec<AckCommand> {
         let floor = self.outstanding.first().copied().unwrap_or(u64::MAX);
         let above = self.ready.split_off(&floor);
-        let below = std::mem::replace(&mut self.ready, BTreeMap::new());
+        let below = std::mem::take(&mut self.ready);
         let mut commands = Vec::new();
         if let Some((&last, _)) = below.last_key_value() {
             let mut counts: BTreeMap<AckOutcome, u64> = BTreeMap::new();
@@ -223,13 +223,19 @@ mod tests {
         ledger.open(1, ());
         ledger.add_part(1);
         assert_eq!(ledger.settle_part(1, &Verdict::Applied), None);
-        assert_eq!(ledger.seal(1), Some(((), Settlement::Ack(AckOutcome::Applied))));
+        assert_eq!(
+            ledger.seal(1),
+            Some(((), Settlement::Ack(AckOutcome::Applied)))
+        );
     }
 
     #[test]
     fn the_worst_part_decides_and_a_retry_beats_a_dead_letter() {
         let table: &[(&[Verdict], Settlement)] = &[
-            (&[Verdict::Superseded], Settlement::Ack(AckOutcome::Superseded)),
+            (
+                &[Verdict::Superseded],
+                Settlement::Ack(AckOutcome::Superseded),
+            ),
             (
                 &[Verdict::Superseded, Verdict::Applied],
                 Settlement::Ack(AckOutcome::Applied),

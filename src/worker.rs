@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -130,14 +129,15 @@ impl<A: ListrakApi> Worker<A> {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let connected = match broker::connect(self.settings.amqp.url.expose(), "listrak-worker").await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
-                    self.pause(&mut delay).await;
-                    continue;
-                }
-            };
+            let connected =
+                match broker::connect(self.settings.amqp.url.expose(), "listrak-worker").await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
+                        self.pause(&mut delay).await;
+                        continue;
+                    }
+                };
             sessions += 1;
             if sessions > 1 {
                 self.metrics.amqp_reconnected();
@@ -176,9 +176,17 @@ struct Original {
 
 /// What the spawned tasks report back to the session loop.
 enum Report {
-    Delivered { batch: Batch, verdicts: Vec<Verdict> },
-    Published { tag: u64, outcome: AckOutcome },
-    PublishFailed { tag: u64 },
+    Delivered {
+        batch: Batch,
+        verdicts: Vec<Verdict>,
+    },
+    Published {
+        tag: u64,
+        outcome: AckOutcome,
+    },
+    PublishFailed {
+        tag: u64,
+    },
 }
 
 /// Per-list sending: one request chain per list at a time keeps a list's updates applied in
@@ -255,7 +263,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             publishing: 0,
             delivering: 0,
         };
-        let result = session.drive(&mut consumer, &consumer_tag, &mut inbox).await;
+        let result = session
+            .drive(&mut consumer, &consumer_tag, &mut inbox)
+            .await;
         poller.abort();
         if result.is_ok() {
             let _ = session.channel.close(200, "shutdown".into()).await;
@@ -273,7 +283,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut draining_until: Option<tokio::time::Instant> = None;
         loop {
-            let flush_at = self.batcher.next_deadline().map(tokio::time::Instant::from_std);
+            let flush_at = self
+                .batcher
+                .next_deadline()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 Some(report) = inbox.recv() => self.on_report(report),
@@ -356,18 +369,18 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let started = Instant::now();
         for mut update in updates {
             update.fields.retain(|(field, _)| {
-                !deliverer
-                    .guard
-                    .is_superseded(update.list_id, &update.email, *field, update.timestamp)
+                !deliverer.guard.is_superseded(
+                    update.list_id,
+                    &update.email,
+                    *field,
+                    update.timestamp,
+                )
             });
             if update.fields.is_empty() {
                 self.ledger.superseded_on_arrival(tag);
                 continue;
             }
-            let ceiling = deliverer
-                .ceilings
-                .get(update.list_id)
-                .unwrap_or(usize::MAX);
+            let ceiling = deliverer.ceilings.get(update.list_id).unwrap_or(usize::MAX);
             let added = self.batcher.add_with_ceiling(tag, update, started, ceiling);
             if added.new_part {
                 self.ledger.add_part(tag);
@@ -409,7 +422,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 let list_id = batch.list_id;
                 for (contact, verdict) in batch.contacts.into_iter().zip(verdicts) {
                     for tag in contact.messages {
-                        if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict) {
+                        if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict)
+                        {
                             self.settle(tag, original, settlement);
                         }
                     }
@@ -468,17 +482,34 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 self.dead_letter(tag, original, rejection);
             }
             RetryPlan::Delay { step } => {
-                let queue = self.worker.topology.retry_queue(settings.retry.schedule[step]);
+                let queue = self
+                    .worker
+                    .topology
+                    .retry_queue(settings.retry.schedule[step]);
                 let properties = broker::with_headers(
                     &original.properties,
                     [
-                        (broker::ATTEMPTS, int_header(i64::from(previous.attempts) + 1)),
-                        (broker::FIRST_FAILED_AT, text_header(first_failed_at.to_rfc3339())),
+                        (
+                            broker::ATTEMPTS,
+                            int_header(i64::from(previous.attempts) + 1),
+                        ),
+                        (
+                            broker::FIRST_FAILED_AT,
+                            text_header(first_failed_at.to_rfc3339()),
+                        ),
                         (broker::LAST_FAILED_AT, text_header(now.to_rfc3339())),
                     ],
                 );
                 self.worker.metrics.retried("systemic");
-                self.publish(tag, String::new(), queue, original.body, properties, AckOutcome::RetryScheduled, None);
+                self.publish(
+                    tag,
+                    String::new(),
+                    queue,
+                    original.body,
+                    properties,
+                    AckOutcome::RetryScheduled,
+                    None,
+                );
             }
         }
     }
@@ -536,7 +567,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let reports = self.reports.clone();
         let metrics = self.worker.metrics.clone();
         tokio::spawn(async move {
-            let report = match publisher.publish(&exchange, &routing_key, &body, properties).await {
+            let report = match publisher
+                .publish(&exchange, &routing_key, &body, properties)
+                .await
+            {
                 Ok(()) => {
                     if let Some(reason) = reason {
                         metrics.dead_lettered(reason);
@@ -557,7 +591,12 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             let count: u64 = command.outcomes.iter().map(|(_, n)| n).sum();
             match self
                 .channel
-                .basic_ack(command.tag, BasicAckOptions { multiple: command.multiple })
+                .basic_ack(
+                    command.tag,
+                    BasicAckOptions {
+                        multiple: command.multiple,
+                    },
+                )
                 .await
             {
                 Ok(()) => {

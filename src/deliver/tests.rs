@@ -41,12 +41,9 @@ impl ListrakApi for MemoryListrak {
             .is_ok()
         {
             answer(503, "unavailable".into())
-        } else if self.unknown_lists.contains(&list.get()) {
-            answer(
-                404,
-                "Unable to locate a resource associated with the listId supplied.".into(),
-            )
-        } else if self.max_body.is_some_and(|max| body.len() > max) {
+        } else if self.unknown_lists.contains(&list.get())
+            || self.max_body.is_some_and(|max| body.len() > max)
+        {
             answer(
                 404,
                 "Unable to locate a resource associated with the listId supplied.".into(),
