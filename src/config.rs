@@ -39,7 +39,7 @@ const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_IN_PROCESS: Duration = Duration::from_secs(120);
 const DEFAULT_LISTEN: &str = "0.0.0.0:9464";
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
-const DEFAULT_SUPERSEDED_CAPACITY: i64 = 1_000_000;
+const DEFAULT_SUPERSEDED_CAPACITY: i64 = 200_000;
 
 /// RabbitMQ cancels a consumer that holds a delivery unacknowledged for 30 minutes (its
 /// `consumer_timeout`); retrying in process must end well before that.
@@ -1790,7 +1790,7 @@ profile_fields = { "456" = "useAudienceKey" }
         assert_eq!(settings.retry.in_process, minutes(2));
         assert_eq!(settings.http.listen, "0.0.0.0:9464".parse().unwrap());
         assert_eq!(settings.shutdown.grace, Duration::from_secs(30));
-        assert_eq!(settings.superseded.capacity, 1_000_000);
+        assert_eq!(settings.superseded.capacity, 200_000);
     }
 
     #[test]

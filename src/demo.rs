@@ -137,7 +137,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     println!("events published     {}", published.messages);
     for outcome in AckOutcome::ALL {
         println!(
-            "  acked {:<15}{}",
+            "  acked {:<16}{}",
             outcome.as_str(),
             metrics.sample(
                 "listrak_messages_acked_total",

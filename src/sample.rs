@@ -98,7 +98,7 @@ const AUDIENCES: [&str; 4] = [
     "newsletter_fans",
     "high_spenders",
 ];
-const BASE_MICROS: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
+pub const BASE_MICROS: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
 
 pub fn email(person: usize) -> String {
     format!("person{person}@example.com")
@@ -203,7 +203,7 @@ fn timestamp(micros: i64) -> String {
     EventTime(micros).to_rfc3339()
 }
 
-fn track(
+pub fn track(
     event: &str,
     audience: &str,
     member: bool,
@@ -226,7 +226,7 @@ fn track(
     .expect("JSON")
 }
 
-fn identify(audience: &str, member: bool, email: &str, index: usize, micros: i64) -> Vec<u8> {
+pub fn identify(audience: &str, member: bool, email: &str, index: usize, micros: i64) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "type": "identify",
         "messageId": format!("sample-{index}"),

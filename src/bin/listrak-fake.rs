@@ -52,6 +52,9 @@ struct Args {
     /// Answer this list id with 404 (repeatable).
     #[arg(long = "unknown-list", value_name = "LIST_ID", value_parser = list_id)]
     unknown_lists: Vec<u32>,
+    /// Answer this list id with 503 (repeatable).
+    #[arg(long = "failing-list", value_name = "LIST_ID", value_parser = list_id)]
+    failing_lists: Vec<u32>,
 }
 
 fn share(text: &str) -> Result<f64, String> {
@@ -96,6 +99,7 @@ impl Args {
                 max_body_bytes: self.max_body_bytes,
                 reject_emails: self.reject_emails.into_iter().collect(),
                 unknown_lists: self.unknown_lists.into_iter().collect(),
+                failing_lists: self.failing_lists.into_iter().collect(),
             },
         }
     }

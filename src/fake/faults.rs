@@ -36,6 +36,8 @@ pub struct Faults {
     pub reject_emails: BTreeSet<String>,
     /// These list ids answer 404 as lists that do not exist.
     pub unknown_lists: BTreeSet<u32>,
+    /// These list ids answer 503, as if Listrak failed for them alone.
+    pub failing_lists: BTreeSet<u32>,
 }
 
 /// Listrak's tokens live 900 seconds.
@@ -53,6 +55,7 @@ impl Default for Faults {
             max_body_bytes: None,
             reject_emails: BTreeSet::new(),
             unknown_lists: BTreeSet::new(),
+            failing_lists: BTreeSet::new(),
         }
     }
 }

@@ -248,6 +248,11 @@ impl FakeHandle {
         self.shared.lock().tokens_issued()
     }
 
+    /// Ends every token issued so far: the next request with one of them gets 401.
+    pub fn expire_tokens(&self) {
+        self.shared.lock().expire_tokens();
+    }
+
     /// The faults in force; `outage_for` is what is left of an outage.
     pub fn faults(&self) -> Faults {
         self.shared.lock().faults(Instant::now())

@@ -40,6 +40,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(faults).put(replace_faults).patch(amend_faults),
         )
         .route("/_fake/reset", post(reset))
+        .route("/_fake/expire-tokens", post(expire_tokens))
         .fallback(unknown_route)
         .method_not_allowed_fallback(unsupported_method)
         .with_state(shared)
@@ -311,4 +312,9 @@ fn refused(refusal: Refusal) -> Response {
         );
     }
     response
+}
+
+async fn expire_tokens(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.lock().expire_tokens();
+    StatusCode::NO_CONTENT
 }

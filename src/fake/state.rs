@@ -63,6 +63,8 @@ pub struct Decision {
 struct IssuedToken {
     generation: usize,
     issued: Instant,
+    /// Ended early by [`State::expire_tokens`], whatever its lifetime says.
+    expired: bool,
 }
 
 /// Everything behind the fake's one lock; each method is quick, so the lock is held briefly.
@@ -102,6 +104,7 @@ impl State {
             IssuedToken {
                 generation,
                 issued: now,
+                expired: false,
             },
         );
         self.faults.faults().token_lifetime
@@ -109,6 +112,13 @@ impl State {
 
     pub fn tokens_issued(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Ends every token issued so far, as a credential rotation or an early expiry would.
+    pub fn expire_tokens(&mut self) {
+        for token in self.tokens.values_mut() {
+            token.expired = true;
+        }
     }
 
     pub fn contacts(&self) -> &Contacts {
@@ -136,7 +146,7 @@ impl State {
             .and_then(|token| self.tokens.get(token));
         let token_generation = token.map(|token| token.generation);
         let token_valid = token.is_some_and(|token| {
-            now.duration_since(token.issued) < self.faults.faults().token_lifetime
+            !token.expired && now.duration_since(token.issued) < self.faults.faults().token_lifetime
         });
         let list_id = payload::list_id(incoming.list_segment);
         let refusal = self.refusal(&incoming, token_valid, list_id, draw);
@@ -223,6 +233,13 @@ impl State {
             ));
         }
         let faults = self.faults.faults();
+        if faults.failing_lists.contains(&list_id) {
+            return Some(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                answer::UNHANDLED_EXCEPTION,
+                "The service is unavailable for this list (injected failure).",
+            ));
+        }
         if faults.unknown_lists.contains(&list_id) {
             return Some(Refusal::list_not_found());
         }

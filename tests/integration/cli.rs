@@ -1,0 +1,102 @@
+//! The command line: configuration errors, `check`, `publish`.
+
+use std::process::Command;
+
+fn worker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
+}
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("listrak-worker-{name}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const VALID: &str = r#"
+[listrak]
+client_id = "id"
+client_secret = "very-secret-value"
+
+[[mappings]]
+name = "vip"
+events = ["Audience Entered", "Audience Exited"]
+list_id = 12345
+profile_fields = { "456" = "useAudienceKey" }
+"#;
+
+#[test]
+fn check_prints_the_effective_configuration_without_the_secret() {
+    let path = write_config("valid", VALID);
+    let output = worker()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("list_id = 12345"), "{stdout}");
+    assert!(stdout.contains("[redacted]"));
+    assert!(!stdout.contains("very-secret-value"));
+    assert!(
+        !stdout.contains("guest:guest"),
+        "the broker password is redacted too"
+    );
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_exit_2_naming_the_key() {
+    let cases = [
+        (
+            VALID.replace("\"456\"", "\"-4\""),
+            "mappings[0].profile_fields",
+        ),
+        (
+            format!("{VALID}\n[batch]\nmax_wait = \"soon\"\n"),
+            "batch.max_wait",
+        ),
+        (
+            format!("{VALID}\n[batch]\nmax_contact = 5\n"),
+            "batch.max_contact",
+        ),
+        (
+            VALID.split("[[mappings]]").next().unwrap().to_string(),
+            "mappings",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = write_config(&format!("bad{i}"), text);
+        let output = worker()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "case {i}: {stderr}");
+        assert!(stderr.contains(key), "case {i}: {stderr} should name {key}");
+        assert!(!stderr.contains("very-secret-value"));
+    }
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let path = write_config("env", VALID);
+    let output = worker()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("LISTRAK_API_URL", "http://127.0.0.1:9/email/v1")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("http://127.0.0.1:9/email/v1"));
+}
+
+#[test]
+fn an_unknown_command_is_a_usage_error() {
+    let output = worker().arg("frobnicate").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
