@@ -54,6 +54,19 @@ const ACK_TICK: Duration = Duration::from_millis(20);
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Bound on one connect, cancel or close, so a broker that stopped answering cannot hold up
+/// a reconnection or a shutdown.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(call: impl Future<Output = lapin::Result<T>>) {
+    match tokio::time::timeout(BROKER_CALL_TIMEOUT, call).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "broker call failed while closing"),
+        Err(_) => {
+            tracing::warn!("the broker did not answer within {BROKER_CALL_TIMEOUT:?}; going on")
+        }
+    }
+}
 
 /// Runs the worker until `shutdown` completes; a lost broker connection is re-established
 /// as often as needed. Returns after the shutdown drained what it could within the grace.
@@ -129,15 +142,26 @@ impl<A: ListrakApi> Worker<A> {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let connected =
-                match broker::connect(self.settings.amqp.url.expose(), "listrak-worker").await {
-                    Ok(connection) => connection,
-                    Err(error) => {
-                        tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
-                        self.pause(&mut delay).await;
-                        continue;
-                    }
-                };
+            let attempt = tokio::time::timeout(
+                BROKER_CALL_TIMEOUT,
+                broker::connect(self.settings.amqp.url.expose(), "listrak-worker"),
+            );
+            let attempt = tokio::select! {
+                attempt = attempt => attempt,
+                _ = self.stop.cancelled() => return Ok(()),
+            };
+            let connected = match attempt {
+                Ok(Ok(connection)) => connection,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no answer within {BROKER_CALL_TIMEOUT:?}"),
+                    };
+                    tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
+                    self.pause(&mut delay).await;
+                    continue;
+                }
+            };
             sessions += 1;
             if sessions > 1 {
                 self.metrics.amqp_reconnected();
@@ -147,12 +171,12 @@ impl<A: ListrakApi> Worker<A> {
             self.health.set(&self.metrics, false);
             match result {
                 Ok(()) => {
-                    let _ = connected.close(200, "shutdown".into()).await;
+                    bounded(connected.close(200, "shutdown".into())).await;
                     return Ok(());
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "broker session ended; reconnecting");
-                    let _ = connected.close(320, "reconnecting".into()).await;
+                    bounded(connected.close(320, "reconnecting".into())).await;
                     self.pause(&mut delay).await;
                 }
             }
@@ -268,7 +292,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             .await;
         poller.abort();
         if result.is_ok() {
-            let _ = session.channel.close(200, "shutdown".into()).await;
+            bounded(session.channel.close(200, "shutdown".into())).await;
         }
         result
     }
@@ -291,10 +315,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 biased;
                 Some(report) = inbox.recv() => self.on_report(report),
                 _ = self.worker.stop.cancelled(), if draining_until.is_none() => {
-                    let _ = self
-                        .channel
-                        .basic_cancel(consumer_tag.into(), BasicCancelOptions::default())
-                        .await;
+                    bounded(
+                        self.channel
+                            .basic_cancel(consumer_tag.into(), BasicCancelOptions::default()),
+                    )
+                    .await;
                     for batch in self.batcher.flush_all() {
                         self.dispatch(batch);
                     }

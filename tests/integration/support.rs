@@ -40,6 +40,8 @@ pub struct Knobs {
     pub max_concurrency: usize,
     pub request_timeout: &'static str,
     pub superseded_capacity: usize,
+    /// The broker URL the worker uses, when not the test's own (a relay, say).
+    pub worker_amqp_url: Option<String>,
 }
 
 impl Default for Knobs {
@@ -55,6 +57,7 @@ impl Default for Knobs {
             max_concurrency: 8,
             request_timeout: "5s",
             superseded_capacity: 100_000,
+            worker_amqp_url: None,
         }
     }
 }
@@ -95,7 +98,7 @@ grace = "{grace}"
 [superseded]
 capacity = {superseded_capacity}
 {MAPPINGS_TOML}"#,
-        amqp = amqp_url(),
+        amqp = knobs.worker_amqp_url.clone().unwrap_or_else(amqp_url),
         client_id = options.client_id,
         client_secret = options.client_secret,
         prefetch = knobs.prefetch,
@@ -109,6 +112,17 @@ capacity = {superseded_capacity}
         grace = knobs.grace,
         superseded_capacity = knobs.superseded_capacity,
     )
+}
+
+/// Warnings and errors of the worker, shown with a failing test's output.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "listrak_worker=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 pub fn unique_queue(test: &str) -> String {
@@ -146,6 +160,7 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(test: &str, faults: Faults, knobs: Knobs) -> Harness {
+        init_logging();
         let fake = FakeServer::start(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             FakeOptions {
@@ -336,4 +351,84 @@ pub fn counts<'a>(
             .or_default() += 1;
     }
     counts
+}
+
+/// A direct update body for `list`, setting `field` to `value`.
+pub fn profile_update(list: u32, email: &str, field: u32, value: &str, micros: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "type": "profile_update",
+        "list_id": list,
+        "email": email,
+        "fields": { field.to_string(): value },
+        "timestamp": listrak_worker::model::EventTime(micros).to_rfc3339(),
+    }))
+    .unwrap()
+}
+
+/// A TCP relay in front of RabbitMQ that a test can cut, as a network failure would.
+pub struct Relay {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            let open = Arc::clone(&open);
+            async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let mut cut = cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            cut,
+            open,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Drops every relayed connection and refuses new ones until [`Relay::restore`].
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
