@@ -16,6 +16,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::batch::{Batch, BatchLimits, Batcher};
 use crate::broker::{self, int_header, text_header, Publisher, RetryHeaders, Topology};
@@ -234,6 +235,8 @@ struct Session<'w, A> {
     publishing: usize,
     /// Batches being sent.
     delivering: usize,
+    /// Batches sent so far: each batch's id in logs.
+    batches_sent: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +289,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             reports,
             publishing: 0,
             delivering: 0,
+            batches_sent: 0,
         };
         let result = session
             .drive(&mut consumer, &consumer_tag, &mut inbox)
@@ -371,7 +375,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         };
         let updates = match planned {
             Err(poison) => {
-                tracing::info!(delivery_tag = tag, reason = %poison.reason, detail = %poison.detail, "dead-lettering a message that cannot be applied");
+                tracing::info!(
+                    delivery_tag = tag,
+                    message_id = %message_id(&original.properties),
+                    reason = %poison.reason,
+                    detail = %poison.detail,
+                    "dead-lettering a message that cannot be applied"
+                );
                 let rejection = Rejection {
                     reason: poison.reason,
                     status: None,
@@ -432,12 +442,22 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     fn send(&mut self, batch: Batch) {
         self.delivering += 1;
+        self.batches_sent += 1;
+        let span = tracing::info_span!(
+            "batch",
+            batch_id = self.batches_sent,
+            list_id = %batch.list_id,
+            contacts = batch.contacts.len()
+        );
         let deliverer = Arc::clone(&self.worker.deliverer);
         let reports = self.reports.clone();
-        tokio::spawn(async move {
-            let verdicts = deliverer.deliver(&batch).await;
-            let _ = reports.send(Report::Delivered { batch, verdicts });
-        });
+        tokio::spawn(
+            async move {
+                let verdicts = deliverer.deliver(&batch).await;
+                let _ = reports.send(Report::Delivered { batch, verdicts });
+            }
+            .instrument(span),
+        );
     }
 
     fn on_report(&mut self, report: Report) {
@@ -638,6 +658,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
         Ok(())
     }
+}
+
+fn message_id(properties: &BasicProperties) -> &str {
+    properties
+        .message_id()
+        .as_ref()
+        .map_or("-", |id| id.as_str())
 }
 
 /// Polls the depth of the main, retry and dead-letter queues into `listrak_queue_messages`.

@@ -3,6 +3,7 @@
 
 mod cli;
 mod faults;
+mod logs;
 mod pipeline;
 mod process;
 mod support;

@@ -432,3 +432,32 @@ impl Drop for Relay {
         self.task.abort();
     }
 }
+
+/// Serves the harness' metrics over HTTP, scrapes `/metrics` once, and returns every sample
+/// as `name{labels}` → value (labels as the exposition writes them).
+pub async fn scrape(h: &Harness) -> BTreeMap<String, f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(listrak_worker::http::serve(
+        listener,
+        h.metrics.clone(),
+        h.health.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    stop.cancel();
+    let _ = server.await;
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
