@@ -4,7 +4,7 @@
 //! sleeping. The encoded size of each batch is tracked exactly as the request body will be,
 //! so `max_bytes` is a promise, not an estimate.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
 use crate::model::{EventTime, FieldId, ListId, Update};
@@ -121,24 +121,47 @@ impl Batch {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(br#"{"emailAddress":"#);
-            write_json_string(&mut body, &contact.email);
-            body.extend_from_slice(br#","segmentationFieldValues":["#);
-            for (j, field) in contact.fields.iter().enumerate() {
-                if j > 0 {
-                    body.push(b',');
-                }
-                body.extend_from_slice(br#"{"segmentationFieldId":"#);
-                body.extend_from_slice(field.field.get().to_string().as_bytes());
-                body.extend_from_slice(br#","value":"#);
-                write_json_string(&mut body, &field.value);
-                body.push(b'}');
-            }
-            body.extend_from_slice(b"]}");
+            encode_contact(&mut body, &contact.email, &contact.fields);
         }
         body.push(b']');
         body
     }
+}
+
+/// Appends one contact's JSON object to a request body.
+pub fn encode_contact<'a>(
+    body: &mut Vec<u8>,
+    email: &str,
+    fields: impl IntoIterator<Item = &'a FieldValue>,
+) {
+    body.extend_from_slice(br#"{"emailAddress":"#);
+    write_json_string(body, email);
+    body.extend_from_slice(br#","segmentationFieldValues":["#);
+    for (j, field) in fields.into_iter().enumerate() {
+        if j > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(br#"{"segmentationFieldId":"#);
+        write_decimal(body, field.field.get());
+        body.extend_from_slice(br#","value":"#);
+        write_json_string(body, &field.value);
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
+}
+
+fn write_decimal(body: &mut Vec<u8>, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    body.extend_from_slice(&digits[at..]);
 }
 
 fn body_len(contacts: &[Contact]) -> usize {
@@ -159,7 +182,7 @@ impl OpenBatch {
     fn new(now: Instant) -> Self {
         Self {
             contacts: Vec::new(),
-            by_email: HashMap::new(),
+            by_email: HashMap::default(),
             bytes: 2,
             opened_at: now,
         }
@@ -186,7 +209,7 @@ impl Batcher {
     pub fn new(limits: BatchLimits) -> Self {
         Self {
             limits,
-            open: HashMap::new(),
+            open: HashMap::default(),
         }
     }
 

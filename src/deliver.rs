@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::future::{join, BoxFuture, FutureExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{Batch, Contact};
+use crate::batch::{encode_contact, Batch, Contact, FieldValue};
 use crate::classify::{classify, Class, ListrakError, Outcome};
 use crate::concurrency::{AdaptiveConcurrency, Signal};
 use crate::guard::SupersededGuard;
@@ -250,38 +250,31 @@ impl<A: ListrakApi> Deliverer<A> {
         indexes: &mut Vec<usize>,
         verdicts: &mut Vec<(usize, Verdict)>,
     ) -> (Bytes, Vec<usize>) {
-        let mut current = Vec::with_capacity(indexes.len());
+        let mut body = Vec::with_capacity(64 + indexes.len() * 128);
+        body.push(b'[');
         let mut sent = Vec::with_capacity(indexes.len());
+        let mut current: Vec<&FieldValue> = Vec::new();
         for &index in indexes.iter() {
             let contact = &attempt.contacts[index];
-            let stale = |f: &crate::batch::FieldValue| {
-                self.guard
+            current.clear();
+            current.extend(contact.fields.iter().filter(|f| {
+                !self
+                    .guard
                     .is_superseded(attempt.list, &contact.email, f.field, f.timestamp)
-            };
-            if !contact.fields.iter().any(stale) {
-                current.push(contact.clone());
-                sent.push(index);
+            }));
+            if current.is_empty() {
+                verdicts.push((index, Verdict::Superseded));
                 continue;
             }
-            let fields: Vec<_> = contact
-                .fields
-                .iter()
-                .filter(|f| !stale(f))
-                .cloned()
-                .collect();
-            if fields.is_empty() {
-                verdicts.push((index, Verdict::Superseded));
-            } else {
-                current.push(Contact {
-                    email: contact.email.clone(),
-                    fields,
-                    messages: Vec::new(),
-                });
-                sent.push(index);
+            if !sent.is_empty() {
+                body.push(b',');
             }
+            encode_contact(&mut body, &contact.email, current.iter().copied());
+            sent.push(index);
         }
+        body.push(b']');
         indexes.clone_from(&sent);
-        (Bytes::from(Batch::encode(&current)), sent)
+        (Bytes::from(body), sent)
     }
 
     fn applied(&self, attempt: &Attempt<'_>, sent: &[usize]) {

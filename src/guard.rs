@@ -5,9 +5,10 @@
 //! Keys are 64-bit hashes, so an entry costs a few dozen bytes whatever the email's length;
 //! a collision (odds about n²/2⁶⁵) could only make an update look superseded.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use std::sync::Mutex;
 
 use crate::model::{EventTime, FieldId, ListId};
@@ -19,14 +20,16 @@ pub struct SupersededGuard {
 
 #[derive(Default)]
 struct Inner {
-    newest: HashMap<u64, EventTime>,
+    newest: FxHashMap<u64, EventTime>,
     /// Write order, for eviction; a key written again appears again (the stale copy is
     /// recognised by comparing times when it reaches the front).
     order: VecDeque<(u64, EventTime)>,
 }
 
 fn key(list: ListId, email: &str, field: FieldId) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    // Fx is fast and good enough here: keys are already spread by the email's bytes, and a
+    // collision can only make an update look superseded.
+    let mut hasher = FxBuildHasher.build_hasher();
     list.hash(&mut hasher);
     field.hash(&mut hasher);
     email.hash(&mut hasher);

@@ -33,9 +33,11 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`publish`], [`progress`]: the `publish` command.
 //! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
+//! - [`bench`]: `listrak-bench`, the benchmark against a bare consumer.
 //! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
 
 pub mod batch;
+pub mod bench;
 pub mod broker;
 pub mod classify;
 pub mod concurrency;

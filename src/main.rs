@@ -26,8 +26,17 @@ struct Cli {
     /// Log as human-readable text or as JSON lines.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// The async runtime: one thread, or one per core.
+    #[arg(long, global = true, env = "LISTRAK_WORKER_RUNTIME", value_enum, default_value_t = Runtime::CurrentThread)]
+    runtime: Runtime,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Runtime {
+    CurrentThread,
+    MultiThread,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,10 +74,13 @@ fn main() -> ExitCode {
         "info"
     };
     init_logging(cli.log_format, default_level);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let runtime = match cli.runtime {
+        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .expect("a tokio runtime");
     runtime.block_on(async move {
         match cli.command {
             Command::Demo { events } => exit(demo::run(events).await),

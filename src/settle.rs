@@ -1,7 +1,10 @@
 //! Settling: follows each message until every update it produced has a verdict, decides how
 //! it is acknowledged, and folds acknowledgements into as few `multiple` acks as possible.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap;
+use std::time::{Duration, Instant};
 
 use crate::deliver::{Rejection, Verdict};
 use crate::telemetry::AckOutcome;
@@ -40,13 +43,13 @@ struct Pending<T> {
 
 /// Messages whose updates are still on their way to Listrak, by delivery tag.
 pub struct Ledger<T> {
-    pending: HashMap<u64, Pending<T>>,
+    pending: FxHashMap<u64, Pending<T>>,
 }
 
 impl<T> Default for Ledger<T> {
     fn default() -> Self {
         Self {
-            pending: HashMap::new(),
+            pending: FxHashMap::default(),
         }
     }
 }
@@ -134,22 +137,36 @@ pub struct AckCommand {
 }
 
 /// Delivery tags of one channel: those not yet settled, and those settled but not yet acked.
-#[derive(Default)]
+///
+/// RabbitMQ pays per ack frame: one `multiple` ack for a thousand messages costs about what a
+/// single ack costs. Batches per list settle out of delivery order, so a settled tag often has
+/// an unsettled one below it; such a tag is held back for a short while, in the expectation
+/// that the tags below settle too and one `multiple` ack covers them all, and acked alone
+/// only when the hold is over.
 pub struct Acks {
     /// Delivered and not ready to ack (in flight, or abandoned): a `multiple` ack must never
     /// reach up to one of these.
     outstanding: BTreeSet<u64>,
-    ready: BTreeMap<u64, AckOutcome>,
+    ready: BTreeMap<u64, (AckOutcome, Instant)>,
+    hold: Duration,
 }
 
 impl Acks {
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            outstanding: BTreeSet::new(),
+            ready: BTreeMap::new(),
+            hold,
+        }
+    }
+
     pub fn delivered(&mut self, tag: u64) {
         self.outstanding.insert(tag);
     }
 
-    pub fn ready(&mut self, tag: u64, outcome: AckOutcome) {
+    pub fn ready(&mut self, tag: u64, outcome: AckOutcome, now: Instant) {
         self.outstanding.remove(&tag);
-        self.ready.insert(tag, outcome);
+        self.ready.insert(tag, (outcome, now));
     }
 
     pub fn pending_acks(&self) -> usize {
@@ -160,16 +177,25 @@ impl Acks {
         self.outstanding.len()
     }
 
-    /// The acks that settle everything ready: one `multiple` ack for all ready tags below the
-    /// lowest outstanding one, a single ack for each ready tag above it.
-    pub fn take(&mut self) -> Vec<AckCommand> {
+    /// The acks due now: one `multiple` ack for all ready tags below the lowest outstanding
+    /// one, and a single ack for each ready tag above it that has been held long enough.
+    pub fn take(&mut self, now: Instant) -> Vec<AckCommand> {
+        self.take_held_since(now.checked_sub(self.hold))
+    }
+
+    /// Every ready ack, held or not (for shutdown).
+    pub fn take_all(&mut self) -> Vec<AckCommand> {
+        self.take_held_since(None)
+    }
+
+    fn take_held_since(&mut self, ready_before: Option<Instant>) -> Vec<AckCommand> {
         let floor = self.outstanding.first().copied().unwrap_or(u64::MAX);
         let above = self.ready.split_off(&floor);
         let below = std::mem::take(&mut self.ready);
         let mut commands = Vec::new();
         if let Some((&last, _)) = below.last_key_value() {
             let mut counts: BTreeMap<AckOutcome, u64> = BTreeMap::new();
-            for outcome in below.values() {
+            for (outcome, _) in below.values() {
                 *counts.entry(*outcome).or_default() += 1;
             }
             commands.push(AckCommand {
@@ -178,11 +204,17 @@ impl Acks {
                 outcomes: counts.into_iter().collect(),
             });
         }
-        commands.extend(above.into_iter().map(|(tag, outcome)| AckCommand {
-            tag,
-            multiple: false,
-            outcomes: vec![(outcome, 1)],
-        }));
+        for (tag, (outcome, at)) in above {
+            if ready_before.is_none_or(|limit| at <= limit) {
+                commands.push(AckCommand {
+                    tag,
+                    multiple: false,
+                    outcomes: vec![(outcome, 1)],
+                });
+            } else {
+                self.ready.insert(tag, (outcome, at));
+            }
+        }
         commands
     }
 }
@@ -278,34 +310,59 @@ mod tests {
 
     #[test]
     fn acks_below_the_lowest_unsettled_tag_are_folded_into_one_multiple_ack() {
-        let mut acks = Acks::default();
+        let now = Instant::now();
+        let mut acks = Acks::new(Duration::from_millis(100));
         for tag in 1..=6 {
             acks.delivered(tag);
         }
-        acks.ready(1, AckOutcome::Applied);
-        acks.ready(2, AckOutcome::Ignored);
-        acks.ready(3, AckOutcome::Applied);
-        acks.ready(5, AckOutcome::Applied);
+        acks.ready(1, AckOutcome::Applied, now);
+        acks.ready(2, AckOutcome::Ignored, now);
+        acks.ready(3, AckOutcome::Applied, now);
+        acks.ready(5, AckOutcome::Applied, now);
         assert_eq!(
-            acks.take(),
-            [
-                AckCommand {
-                    tag: 3,
-                    multiple: true,
-                    outcomes: vec![(AckOutcome::Applied, 2), (AckOutcome::Ignored, 1)],
-                },
-                AckCommand {
-                    tag: 5,
-                    multiple: false,
-                    outcomes: vec![(AckOutcome::Applied, 1)],
-                },
-            ]
+            acks.take(now),
+            [AckCommand {
+                tag: 3,
+                multiple: true,
+                outcomes: vec![(AckOutcome::Applied, 2), (AckOutcome::Ignored, 1)],
+            }],
+            "5 is held: 4 below it may settle soon"
         );
-        assert!(acks.take().is_empty());
-        acks.ready(4, AckOutcome::Applied);
-        acks.ready(6, AckOutcome::Applied);
-        let commands = acks.take();
+        acks.ready(4, AckOutcome::Applied, now);
+        acks.ready(6, AckOutcome::Applied, now);
+        let commands = acks.take(now);
         assert_eq!(commands.len(), 1);
         assert_eq!((commands[0].tag, commands[0].multiple), (6, true));
+        assert_eq!(commands[0].outcomes, [(AckOutcome::Applied, 3)]);
+    }
+
+    #[test]
+    fn a_tag_held_behind_an_unsettled_one_is_acked_alone_once_the_hold_is_over() {
+        let start = Instant::now();
+        let mut acks = Acks::new(Duration::from_millis(100));
+        acks.delivered(1);
+        acks.delivered(2);
+        acks.ready(2, AckOutcome::Applied, start);
+        assert!(acks.take(start + Duration::from_millis(99)).is_empty());
+        assert_eq!(
+            acks.take(start + Duration::from_millis(100)),
+            [AckCommand {
+                tag: 2,
+                multiple: false,
+                outcomes: vec![(AckOutcome::Applied, 1)],
+            }]
+        );
+        assert_eq!(acks.outstanding(), 1, "1 stays unacked");
+    }
+
+    #[test]
+    fn at_shutdown_every_ready_tag_is_acked_without_waiting() {
+        let now = Instant::now();
+        let mut acks = Acks::new(Duration::from_secs(60));
+        acks.delivered(1);
+        acks.delivered(2);
+        acks.ready(2, AckOutcome::Applied, now);
+        assert_eq!(acks.take_all().len(), 1);
+        assert_eq!(acks.pending_acks(), 0);
     }
 }

@@ -49,9 +49,11 @@ impl Health {
     }
 }
 
-/// Acks are sent once this many are ready, or at the next tick.
-const ACK_BATCH: usize = 256;
+/// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
 const ACK_TICK: Duration = Duration::from_millis(20);
+/// How long a settled message may wait for the ones delivered before it, so one `multiple`
+/// ack covers them all (see `settle::Acks`).
+const ACK_HOLD: Duration = Duration::from_millis(250);
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -284,7 +286,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 max_wait: settings.batch.max_wait,
             }),
             ledger: Ledger::default(),
-            acks: Acks::default(),
+            acks: Acks::new(ACK_HOLD),
             lanes: HashMap::new(),
             reports,
             publishing: 0,
@@ -331,7 +333,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 }
                 _ = async { tokio::time::sleep_until(draining_until.expect("guarded")).await }, if draining_until.is_some() => {
                     tracing::warn!(unsettled = self.ledger.len(), "grace period over; unsettled messages stay in the queue");
-                    self.send_acks().await?;
+                    self.send_acks(true).await?;
                     return Ok(());
                 }
                 delivery = consumer.next(), if draining_until.is_none() => match delivery {
@@ -344,17 +346,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         self.dispatch(batch);
                     }
                 }
-                _ = ack_tick.tick() => self.send_acks().await?,
-            }
-            if self.acks.pending_acks() >= ACK_BATCH {
-                self.send_acks().await?;
+                _ = ack_tick.tick() => self.send_acks(false).await?,
             }
             if draining_until.is_some()
                 && self.ledger.is_empty()
                 && self.publishing == 0
                 && self.delivering == 0
             {
-                self.send_acks().await?;
+                self.send_acks(true).await?;
                 tracing::info!("everything batched was settled; closing");
                 return Ok(());
             }
@@ -393,7 +392,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 return;
             }
             Ok(updates) if updates.is_empty() => {
-                self.acks.ready(tag, AckOutcome::Ignored);
+                self.acks.ready(tag, AckOutcome::Ignored, Instant::now());
                 return;
             }
             Ok(updates) => updates,
@@ -481,7 +480,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Report::Published { tag, outcome } => {
                 self.publishing -= 1;
-                self.acks.ready(tag, outcome);
+                self.acks.ready(tag, outcome, Instant::now());
             }
             Report::PublishFailed { tag } => {
                 // Not acked: the broker delivers it again once the channel is replaced.
@@ -493,7 +492,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     fn settle(&mut self, tag: u64, original: Original, settlement: Settlement) {
         match settlement {
-            Settlement::Ack(outcome) => self.acks.ready(tag, outcome),
+            Settlement::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
             Settlement::Abandon => {}
             Settlement::DeadLetter(rejection) => self.dead_letter(tag, original, rejection),
             Settlement::Retry => self.retry_later(tag, original),
@@ -631,8 +630,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         });
     }
 
-    async fn send_acks(&mut self) -> Result<(), SessionError> {
-        for command in self.acks.take() {
+    /// Sends the acks that are due; `all` sends the held ones too.
+    async fn send_acks(&mut self, all: bool) -> Result<(), SessionError> {
+        let commands = if all {
+            self.acks.take_all()
+        } else {
+            self.acks.take(Instant::now())
+        };
+        for command in commands {
             let count: u64 = command.outcomes.iter().map(|(_, n)| n).sum();
             match self
                 .channel

@@ -1,0 +1,612 @@
+//! `listrak-bench`: how fast the worker drains a backlog compared with a bare consumer on the
+//! same broker and queue kind, how many requests it needs, how much memory, how much lag, and
+//! how well it fits under a throttling Listrak.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::broker::{self, wait_confirm, Publisher, Topology};
+use crate::fake::{FakeOptions, FakeServer, Faults};
+use crate::model::EventTime;
+use crate::publish::event_properties;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub amqp_url: String,
+    pub events: usize,
+    pub lists: usize,
+    pub latency: Duration,
+    pub prefetch: u16,
+    pub max_contacts: usize,
+    /// `current-thread` or `multi-thread`: the worker's runtime.
+    pub runtime: String,
+    /// The worker binary (`listrak-worker`), run as a child process so its memory is its own.
+    pub worker_binary: PathBuf,
+    /// Events per second for the lag measurement, and for how long.
+    pub lag_rate: u32,
+    pub lag_duration: Duration,
+    /// Requests per second the throttling fake accepts (0: skip that measurement).
+    pub throttle_rps: f64,
+    pub throttle_duration: Duration,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub events: usize,
+    pub lists: usize,
+    pub latency_ms: u128,
+    pub runtime: String,
+    pub baseline_events_per_second: f64,
+    pub worker_events_per_second: f64,
+    pub ratio: f64,
+    pub requests: usize,
+    pub requests_per_1000_events: f64,
+    pub minimum_requests: usize,
+    pub minimum_requests_per_1000_events: f64,
+    pub worker_peak_rss_mib: f64,
+    pub lag_rate: u32,
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    pub throttle_rps: f64,
+    pub throttle_accepted_per_second: f64,
+    pub throttle_accepted_share: f64,
+    pub throttle_429_share: f64,
+}
+
+/// Engage events over `lists` audiences (one list each), with people entering and leaving.
+/// Returns the bodies and, per list, how many distinct contacts they touch.
+fn engage_events(events: usize, lists: usize, seed: u64) -> (Vec<Vec<u8>>, Vec<usize>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let people = (events / 2).max(1);
+    let mut member: HashMap<(usize, usize), bool> = HashMap::new();
+    let mut contacts: Vec<HashSet<usize>> = vec![HashSet::new(); lists];
+    let mut bodies = Vec::with_capacity(events);
+    for index in 0..events {
+        let person = rng.random_range(0..people);
+        let list = rng.random_range(0..lists);
+        let entered = !member.get(&(person, list)).copied().unwrap_or(false);
+        member.insert((person, list), entered);
+        contacts[list].insert(person);
+        bodies.push(engage_event(index, list, person, entered, EventTime::now()));
+    }
+    (bodies, contacts.iter().map(HashSet::len).collect())
+}
+
+fn engage_event(index: usize, list: usize, person: usize, entered: bool, at: EventTime) -> Vec<u8> {
+    let audience = format!("bench_audience_{list}");
+    serde_json::to_vec(&json!({
+        "type": "track",
+        "event": if entered { "Audience Entered" } else { "Audience Exited" },
+        "messageId": format!("bench-{index}"),
+        "timestamp": at.to_rfc3339(),
+        "userId": format!("user-{person}"),
+        "properties": { "audience_key": audience, audience.clone(): entered },
+        "context": {
+            "traits": { "email": format!("person{person}@example.com") },
+            "personas": { "computation_key": audience, "computation_class": "audience", "space_id": "spa_bench" }
+        }
+    }))
+    .expect("JSON")
+}
+
+fn config(options: &BenchOptions, queue: &str, fake: &FakeServer, listen: SocketAddr) -> String {
+    let credentials = FakeOptions::default();
+    let mut text = format!(
+        r#"
+[amqp]
+url = "{amqp}"
+exchange = "{queue}"
+queue = "{queue}"
+prefetch = {prefetch}
+
+[listrak]
+client_id = "{id}"
+client_secret = "{secret}"
+api_url = "{api}"
+auth_url = "{auth}"
+
+[batch]
+max_contacts = {max_contacts}
+
+[http]
+listen = "{listen}"
+"#,
+        amqp = options.amqp_url,
+        prefetch = options.prefetch,
+        id = credentials.client_id,
+        secret = credentials.client_secret,
+        api = fake.api_url(),
+        auth = fake.auth_url(),
+        max_contacts = options.max_contacts,
+    );
+    for list in 0..options.lists {
+        text.push_str(&format!(
+            "\n[[mappings]]\nname = \"bench-{list}\"\nevents = [\"Audience Entered\", \"Audience Exited\"]\naudience_key = \"bench_audience_{list}\"\nlist_id = {}\nprofile_fields = {{ \"100\" = \"useAudienceKey\" }}\n",
+            1000 + list
+        ));
+    }
+    text
+}
+
+async fn publish_all(
+    publisher: &Publisher,
+    exchange: &str,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    let mut window = std::collections::VecDeque::new();
+    for body in bodies {
+        window.push_back(
+            publisher
+                .start(exchange, "track", body, event_properties(body))
+                .await?,
+        );
+        if window.len() >= 2000 {
+            wait_confirm(window.pop_front().expect("non-empty")).await?;
+        }
+    }
+    for confirm in window {
+        wait_confirm(confirm).await?;
+    }
+    Ok(())
+}
+
+/// The ceiling: a bare consumer that only decodes and acks (one `multiple` ack per 100).
+async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<f64> {
+    let queue = format!("listrak-bench.baseline.{}", std::process::id());
+    let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
+    let connection = broker::connect(&options.amqp_url, "listrak-bench baseline").await?;
+    let publisher = Publisher::new(&connection).await?;
+    topology.declare(publisher.channel()).await?;
+    publish_all(&publisher, &topology.exchange, bodies).await?;
+
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(options.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut started = None;
+    let mut consumed = 0usize;
+    while consumed < bodies.len() {
+        let delivery = consumer.next().await.context("consumer ended")??;
+        started.get_or_insert_with(Instant::now);
+        let _: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+        consumed += 1;
+        if consumed.is_multiple_of(100) || consumed == bodies.len() {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+    topology.delete(publisher.channel()).await?;
+    connection.close(200, "done".into()).await?;
+    Ok(bodies.len() as f64 / elapsed.as_secs_f64())
+}
+
+struct WorkerProcess {
+    child: Child,
+    metrics_url: String,
+    config: PathBuf,
+}
+
+impl WorkerProcess {
+    fn spawn(
+        options: &BenchOptions,
+        config_text: &str,
+        listen: SocketAddr,
+        tag: &str,
+    ) -> anyhow::Result<Self> {
+        let config =
+            std::env::temp_dir().join(format!("listrak-bench-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&config, config_text)?;
+        let child = Command::new(&options.worker_binary)
+            .args(["run", "--runtime", &options.runtime, "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it: cargo build --release --bins)",
+                    options.worker_binary.display()
+                )
+            })?;
+        Ok(Self {
+            child,
+            metrics_url: format!("http://{listen}/metrics"),
+            config,
+        })
+    }
+
+    async fn acked(&self) -> Option<f64> {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(
+            text.lines()
+                .filter(|l| l.starts_with("listrak_messages_acked_total"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// Peak resident memory so far (VmHWM), in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
+    async fn wait_acked(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.acked().await.unwrap_or(0.0) >= count as f64 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the worker did not settle {count} events within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+async fn fake(faults: Faults) -> anyhow::Result<(FakeServer, Instant)> {
+    let started = Instant::now();
+    let fake = FakeServer::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        FakeOptions {
+            faults,
+            ..FakeOptions::default()
+        },
+    )
+    .await?;
+    Ok((fake, started))
+}
+
+async fn with_queue<T>(
+    options: &BenchOptions,
+    tag: &str,
+    run: impl AsyncFnOnce(&Publisher, &Topology) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let queue = format!("listrak-bench.{tag}.{}", std::process::id());
+    let connection = broker::connect(&options.amqp_url, "listrak-bench").await?;
+    let publisher = Publisher::new(&connection).await?;
+    let topology = Topology::new(
+        &queue,
+        &queue,
+        &[
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+            Duration::from_secs(4 * 3600),
+        ],
+    );
+    topology.declare(publisher.channel()).await?;
+    let result = run(&publisher, &topology).await;
+    topology.delete(publisher.channel()).await?;
+    connection.close(200, "done".into()).await?;
+    result
+}
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
+    crate::listrak::install_crypto_provider();
+    let (bodies, contacts_per_list) = engage_events(options.events, options.lists, 42);
+    let mut report = Report {
+        events: options.events,
+        lists: options.lists,
+        latency_ms: options.latency.as_millis(),
+        runtime: options.runtime.clone(),
+        lag_rate: options.lag_rate,
+        throttle_rps: options.throttle_rps,
+        ..Report::default()
+    };
+    report.minimum_requests = contacts_per_list
+        .iter()
+        .map(|c| c.div_ceil(options.max_contacts))
+        .sum();
+    report.minimum_requests_per_1000_events =
+        report.minimum_requests as f64 * 1000.0 / options.events as f64;
+
+    eprintln!(
+        "baseline: a bare consumer draining {} events…",
+        options.events
+    );
+    report.baseline_events_per_second = baseline(&options, &bodies).await?;
+
+    eprintln!(
+        "worker: draining the same backlog into listrak-fake ({:?} per request)…",
+        options.latency
+    );
+    let drained = with_queue(&options, "drain", async |publisher, topology| {
+        publish_all(publisher, &topology.exchange, &bodies).await?;
+        let (fake, _) = fake(Faults {
+            latency: options.latency,
+            ..Faults::default()
+        })
+        .await?;
+        let listen = free_port()?;
+        let worker = WorkerProcess::spawn(
+            &options,
+            &config(&options, &topology.queue, &fake, listen),
+            listen,
+            "drain",
+        )?;
+        // Timed from the first answer of the worker's metrics endpoint: process start-up
+        // (connection, topology) is not draining.
+        while worker.acked().await.is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        let result = worker
+            .wait_acked(bodies.len(), Duration::from_secs(600))
+            .await;
+        let elapsed = started.elapsed();
+        let rss = worker.peak_rss_mib();
+        worker.stop();
+        result?;
+        let requests = fake.requests().len();
+        fake.shutdown().await;
+        Ok((bodies.len() as f64 / elapsed.as_secs_f64(), requests, rss))
+    })
+    .await?;
+    report.worker_events_per_second = drained.0;
+    report.requests = drained.1;
+    report.worker_peak_rss_mib = drained.2;
+    report.ratio = report.worker_events_per_second / report.baseline_events_per_second;
+    report.requests_per_1000_events = report.requests as f64 * 1000.0 / options.events as f64;
+
+    if options.lag_rate > 0 {
+        eprintln!(
+            "lag: {} events per second for {:?}…",
+            options.lag_rate, options.lag_duration
+        );
+        let (p50, p99) = with_queue(&options, "lag", async |publisher, topology| {
+            lag(&options, publisher, topology).await
+        })
+        .await?;
+        report.lag_p50_ms = p50;
+        report.lag_p99_ms = p99;
+    }
+    if options.throttle_rps > 0.0 {
+        eprintln!(
+            "throttle: listrak-fake accepting {} requests per second…",
+            options.throttle_rps
+        );
+        let (accepted, share_429) =
+            with_queue(&options, "throttle", async |publisher, topology| {
+                throttle(&options, publisher, topology).await
+            })
+            .await?;
+        report.throttle_accepted_per_second = accepted;
+        report.throttle_accepted_share = accepted / options.throttle_rps;
+        report.throttle_429_share = share_429;
+    }
+    Ok(report)
+}
+
+/// Publishes at a steady rate, each event to a new contact and stamped when published, and
+/// measures from the stamp to the moment Listrak answered the request that carried it.
+async fn lag(
+    options: &BenchOptions,
+    publisher: &Publisher,
+    topology: &Topology,
+) -> anyhow::Result<(f64, f64)> {
+    let (fake, fake_started) = fake(Faults {
+        latency: options.latency,
+        ..Faults::default()
+    })
+    .await?;
+    let listen = free_port()?;
+    let worker = WorkerProcess::spawn(
+        options,
+        &config(options, &topology.queue, &fake, listen),
+        listen,
+        "lag",
+    )?;
+    while worker.acked().await.is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let total = (options.lag_rate as f64 * options.lag_duration.as_secs_f64()) as usize;
+    let mut published_at: HashMap<String, Instant> = HashMap::with_capacity(total);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / options.lag_rate as f64));
+    for index in 0..total {
+        ticker.tick().await;
+        let person = 10_000_000 + index;
+        let body = engage_event(index, index % options.lists, person, true, EventTime::now());
+        published_at.insert(format!("person{person}@example.com"), Instant::now());
+        let confirm = publisher
+            .start(&topology.exchange, "track", &body, event_properties(&body))
+            .await?;
+        drop(confirm);
+    }
+    worker.wait_acked(total, Duration::from_secs(120)).await?;
+    worker.stop();
+    let mut lags: Vec<f64> = Vec::with_capacity(total);
+    for request in fake.requests().iter().filter(|r| r.status == 201) {
+        let answered = fake_started + request.elapsed + options.latency;
+        for email in &request.emails {
+            if let Some(at) = published_at.get(email) {
+                lags.push(answered.saturating_duration_since(*at).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    fake.shutdown().await;
+    lags.sort_by(f64::total_cmp);
+    anyhow::ensure!(!lags.is_empty(), "no event was applied");
+    let quantile = |q: f64| lags[((lags.len() - 1) as f64 * q).round() as usize];
+    Ok((quantile(0.5), quantile(0.99)))
+}
+
+/// Drains a backlog into a fake that answers 429 above a fixed rate (no `Retry-After`), and
+/// measures, after the first 10 seconds, the accepted requests per second and the share of 429.
+async fn throttle(
+    options: &BenchOptions,
+    publisher: &Publisher,
+    topology: &Topology,
+) -> anyhow::Result<(f64, f64)> {
+    let warmup = Duration::from_secs(10);
+    // Enough requests to keep the fake busy well past the measured window.
+    let max_contacts = 20;
+    let wanted = (options.throttle_rps * (warmup + options.throttle_duration).as_secs_f64() * 1.5)
+        as usize
+        * max_contacts;
+    let (bodies, _) = engage_events(wanted, options.lists, 7);
+    publish_all(publisher, &topology.exchange, &bodies).await?;
+    let (fake, _) = fake(Faults {
+        latency: options.latency,
+        throttle_rps: Some(options.throttle_rps),
+        ..Faults::default()
+    })
+    .await?;
+    let listen = free_port()?;
+    let throttled = BenchOptions {
+        max_contacts,
+        prefetch: options.prefetch,
+        ..options.clone()
+    };
+    let worker = WorkerProcess::spawn(
+        &throttled,
+        &config(&throttled, &topology.queue, &fake, listen),
+        listen,
+        "throttle",
+    )?;
+    while fake.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(warmup + options.throttle_duration).await;
+    worker.stop();
+    let first = fake
+        .requests()
+        .first()
+        .map(|r| r.elapsed)
+        .unwrap_or_default();
+    let window = first + warmup..first + warmup + options.throttle_duration;
+    let measured: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| window.contains(&r.elapsed))
+        .collect();
+    fake.shutdown().await;
+    let accepted = measured.iter().filter(|r| r.status == 201).count() as f64;
+    let throttled_count = measured.iter().filter(|r| r.status == 429).count() as f64;
+    Ok((
+        accepted / options.throttle_duration.as_secs_f64(),
+        throttled_count / (measured.len().max(1)) as f64,
+    ))
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut rows: BTreeMap<usize, (String, String)> = BTreeMap::new();
+        let mut row = |label: &str, value: String| {
+            let n = rows.len();
+            rows.insert(n, (label.to_string(), value));
+        };
+        row(
+            "events",
+            format!(
+                "{} over {} lists, {} ms per request, {} runtime",
+                self.events, self.lists, self.latency_ms, self.runtime
+            ),
+        );
+        row(
+            "baseline (bare consumer)",
+            format!("{:.0} events/s", self.baseline_events_per_second),
+        );
+        row(
+            "worker",
+            format!("{:.0} events/s", self.worker_events_per_second),
+        );
+        row("worker / baseline", format!("{:.2}", self.ratio));
+        row(
+            "HTTP requests",
+            format!(
+                "{} ({:.2} per 1,000 events)",
+                self.requests, self.requests_per_1000_events
+            ),
+        );
+        row(
+            "minimum for this input",
+            format!(
+                "{} ({:.2} per 1,000 events)",
+                self.minimum_requests, self.minimum_requests_per_1000_events
+            ),
+        );
+        row(
+            "worker peak RSS",
+            format!("{:.1} MiB", self.worker_peak_rss_mib),
+        );
+        if self.lag_rate > 0 {
+            row(
+                "event lag at",
+                format!(
+                    "{} events/s: p50 {:.0} ms, p99 {:.0} ms",
+                    self.lag_rate, self.lag_p50_ms, self.lag_p99_ms
+                ),
+            );
+        }
+        if self.throttle_rps > 0.0 {
+            row(
+                "throttled at",
+                format!(
+                    "{} req/s: {:.1} accepted/s ({:.0}%), {:.1}% answered 429",
+                    self.throttle_rps,
+                    self.throttle_accepted_per_second,
+                    self.throttle_accepted_share * 100.0,
+                    self.throttle_429_share * 100.0
+                ),
+            );
+        }
+        let width = rows.values().map(|(l, _)| l.len()).max().unwrap_or(0);
+        rows.values()
+            .map(|(l, v)| format!("{l:<width$}  {v}\n"))
+            .collect()
+    }
+}

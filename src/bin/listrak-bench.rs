@@ -1,0 +1,84 @@
+//! `listrak-bench`: measures the worker against a bare consumer on the same broker; prints a
+//! table and writes the same figures as JSON.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use listrak_worker::bench::{self, BenchOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "listrak-bench",
+    about = "Throughput, requests, memory, lag and throttling of listrak-worker"
+)]
+struct Args {
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// Events in the backlog.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Lists (one audience each).
+    #[arg(long, default_value_t = 8)]
+    lists: usize,
+    /// listrak-fake's answer time per request.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    #[arg(long, default_value_t = 10_000)]
+    prefetch: u16,
+    #[arg(long, default_value_t = 1000)]
+    max_contacts: usize,
+    /// The worker's runtime: current-thread or multi-thread.
+    #[arg(long, default_value = "current-thread")]
+    runtime: String,
+    /// Events per second for the lag measurement (0 skips it).
+    #[arg(long, default_value_t = 500)]
+    lag_rate: u32,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lag_duration: Duration,
+    /// Requests per second a throttling Listrak accepts (0 skips this measurement).
+    #[arg(long, default_value_t = 20.0)]
+    throttle_rps: f64,
+    /// How long throttling is measured, after 10 s of warm-up.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    throttle_duration: Duration,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/listrak-bench.json")]
+    json: PathBuf,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let worker_binary = std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join("listrak-worker"))
+        .unwrap_or_else(|| PathBuf::from("listrak-worker"));
+    let report = bench::run(BenchOptions {
+        amqp_url: args.amqp_url,
+        events: args.events,
+        lists: args.lists,
+        latency: args.latency,
+        prefetch: args.prefetch,
+        max_contacts: args.max_contacts,
+        runtime: args.runtime,
+        worker_binary,
+        lag_rate: args.lag_rate,
+        lag_duration: args.lag_duration,
+        throttle_rps: args.throttle_rps,
+        throttle_duration: args.throttle_duration,
+    })
+    .await?;
+    print!("{}", report.table());
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("written to {}", args.json.display());
+    Ok(())
+}
