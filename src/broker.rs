@@ -9,8 +9,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::config::{AmqpSettings, Settings};
+use crate::listrak::install_crypto_provider;
 use crate::model::EventTime;
 use crate::retry::retry_queue_name;
+use crate::tls::BrokerTls;
 
 /// How long a publisher confirm may take before the publish counts as failed.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
@@ -44,6 +47,15 @@ impl Topology {
             dead: format!("{queue}.dead"),
             retries,
         }
+    }
+
+    /// The topology `settings` describe.
+    pub fn of(settings: &Settings) -> Self {
+        Self::new(
+            &settings.amqp.exchange,
+            &settings.amqp.queue,
+            &settings.retry.schedule,
+        )
     }
 
     /// The retry queue for a step of the schedule.
@@ -154,10 +166,23 @@ fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-/// Opens a connection named after the process, so operators can tell it apart in RabbitMQ.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// Opens a connection to the configured broker, with its TLS settings for `amqps://`, named
+/// so operators can tell it apart in RabbitMQ.
+pub async fn connect(amqp: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    install_crypto_provider();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    let tls = amqp
+        .tls
+        .as_ref()
+        .map(BrokerTls::lapin_config)
+        .unwrap_or_default();
+    Connection::connect_with_config(
+        amqp.url.expose(),
+        properties,
+        tls,
+        lapin::runtime::default_runtime()?,
+    )
+    .await
 }
 
 /// Why a publish did not reach a durable queue.

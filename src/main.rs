@@ -142,13 +142,8 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish { file } => {
-            let topology = broker::Topology::new(
-                &settings.amqp.exchange,
-                &settings.amqp.queue,
-                &settings.retry.schedule,
-            );
-            let published =
-                publish::publish_file(settings.amqp.url.expose(), &topology, &file).await?;
+            let topology = broker::Topology::of(&settings);
+            let published = publish::publish_file(&settings.amqp, &topology, &file).await?;
             println!(
                 "published {} messages to exchange {:?}{}",
                 published.messages,

@@ -95,11 +95,7 @@ impl<A: ListrakApi> Worker<A> {
         health: Health,
         stop: CancellationToken,
     ) -> Self {
-        let topology = Topology::new(
-            &settings.amqp.exchange,
-            &settings.amqp.queue,
-            &settings.retry.schedule,
-        );
+        let topology = Topology::of(&settings);
         let deliverer = Arc::new(Deliverer {
             api,
             concurrency: AdaptiveConcurrency::new(
@@ -129,15 +125,14 @@ impl<A: ListrakApi> Worker<A> {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let connected =
-                match broker::connect(self.settings.amqp.url.expose(), "listrak-worker").await {
-                    Ok(connection) => connection,
-                    Err(error) => {
-                        tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
-                        self.pause(&mut delay).await;
-                        continue;
-                    }
-                };
+            let connected = match broker::connect(&self.settings.amqp, "listrak-worker").await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
+                    self.pause(&mut delay).await;
+                    continue;
+                }
+            };
             sessions += 1;
             if sessions > 1 {
                 self.metrics.amqp_reconnected();

@@ -40,6 +40,10 @@ pub struct Knobs {
     pub max_concurrency: usize,
     pub request_timeout: &'static str,
     pub superseded_capacity: usize,
+    /// Instead of [`amqp_url`].
+    pub amqp_url: Option<String>,
+    /// The keys of an `[amqp.tls]` table.
+    pub amqp_tls: Option<String>,
 }
 
 impl Default for Knobs {
@@ -55,6 +59,8 @@ impl Default for Knobs {
             max_concurrency: 8,
             request_timeout: "5s",
             superseded_capacity: 100_000,
+            amqp_url: None,
+            amqp_tls: None,
         }
     }
 }
@@ -68,7 +74,7 @@ url = "{amqp}"
 exchange = "{queue}"
 queue = "{queue}"
 prefetch = {prefetch}
-
+{tls}
 [listrak]
 client_id = "{client_id}"
 client_secret = "{client_secret}"
@@ -95,7 +101,12 @@ grace = "{grace}"
 [superseded]
 capacity = {superseded_capacity}
 {MAPPINGS_TOML}"#,
-        amqp = amqp_url(),
+        amqp = knobs.amqp_url.clone().unwrap_or_else(amqp_url),
+        tls = knobs
+            .amqp_tls
+            .as_ref()
+            .map(|keys| format!("\n[amqp.tls]\n{keys}\n"))
+            .unwrap_or_default(),
         client_id = options.client_id,
         client_secret = options.client_secret,
         prefetch = knobs.prefetch,
@@ -158,8 +169,8 @@ impl Harness {
         let queue = unique_queue(test);
         let text = settings_text(&queue, &fake.api_url(), &fake.auth_url(), &knobs);
         let settings = Settings::from_toml(&text, |_| None).expect("valid test settings");
-        let topology = Topology::new(&queue, &queue, &settings.retry.schedule);
-        let connection = broker::connect(&amqp_url(), "listrak-worker tests")
+        let topology = Topology::of(&settings);
+        let connection = broker::connect(&settings.amqp, "listrak-worker tests")
             .await
             .expect("RabbitMQ is running (see README)");
         let publisher = broker::Publisher::new(&connection).await.unwrap();
