@@ -80,6 +80,9 @@ pub struct AmqpSettings {
     pub queue: String,
     /// At least `batch.max_contacts`, so that a full batch can be in hand at once.
     pub prefetch: u16,
+    /// Declares the main queue with `x-single-active-consumer`: one replica consumes at a
+    /// time, the others stand by, and updates reach Listrak in the order of one worker.
+    pub single_active_consumer: bool,
     /// `[amqp.tls]`, only with an `amqps://` URL; without it `amqps://` verifies the broker
     /// against the system roots and presents no client certificate.
     pub tls: Option<BrokerTls>,
@@ -490,6 +493,11 @@ impl Settings {
         let _ = writeln!(out, "exchange = {}", toml_str(&amqp.exchange));
         let _ = writeln!(out, "queue = {}", toml_str(&amqp.queue));
         let _ = writeln!(out, "prefetch = {}", amqp.prefetch);
+        let _ = writeln!(
+            out,
+            "single_active_consumer = {}",
+            amqp.single_active_consumer
+        );
         if let Some(tls) = &amqp.tls {
             let path = |path: &Path| toml_str(&path.to_string_lossy());
             let _ = writeln!(out, "\n[amqp.tls]");
@@ -654,6 +662,14 @@ impl<'t> Node<'t> {
             None => Ok(None),
             Some(toml::Value::String(text)) => Ok(Some(text)),
             Some(other) => Err(wrong_type(self.key(name), "a string", other)),
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(value)) => Ok(Some(*value)),
+            Some(other) => Err(wrong_type(self.key(name), "true or false", other)),
         }
     }
 
@@ -946,19 +962,28 @@ fn amqp_settings(
     node: &Node<'_>,
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<AmqpSettings, ConfigError> {
-    node.only(&["url", "exchange", "queue", "prefetch", "tls"])?;
+    node.only(&[
+        "url",
+        "exchange",
+        "queue",
+        "prefetch",
+        "single_active_consumer",
+        "tls",
+    ])?;
     let url = Sourced::read(node, "url", ENV_AMQP_URL, env)?;
     let url_from_env = url.from_env;
     let url = url.url(node, "url", DEFAULT_AMQP_URL, &AMQP_URL)?;
     let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
     let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
     let prefetch = node.bounded("prefetch", DEFAULT_PREFETCH, 1, i64::from(u16::MAX))?;
+    let single_active_consumer = node.boolean("single_active_consumer")?.unwrap_or(false);
     let tls = broker_tls(&node.table("tls")?, &url, url_from_env)?;
     Ok(AmqpSettings {
         url: Secret(url),
         exchange,
         queue,
         prefetch: u16::try_from(prefetch).expect("bounded to u16"),
+        single_active_consumer,
         tls,
     })
 }
@@ -1638,6 +1663,12 @@ profile_fields = { "456" = "useAudienceKey" }
                     "amqp.url",
                 ),
                 refused("empty_queue_name", "[amqp]\nqueue = \"\"", "amqp.queue"),
+                Refused {
+                    behaviour: "single_active_consumer_as_text",
+                    toml: "[amqp]\nsingle_active_consumer = \"yes\"",
+                    key: "amqp.single_active_consumer",
+                    reason_mentions: "expected true or false, found a string",
+                },
                 refused(
                     "reserved_exchange_name",
                     "[amqp]\nexchange = \"amq.topic\"",
@@ -1846,6 +1877,8 @@ profile_fields = { "456" = "useAudienceKey" }
         assert_eq!(settings.amqp.exchange, "listrak.audience");
         assert_eq!(settings.amqp.queue, "listrak.audience");
         assert_eq!(settings.amqp.prefetch, 2000);
+        assert!(!settings.amqp.single_active_consumer);
+        assert_eq!(settings.amqp.tls, None);
         assert_eq!(settings.listrak.client_id, "client-1");
         assert_eq!(settings.listrak.client_secret.expose(), SECRET);
         assert_eq!(settings.listrak.api_url, "https://api.listrak.com/email/v1");
@@ -1885,6 +1918,7 @@ url = "amqps://worker:pw@rabbit.internal:5671/prod"
 exchange = "audiences"
 queue = "audiences.listrak"
 prefetch = 500
+single_active_consumer = true
 
 [listrak]
 api_url = "http://127.0.0.1:8080/email/v1/"
@@ -1914,6 +1948,7 @@ capacity = 0
         assert_eq!(settings.amqp.exchange, "audiences");
         assert_eq!(settings.amqp.queue, "audiences.listrak");
         assert_eq!(settings.amqp.prefetch, 500);
+        assert!(settings.amqp.single_active_consumer);
         assert_eq!(
             settings.listrak.api_url, "http://127.0.0.1:8080/email/v1",
             "the trailing slash is dropped"
@@ -2025,6 +2060,9 @@ auth_url = "https://file.example/token"
     fn redacted_toml_loads_back_as_the_same_settings() {
         let original = accepted(&format!(
             r#"
+[amqp]
+single_active_consumer = true
+
 [retry]
 schedule = ["1m 30s", "250ms"]
 {MAPPING}

@@ -92,7 +92,13 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(1)
+            // The configuration does not match the broker's queues: fixing it is a change
+            // of configuration (or of the queues), as for an invalid file.
+            if error.downcast_ref::<broker::TopologyMismatch>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use lapin::types::ShortString;
 use lapin::BasicProperties;
 
-use crate::broker::{self, wait_confirm, Publisher, Topology};
+use crate::broker::{self, wait_confirm, Publisher, Topology, TopologyMismatch};
 use crate::config::AmqpSettings;
 use crate::progress::Progress;
 
@@ -89,7 +89,15 @@ pub async fn publish_lines(
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ: {e}"))?;
     let publisher = Publisher::new(&connection).await?;
-    topology.declare(publisher.channel()).await?;
+    topology
+        .declare(publisher.channel())
+        .await
+        .map_err(
+            |error| match TopologyMismatch::from_declare(&error, topology) {
+                Some(mismatch) => anyhow::Error::from(mismatch),
+                None => error.into(),
+            },
+        )?;
     let progress = Progress::new("published", total);
     let mut published = Published::default();
     let mut window = VecDeque::with_capacity(CONFIRM_WINDOW);

@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, BatchLimits, Batcher};
-use crate::broker::{self, int_header, text_header, Publisher, RetryHeaders, Topology};
+use crate::broker::{
+    self, int_header, text_header, Publisher, RetryHeaders, Topology, TopologyMismatch,
+};
 use crate::concurrency::AdaptiveConcurrency;
 use crate::config::Settings;
 use crate::decode::decode;
@@ -145,6 +147,10 @@ impl<A: ListrakApi> Worker<A> {
                     let _ = connected.close(200, "shutdown".into()).await;
                     return Ok(());
                 }
+                Err(SessionError::Topology(mismatch)) => {
+                    let _ = connected.close(200, "topology mismatch".into()).await;
+                    return Err(mismatch.into());
+                }
                 Err(error) => {
                     tracing::warn!(error = %error, "broker session ended; reconnecting");
                     let _ = connected.close(320, "reconnecting".into()).await;
@@ -213,13 +219,21 @@ enum SessionError {
     Broker(#[from] lapin::Error),
     #[error("the broker ended the consumer")]
     ConsumerEnded,
+    /// Not a session failure: no later session can succeed either.
+    #[error(transparent)]
+    Topology(#[from] TopologyMismatch),
 }
 
 impl<'w, A: ListrakApi> Session<'w, A> {
     async fn run(worker: &'w Worker<A>, connection: &Connection) -> Result<(), SessionError> {
         let settings = &worker.settings;
         let channel = connection.create_channel().await?;
-        worker.topology.declare(&channel).await?;
+        worker.topology.declare(&channel).await.map_err(|error| {
+            match TopologyMismatch::from_declare(&error, &worker.topology) {
+                Some(mismatch) => SessionError::Topology(mismatch),
+                None => SessionError::Broker(error),
+            }
+        })?;
         channel
             .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
             .await?;
