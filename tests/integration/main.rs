@@ -4,5 +4,6 @@
 mod cli;
 mod pipeline;
 mod process;
+mod replicas;
 mod support;
 mod tls;
