@@ -16,7 +16,7 @@ use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
 use crate::model::{DeadLetterReason, EventTime, ListId};
 use crate::retry::InProcessBackoff;
-use crate::telemetry::Metrics;
+use crate::telemetry::{mask_email, Metrics};
 
 /// Why Listrak refused a contact for good; becomes the dead letter's `x-listrak-*` headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +175,7 @@ impl<A: ListrakApi> Deliverer<A> {
                         // and resend the rest, instead of halving blindly.
                         if status == 400 {
                             if let Some(guilty) = named_contact(attempt, &sent, &error) {
+                                tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[guilty].email), error = %error.error, "Listrak refused a contact it named; dead-lettering its messages, resending the rest");
                                 verdicts.push((guilty, rejection(attempt.list, &outcome)));
                                 indexes = sent.into_iter().filter(|&i| i != guilty).collect();
                                 continue;
@@ -204,7 +205,11 @@ impl<A: ListrakApi> Deliverer<A> {
                     }
                     Class::Permanent => {
                         let verdict = rejection(attempt.list, &outcome);
-                        tracing::info!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak refused; dead-lettering");
+                        if let [only] = sent.as_slice() {
+                            tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[*only].email), status = %outcome.status_label(), error = %listrak_error(&outcome).error, "Listrak refused a contact; dead-lettering its messages");
+                        } else {
+                            tracing::info!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak refused the request; dead-lettering its messages");
+                        }
                         verdicts.extend(sent.into_iter().map(|i| (i, verdict.clone())));
                         return verdicts;
                     }

@@ -354,9 +354,27 @@ impl Metrics {
     }
 }
 
+/// An email as logs may show it at info level and above: `j***@example.com`.
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first = local.chars().next().map(String::from).unwrap_or_default();
+            format!("{first}***@{domain}")
+        }
+        None => "***".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emails_are_masked_to_their_first_letter_and_domain() {
+        assert_eq!(mask_email("jane.doe@example.com"), "j***@example.com");
+        assert_eq!(mask_email("@example.com"), "***@example.com");
+        assert_eq!(mask_email("no-at-sign"), "***");
+    }
 
     #[test]
     fn every_metric_of_the_contract_is_exposed_with_help() {

@@ -16,6 +16,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::batch::{Batch, BatchLimits, Batcher};
 use crate::broker::{
@@ -56,6 +57,19 @@ const ACK_TICK: Duration = Duration::from_millis(20);
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Bound on one connect, cancel or close, so a broker that stopped answering cannot hold up
+/// a reconnection or a shutdown.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(call: impl Future<Output = lapin::Result<T>>) {
+    match tokio::time::timeout(BROKER_CALL_TIMEOUT, call).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "broker call failed while closing"),
+        Err(_) => {
+            tracing::warn!("the broker did not answer within {BROKER_CALL_TIMEOUT:?}; going on")
+        }
+    }
+}
 
 /// Runs the worker until `shutdown` completes; a lost broker connection is re-established
 /// as often as needed. Returns after the shutdown drained what it could within the grace.
@@ -127,9 +141,21 @@ impl<A: ListrakApi> Worker<A> {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let connected = match broker::connect(&self.settings.amqp, "listrak-worker").await {
-                Ok(connection) => connection,
-                Err(error) => {
+            let attempt = tokio::time::timeout(
+                BROKER_CALL_TIMEOUT,
+                broker::connect(&self.settings.amqp, "listrak-worker"),
+            );
+            let attempt = tokio::select! {
+                attempt = attempt => attempt,
+                _ = self.stop.cancelled() => return Ok(()),
+            };
+            let connected = match attempt {
+                Ok(Ok(connection)) => connection,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no answer within {BROKER_CALL_TIMEOUT:?}"),
+                    };
                     tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
                     self.pause(&mut delay).await;
                     continue;
@@ -144,16 +170,16 @@ impl<A: ListrakApi> Worker<A> {
             self.health.set(&self.metrics, false);
             match result {
                 Ok(()) => {
-                    let _ = connected.close(200, "shutdown".into()).await;
+                    bounded(connected.close(200, "shutdown".into())).await;
                     return Ok(());
                 }
                 Err(SessionError::Topology(mismatch)) => {
-                    let _ = connected.close(200, "topology mismatch".into()).await;
+                    bounded(connected.close(200, "topology mismatch".into())).await;
                     return Err(mismatch.into());
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "broker session ended; reconnecting");
-                    let _ = connected.close(320, "reconnecting".into()).await;
+                    bounded(connected.close(320, "reconnecting".into())).await;
                     self.pause(&mut delay).await;
                 }
             }
@@ -211,6 +237,8 @@ struct Session<'w, A> {
     publishing: usize,
     /// Batches being sent.
     delivering: usize,
+    /// Batches sent so far: each batch's id in logs.
+    batches_sent: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,13 +299,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             reports,
             publishing: 0,
             delivering: 0,
+            batches_sent: 0,
         };
         let result = session
             .drive(&mut consumer, &consumer_tag, &mut inbox)
             .await;
         poller.abort();
         if result.is_ok() {
-            let _ = session.channel.close(200, "shutdown".into()).await;
+            bounded(session.channel.close(200, "shutdown".into())).await;
         }
         result
     }
@@ -300,10 +329,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 biased;
                 Some(report) = inbox.recv() => self.on_report(report),
                 _ = self.worker.stop.cancelled(), if draining_until.is_none() => {
-                    let _ = self
-                        .channel
-                        .basic_cancel(consumer_tag.into(), BasicCancelOptions::default())
-                        .await;
+                    bounded(
+                        self.channel
+                            .basic_cancel(consumer_tag.into(), BasicCancelOptions::default()),
+                    )
+                    .await;
                     for batch in self.batcher.flush_all() {
                         self.dispatch(batch);
                     }
@@ -355,7 +385,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         };
         let updates = match planned {
             Err(poison) => {
-                tracing::info!(delivery_tag = tag, reason = %poison.reason, detail = %poison.detail, "dead-lettering a message that cannot be applied");
+                tracing::info!(
+                    delivery_tag = tag,
+                    message_id = %message_id(&original.properties),
+                    reason = %poison.reason,
+                    detail = %poison.detail,
+                    "dead-lettering a message that cannot be applied"
+                );
                 let rejection = Rejection {
                     reason: poison.reason,
                     status: None,
@@ -416,12 +452,22 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     fn send(&mut self, batch: Batch) {
         self.delivering += 1;
+        self.batches_sent += 1;
+        let span = tracing::info_span!(
+            "batch",
+            batch_id = self.batches_sent,
+            list_id = %batch.list_id,
+            contacts = batch.contacts.len()
+        );
         let deliverer = Arc::clone(&self.worker.deliverer);
         let reports = self.reports.clone();
-        tokio::spawn(async move {
-            let verdicts = deliverer.deliver(&batch).await;
-            let _ = reports.send(Report::Delivered { batch, verdicts });
-        });
+        tokio::spawn(
+            async move {
+                let verdicts = deliverer.deliver(&batch).await;
+                let _ = reports.send(Report::Delivered { batch, verdicts });
+            }
+            .instrument(span),
+        );
     }
 
     fn on_report(&mut self, report: Report) {
@@ -622,6 +668,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
         Ok(())
     }
+}
+
+fn message_id(properties: &BasicProperties) -> &str {
+    properties
+        .message_id()
+        .as_ref()
+        .map_or("-", |id| id.as_str())
 }
 
 /// Polls the depth of the main, retry and dead-letter queues into `listrak_queue_messages`.

@@ -2,6 +2,8 @@
 //! crate links once; each test uses queues of its own and deletes them.
 
 mod cli;
+mod faults;
+mod logs;
 mod pipeline;
 mod process;
 mod replicas;

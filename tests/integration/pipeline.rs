@@ -8,7 +8,7 @@ use serde_json::json;
 use listrak_worker::fake::Faults;
 use listrak_worker::sample::{self, email, track, TrafficShape, BASE_MICROS};
 
-use crate::support::{counts, Harness, Knobs};
+use crate::support::{counts, scrape, Harness, Knobs};
 
 const SECOND: i64 = 1_000_000;
 
@@ -55,6 +55,45 @@ async fn thousands_of_events_for_several_lists_end_as_last_write_wins_field_by_f
     // Grouped into few requests: far fewer than events.
     let requests = h.fake.requests().len();
     assert!(requests * 20 < traffic.bodies.len(), "{requests} requests");
+
+    // The counters tell what happened, as Prometheus scrapes them.
+    let scraped = scrape(&h).await;
+    let sample = |series: &str| scraped.get(series).copied().unwrap_or(0.0) as usize;
+    let total = traffic.bodies.len();
+    assert_eq!(sample("listrak_messages_received_total"), total);
+    let poisoned: usize = traffic.poison.values().sum();
+    assert_eq!(
+        sample(r#"listrak_messages_acked_total{outcome="dead_lettered"}"#),
+        poisoned
+    );
+    assert_eq!(
+        sample(r#"listrak_messages_acked_total{outcome="ignored"}"#),
+        traffic.ignored
+    );
+    assert_eq!(
+        sample(r#"listrak_messages_acked_total{outcome="applied"}"#)
+            + sample(r#"listrak_messages_acked_total{outcome="superseded"}"#),
+        total - poisoned - traffic.ignored
+    );
+    assert_eq!(
+        sample(r#"listrak_messages_acked_total{outcome="retry_scheduled"}"#),
+        0
+    );
+    for (reason, count) in &traffic.poison {
+        assert_eq!(
+            sample(&format!(
+                r#"listrak_dead_letters_total{{reason="{reason}"}}"#
+            )),
+            *count
+        );
+    }
+    assert_eq!(sample(r#"listrak_requests_total{status="201"}"#), requests);
+    assert_eq!(sample("listrak_request_duration_seconds_count"), requests);
+    assert_eq!(
+        sample(r#"listrak_token_refreshes_total{result="success"}"#),
+        1
+    );
+    assert_eq!(sample("listrak_amqp_connected"), 1);
     h.finish().await;
 }
 

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use listrak_worker::broker::{self, as_text, Topology};
-use listrak_worker::config::Settings;
+use listrak_worker::config::{AmqpSettings, Secret, Settings};
 use listrak_worker::fake::{FakeOptions, FakeServer, Faults};
 use listrak_worker::listrak::ListrakClient;
 use listrak_worker::publish::event_properties;
@@ -27,6 +27,16 @@ pub fn amqp_url() -> String {
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The broker settings of the test's own connections: straight to the broker, whatever
+/// route the worker is given (a relay, a TLS proxy).
+pub fn direct(amqp: &AmqpSettings) -> AmqpSettings {
+    AmqpSettings {
+        url: Secret::new(amqp_url()),
+        tls: None,
+        ..amqp.clone()
+    }
 }
 
 /// The knobs tests turn; everything else is the demo's configuration.
@@ -42,8 +52,8 @@ pub struct Knobs {
     pub max_concurrency: usize,
     pub request_timeout: &'static str,
     pub superseded_capacity: usize,
-    /// Instead of [`amqp_url`].
-    pub amqp_url: Option<String>,
+    /// The broker URL the worker uses, when not the test's own (a relay, say).
+    pub worker_amqp_url: Option<String>,
     /// The keys of an `[amqp.tls]` table.
     pub amqp_tls: Option<String>,
     pub single_active_consumer: bool,
@@ -64,7 +74,7 @@ impl Default for Knobs {
             max_concurrency: 8,
             request_timeout: "5s",
             superseded_capacity: 100_000,
-            amqp_url: None,
+            worker_amqp_url: None,
             amqp_tls: None,
             single_active_consumer: false,
             http_listen: "127.0.0.1:0".to_owned(),
@@ -109,7 +119,7 @@ grace = "{grace}"
 [superseded]
 capacity = {superseded_capacity}
 {MAPPINGS_TOML}"#,
-        amqp = knobs.amqp_url.clone().unwrap_or_else(amqp_url),
+        amqp = knobs.worker_amqp_url.clone().unwrap_or_else(amqp_url),
         tls = knobs
             .amqp_tls
             .as_ref()
@@ -130,6 +140,17 @@ capacity = {superseded_capacity}
         grace = knobs.grace,
         superseded_capacity = knobs.superseded_capacity,
     )
+}
+
+/// Warnings and errors of the worker, shown with a failing test's output.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "listrak_worker=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 pub fn unique_queue(test: &str) -> String {
@@ -167,6 +188,7 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(test: &str, faults: Faults, knobs: Knobs) -> Harness {
+        init_logging();
         let fake = FakeServer::start(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             FakeOptions {
@@ -180,7 +202,7 @@ impl Harness {
         let text = settings_text(&queue, &fake.api_url(), &fake.auth_url(), &knobs);
         let settings = Settings::from_toml(&text, |_| None).expect("valid test settings");
         let topology = Topology::of(&settings);
-        let connection = broker::connect(&settings.amqp, "listrak-worker tests")
+        let connection = broker::connect(&direct(&settings.amqp), "listrak-worker tests")
             .await
             .expect("RabbitMQ is running (see README)");
         let publisher = broker::Publisher::new(&connection).await.unwrap();
@@ -533,4 +555,113 @@ pub fn counter_total(text: &str, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A direct update body for `list`, setting `field` to `value`.
+pub fn profile_update(list: u32, email: &str, field: u32, value: &str, micros: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "type": "profile_update",
+        "list_id": list,
+        "email": email,
+        "fields": { field.to_string(): value },
+        "timestamp": listrak_worker::model::EventTime(micros).to_rfc3339(),
+    }))
+    .unwrap()
+}
+
+/// A TCP relay in front of RabbitMQ that a test can cut, as a network failure would.
+pub struct Relay {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            let open = Arc::clone(&open);
+            async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let mut cut = cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            cut,
+            open,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Drops every relayed connection and refuses new ones until [`Relay::restore`].
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the harness' metrics over HTTP, scrapes `/metrics` once, and returns every sample
+/// as `name{labels}` → value (labels as the exposition writes them).
+pub async fn scrape(h: &Harness) -> BTreeMap<String, f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(listrak_worker::http::serve(
+        listener,
+        h.metrics.clone(),
+        h.health.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    stop.cancel();
+    let _ = server.await;
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }

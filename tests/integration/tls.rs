@@ -267,7 +267,7 @@ fn toml_path(path: &Path) -> String {
 /// Settings for the worker over `url`, with these `[amqp.tls]` keys (none: no table).
 fn amqps_settings(url: &str, tls_keys: Option<String>) -> Settings {
     let knobs = Knobs {
-        amqp_url: Some(url.to_owned()),
+        worker_amqp_url: Some(url.to_owned()),
         amqp_tls: tls_keys,
         ..Knobs::default()
     };
@@ -280,8 +280,8 @@ fn amqps_settings(url: &str, tls_keys: Option<String>) -> Settings {
     Settings::from_toml(&text, |_| None).expect("valid test settings")
 }
 
-/// Publishes events through the proxy, runs the worker through it, and checks that Listrak
-/// ends in the state the events imply, with nothing dead-lettered.
+/// Runs the worker through the proxy on events the test publishes directly, and checks that
+/// Listrak ends in the state the events imply, with nothing dead-lettered.
 async fn events_applied_over_amqps(test: &str, proxy: &TlsProxy, tls_keys: String) {
     let traffic = sample::generate(TrafficShape {
         events: 400,
@@ -290,7 +290,7 @@ async fn events_applied_over_amqps(test: &str, proxy: &TlsProxy, tls_keys: Strin
         ..TrafficShape::default()
     });
     let knobs = Knobs {
-        amqp_url: Some(proxy.amqps_url()),
+        worker_amqp_url: Some(proxy.amqps_url()),
         amqp_tls: Some(tls_keys),
         ..Knobs::default()
     };
@@ -321,8 +321,8 @@ async fn worker_over_amqps_trusts_the_ca_file_and_applies_every_event() {
     .await;
     let handshakes = proxy.handshakes();
     assert!(
-        handshakes.len() >= 2,
-        "the test's own connection and the worker's went through the proxy: {handshakes:?}"
+        !handshakes.is_empty(),
+        "the worker's connection went through the proxy"
     );
     assert!(
         handshakes
@@ -348,7 +348,10 @@ async fn worker_presents_its_client_certificate_to_a_broker_that_requires_one() 
     )
     .await;
     let handshakes = proxy.handshakes();
-    assert!(handshakes.len() >= 2, "{handshakes:?}");
+    assert!(
+        !handshakes.is_empty(),
+        "the worker's connection went through the proxy"
+    );
     let client_cert = pki.client.0.der().to_vec();
     for handshake in &handshakes {
         match handshake {

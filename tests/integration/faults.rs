@@ -1,0 +1,578 @@
+//! Failures that lose nothing and dead-letter only the guilty: every test checks Listrak's
+//! final state field by field and the exact content of the dead-letter queue.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use listrak_worker::fake::Faults;
+use listrak_worker::sample::{self, email, track, TrafficShape, BASE_MICROS};
+
+use crate::support::{profile_update, Harness, Knobs, Relay};
+
+const SECOND: i64 = 1_000_000;
+
+fn assert_state(h: &Harness, expected: &sample::State) {
+    let state = h.fake.contacts();
+    for (list, contacts) in expected {
+        for (address, fields) in contacts {
+            assert_eq!(
+                state.get(list).and_then(|c| c.get(address)),
+                Some(fields),
+                "list {list}, contact {address}"
+            );
+        }
+    }
+    assert_eq!(&state, expected);
+}
+
+fn traffic(events: usize) -> sample::Traffic {
+    sample::generate(TrafficShape {
+        events,
+        people: events / 3,
+        poison_every: 0,
+        ..TrafficShape::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_of_5xx_answers_apply_everything_and_dead_letter_nothing() {
+    let traffic = traffic(2000);
+    let mut h = Harness::new(
+        "random_5xx",
+        Faults {
+            error_rate: 0.3,
+            ..Faults::default()
+        },
+        Knobs {
+            max_contacts: 25,
+            max_wait: "20ms",
+            prefetch: 200,
+            ..Knobs::default()
+        },
+    )
+    .await;
+    h.publish(&traffic.bodies).await;
+    h.start_worker();
+    h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(90))
+        .await;
+    assert_state(&h, &traffic.expected);
+    assert!(h.take_dead_letters().await.is_empty());
+    let failed = h.fake.status_counts().get(&503).copied().unwrap_or(0);
+    assert!(
+        failed > 10,
+        "the fault was exercised ({failed} answers 503)"
+    );
+    assert_eq!(
+        h.metrics
+            .sample("listrak_retries_total", &[("class", "systemic")]) as usize,
+        failed,
+        "each 503 was retried"
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_lowers_the_concurrency_which_comes_back_after() {
+    let mut h = Harness::new(
+        "throttle_storm",
+        Faults {
+            latency: Duration::from_millis(20),
+            ..Faults::default()
+        },
+        Knobs {
+            max_contacts: 5,
+            max_wait: "10ms",
+            prefetch: 400,
+            max_concurrency: 12,
+            ..Knobs::default()
+        },
+    )
+    .await;
+    const WAVE: usize = 800;
+    // Many lists, so many request chains can run at once.
+    let wave = |n: usize, offset: i64| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                profile_update(
+                    5000 + (i % 40) as u32,
+                    &email(i),
+                    1,
+                    &format!("v{offset}"),
+                    BASE_MICROS + offset * SECOND + i as i64,
+                )
+            })
+            .collect()
+    };
+    let limits = Arc::new(std::sync::Mutex::new(Vec::<(Instant, f64)>::new()));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let limits = Arc::clone(&limits);
+        let watching = Arc::clone(&watching);
+        let metrics = h.metrics.clone();
+        async move {
+            while watching.load(Ordering::Relaxed) {
+                let limit = metrics.sample("listrak_concurrency_limit", &[]);
+                limits.lock().unwrap().push((Instant::now(), limit));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    h.start_worker();
+
+    h.publish(&wave(WAVE, 1)).await;
+    h.wait_acked(WAVE as u64, Duration::from_secs(60)).await;
+    let before_storm = h.metrics.sample("listrak_concurrency_limit", &[]);
+    assert!(
+        before_storm >= 6.0,
+        "the limit grew while Listrak answered well: {before_storm}"
+    );
+
+    h.fake.update_faults(|f| f.throttle_rps = Some(20.0));
+    let storm_started = Instant::now();
+    h.publish(&wave(WAVE, 2)).await;
+    // Retried messages are acked twice (once into a retry queue): wait on the state.
+    let all = |h: &Harness, value: &str| {
+        (0..WAVE).all(|i| {
+            h.fake
+                .value(5000 + (i % 40) as u32, &email(i), 1)
+                .as_deref()
+                == Some(value)
+        })
+    };
+    h.wait_for("the second wave applied", Duration::from_secs(120), |h| {
+        all(h, "v2")
+    })
+    .await;
+    let storm_ended = Instant::now();
+    h.fake.update_faults(|f| f.throttle_rps = None);
+    h.publish(&wave(WAVE, 3)).await;
+    h.wait_for("the third wave applied", Duration::from_secs(60), |h| {
+        all(h, "v3")
+    })
+    .await;
+    watching.store(false, Ordering::Relaxed);
+    watcher.await.unwrap();
+
+    let limits = std::mem::take(&mut *limits.lock().unwrap());
+    let lowest_in_storm = limits
+        .iter()
+        .filter(|(t, _)| *t >= storm_started && *t <= storm_ended)
+        .map(|(_, l)| *l)
+        .fold(f64::MAX, f64::min);
+    let after = limits.last().unwrap().1;
+    assert!(
+        lowest_in_storm <= before_storm / 2.0,
+        "went down: {before_storm} → {lowest_in_storm}"
+    );
+    assert!(
+        after > lowest_in_storm,
+        "came back up: {lowest_in_storm} → {after}"
+    );
+    assert!(h.fake.status_counts().get(&429).copied().unwrap_or(0) > 0);
+    assert!(h.take_dead_letters().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queues_and_applies_everything(
+) {
+    let traffic = traffic(600);
+    let mut h = Harness::new(
+        "outage",
+        Faults {
+            outage_for: Some(Duration::from_secs(4)),
+            ..Faults::default()
+        },
+        Knobs {
+            in_process: "1s",
+            schedule: r#"["1s", "2s"]"#,
+            ..Knobs::default()
+        },
+    )
+    .await;
+    h.publish(&traffic.bodies).await;
+    h.start_worker();
+    h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(30))
+        .await;
+    assert!(
+        h.acked_as("retry_scheduled") > 0,
+        "messages waited in the retry queues"
+    );
+    h.wait_for(
+        "everything applied after the outage",
+        Duration::from_secs(60),
+        |h| h.fake.contacts() == traffic.expected,
+    )
+    .await;
+    assert_state(&h, &traffic.expected);
+    assert!(h.take_dead_letters().await.is_empty());
+    for (queue, _) in &h.topology.retries {
+        assert_eq!(h.depth(queue).await, 0, "{queue} drained");
+    }
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_past_max_age_are_dead_lettered_as_retries_exhausted() {
+    let mut h = Harness::new(
+        "exhausted",
+        Faults {
+            outage_for: Some(Duration::from_secs(600)),
+            ..Faults::default()
+        },
+        Knobs {
+            in_process: "0s",
+            schedule: r#"["1s"]"#,
+            max_age: "2s",
+            ..Knobs::default()
+        },
+    )
+    .await;
+    let body = track(
+        "Audience Entered",
+        "vip_customers",
+        true,
+        &email(1),
+        1,
+        BASE_MICROS,
+    );
+    h.publish(std::slice::from_ref(&body)).await;
+    h.start_worker();
+    h.wait_for(
+        "the message to be dead-lettered",
+        Duration::from_secs(30),
+        |h| h.acked_as("dead_lettered") == 1,
+    )
+    .await;
+    let dead = h.take_dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, body);
+    assert_eq!(
+        dead[0].header("x-listrak-reason"),
+        Some("retries_exhausted")
+    );
+    let attempts: u32 = dead[0]
+        .header("x-listrak-attempts")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(attempts >= 1, "it went through the retry queue first");
+    assert!(dead[0].header("x-listrak-first-failed-at").is_some());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expiring_every_few_seconds_are_refreshed_one_at_a_time_and_nothing_fails() {
+    let mut h = Harness::new(
+        "short_tokens",
+        Faults {
+            token_lifetime: Duration::from_secs(2),
+            latency: Duration::from_millis(10),
+            ..Faults::default()
+        },
+        Knobs {
+            max_contacts: 10,
+            max_wait: "10ms",
+            ..Knobs::default()
+        },
+    )
+    .await;
+    h.start_worker();
+    let started = Instant::now();
+    let mut published = 0;
+    let mut expected: BTreeMap<(u32, String), String> = BTreeMap::new();
+    while started.elapsed() < Duration::from_secs(7) {
+        let bodies: Vec<Vec<u8>> = (0..50)
+            .map(|i| {
+                let list = 7000 + (i % 5) as u32;
+                let who = email(published + i);
+                expected.insert((list, who.clone()), "on".into());
+                profile_update(list, &who, 3, "on", BASE_MICROS + (published + i) as i64)
+            })
+            .collect();
+        h.publish(&bodies).await;
+        published += bodies.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.wait_acked(published as u64, Duration::from_secs(30))
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    for ((list, who), value) in &expected {
+        assert_eq!(h.fake.value(*list, who, 3).as_ref(), Some(value));
+    }
+    let issued = h.fake.tokens_issued();
+    // A token lives 2 s and is refreshed 0.2 s early: one per 1.8 s, plus the first.
+    let at_most = (elapsed / 1.8).ceil() as usize + 1;
+    assert!(
+        issued >= 3 && issued <= at_most,
+        "{issued} tokens in {elapsed:.1}s"
+    );
+    assert_eq!(
+        h.metrics
+            .sample("listrak_token_refreshes_total", &[("result", "failure")]),
+        0.0
+    );
+    assert!(h.take_dead_letters().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_1000_with_3_rejected_emails_dead_letters_exactly_those_3() {
+    let rejected = [email(17), email(512), email(999)];
+    let mut h = Harness::new(
+        "rejected",
+        Faults {
+            reject_emails: rejected.iter().cloned().collect(),
+            ..Faults::default()
+        },
+        Knobs {
+            max_wait: "1s",
+            ..Knobs::default()
+        },
+    )
+    .await;
+    let bodies: Vec<Vec<u8>> = (0..1000)
+        .map(|i| profile_update(3003, &email(i), 9, "on", BASE_MICROS + i as i64))
+        .collect();
+    h.publish(&bodies).await;
+    h.start_worker();
+    h.wait_acked(1000, Duration::from_secs(30)).await;
+
+    let dead = h.take_dead_letters().await;
+    let mut dead_bodies: Vec<&Vec<u8>> = dead.iter().map(|d| &d.body).collect();
+    dead_bodies.sort();
+    let mut expected: Vec<&Vec<u8>> = [17, 512, 999].iter().map(|&i| &bodies[i]).collect();
+    expected.sort();
+    assert_eq!(dead_bodies, expected, "exactly the three rejected messages");
+    for letter in &dead {
+        assert_eq!(letter.header("x-listrak-reason"), Some("rejected"));
+        assert_eq!(letter.header("x-listrak-status"), Some("400"));
+        assert_eq!(
+            letter.header("x-listrak-error"),
+            Some("ERROR_INVALID_PARAMETER")
+        );
+        assert_eq!(letter.header("x-listrak-list-id"), Some("3003"));
+        assert!(letter
+            .header("x-listrak-message")
+            .is_some_and(|m| m.contains("not accepted")));
+    }
+    let state = h.fake.contacts();
+    assert_eq!(state[&3003].len(), 997);
+    for i in 0..1000 {
+        let applied = h.fake.value(3003, &email(i), 9);
+        if rejected.contains(&email(i)) {
+            assert_eq!(applied, None);
+        } else {
+            assert_eq!(applied.as_deref(), Some("on"), "{}", email(i));
+        }
+    }
+    let requests = h.fake.requests().len();
+    assert!(requests <= 5, "close to the minimum of 4: {requests}");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_size_limit_applies_everything_in_smaller_batches_and_is_remembered() {
+    let mut h = Harness::new(
+        "size_limit",
+        Faults {
+            max_body_bytes: Some(20_000),
+            ..Faults::default()
+        },
+        Knobs {
+            max_wait: "500ms",
+            ..Knobs::default()
+        },
+    )
+    .await;
+    let wave = |from: usize| -> Vec<Vec<u8>> {
+        (from..from + 1000)
+            .map(|i| profile_update(4004, &email(i), 2, "gold", BASE_MICROS + i as i64))
+            .collect()
+    };
+    h.publish(&wave(0)).await;
+    h.start_worker();
+    h.wait_acked(1000, Duration::from_secs(30)).await;
+    let first_wave_requests = h.fake.requests().len();
+
+    h.publish(&wave(1000)).await;
+    h.wait_acked(2000, Duration::from_secs(30)).await;
+    let second_wave: Vec<_> = h.fake.requests()[first_wave_requests..].to_vec();
+    assert!(
+        second_wave.iter().all(|r| r.status == 201),
+        "the learned ceiling spares the next batches a 404: {:?}",
+        second_wave.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(second_wave.iter().all(|r| r.body_bytes <= 20_000));
+    assert_eq!(h.fake.contacts()[&4004].len(), 2000);
+    assert!(h.take_dead_letters().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_list_dead_letters_its_messages_as_list_not_found() {
+    let mut h = Harness::new(
+        "unknown_list",
+        Faults {
+            unknown_lists: [999].into(),
+            ..Faults::default()
+        },
+        Knobs::default(),
+    )
+    .await;
+    let missing: Vec<Vec<u8>> = (0..50)
+        .map(|i| profile_update(999, &email(i), 1, "on", BASE_MICROS))
+        .collect();
+    let fine: Vec<Vec<u8>> = (0..50)
+        .map(|i| profile_update(1001, &email(i), 1, "on", BASE_MICROS))
+        .collect();
+    h.publish(&missing).await;
+    h.publish(&fine).await;
+    h.start_worker();
+    h.wait_acked(100, Duration::from_secs(30)).await;
+    let dead = h.take_dead_letters().await;
+    assert_eq!(dead.len(), 50);
+    for letter in &dead {
+        assert!(missing.contains(&letter.body));
+        assert_eq!(letter.header("x-listrak-reason"), Some("list_not_found"));
+        assert_eq!(letter.header("x-listrak-status"), Some("404"));
+        assert_eq!(letter.header("x-listrak-list-id"), Some("999"));
+        assert_eq!(
+            letter.header("x-listrak-error"),
+            Some("ERROR_UNABLE_TO_LOCATE_RESOURCE")
+        );
+    }
+    assert_eq!(h.fake.contacts()[&1001].len(), 50);
+    assert!(
+        h.fake
+            .requests()
+            .iter()
+            .filter(|r| r.list_id == Some(999))
+            .count()
+            <= 3
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_connection_cut_mid_run_loses_nothing_and_readiness_follows_it() {
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], 5672))).await;
+    let traffic = traffic(3000);
+    let mut h = Harness::new(
+        "broker_cut",
+        Faults {
+            latency: Duration::from_millis(20),
+            ..Faults::default()
+        },
+        Knobs {
+            max_contacts: 50,
+            prefetch: 300,
+            max_wait: "20ms",
+            worker_amqp_url: Some(relay.url()),
+            ..Knobs::default()
+        },
+    )
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = listener.local_addr().unwrap();
+    tokio::spawn(listrak_worker::http::serve(
+        listener,
+        h.metrics.clone(),
+        h.health.clone(),
+        std::future::pending(),
+    ));
+    let readyz = || async move {
+        reqwest::get(format!("http://{ops}/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    h.publish(&traffic.bodies).await;
+    h.start_worker();
+    h.wait_for("some progress", Duration::from_secs(30), |h| {
+        h.fake.requests().len() >= 5
+    })
+    .await;
+    assert_eq!(readyz().await, 200);
+    relay.cut();
+    h.wait_for("unready", Duration::from_secs(10), |h| !h.health.is_ready())
+        .await;
+    assert_eq!(readyz().await, 503);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.restore();
+    h.wait_for("ready again", Duration::from_secs(30), |h| {
+        h.health.is_ready()
+    })
+    .await;
+    assert_eq!(readyz().await, 200);
+    h.wait_for("everything applied", Duration::from_secs(90), |h| {
+        h.fake.contacts() == traffic.expected
+    })
+    .await;
+    h.wait_for("the main queue to drain", Duration::from_secs(30), |h| {
+        h.metrics
+            .sample("listrak_queue_messages", &[("queue", "main")])
+            == 0.0
+            || h.acked() >= traffic.bodies.len() as u64
+    })
+    .await;
+    assert!(h.metrics.sample("listrak_amqp_reconnects_total", &[]) >= 1.0);
+    assert!(h.take_dead_letters().await.is_empty());
+    assert_eq!(h.depth(&h.topology.queue).await, 0);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves_the_field_off() {
+    let mut h = Harness::new("late_retry", Faults::default(), Knobs::default()).await;
+    h.start_worker();
+    let who = email(5);
+    h.publish(&[track(
+        "Audience Exited",
+        "vip_customers",
+        false,
+        &who,
+        2,
+        BASE_MICROS + SECOND,
+    )])
+    .await;
+    h.wait_acked(1, Duration::from_secs(20)).await;
+    let retried = track(
+        "Audience Entered",
+        "vip_customers",
+        true,
+        &who,
+        1,
+        BASE_MICROS,
+    );
+    let properties = listrak_worker::broker::with_headers(
+        &listrak_worker::publish::event_properties(&retried),
+        [
+            ("x-listrak-attempts", listrak_worker::broker::int_header(2)),
+            (
+                "x-listrak-first-failed-at",
+                listrak_worker::broker::text_header("2026-01-01T00:00:05Z"),
+            ),
+        ],
+    );
+    let publisher = listrak_worker::broker::Publisher::new(
+        &listrak_worker::broker::connect(&crate::support::direct(&h.settings.amqp), "test")
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    publisher
+        .publish("", &h.topology.queue, &retried, properties)
+        .await
+        .unwrap();
+    h.wait_acked(2, Duration::from_secs(20)).await;
+    assert_eq!(h.fake.value(1001, &who, 101).as_deref(), Some("off"));
+    assert_eq!(h.acked_as("superseded"), 1);
+    h.finish().await;
+}
