@@ -9,8 +9,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::config::{AmqpSettings, Settings};
+use crate::listrak::install_crypto_provider;
 use crate::model::EventTime;
 use crate::retry::retry_queue_name;
+use crate::tls::BrokerTls;
 
 /// How long a publisher confirm may take before the publish counts as failed.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
@@ -27,6 +30,8 @@ pub struct Topology {
     pub dead: String,
     /// One queue per `retry.schedule` step: name and delay.
     pub retries: Vec<(String, Duration)>,
+    /// The main queue is declared with `x-single-active-consumer`.
+    pub single_active_consumer: bool,
 }
 
 impl Topology {
@@ -43,6 +48,20 @@ impl Topology {
             queue: queue.to_string(),
             dead: format!("{queue}.dead"),
             retries,
+            single_active_consumer: false,
+        }
+    }
+
+    /// The topology `settings` describe: names, retry steps, and whether the main queue has
+    /// a single active consumer.
+    pub fn of(settings: &Settings) -> Self {
+        Self {
+            single_active_consumer: settings.amqp.single_active_consumer,
+            ..Self::new(
+                &settings.amqp.exchange,
+                &settings.amqp.queue,
+                &settings.retry.schedule,
+            )
         }
     }
 
@@ -102,6 +121,9 @@ impl Topology {
         );
         main_args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
         main_args.insert("x-overflow".into(), string("reject-publish"));
+        if self.single_active_consumer {
+            main_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
         channel
             .queue_declare(self.queue.as_str().into(), queue_options, main_args)
             .await?;
@@ -154,11 +176,67 @@ fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-/// Opens a connection named after the process, so operators can tell it apart in RabbitMQ.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// Opens a connection to the configured broker, with its TLS settings for `amqps://`, named
+/// so operators can tell it apart in RabbitMQ.
+pub async fn connect(amqp: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    install_crypto_provider();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    let tls = amqp
+        .tls
+        .as_ref()
+        .map(BrokerTls::lapin_config)
+        .unwrap_or_default();
+    Connection::connect_with_config(
+        amqp.url.expose(),
+        properties,
+        tls,
+        lapin::runtime::default_runtime()?,
+    )
+    .await
 }
+
+/// The broker holds a queue or exchange of ours declared with other arguments than the
+/// configuration asks for (RabbitMQ's PRECONDITION_FAILED). RabbitMQ never changes the
+/// arguments of an existing queue, so trying again cannot help: say what to do instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TopologyMismatch(String);
+
+impl TopologyMismatch {
+    /// Reads a failed [`Topology::declare`]: `Some` when the broker refused the arguments.
+    pub fn from_declare(error: &lapin::Error, topology: &Topology) -> Option<Self> {
+        let lapin::ErrorKind::ProtocolError(refusal) = error.kind() else {
+            return None;
+        };
+        if refusal.get_id() != PRECONDITION_FAILED {
+            return None;
+        }
+        let said = refusal.get_message().as_str();
+        let message = if said.contains("x-single-active-consumer") {
+            let wanted = topology.single_active_consumer;
+            format!(
+                "the queue {:?} exists {} a single active consumer, but amqp.single_active_consumer = {wanted}, \
+                 and RabbitMQ cannot change the arguments of an existing queue: set \
+                 amqp.single_active_consumer = {} to match the queue, or recreate the queue (move its \
+                 messages elsewhere, delete it, and start the worker, which declares it again) \
+                 (RabbitMQ: {said})",
+                topology.queue,
+                if wanted { "without" } else { "with" },
+                !wanted,
+            )
+        } else {
+            format!(
+                "a queue or exchange named after amqp.queue or amqp.exchange exists with other \
+                 arguments than the worker declares, and RabbitMQ cannot change them: recreate it \
+                 (move its messages elsewhere first) or choose other names (RabbitMQ: {said})"
+            )
+        };
+        Some(Self(message))
+    }
+}
+
+/// The AMQP reply code for "declared with other arguments than the existing one".
+const PRECONDITION_FAILED: u16 = 406;
 
 /// Why a publish did not reach a durable queue.
 #[derive(Debug, thiserror::Error)]

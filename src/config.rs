@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::model::{FieldId, ListId};
+use crate::tls::{self, BrokerTls, IdentityError};
 
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DEFAULT_EXCHANGE: &str = "listrak.audience";
@@ -79,6 +80,12 @@ pub struct AmqpSettings {
     pub queue: String,
     /// At least `batch.max_contacts`, so that a full batch can be in hand at once.
     pub prefetch: u16,
+    /// Declares the main queue with `x-single-active-consumer`: one replica consumes at a
+    /// time, the others stand by, and updates reach Listrak in the order of one worker.
+    pub single_active_consumer: bool,
+    /// `[amqp.tls]`, only with an `amqps://` URL; without it `amqps://` verifies the broker
+    /// against the system roots and presents no client certificate.
+    pub tls: Option<BrokerTls>,
 }
 
 impl AmqpSettings {
@@ -486,6 +493,22 @@ impl Settings {
         let _ = writeln!(out, "exchange = {}", toml_str(&amqp.exchange));
         let _ = writeln!(out, "queue = {}", toml_str(&amqp.queue));
         let _ = writeln!(out, "prefetch = {}", amqp.prefetch);
+        let _ = writeln!(
+            out,
+            "single_active_consumer = {}",
+            amqp.single_active_consumer
+        );
+        if let Some(tls) = &amqp.tls {
+            let path = |path: &Path| toml_str(&path.to_string_lossy());
+            let _ = writeln!(out, "\n[amqp.tls]");
+            if let Some(ca) = &tls.ca {
+                let _ = writeln!(out, "ca_file = {}", path(&ca.path));
+            }
+            if let Some(client) = &tls.client {
+                let _ = writeln!(out, "client_cert_file = {}", path(&client.cert_file.path));
+                let _ = writeln!(out, "client_key_file = {}", path(&client.key_file));
+            }
+        }
 
         let listrak = &self.listrak;
         let _ = writeln!(out, "\n[listrak]");
@@ -639,6 +662,25 @@ impl<'t> Node<'t> {
             None => Ok(None),
             Some(toml::Value::String(text)) => Ok(Some(text)),
             Some(other) => Err(wrong_type(self.key(name), "a string", other)),
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(value)) => Ok(Some(*value)),
+            Some(other) => Err(wrong_type(self.key(name), "true or false", other)),
+        }
+    }
+
+    /// A file path: a string that is not empty.
+    fn path(&self, name: &str) -> Result<Option<PathBuf>, ConfigError> {
+        match self.string(name)? {
+            Some(text) if text.trim().is_empty() => Err(invalid(
+                self.key(name),
+                "is empty; leave it out or name a file",
+            )),
+            other => Ok(other.map(PathBuf::from)),
         }
     }
 
@@ -920,22 +962,88 @@ fn amqp_settings(
     node: &Node<'_>,
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<AmqpSettings, ConfigError> {
-    node.only(&["url", "exchange", "queue", "prefetch"])?;
-    let url = Sourced::read(node, "url", ENV_AMQP_URL, env)?.url(
-        node,
+    node.only(&[
         "url",
-        DEFAULT_AMQP_URL,
-        &AMQP_URL,
-    )?;
+        "exchange",
+        "queue",
+        "prefetch",
+        "single_active_consumer",
+        "tls",
+    ])?;
+    let url = Sourced::read(node, "url", ENV_AMQP_URL, env)?;
+    let url_from_env = url.from_env;
+    let url = url.url(node, "url", DEFAULT_AMQP_URL, &AMQP_URL)?;
     let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
     let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
     let prefetch = node.bounded("prefetch", DEFAULT_PREFETCH, 1, i64::from(u16::MAX))?;
+    let single_active_consumer = node.boolean("single_active_consumer")?.unwrap_or(false);
+    let tls = broker_tls(&node.table("tls")?, &url, url_from_env)?;
     Ok(AmqpSettings {
         url: Secret(url),
         exchange,
         queue,
         prefetch: u16::try_from(prefetch).expect("bounded to u16"),
+        single_active_consumer,
+        tls,
     })
+}
+
+/// `[amqp.tls]`: refused with an `amqp://` URL, where it would be ignored and leave the
+/// operator believing the connection encrypted. Every file is read and checked now.
+fn broker_tls(
+    node: &Node<'_>,
+    url: &str,
+    url_from_env: bool,
+) -> Result<Option<BrokerTls>, ConfigError> {
+    if node.table.is_none() {
+        return Ok(None);
+    }
+    node.only(&["ca_file", "client_cert_file", "client_key_file"])?;
+    let encrypted = url
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("amqps"));
+    if !encrypted {
+        let from = if url_from_env {
+            format!(" (from the {ENV_AMQP_URL} environment variable)")
+        } else {
+            String::new()
+        };
+        return Err(invalid(
+            node.path.clone(),
+            format!(
+                "is set, but amqp.url{from} is amqp://, which is not encrypted: use amqps:// (RabbitMQ listens for TLS on 5671 by default), or remove [amqp.tls]"
+            ),
+        ));
+    }
+    let ca = node
+        .path("ca_file")?
+        .map(|path| tls::read_ca_file(&path).map_err(|why| invalid(node.key("ca_file"), why)))
+        .transpose()?;
+    let client = match (
+        node.path("client_cert_file")?,
+        node.path("client_key_file")?,
+    ) {
+        (Some(cert), Some(key)) => Some(tls::read_client_identity(&cert, &key).map_err(
+            |error| match error {
+                IdentityError::Cert(why) => invalid(node.key("client_cert_file"), why),
+                IdentityError::Key(why) => invalid(node.key("client_key_file"), why),
+            },
+        )?),
+        (Some(_), None) => {
+            return Err(invalid(
+                node.key("client_key_file"),
+                "is missing: client_cert_file needs the private key that goes with it",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                node.key("client_cert_file"),
+                "is missing: client_key_file needs the certificate that goes with it",
+            ))
+        }
+        (None, None) => None,
+    };
+    Ok(Some(BrokerTls { ca, client }))
 }
 
 /// An exchange or queue name: not empty (that is the default exchange, or a server-named
@@ -1555,6 +1663,12 @@ profile_fields = { "456" = "useAudienceKey" }
                     "amqp.url",
                 ),
                 refused("empty_queue_name", "[amqp]\nqueue = \"\"", "amqp.queue"),
+                Refused {
+                    behaviour: "single_active_consumer_as_text",
+                    toml: "[amqp]\nsingle_active_consumer = \"yes\"",
+                    key: "amqp.single_active_consumer",
+                    reason_mentions: "expected true or false, found a string",
+                },
                 refused(
                     "reserved_exchange_name",
                     "[amqp]\nexchange = \"amq.topic\"",
@@ -1763,6 +1877,8 @@ profile_fields = { "456" = "useAudienceKey" }
         assert_eq!(settings.amqp.exchange, "listrak.audience");
         assert_eq!(settings.amqp.queue, "listrak.audience");
         assert_eq!(settings.amqp.prefetch, 2000);
+        assert!(!settings.amqp.single_active_consumer);
+        assert_eq!(settings.amqp.tls, None);
         assert_eq!(settings.listrak.client_id, "client-1");
         assert_eq!(settings.listrak.client_secret.expose(), SECRET);
         assert_eq!(settings.listrak.api_url, "https://api.listrak.com/email/v1");
@@ -1802,6 +1918,7 @@ url = "amqps://worker:pw@rabbit.internal:5671/prod"
 exchange = "audiences"
 queue = "audiences.listrak"
 prefetch = 500
+single_active_consumer = true
 
 [listrak]
 api_url = "http://127.0.0.1:8080/email/v1/"
@@ -1831,6 +1948,7 @@ capacity = 0
         assert_eq!(settings.amqp.exchange, "audiences");
         assert_eq!(settings.amqp.queue, "audiences.listrak");
         assert_eq!(settings.amqp.prefetch, 500);
+        assert!(settings.amqp.single_active_consumer);
         assert_eq!(
             settings.listrak.api_url, "http://127.0.0.1:8080/email/v1",
             "the trailing slash is dropped"
@@ -1942,6 +2060,9 @@ auth_url = "https://file.example/token"
     fn redacted_toml_loads_back_as_the_same_settings() {
         let original = accepted(&format!(
             r#"
+[amqp]
+single_active_consumer = true
+
 [retry]
 schedule = ["1m 30s", "250ms"]
 {MAPPING}
@@ -2169,5 +2290,245 @@ profile_fields = {{ "9" = "tab\there", "10" = "on" }}
             error.to_string().contains("/nonexistent/listrak.toml"),
             "{error}"
         );
+    }
+
+    /// Throwaway TLS files in a directory of their own: a CA, a client certificate it signed
+    /// with its key, the key of another certificate, and a file that is not PEM.
+    struct TlsFiles {
+        dir: PathBuf,
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        other_key: PathBuf,
+        not_pem: PathBuf,
+    }
+
+    const KEY_MARKER: &str = "do-not-quote-this-key-line";
+
+    impl TlsFiles {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "listrak-worker-config-{test}-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca_params, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["listrak-worker".to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let other_key = rcgen::KeyPair::generate().unwrap();
+            let write = |name: &str, text: &str| {
+                let path = dir.join(name);
+                std::fs::write(&path, text).unwrap();
+                path
+            };
+            TlsFiles {
+                ca: write("ca.pem", &ca.pem()),
+                cert: write("client.pem", &cert.pem()),
+                key: write("client.key", &key.serialize_pem()),
+                other_key: write("other.key", &other_key.serialize_pem()),
+                not_pem: write("not.pem", &format!("{KEY_MARKER}\n")),
+                dir,
+            }
+        }
+    }
+
+    impl Drop for TlsFiles {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn path_str(path: &Path) -> String {
+        toml_str(&path.to_string_lossy())
+    }
+
+    fn amqps_with(tls_keys: &str) -> String {
+        format!(
+            "[amqp]\nurl = \"amqps://worker:pw@rabbit.internal:5671/%2f\"\n[amqp.tls]\n{tls_keys}\n{MAPPING}"
+        )
+    }
+
+    #[test]
+    fn tls_files_are_read_and_handed_to_the_connection() {
+        let files = TlsFiles::new("read");
+        let settings = accepted(&amqps_with(&format!(
+            "ca_file = {}\nclient_cert_file = {}\nclient_key_file = {}",
+            path_str(&files.ca),
+            path_str(&files.cert),
+            path_str(&files.key)
+        )));
+        let tls = settings.amqp.tls.expect("[amqp.tls] is set");
+        assert_eq!(tls.ca.as_ref().unwrap().path, files.ca);
+        let lapin = tls.lapin_config();
+        assert_eq!(
+            lapin.cert_chain.as_deref(),
+            Some(std::fs::read_to_string(&files.ca).unwrap().as_str())
+        );
+        match lapin.identity {
+            Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key }) => {
+                assert_eq!(pem, std::fs::read(&files.cert).unwrap());
+                assert_eq!(key, std::fs::read(&files.key).unwrap());
+            }
+            other => panic!("expected the PEM client identity, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn amqps_without_tls_settings_uses_the_system_roots() {
+        let settings = accepted(&format!(
+            "[amqp]\nurl = \"amqps://worker:pw@rabbit.internal:5671/%2f\"\n{MAPPING}"
+        ));
+        assert_eq!(settings.amqp.tls, None);
+    }
+
+    #[test]
+    fn a_ca_file_alone_is_enough() {
+        let files = TlsFiles::new("ca-alone");
+        let settings = accepted(&amqps_with(&format!("ca_file = {}", path_str(&files.ca))));
+        let tls = settings.amqp.tls.unwrap();
+        assert!(tls.ca.is_some());
+        assert!(tls.client.is_none());
+        assert!(tls.lapin_config().identity.is_none());
+    }
+
+    #[test]
+    fn bad_tls_settings_are_refused_naming_the_key() {
+        let files = TlsFiles::new("refused");
+        let (ca, cert, key) = (
+            path_str(&files.ca),
+            path_str(&files.cert),
+            path_str(&files.key),
+        );
+        let missing = path_str(&files.dir.join("missing.pem"));
+        let not_pem = path_str(&files.not_pem);
+        let other_key = path_str(&files.other_key);
+        let cases: Vec<(&str, String, &str, &str)> = vec![
+            (
+                "ca_file_that_does_not_exist",
+                amqps_with(&format!("ca_file = {missing}")),
+                "amqp.tls.ca_file",
+                "cannot read",
+            ),
+            (
+                "ca_file_without_a_certificate",
+                amqps_with(&format!("ca_file = {not_pem}")),
+                "amqp.tls.ca_file",
+                "no PEM certificate",
+            ),
+            (
+                "ca_file_holding_a_key",
+                amqps_with(&format!("ca_file = {key}")),
+                "amqp.tls.ca_file",
+                "no PEM certificate",
+            ),
+            (
+                "empty_ca_file_path",
+                amqps_with("ca_file = \"\""),
+                "amqp.tls.ca_file",
+                "is empty",
+            ),
+            (
+                "certificate_without_its_key",
+                amqps_with(&format!("client_cert_file = {cert}")),
+                "amqp.tls.client_key_file",
+                "is missing",
+            ),
+            (
+                "key_without_its_certificate",
+                amqps_with(&format!("client_key_file = {key}")),
+                "amqp.tls.client_cert_file",
+                "is missing",
+            ),
+            (
+                "client_certificate_that_does_not_exist",
+                amqps_with(&format!(
+                    "client_cert_file = {missing}\nclient_key_file = {key}"
+                )),
+                "amqp.tls.client_cert_file",
+                "cannot read",
+            ),
+            (
+                "key_of_another_certificate",
+                amqps_with(&format!(
+                    "client_cert_file = {cert}\nclient_key_file = {other_key}"
+                )),
+                "amqp.tls.client_key_file",
+                "does not belong to the certificate",
+            ),
+            (
+                "key_file_that_is_not_a_key",
+                amqps_with(&format!(
+                    "client_cert_file = {cert}\nclient_key_file = {not_pem}"
+                )),
+                "amqp.tls.client_key_file",
+                "no PEM private key",
+            ),
+            (
+                "unknown_tls_key",
+                amqps_with(&format!("cafile = {ca}")),
+                "amqp.tls.cafile",
+                "not a known key",
+            ),
+            (
+                "tls_settings_with_a_plain_url",
+                format!(
+                    "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[amqp.tls]\nca_file = {ca}\n{MAPPING}"
+                ),
+                "amqp.tls",
+                "not encrypted",
+            ),
+            (
+                "tls_table_without_keys_and_the_default_url",
+                format!("[amqp.tls]\n{MAPPING}"),
+                "amqp.tls",
+                "use amqps://",
+            ),
+        ];
+        for (behaviour, text, expected_key, mentions) in cases {
+            let (key, reason) = refusal(&text, credentials);
+            assert_eq!(key, expected_key, "{behaviour}: {reason}");
+            assert!(reason.contains(mentions), "{behaviour}: {reason}");
+            assert!(!reason.contains(KEY_MARKER), "{behaviour}: {reason}");
+        }
+    }
+
+    #[test]
+    fn tls_settings_with_a_plain_url_from_the_environment_say_where_it_came_from() {
+        let files = TlsFiles::new("env-url");
+        let text = amqps_with(&format!("ca_file = {}", path_str(&files.ca)));
+        let (key, reason) = refusal(&text, |name| match name {
+            ENV_AMQP_URL => Some("amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            other => credentials(other),
+        });
+        assert_eq!(key, "amqp.tls");
+        assert!(reason.contains("AMQP_URL"), "{reason}");
+    }
+
+    #[test]
+    fn the_client_key_never_reaches_debug_or_check() {
+        let files = TlsFiles::new("key-hidden");
+        let settings = accepted(&amqps_with(&format!(
+            "ca_file = {}\nclient_cert_file = {}\nclient_key_file = {}",
+            path_str(&files.ca),
+            path_str(&files.cert),
+            path_str(&files.key)
+        )));
+        let key_pem = std::fs::read_to_string(&files.key).unwrap();
+        let key_body = key_pem.lines().nth(1).expect("a base64 line");
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains(key_body), "{debug}");
+        assert!(debug.contains("client.key"), "{debug}");
+        let printed = settings.redacted_toml();
+        assert!(!printed.contains(key_body), "{printed}");
+
+        let reloaded = Settings::from_toml(&printed, no_env).unwrap();
+        assert_eq!(reloaded.amqp.tls, settings.amqp.tls);
     }
 }

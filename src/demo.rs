@@ -72,7 +72,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     .context("cannot start the Listrak stand-in")?;
     let queue = format!("listrak-worker-demo.{}", std::process::id());
     let settings = settings(&amqp_url, &queue, &fake)?;
-    if let Err(error) = broker::connect(&amqp_url, "listrak-worker demo probe").await {
+    if let Err(error) = broker::connect(&settings.amqp, "listrak-worker demo probe").await {
         anyhow::bail!(
             "RabbitMQ is not reachable at {} ({error}).\n\
              Start it, then run the demo again:\n  \
@@ -83,7 +83,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         );
     }
 
-    let topology = Topology::new(&queue, &queue, &settings.retry.schedule);
+    let topology = Topology::of(&settings);
     let traffic = sample::generate(TrafficShape {
         events,
         people: (events / 5).max(10),
@@ -98,7 +98,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let published = publish_lines(
-        &amqp_url,
+        &settings.amqp,
         &topology,
         traffic.bodies.iter().map(|b| Ok(b.clone())),
         traffic.bodies.len() as u64,
@@ -117,11 +117,18 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
             }
         }
     };
-    worker::run(settings, api, metrics.clone(), Health::default(), drained).await?;
+    worker::run(
+        settings.clone(),
+        api,
+        metrics.clone(),
+        Health::default(),
+        drained,
+    )
+    .await?;
     let elapsed = started.elapsed();
 
     let cleanup = async {
-        let connection = broker::connect(&amqp_url, "listrak-worker demo cleanup").await?;
+        let connection = broker::connect(&settings.amqp, "listrak-worker demo cleanup").await?;
         let channel = connection.create_channel().await?;
         topology.delete(&channel).await?;
         connection.close(200, "done".into()).await

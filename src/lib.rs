@@ -28,6 +28,7 @@
 //! - [`listrak`]: the Listrak API client and its shared OAuth token.
 //! - [`settle`]: following each message to its acknowledgement; folding acks.
 //! - [`broker`]: connection, queue topology, confirmed publishing, headers.
+//! - [`tls`]: the broker's `amqps://` settings: CA and client certificate files.
 //! - [`worker`]: the session loop that drives everything, reconnection, shutdown.
 //! - [`telemetry`]: every metric, one function per occurrence.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
@@ -57,6 +58,7 @@ pub mod retry;
 pub mod sample;
 pub mod settle;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -114,17 +114,13 @@ impl ListrakClient {
                 .send()
                 .await
                 .map_err(|e| {
-                    format!(
-                        "token request to {} failed: {}",
-                        self.auth_url,
-                        e.without_url()
-                    )
+                    format!("token request to {} failed: {}", self.auth_url, describe(e))
                 })?;
             let status = response.status();
             let body = response
                 .bytes()
                 .await
-                .map_err(|e| format!("token answer unreadable: {}", e.without_url()))?;
+                .map_err(|e| format!("token answer unreadable: {}", describe(e)))?;
             if !status.is_success() {
                 let error: ListrakError = serde_json::from_slice(&body).unwrap_or_default();
                 return Err(format!(
@@ -171,7 +167,7 @@ impl ListrakClient {
             .await;
         let outcome = match result {
             Err(error) if error.is_timeout() => Outcome::Timeout,
-            Err(error) => Outcome::Connection(error.without_url().to_string()),
+            Err(error) => Outcome::Connection(describe(error)),
             Ok(response) => {
                 let status = response.status().as_u16();
                 let retry_after = response
@@ -181,7 +177,7 @@ impl ListrakClient {
                     .and_then(parse_retry_after);
                 match response.bytes().await {
                     Err(error) if error.is_timeout() => Outcome::Timeout,
-                    Err(error) => Outcome::Connection(error.without_url().to_string()),
+                    Err(error) => Outcome::Connection(describe(error)),
                     Ok(body) => Outcome::Answered {
                         status,
                         retry_after,
@@ -222,7 +218,26 @@ impl ListrakApi for ListrakClient {
     }
 }
 
-/// reqwest is built without a bundled TLS provider; this picks ring, once per process.
+/// A request error with its causes ("error sending request: ...: invalid peer certificate:
+/// UnknownIssuer"): reqwest's own message alone does not say what went wrong. The URL is left
+/// out; no cause carries the request body, where the client secret travels.
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+/// reqwest and lapin are built without a bundled rustls provider; this picks ring, once per
+/// process.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -104,7 +104,13 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(1)
+            // The configuration does not match the broker's queues: fixing it is a change
+            // of configuration (or of the queues), as for an invalid file.
+            if error.downcast_ref::<broker::TopologyMismatch>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
@@ -154,13 +160,8 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish { file } => {
-            let topology = broker::Topology::new(
-                &settings.amqp.exchange,
-                &settings.amqp.queue,
-                &settings.retry.schedule,
-            );
-            let published =
-                publish::publish_file(settings.amqp.url.expose(), &topology, &file).await?;
+            let topology = broker::Topology::of(&settings);
+            let published = publish::publish_file(&settings.amqp, &topology, &file).await?;
             println!(
                 "published {} messages to exchange {:?}{}",
                 published.messages,

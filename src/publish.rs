@@ -8,7 +8,8 @@ use anyhow::Context;
 use lapin::types::ShortString;
 use lapin::BasicProperties;
 
-use crate::broker::{self, wait_confirm, Publisher, Topology};
+use crate::broker::{self, wait_confirm, Publisher, Topology, TopologyMismatch};
+use crate::config::AmqpSettings;
 use crate::progress::Progress;
 
 /// Confirms awaited at once; enough to keep the broker busy, few enough to bound memory.
@@ -62,7 +63,7 @@ fn routing_key(body: &[u8]) -> String {
 
 /// Publishes every non-empty line of `path` to the topology's exchange, each confirmed.
 pub async fn publish_file(
-    url: &str,
+    amqp: &AmqpSettings,
     topology: &Topology,
     path: &Path,
 ) -> anyhow::Result<Published> {
@@ -74,21 +75,29 @@ pub async fn publish_file(
     )
     .lines()
     .map(|line| line.map(String::into_bytes));
-    publish_lines(url, topology, lines, total).await
+    publish_lines(amqp, topology, lines, total).await
 }
 
 /// Publishes bodies; `total` only sizes the progress bar.
 pub async fn publish_lines(
-    url: &str,
+    amqp: &AmqpSettings,
     topology: &Topology,
     bodies: impl IntoIterator<Item = std::io::Result<Vec<u8>>>,
     total: u64,
 ) -> anyhow::Result<Published> {
-    let connection = broker::connect(url, "listrak-worker publish")
+    let connection = broker::connect(amqp, "listrak-worker publish")
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ: {e}"))?;
     let publisher = Publisher::new(&connection).await?;
-    topology.declare(publisher.channel()).await?;
+    topology
+        .declare(publisher.channel())
+        .await
+        .map_err(
+            |error| match TopologyMismatch::from_declare(&error, topology) {
+                Some(mismatch) => anyhow::Error::from(mismatch),
+                None => error.into(),
+            },
+        )?;
     let progress = Progress::new("published", total);
     let mut published = Published::default();
     let mut window = VecDeque::with_capacity(CONFIRM_WINDOW);

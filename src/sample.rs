@@ -63,6 +63,10 @@ pub struct TrafficShape {
     pub poison_every: usize,
     /// One in this many events carries a timestamp older than the person's previous one.
     pub late_every: usize,
+    /// Each person appears at most once per audience, so every (list, contact, field) is
+    /// decided by one event and the final state does not depend on the order in which the
+    /// events are applied. Needs `people` × 4 audiences ≥ `events`.
+    pub one_event_per_field: bool,
     pub seed: u64,
 }
 
@@ -73,6 +77,7 @@ impl Default for TrafficShape {
             people: 600,
             poison_every: 97,
             late_every: 23,
+            one_event_per_field: false,
             seed: 7,
         }
     }
@@ -113,6 +118,16 @@ pub fn generate(shape: TrafficShape) -> Traffic {
     // (list, email, field) → (timestamp, publish index, value)
     let mut winners: BTreeMap<(u32, String, u32), (i64, usize, String)> = BTreeMap::new();
     let mut member: BTreeMap<(usize, &str), bool> = BTreeMap::new();
+    // Drawn only when asked for, so that the other shapes stay the traffic they were.
+    let pairs = shape.one_event_per_field.then(|| {
+        let pairs = shape.people * AUDIENCES.len();
+        assert!(
+            pairs >= shape.events,
+            "one event per field needs people × {} ≥ events",
+            AUDIENCES.len()
+        );
+        rand::seq::index::sample(&mut rng, pairs, shape.events)
+    });
 
     for index in 0..shape.events {
         if shape.poison_every > 0 && index % shape.poison_every == shape.poison_every / 2 {
@@ -142,8 +157,16 @@ pub fn generate(shape: TrafficShape) -> Traffic {
             bodies.push(body);
             continue;
         }
-        let person = rng.random_range(0..shape.people);
-        let audience = AUDIENCES[rng.random_range(0..AUDIENCES.len())];
+        let (person, audience) = match &pairs {
+            Some(pairs) => {
+                let pair = pairs.index(index);
+                (pair / AUDIENCES.len(), AUDIENCES[pair % AUDIENCES.len()])
+            }
+            None => (
+                rng.random_range(0..shape.people),
+                AUDIENCES[rng.random_range(0..AUDIENCES.len())],
+            ),
+        };
         let was = member.get(&(person, audience)).copied().unwrap_or(false);
         // Mostly a change of membership; sometimes a repeat of the current state.
         let entered = if rng.random_bool(0.8) { !was } else { was };
@@ -238,4 +261,54 @@ pub fn identify(audience: &str, member: bool, email: &str, index: usize, micros:
         }
     }))
     .expect("JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn one_event_per_field_names_each_person_once_per_audience() {
+        let traffic = generate(TrafficShape {
+            events: 2000,
+            people: 600,
+            poison_every: 0,
+            one_event_per_field: true,
+            ..TrafficShape::default()
+        });
+        let mut pairs = BTreeSet::new();
+        for body in &traffic.bodies {
+            let event: serde_json::Value = serde_json::from_slice(body).unwrap();
+            let text = |pointers: &[&str]| {
+                pointers
+                    .iter()
+                    .find_map(|p| event.pointer(p).and_then(|v| v.as_str()))
+                    .unwrap()
+                    .to_owned()
+            };
+            let email = text(&["/context/traits/email", "/traits/email"]);
+            let audience = text(&["/context/personas/computation_key"]);
+            assert!(
+                pairs.insert((email, audience)),
+                "a person appears twice in one audience"
+            );
+        }
+        assert_eq!(pairs.len(), 2000);
+        let fields_set: usize = traffic
+            .expected
+            .values()
+            .flat_map(|contacts| contacts.values())
+            .map(|fields| fields.len())
+            .sum();
+        let fields_of_events: usize = pairs
+            .iter()
+            .map(|(_, audience)| targets(audience).len())
+            .sum();
+        assert_eq!(
+            fields_set, fields_of_events,
+            "every field is decided by exactly one event"
+        );
+    }
 }

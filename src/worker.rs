@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::batch::{Batch, BatchLimits, Batcher};
-use crate::broker::{self, int_header, text_header, Publisher, RetryHeaders, Topology};
+use crate::broker::{
+    self, int_header, text_header, Publisher, RetryHeaders, Topology, TopologyMismatch,
+};
 use crate::concurrency::AdaptiveConcurrency;
 use crate::config::Settings;
 use crate::decode::decode;
@@ -111,11 +113,7 @@ impl<A: ListrakApi> Worker<A> {
         health: Health,
         stop: CancellationToken,
     ) -> Self {
-        let topology = Topology::new(
-            &settings.amqp.exchange,
-            &settings.amqp.queue,
-            &settings.retry.schedule,
-        );
+        let topology = Topology::of(&settings);
         let deliverer = Arc::new(Deliverer {
             api,
             concurrency: AdaptiveConcurrency::new(
@@ -147,7 +145,7 @@ impl<A: ListrakApi> Worker<A> {
             }
             let attempt = tokio::time::timeout(
                 BROKER_CALL_TIMEOUT,
-                broker::connect(self.settings.amqp.url.expose(), "listrak-worker"),
+                broker::connect(&self.settings.amqp, "listrak-worker"),
             );
             let attempt = tokio::select! {
                 attempt = attempt => attempt,
@@ -176,6 +174,10 @@ impl<A: ListrakApi> Worker<A> {
                 Ok(()) => {
                     bounded(connected.close(200, "shutdown".into())).await;
                     return Ok(());
+                }
+                Err(SessionError::Topology(mismatch)) => {
+                    bounded(connected.close(200, "topology mismatch".into())).await;
+                    return Err(mismatch.into());
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "broker session ended; reconnecting");
@@ -247,13 +249,21 @@ enum SessionError {
     Broker(#[from] lapin::Error),
     #[error("the broker ended the consumer")]
     ConsumerEnded,
+    /// Not a session failure: no later session can succeed either.
+    #[error(transparent)]
+    Topology(#[from] TopologyMismatch),
 }
 
 impl<'w, A: ListrakApi> Session<'w, A> {
     async fn run(worker: &'w Worker<A>, connection: &Connection) -> Result<(), SessionError> {
         let settings = &worker.settings;
         let channel = connection.create_channel().await?;
-        worker.topology.declare(&channel).await?;
+        worker.topology.declare(&channel).await.map_err(|error| {
+            match TopologyMismatch::from_declare(&error, &worker.topology) {
+                Some(mismatch) => SessionError::Topology(mismatch),
+                None => SessionError::Broker(error),
+            }
+        })?;
         channel
             .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
             .await?;

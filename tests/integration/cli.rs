@@ -67,6 +67,12 @@ fn a_bad_configuration_is_refused_with_exit_2_naming_the_key() {
             VALID.split("[[mappings]]").next().unwrap().to_string(),
             "mappings",
         ),
+        (
+            format!(
+                "[amqp]\nurl = \"amqps://rabbit.internal/%2f\"\n[amqp.tls]\nca_file = \"/nonexistent/ca.pem\"\n{VALID}"
+            ),
+            "amqp.tls.ca_file",
+        ),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = write_config(&format!("bad{i}"), text);

@@ -561,7 +561,7 @@ async fn an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves
         ],
     );
     let publisher = listrak_worker::broker::Publisher::new(
-        &listrak_worker::broker::connect(&crate::support::amqp_url(), "test")
+        &listrak_worker::broker::connect(&crate::support::direct(&h.settings.amqp), "test")
             .await
             .unwrap(),
     )

@@ -6,4 +6,6 @@ mod faults;
 mod logs;
 mod pipeline;
 mod process;
+mod replicas;
 mod support;
+mod tls;

@@ -1,50 +1,11 @@
 //! The worker as a process: signals and crashes lose nothing.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use listrak_worker::fake::Faults;
 use listrak_worker::sample::{self, TrafficShape};
 
-use crate::support::{settings_text, Harness, Knobs};
-
-fn spawn_worker(h: &Harness, knobs: &Knobs) -> (Child, std::path::PathBuf) {
-    let text = settings_text(
-        &h.topology.queue,
-        &h.fake.api_url(),
-        &h.fake.auth_url(),
-        knobs,
-    );
-    let path = std::env::temp_dir().join(format!("{}.toml", h.topology.queue));
-    std::fs::write(&path, text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    (child, path)
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-async fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the worker did not exit in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::support::{Harness, Knobs, WorkerProcess};
 
 /// Publishes a backlog, lets a worker process start on it, interrupts it with `signal_name`,
 /// then lets an in-process worker finish: the final state must be exactly what the events
@@ -72,16 +33,15 @@ async fn interrupted_run_loses_nothing(test: &str, signal_name: &str) -> std::pr
     )
     .await;
     h.publish(&traffic.bodies).await;
-    let (child, config) = spawn_worker(&h, &knobs);
+    let mut worker = WorkerProcess::spawn(&h, "interrupted", &knobs);
     h.wait_for(
         "the worker process to send requests",
         Duration::from_secs(30),
         |h| h.fake.requests().len() >= 5,
     )
     .await;
-    signal(&child, signal_name);
-    let status = wait_exit(child, Duration::from_secs(30)).await;
-    let _ = std::fs::remove_file(config);
+    worker.signal(signal_name);
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
     let left = h.depth(&h.topology.queue).await;
     assert!(
         left > 0,

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use listrak_worker::broker::{self, as_text, Topology};
-use listrak_worker::config::Settings;
+use listrak_worker::config::{AmqpSettings, Secret, Settings};
 use listrak_worker::fake::{FakeOptions, FakeServer, Faults};
 use listrak_worker::listrak::ListrakClient;
 use listrak_worker::publish::event_properties;
@@ -25,6 +27,16 @@ pub fn amqp_url() -> String {
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The broker settings of the test's own connections: straight to the broker, whatever
+/// route the worker is given (a relay, a TLS proxy).
+pub fn direct(amqp: &AmqpSettings) -> AmqpSettings {
+    AmqpSettings {
+        url: Secret::new(amqp_url()),
+        tls: None,
+        ..amqp.clone()
+    }
 }
 
 /// The knobs tests turn; everything else is the demo's configuration.
@@ -42,6 +54,11 @@ pub struct Knobs {
     pub superseded_capacity: usize,
     /// The broker URL the worker uses, when not the test's own (a relay, say).
     pub worker_amqp_url: Option<String>,
+    /// The keys of an `[amqp.tls]` table.
+    pub amqp_tls: Option<String>,
+    pub single_active_consumer: bool,
+    /// `http.listen`.
+    pub http_listen: String,
 }
 
 impl Default for Knobs {
@@ -58,6 +75,9 @@ impl Default for Knobs {
             request_timeout: "5s",
             superseded_capacity: 100_000,
             worker_amqp_url: None,
+            amqp_tls: None,
+            single_active_consumer: false,
+            http_listen: "127.0.0.1:0".to_owned(),
         }
     }
 }
@@ -71,7 +91,8 @@ url = "{amqp}"
 exchange = "{queue}"
 queue = "{queue}"
 prefetch = {prefetch}
-
+single_active_consumer = {single_active_consumer}
+{tls}
 [listrak]
 client_id = "{client_id}"
 client_secret = "{client_secret}"
@@ -90,7 +111,7 @@ max_age = "{max_age}"
 in_process = "{in_process}"
 
 [http]
-listen = "127.0.0.1:0"
+listen = "{http_listen}"
 
 [shutdown]
 grace = "{grace}"
@@ -99,9 +120,16 @@ grace = "{grace}"
 capacity = {superseded_capacity}
 {MAPPINGS_TOML}"#,
         amqp = knobs.worker_amqp_url.clone().unwrap_or_else(amqp_url),
+        tls = knobs
+            .amqp_tls
+            .as_ref()
+            .map(|keys| format!("\n[amqp.tls]\n{keys}\n"))
+            .unwrap_or_default(),
         client_id = options.client_id,
         client_secret = options.client_secret,
         prefetch = knobs.prefetch,
+        single_active_consumer = knobs.single_active_consumer,
+        http_listen = knobs.http_listen,
         request_timeout = knobs.request_timeout,
         max_concurrency = knobs.max_concurrency,
         max_contacts = knobs.max_contacts,
@@ -173,8 +201,8 @@ impl Harness {
         let queue = unique_queue(test);
         let text = settings_text(&queue, &fake.api_url(), &fake.auth_url(), &knobs);
         let settings = Settings::from_toml(&text, |_| None).expect("valid test settings");
-        let topology = Topology::new(&queue, &queue, &settings.retry.schedule);
-        let connection = broker::connect(&amqp_url(), "listrak-worker tests")
+        let topology = Topology::of(&settings);
+        let connection = broker::connect(&direct(&settings.amqp), "listrak-worker tests")
             .await
             .expect("RabbitMQ is running (see README)");
         let publisher = broker::Publisher::new(&connection).await.unwrap();
@@ -351,6 +379,182 @@ pub fn counts<'a>(
             .or_default() += 1;
     }
     counts
+}
+
+/// The worker binary, run on a harness's queues with a configuration file of its own and its
+/// operations endpoint (`/metrics`, `/readyz`) on a loopback port picked for it.
+pub struct WorkerProcess {
+    child: Child,
+    config: PathBuf,
+    ops: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl WorkerProcess {
+    /// Starts `listrak-worker run`; `name` tells this process's configuration file apart.
+    pub fn spawn(h: &Harness, name: &str, knobs: &Knobs) -> WorkerProcess {
+        let (config, ops) = write_process_config(h, name, knobs);
+        let child = Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        listrak_worker::listrak::install_crypto_provider();
+        WorkerProcess {
+            child,
+            config,
+            ops,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Runs `listrak-worker run` expecting it to stop by itself; its exit status and stderr.
+    pub async fn run_to_exit(
+        h: &Harness,
+        name: &str,
+        knobs: &Knobs,
+        within: Duration,
+    ) -> (ExitStatus, String) {
+        let (config, ops) = write_process_config(h, name, knobs);
+        let child = Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut process = WorkerProcess {
+            child,
+            config,
+            ops,
+            http: reqwest::Client::new(),
+        };
+        let status = process.wait_exit(within).await;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = process.child.stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+        }
+        (status, stderr)
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The `/metrics` text, or `None` while the endpoint is not up.
+    pub async fn metrics(&self) -> Option<String> {
+        let response = self
+            .http
+            .get(format!("http://{}/metrics", self.ops))
+            .send()
+            .await
+            .ok()?;
+        response.text().await.ok()
+    }
+
+    /// The sum of every sample of a counter (all its labels); 0 while the endpoint is not up.
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.metrics()
+            .await
+            .map_or(0.0, |text| counter_total(&text, name)) as u64
+    }
+
+    pub async fn acked(&self) -> u64 {
+        self.counter("listrak_messages_acked_total").await
+    }
+
+    pub async fn received(&self) -> u64 {
+        self.counter("listrak_messages_received_total").await
+    }
+
+    /// Waits until `/readyz` answers 200: connected and consuming.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = self
+                .http
+                .get(format!("http://{}/readyz", self.ops))
+                .send()
+                .await
+                .is_ok_and(|response| response.status().is_success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker was not ready in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not exit in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    /// A failed test leaves no worker behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Writes the configuration of one worker process, with `http.listen` on a free port.
+fn write_process_config(h: &Harness, name: &str, knobs: &Knobs) -> (PathBuf, SocketAddr) {
+    // Bound and released at once: another process could take the port in between, which on
+    // loopback in a test run does not happen in practice.
+    let ops = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let knobs = Knobs {
+        http_listen: ops.to_string(),
+        ..knobs.clone()
+    };
+    let text = settings_text(
+        &h.topology.queue,
+        &h.fake.api_url(),
+        &h.fake.auth_url(),
+        &knobs,
+    );
+    let config = std::env::temp_dir().join(format!("{}.{name}.toml", h.topology.queue));
+    std::fs::write(&config, text).unwrap();
+    (config, ops)
+}
+
+/// The sum of every sample of `name` in Prometheus text (`name{labels} value` lines).
+pub fn counter_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A direct update body for `list`, setting `field` to `value`.
