@@ -167,7 +167,7 @@ async fn publish_all(
 async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<f64> {
     let queue = format!("listrak-bench.baseline.{}", std::process::id());
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
-    let connection = broker::connect(&options.amqp_url, "listrak-bench baseline").await?;
+    let connection = broker::connect_url(&options.amqp_url, "listrak-bench baseline").await?;
     let publisher = Publisher::new(&connection).await?;
     topology.declare(publisher.channel()).await?;
     publish_all(&publisher, &topology.exchange, bodies).await?;
@@ -315,7 +315,7 @@ async fn with_queue<T>(
     run: impl AsyncFnOnce(&Publisher, &Topology) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let queue = format!("listrak-bench.{tag}.{}", std::process::id());
-    let connection = broker::connect(&options.amqp_url, "listrak-bench").await?;
+    let connection = broker::connect_url(&options.amqp_url, "listrak-bench").await?;
     let publisher = Publisher::new(&connection).await?;
     let topology = Topology::new(
         &queue,

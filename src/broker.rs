@@ -195,6 +195,20 @@ pub async fn connect(amqp: &AmqpSettings, name: &str) -> lapin::Result<Connectio
     .await
 }
 
+/// Opens a connection from a URL alone (system roots for `amqps://`), for tools that take
+/// no configuration file.
+pub async fn connect_url(url: &str, name: &str) -> lapin::Result<Connection> {
+    install_crypto_provider();
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_with_config(
+        url,
+        properties,
+        Default::default(),
+        lapin::runtime::default_runtime()?,
+    )
+    .await
+}
+
 /// The broker holds a queue or exchange of ours declared with other arguments than the
 /// configuration asks for (RabbitMQ's PRECONDITION_FAILED). RabbitMQ never changes the
 /// arguments of an existing queue, so trying again cannot help: say what to do instead.
