@@ -2,8 +2,10 @@
 //! crate links once; each test uses queues of its own and deletes them.
 
 mod cli;
+mod deploy_files;
 mod faults;
 mod logs;
+mod observability;
 mod pipeline;
 mod process;
 mod replicas;
