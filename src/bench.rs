@@ -70,7 +70,8 @@ pub struct Report {
 /// Returns the bodies and, per list, how many distinct contacts they touch.
 fn engage_events(events: usize, lists: usize, seed: u64) -> (Vec<Vec<u8>>, Vec<usize>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let people = (events / 2).max(1);
+    // About 6% of events flip a contact already seen on the same list.
+    let people = events.max(1);
     let mut member: HashMap<(usize, usize), bool> = HashMap::new();
     let mut contacts: Vec<HashSet<usize>> = vec![HashSet::new(); lists];
     let mut bodies = Vec::with_capacity(events);

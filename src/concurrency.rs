@@ -1,10 +1,15 @@
 //! Adaptive request concurrency: how many requests Listrak gets at once, learned from its
 //! answers (additive increase, multiplicative decrease), between 1 and a configured maximum.
 //!
-//! Modelled on Vector's adaptive request concurrency, with two changes: a 429, 5xx or
+//! Modelled on Vector's adaptive request concurrency, with three changes: a 429, 5xx or
 //! timeout cuts the limit at most once per round trip (a burst of failures from one
-//! overload is one signal, not ten), and the limit only grows while it is actually used.
+//! overload is one signal, not ten); the limit only grows while it is actually used; and a
+//! 429 also sets a request *rate*, because a rate limit is what a 429 announces. Concurrency
+//! alone cannot fit under one: at concurrency 1 a fast API still takes more requests per
+//! second than it allows. The rate starts just under what Listrak accepted in the last
+//! second, grows by a small share every second without a 429, and is cut again at the next.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,8 +22,10 @@ use crate::telemetry::Metrics;
 pub enum Signal {
     /// Answered in time and without a sign of overload.
     Healthy,
-    /// 429, 5xx, timeout or connection failure.
+    /// 5xx, timeout or connection failure.
     Overloaded,
+    /// 429: too many requests per unit of time.
+    Throttled,
     /// Says nothing about load (401, 4xx rejections).
     Neutral,
 }
@@ -38,6 +45,14 @@ struct State {
     rtt: Option<f64>,
     samples: u32,
     last_decrease: Instant,
+    /// Requests per second allowed since the last 429, if one came; `None`: no cap.
+    rate: Option<f64>,
+    /// The earliest start of the next request under `rate`.
+    next_start: Instant,
+    last_rate_change: Instant,
+    last_throttled: Instant,
+    /// When the accepted requests of the last second were answered.
+    accepted: VecDeque<Instant>,
 }
 
 /// A slot for one request; dropping it without `record` counts as neutral.
@@ -53,6 +68,13 @@ const LATENCY_DECREASE: f64 = 0.9;
 const RTT_SMOOTHING: f64 = 0.1;
 /// A round trip this many times the baseline counts as a sign of overload.
 const LATENCY_TOLERANCE: f64 = 2.0;
+/// On a 429, the rate drops to this share of what was accepted in the last second…
+const RATE_DECREASE: f64 = 0.9;
+/// …and, from a few seconds after a cut (the bucket behind a rate limit refills first),
+/// grows by this share for every second without one.
+const RATE_INCREASE: f64 = 0.01;
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+const RATE_SETTLE: Duration = Duration::from_secs(3);
 
 impl AdaptiveConcurrency {
     pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
@@ -67,6 +89,11 @@ impl AdaptiveConcurrency {
                 rtt: None,
                 samples: 0,
                 last_decrease: Instant::now(),
+                rate: None,
+                next_start: Instant::now(),
+                last_rate_change: Instant::now(),
+                last_throttled: Instant::now(),
+                accepted: VecDeque::new(),
             }),
             released: Notify::new(),
             metrics,
@@ -77,22 +104,39 @@ impl AdaptiveConcurrency {
         self.state.lock().expect("limit lock").limit as usize
     }
 
+    /// The request rate in force since the last 429, if any.
+    pub fn rate(&self) -> Option<f64> {
+        self.state.lock().expect("limit lock").rate
+    }
+
     pub async fn acquire(self: &Arc<Self>) -> Permit {
         loop {
             let notified = self.released.notified();
-            {
+            let wait_for_rate = {
                 let mut state = self.state.lock().expect("limit lock");
                 let limit = state.limit as usize;
-                if state.in_flight < limit {
+                let now = Instant::now();
+                if state.in_flight >= limit {
+                    None
+                } else if state.rate.is_some() && now < state.next_start {
+                    Some(state.next_start - now)
+                } else {
+                    if let Some(rate) = state.rate {
+                        state.next_start =
+                            state.next_start.max(now) + Duration::from_secs_f64(1.0 / rate);
+                    }
                     state.in_flight += 1;
                     return Permit {
                         owner: Arc::clone(self),
                         saturated: state.in_flight >= limit,
-                        started: Instant::now(),
+                        started: now,
                     };
                 }
+            };
+            match wait_for_rate {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => notified.await,
             }
-            notified.await;
         }
     }
 
@@ -102,7 +146,40 @@ impl AdaptiveConcurrency {
         let rtt = rtt.as_secs_f64();
         let baseline = state.rtt.unwrap_or(rtt);
         let once_per_round_trip = now.duration_since(state.last_decrease).as_secs_f64() >= baseline;
+        while state
+            .accepted
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > RATE_WINDOW)
+        {
+            state.accepted.pop_front();
+        }
+        let rate_may_change = now.duration_since(state.last_rate_change) >= RATE_WINDOW;
+        if signal == Signal::Healthy {
+            state.accepted.push_back(now);
+            let settled = now.duration_since(state.last_throttled) >= RATE_SETTLE;
+            if let (Some(rate), true, true) = (state.rate, rate_may_change, settled) {
+                state.rate = Some(rate * (1.0 + RATE_INCREASE));
+                state.last_rate_change = now;
+            }
+        }
         match signal {
+            Signal::Throttled => {
+                state.last_throttled = now;
+                if rate_may_change {
+                    let accepted = state.accepted.len().max(1) as f64;
+                    let current = state.rate.unwrap_or(f64::MAX).min(accepted);
+                    state.rate = Some((current * RATE_DECREASE).max(1.0));
+                    state.last_rate_change = now;
+                    tracing::info!(
+                        rate = state.rate,
+                        "Listrak throttles: capping the request rate"
+                    );
+                }
+                if once_per_round_trip {
+                    state.limit = (state.limit * DECREASE).max(1.0);
+                    state.last_decrease = now;
+                }
+            }
             Signal::Overloaded if once_per_round_trip => {
                 state.limit = (state.limit * DECREASE).max(1.0);
                 state.last_decrease = now;
@@ -194,6 +271,44 @@ mod tests {
             limiter.acquire().await.record(Signal::Healthy);
         }
         assert_eq!(limiter.limit(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_429_caps_the_rate_under_what_was_accepted_and_the_cap_then_grows() {
+        let limiter = AdaptiveConcurrency::new(4, Metrics::new(10));
+        assert_eq!(limiter.rate(), None);
+        for _ in 0..20 {
+            limiter.acquire().await.record(Signal::Healthy);
+        }
+        std::thread::sleep(RATE_WINDOW);
+        for _ in 0..10 {
+            limiter.acquire().await.record(Signal::Healthy);
+        }
+        limiter.acquire().await.record(Signal::Throttled);
+        let capped = limiter.rate().expect("a 429 sets a rate");
+        assert!(
+            (capped - 9.0).abs() < 0.01,
+            "90% of the 10 accepted in the last second: {capped}"
+        );
+
+        // Requests are now spaced by 1/rate.
+        let started = Instant::now();
+        for _ in 0..4 {
+            limiter.acquire().await.record(Signal::Neutral);
+        }
+        assert!(started.elapsed() >= Duration::from_secs_f64(3.0 / capped));
+
+        std::thread::sleep(RATE_SETTLE);
+        limiter.acquire().await.record(Signal::Healthy);
+        assert!(limiter.rate().unwrap() > capped, "grows without 429s");
+    }
+
+    #[tokio::test]
+    async fn a_5xx_lowers_concurrency_but_sets_no_rate() {
+        let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
+        std::thread::sleep(Duration::from_millis(2));
+        limiter.acquire().await.record(Signal::Overloaded);
+        assert_eq!(limiter.rate(), None);
     }
 
     #[tokio::test]

@@ -130,6 +130,11 @@ impl<A: ListrakApi> Deliverer<A> {
                 let class = classify(&outcome, sent.len());
                 permit.record(match class {
                     Class::Ok => Signal::Healthy,
+                    Class::Systemic { .. }
+                        if matches!(outcome, Outcome::Answered { status: 429, .. }) =>
+                    {
+                        Signal::Throttled
+                    }
                     Class::Systemic { .. } => Signal::Overloaded,
                     _ => Signal::Neutral,
                 });
