@@ -55,7 +55,7 @@ impl Health {
 const ACK_TICK: Duration = Duration::from_millis(20);
 /// How long a settled message may wait for the ones delivered before it, so one `multiple`
 /// ack covers them all (see `settle::Acks`).
-const ACK_HOLD: Duration = Duration::from_millis(250);
+const ACK_HOLD: Duration = Duration::from_millis(100);
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -231,7 +231,8 @@ struct Session<'w, A> {
     channel: Channel,
     publisher: Publisher,
     batcher: Batcher,
-    ledger: Ledger<Original>,
+    /// Boxed: thousands are in hand at once, and a small table entry keeps the ledger compact.
+    ledger: Ledger<Box<Original>>,
     acks: Acks,
     lanes: HashMap<ListId, ListLane>,
     reports: mpsc::UnboundedSender<Report>,
@@ -408,7 +409,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Ok(updates) => updates,
         };
 
-        self.ledger.open(tag, original);
+        self.ledger.open(tag, Box::new(original));
         let deliverer = &self.worker.deliverer;
         let started = Instant::now();
         for mut update in updates {
@@ -500,12 +501,12 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
     }
 
-    fn settle(&mut self, tag: u64, original: Original, settlement: Settlement) {
+    fn settle(&mut self, tag: u64, original: Box<Original>, settlement: Settlement) {
         match settlement {
             Settlement::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
             Settlement::Abandon => {}
-            Settlement::DeadLetter(rejection) => self.dead_letter(tag, original, rejection),
-            Settlement::Retry => self.retry_later(tag, original),
+            Settlement::DeadLetter(rejection) => self.dead_letter(tag, *original, rejection),
+            Settlement::Retry => self.retry_later(tag, *original),
         }
     }
 
