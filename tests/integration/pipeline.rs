@@ -364,35 +364,3 @@ async fn a_direct_profile_update_is_applied_as_given() {
     );
     h.finish().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_older_than_an_applied_one_is_acked_as_superseded() {
-    let mut h = Harness::new("superseded", Faults::default(), Knobs::default()).await;
-    h.start_worker();
-    let who = email(9);
-    h.publish(&[track(
-        "Audience Exited",
-        "vip_customers",
-        false,
-        &who,
-        2,
-        BASE_MICROS + SECOND,
-    )])
-    .await;
-    h.wait_acked(1, Duration::from_secs(20)).await;
-    // An old "entered", retried or late, arrives after the newer "exited" was applied.
-    h.publish(&[track(
-        "Audience Entered",
-        "vip_customers",
-        true,
-        &who,
-        1,
-        BASE_MICROS,
-    )])
-    .await;
-    h.wait_acked(2, Duration::from_secs(20)).await;
-    assert_eq!(h.fake.value(1001, &who, 101).as_deref(), Some("off"));
-    assert_eq!(h.acked_as("superseded"), 1);
-    assert_eq!(h.fake.requests().len(), 1);
-    h.finish().await;
-}
