@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use listrak_worker::fake::Faults;
 use listrak_worker::sample::{self, email, track, TrafficShape, BASE_MICROS};
 
-use crate::support::{profile_update, Harness, Knobs, Relay};
+use crate::support::{profile_update, report_fault, Harness, Knobs, Relay};
 
 const SECOND: i64 = 1_000_000;
 
@@ -55,6 +55,7 @@ async fn thirty_percent_of_5xx_answers_apply_everything_and_dead_letter_nothing(
     )
     .await;
     h.publish(&traffic.bodies).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(90))
         .await;
@@ -70,6 +71,11 @@ async fn thirty_percent_of_5xx_answers_apply_everything_and_dead_letter_nothing(
             .sample("listrak_retries_total", &[("class", "systemic")]) as usize,
         failed,
         "each 503 was retried"
+    );
+    report_fault(
+        &h,
+        "thirty_percent_of_5xx_answers_apply_everything_and_dead_letter_nothing",
+        started,
     );
     h.finish().await;
 }
@@ -120,6 +126,7 @@ async fn a_429_storm_lowers_the_concurrency_which_comes_back_after() {
             }
         }
     });
+    let started = Instant::now();
     h.start_worker();
 
     h.publish(&wave(WAVE, 1)).await;
@@ -173,6 +180,11 @@ async fn a_429_storm_lowers_the_concurrency_which_comes_back_after() {
     );
     assert!(h.fake.status_counts().get(&429).copied().unwrap_or(0) > 0);
     assert!(h.take_dead_letters().await.is_empty());
+    report_fault(
+        &h,
+        "a_429_storm_lowers_the_concurrency_which_comes_back_after",
+        started,
+    );
     h.finish().await;
 }
 
@@ -194,6 +206,7 @@ async fn an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queu
     )
     .await;
     h.publish(&traffic.bodies).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(30))
         .await;
@@ -212,6 +225,7 @@ async fn an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queu
     for (queue, _) in &h.topology.retries {
         assert_eq!(h.depth(queue).await, 0, "{queue} drained");
     }
+    report_fault(&h, "an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queues_and_applies_everything", started);
     h.finish().await;
 }
 
@@ -240,6 +254,7 @@ async fn failures_past_max_age_are_dead_lettered_as_retries_exhausted() {
         BASE_MICROS,
     );
     h.publish(std::slice::from_ref(&body)).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_for(
         "the message to be dead-lettered",
@@ -261,6 +276,11 @@ async fn failures_past_max_age_are_dead_lettered_as_retries_exhausted() {
         .unwrap();
     assert!(attempts >= 1, "it went through the retry queue first");
     assert!(dead[0].header("x-listrak-first-failed-at").is_some());
+    report_fault(
+        &h,
+        "failures_past_max_age_are_dead_lettered_as_retries_exhausted",
+        started,
+    );
     h.finish().await;
 }
 
@@ -280,8 +300,8 @@ async fn tokens_expiring_every_few_seconds_are_refreshed_one_at_a_time_and_nothi
         },
     )
     .await;
-    h.start_worker();
     let started = Instant::now();
+    h.start_worker();
     let mut published = 0;
     let mut expected: BTreeMap<(u32, String), String> = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(7) {
@@ -316,6 +336,11 @@ async fn tokens_expiring_every_few_seconds_are_refreshed_one_at_a_time_and_nothi
         0.0
     );
     assert!(h.take_dead_letters().await.is_empty());
+    report_fault(
+        &h,
+        "tokens_expiring_every_few_seconds_are_refreshed_one_at_a_time_and_nothing_fails",
+        started,
+    );
     h.finish().await;
 }
 
@@ -338,6 +363,7 @@ async fn a_batch_of_1000_with_3_rejected_emails_dead_letters_exactly_those_3() {
         .map(|i| profile_update(3003, &email(i), 9, "on", BASE_MICROS + i as i64))
         .collect();
     h.publish(&bodies).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_acked(1000, Duration::from_secs(30)).await;
 
@@ -371,6 +397,11 @@ async fn a_batch_of_1000_with_3_rejected_emails_dead_letters_exactly_those_3() {
     }
     let requests = h.fake.requests().len();
     assert!(requests <= 5, "close to the minimum of 4: {requests}");
+    report_fault(
+        &h,
+        "a_batch_of_1000_with_3_rejected_emails_dead_letters_exactly_those_3",
+        started,
+    );
     h.finish().await;
 }
 
@@ -394,6 +425,7 @@ async fn a_body_size_limit_applies_everything_in_smaller_batches_and_is_remember
             .collect()
     };
     h.publish(&wave(0)).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_acked(1000, Duration::from_secs(30)).await;
     let first_wave_requests = h.fake.requests().len();
@@ -409,6 +441,11 @@ async fn a_body_size_limit_applies_everything_in_smaller_batches_and_is_remember
     assert!(second_wave.iter().all(|r| r.body_bytes <= 20_000));
     assert_eq!(h.fake.contacts()[&4004].len(), 2000);
     assert!(h.take_dead_letters().await.is_empty());
+    report_fault(
+        &h,
+        "a_body_size_limit_applies_everything_in_smaller_batches_and_is_remembered",
+        started,
+    );
     h.finish().await;
 }
 
@@ -431,6 +468,7 @@ async fn an_unknown_list_dead_letters_its_messages_as_list_not_found() {
         .collect();
     h.publish(&missing).await;
     h.publish(&fine).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_acked(100, Duration::from_secs(30)).await;
     let dead = h.take_dead_letters().await;
@@ -453,6 +491,11 @@ async fn an_unknown_list_dead_letters_its_messages_as_list_not_found() {
             .filter(|r| r.list_id == Some(999))
             .count()
             <= 3
+    );
+    report_fault(
+        &h,
+        "an_unknown_list_dead_letters_its_messages_as_list_not_found",
+        started,
     );
     h.finish().await;
 }
@@ -493,6 +536,7 @@ async fn a_broker_connection_cut_mid_run_loses_nothing_and_readiness_follows_it(
     };
 
     h.publish(&traffic.bodies).await;
+    let started = Instant::now();
     h.start_worker();
     h.wait_for("some progress", Duration::from_secs(30), |h| {
         h.fake.requests().len() >= 5
@@ -524,12 +568,18 @@ async fn a_broker_connection_cut_mid_run_loses_nothing_and_readiness_follows_it(
     assert!(h.metrics.sample("listrak_amqp_reconnects_total", &[]) >= 1.0);
     assert!(h.take_dead_letters().await.is_empty());
     assert_eq!(h.depth(&h.topology.queue).await, 0);
+    report_fault(
+        &h,
+        "a_broker_connection_cut_mid_run_loses_nothing_and_readiness_follows_it",
+        started,
+    );
     h.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves_the_field_off() {
     let mut h = Harness::new("late_retry", Faults::default(), Knobs::default()).await;
+    let started = Instant::now();
     h.start_worker();
     let who = email(5);
     h.publish(&[track(
@@ -574,5 +624,10 @@ async fn an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves
     h.wait_acked(2, Duration::from_secs(20)).await;
     assert_eq!(h.fake.value(1001, &who, 101).as_deref(), Some("off"));
     assert_eq!(h.acked_as("superseded"), 1);
+    report_fault(
+        &h,
+        "an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves_the_field_off",
+        started,
+    );
     h.finish().await;
 }

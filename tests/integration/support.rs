@@ -665,3 +665,18 @@ pub async fn scrape(h: &Harness) -> BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// One line on what the worker did under a fault (shown with `--nocapture`): requests by
+/// status, retries, and how long the test took to see everything settled.
+pub fn report_fault(h: &Harness, fault: &str, started: Instant) {
+    let statuses = h.fake.status_counts();
+    let requests: usize = statuses.values().sum();
+    println!(
+        "fault report: {fault}: {requests} requests {statuses:?}, retries systemic {} auth {} ambiguous {}, retry-queue round trips {}, settled in {:.1}s",
+        h.metrics.sample("listrak_retries_total", &[("class", "systemic")]),
+        h.metrics.sample("listrak_retries_total", &[("class", "auth")]),
+        h.metrics.sample("listrak_retries_total", &[("class", "ambiguous")]),
+        h.acked_as("retry_scheduled"),
+        started.elapsed().as_secs_f64()
+    );
+}
