@@ -74,13 +74,6 @@ impl<T> Ledger<T> {
         }
     }
 
-    /// An update of this message was already superseded when it arrived.
-    pub fn superseded_on_arrival(&mut self, tag: u64) {
-        if let Some(pending) = self.pending.get_mut(&tag) {
-            merge(&mut pending.worst, &Verdict::Superseded);
-        }
-    }
-
     /// Every update of the message has been added.
     pub fn seal(&mut self, tag: u64) -> Option<(T, Settlement)> {
         let pending = self.pending.get_mut(&tag)?;
@@ -295,17 +288,6 @@ mod tests {
             }
             assert_eq!(settled, Some(((), expected.clone())), "{verdicts:?}");
         }
-    }
-
-    #[test]
-    fn a_message_whose_updates_were_all_superseded_on_arrival_is_acked_as_superseded() {
-        let mut ledger = Ledger::default();
-        ledger.open(4, ());
-        ledger.superseded_on_arrival(4);
-        assert_eq!(
-            ledger.seal(4),
-            Some(((), Settlement::Ack(AckOutcome::Superseded)))
-        );
     }
 
     #[test]

@@ -412,19 +412,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         self.ledger.open(tag, Box::new(original));
         let deliverer = &self.worker.deliverer;
         let started = Instant::now();
-        for mut update in updates {
-            update.fields.retain(|(field, _)| {
-                !deliverer.guard.is_superseded(
-                    update.list_id,
-                    &update.email,
-                    *field,
-                    update.timestamp,
-                )
-            });
-            if update.fields.is_empty() {
-                self.ledger.superseded_on_arrival(tag);
-                continue;
-            }
+        // Updates older than what was applied are recognised when their batch is sent (the
+        // guard is consulted there anyway, as a newer value may be applied meanwhile).
+        for update in updates {
             let ceiling = deliverer.ceilings.get(update.list_id).unwrap_or(usize::MAX);
             let added = self.batcher.add_with_ceiling(tag, update, started, ceiling);
             if added.new_part {
