@@ -32,6 +32,7 @@
 //! - [`telemetry`]: every metric, one function per occurrence.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`publish`], [`progress`]: the `publish` command.
+//! - [`dlq`]: dead letters: what they say, filters, stats, the export format.
 //! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
 //! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
 
@@ -43,6 +44,7 @@ pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod demo;
+pub mod dlq;
 pub mod fake;
 pub mod guard;
 pub mod http;
