@@ -32,7 +32,7 @@
 //! - [`telemetry`]: every metric, one function per occurrence.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`publish`], [`progress`]: the `publish` command.
-//! - [`dlq`]: dead letters: what they say, filters, stats, the export format.
+//! - [`dlq`]: the `dlq` commands: stats, peek, replay, export and purge of dead letters.
 //! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
 //! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
 
