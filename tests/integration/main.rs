@@ -2,6 +2,7 @@
 //! crate links once; each test uses queues of its own and deletes them.
 
 mod cli;
+mod dlq;
 mod pipeline;
 mod process;
 mod support;
