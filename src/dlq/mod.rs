@@ -1,20 +1,21 @@
 //! The `dlq` commands: inspect, replay, export and purge the dead-letter queue.
 //!
-//! Every command walks the dead-letter queue (see [`walk`]): it handles at most the messages
-//! present when it started, in queue order, and leaves the others exactly where they were.
+//! Every command walks the dead-letter queue ([`walk`]): it handles at most the messages
+//! present when it started, in queue order, each once, and never loses one.
 //!
-//! - `stats` and `peek` change nothing (a message they looked at returns to its place).
-//! - `replay` publishes each matching message to the main queue, waits for the broker's
-//!   confirm, and only then acks it from the dead-letter queue: a crash at any moment leaves
-//!   every message in one queue or the other, at worst in both, never in neither. The
-//!   replayed message keeps its body and properties; its failure headers are removed (a
-//!   fresh retry budget) and `x-listrak-replays` counts the replays.
-//! - `export` writes matching messages as JSON lines ([`record`]); with `--remove` it acks
-//!   them only after the file was flushed and synced to disk.
-//! - `purge` acks matching messages, which deletes them; without `--yes` it only counts.
+//! - `stats`, `peek`, dry runs, `export` and `purge` without `--yes` only look: the messages
+//!   go back to the queue, in their order.
+//! - `replay`, `purge --yes` and `export --remove` settle each message in walk order
+//!   ([`mover`]): a matching one is replayed to the main queue (confirmed, then acked),
+//!   deleted, or exported (acked once its line is synced to disk); one that does not match
+//!   moves, unchanged, to the back of the dead-letter queue (confirmed, then acked). A crash
+//!   at any moment leaves every message somewhere, at worst twice, never nowhere.
+//! - A replayed message keeps its body and properties; its failure headers are removed (a
+//!   fresh retry budget) and `x-listrak-replays` counts the replays ([`letter`]).
 
 pub mod filter;
 pub mod letter;
+mod mover;
 pub mod pace;
 pub mod record;
 pub mod render;
@@ -27,25 +28,25 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::stream::StreamExt;
 use lapin::message::Delivery;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::broker::{self, wait_confirm, PublishError, Publisher, Topology};
+use crate::broker::{self, PublishError, Topology};
 use crate::config::AmqpSettings;
 use crate::model::EventTime;
 use crate::progress::Progress;
 
 pub use filter::Filter;
 pub use letter::Facts;
+use mover::{Moved, Mover};
 pub use stats::Stats;
-use walk::{Walk, PASSIVE};
+use walk::{Ticket, Walk, PASSIVE};
 
 /// Messages read ahead of the one being handled.
 const PREFETCH: u16 = 2000;
-/// Replays published and not yet confirmed, at most.
+/// Messages published (or waiting to be settled) and not yet acked, at most.
 const CONFIRM_WINDOW: usize = 1000;
 /// How long to wait for the broker to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,7 +66,7 @@ pub enum DlqError {
     },
     #[error("the broker cancelled the walk over {queue:?}; was the queue deleted?")]
     Cancelled { queue: String },
-    #[error("could not publish to queue {queue:?}: {source}; the message stays in the dead-letter queue")]
+    #[error("could not publish to queue {queue:?}: {source}; the message stays where it was")]
     Publish { queue: String, source: PublishError },
     #[error("{}: {source}", path.display())]
     File {
@@ -89,9 +90,9 @@ impl DlqError {
     fn walk(queue: &str, error: lapin::Error) -> Self {
         let reason = error.to_string();
         let hint = if reason.contains("timed out") {
-            " (RabbitMQ's consumer_timeout: a command holds the messages it leaves in place \
-             until it ends, so it must end within that time; nothing was lost; act on fewer \
-             messages at once with a narrower filter or --limit)"
+            " (RabbitMQ's consumer_timeout: stats, peek, dry runs and export without --remove \
+             hold what they read until they end, so they must end within that time; nothing \
+             was lost)"
         } else {
             ""
         };
@@ -172,6 +173,8 @@ pub struct ReplaySummary {
     pub walked: Walked,
     /// Published to the main queue, confirmed, and removed from the dead-letter queue.
     pub replayed: u64,
+    /// Messages that did not match, moved to the back of the dead-letter queue.
+    pub moved_back: u64,
     pub dry_run: bool,
     pub dead: String,
     pub target: String,
@@ -186,6 +189,8 @@ pub struct ExportSummary {
     pub dead: String,
     pub remove: bool,
     pub removed: u64,
+    /// With `remove`: messages that did not match, moved to the back of the queue.
+    pub moved_back: u64,
     /// Why removing stopped early; the file is complete and synced.
     pub stopped: Option<DlqError>,
 }
@@ -195,6 +200,8 @@ pub struct PurgeSummary {
     pub walked: Walked,
     pub dead: String,
     pub deleted: u64,
+    /// Messages that did not match, moved to the back of the queue.
+    pub moved_back: u64,
     /// False: only counted.
     pub confirmed: bool,
     pub stopped: Option<DlqError>,
@@ -219,10 +226,22 @@ impl<'a> DeadLetters<'a> {
         &self.topology.dead
     }
 
-    async fn start(&self, prefetch: u16) -> Result<(Walk, Progress), DlqError> {
+    async fn start(&self, prefetch: u16) -> Result<(Walk<'a>, Progress), DlqError> {
         let walk = Walk::start(self.connection, &self.topology.dead, prefetch).await?;
         let progress = Progress::new("dead letters", walk.bound());
         Ok((walk, progress))
+    }
+
+    /// `prefetch`: the walk's; a quarter of it may wait settled for its ack.
+    async fn mover(&self, walk: Walk<'a>, prefetch: u16) -> Result<Mover<'a>, DlqError> {
+        Mover::new(
+            walk,
+            self.connection,
+            &self.topology.queue,
+            &self.topology.dead,
+            u64::from(prefetch / 4),
+        )
+        .await
     }
 
     /// Groups the matching messages by cause; changes nothing.
@@ -232,7 +251,8 @@ impl<'a> DeadLetters<'a> {
         let now = EventTime::now();
         let started = Instant::now();
         let mut stats = Stats::default();
-        while let Some(delivery) = walk.next().await? {
+        while let Some((ticket, delivery)) = walk.next().await? {
+            walk.hold(ticket);
             walked.read += 1;
             progress.advance(1);
             let facts = Facts::read(&delivery.properties);
@@ -240,10 +260,9 @@ impl<'a> DeadLetters<'a> {
                 walked.matched += 1;
                 stats.add(&facts);
             }
-            walk.hold(delivery.delivery_tag).await?;
         }
-        walk.finish().await?;
         progress.clear();
+        walk.finish().await?;
         walked.elapsed = started.elapsed();
         Ok((stats, walked))
     }
@@ -254,18 +273,24 @@ impl<'a> DeadLetters<'a> {
         filter: &Filter,
         limit: usize,
     ) -> Result<(Vec<Letter>, Walked), DlqError> {
-        let (mut walk, progress) = self.start(PREFETCH).await?;
+        // Without a filter, read no further ahead than what is shown.
+        let prefetch = if filter.is_empty() {
+            u16::try_from(limit).unwrap_or(PREFETCH).clamp(1, PREFETCH)
+        } else {
+            PREFETCH
+        };
+        let (mut walk, progress) = self.start(prefetch).await?;
         let mut walked = Walked::started(walk.bound());
         let now = EventTime::now();
         let started = Instant::now();
         let mut letters = Vec::new();
         while letters.len() < limit {
-            let Some(delivery) = walk.next().await? else {
+            let Some((ticket, delivery)) = walk.next().await? else {
                 break;
             };
+            walk.hold(ticket);
             walked.read += 1;
             progress.advance(1);
-            walk.hold(delivery.delivery_tag).await?;
             let facts = Facts::read(&delivery.properties);
             if filter.matches(&facts, now) {
                 walked.matched += 1;
@@ -276,8 +301,8 @@ impl<'a> DeadLetters<'a> {
                 });
             }
         }
-        walk.finish().await?;
         progress.clear();
+        walk.finish().await?;
         walked.elapsed = started.elapsed();
         Ok((letters, walked))
     }
@@ -296,87 +321,66 @@ impl<'a> DeadLetters<'a> {
             queue_depth(&channel, &target).await?;
             let _ = channel.close(200, "checked".into()).await;
         }
-        let rate = options.rate.filter(|_| !options.dry_run);
+        if options.dry_run {
+            return self.replay_dry(filter, options, target).await;
+        }
         // Paced, read only a few seconds ahead: messages read ahead wait unacked.
-        let prefetch = rate.map_or(PREFETCH, |rate| {
+        let prefetch = options.rate.map_or(PREFETCH, |rate| {
             (rate * 5.0).clamp(2.0, f64::from(PREFETCH)) as u16
         });
         let window = usize::from(prefetch / 2).clamp(1, CONFIRM_WINDOW);
-        let publisher = Publisher::new(self.connection).await?;
         let (walk, progress) = self.start(prefetch).await?;
-        let mut replay = Replay {
-            summary: ReplaySummary {
-                walked: Walked::started(walk.bound()),
-                replayed: 0,
-                dry_run: options.dry_run,
-                dead: self.topology.dead.clone(),
-                target,
-                stopped: None,
-            },
-            walk,
-            publisher,
-            confirms: FuturesOrdered::new(),
-        };
+        let mut walked = Walked::started(walk.bound());
+        let mut mover = self.mover(walk, prefetch).await?;
         let now = EventTime::now();
         let started = Instant::now();
-        let mut pace = rate.map(pace::Pace::new);
+        let mut pace = options.rate.map(pace::Pace::new);
         // A matching message waiting for its turn under `--rate`.
-        let mut waiting: Option<(Delivery, tokio::time::Instant)> = None;
+        let mut waiting: Option<(Ticket, Delivery, tokio::time::Instant)> = None;
         let mut exhausted = false;
         tokio::pin!(stop);
 
         loop {
-            let limit_reached = options
-                .limit
-                .is_some_and(|limit| replay.summary.walked.matched >= limit);
-            let going = replay.summary.stopped.is_none();
-            if !going {
-                if let Some((delivery, _)) = waiting.take() {
-                    replay.keep(delivery.delivery_tag).await;
+            let limit_reached = options.limit.is_some_and(|limit| walked.matched >= limit);
+            if mover.stopped() {
+                if let Some((ticket, _, _)) = waiting.take() {
+                    mover.hold(ticket);
                 }
             }
-            let reading = going && !exhausted && !limit_reached && waiting.is_none();
-            let room = replay.confirms.len() < window;
-            if !reading && waiting.is_none() && replay.confirms.is_empty() {
+            let reading = !mover.stopped() && !exhausted && !limit_reached && waiting.is_none();
+            let room = mover.in_flight() < window;
+            if !reading && waiting.is_none() && mover.in_flight() == 0 {
                 break;
             }
-            let send_at = waiting.as_ref().map(|(_, at)| *at);
+            let send_at = waiting.as_ref().map(|(_, _, at)| *at);
             tokio::select! {
                 biased;
-                _ = &mut stop, if going => {
-                    replay.summary.stopped = Some(DlqError::Interrupted);
-                }
-                Some((tag, confirmed)) = replay.confirms.next(), if !replay.confirms.is_empty() => {
-                    replay.settle(tag, confirmed).await;
+                _ = &mut stop, if !mover.stopped() => mover.stop(DlqError::Interrupted),
+                Some(first) = mover.pending.next(), if mover.in_flight() > 0 => {
+                    mover.settle(first).await;
                 }
                 _ = tokio::time::sleep_until(send_at.unwrap_or_else(tokio::time::Instant::now)),
                     if send_at.is_some() && room =>
                 {
-                    let (delivery, _) = waiting.take().expect("a message waits");
-                    replay.send(delivery).await;
+                    let (ticket, delivery, _) = waiting.take().expect("a message waits");
+                    mover.replay(ticket, delivery).await;
                 }
-                next = replay.walk.next(), if reading && room => match next {
+                next = mover.walk.next(), if reading && room => match next {
                     Ok(None) => exhausted = true,
-                    Err(error) => {
-                        replay.summary.stopped.get_or_insert(error);
-                    }
-                    Ok(Some(delivery)) => {
-                        replay.summary.walked.read += 1;
+                    Err(error) => mover.stop(error),
+                    Ok(Some((ticket, delivery))) => {
+                        walked.read += 1;
                         progress.advance(1);
                         if !filter.matches(&Facts::read(&delivery.properties), now) {
-                            replay.keep(delivery.delivery_tag).await;
+                            mover.move_back(ticket, delivery).await;
                             continue;
                         }
-                        replay.summary.walked.matched += 1;
-                        if options.dry_run {
-                            replay.keep(delivery.delivery_tag).await;
-                            continue;
-                        }
+                        walked.matched += 1;
                         let at = pace.as_mut().map(|pace| pace.slot(Instant::now()));
                         match at {
                             // Its turn is later: wait for it, settling confirms meanwhile.
-                            Some(at) if at > Instant::now() => waiting = Some((delivery, at.into())),
-                            _ => replay.send(delivery).await,
+                            Some(at) if at > Instant::now() => waiting = Some((ticket, delivery, at.into())),
+                            _ => mover.replay(ticket, delivery).await,
                         }
                     }
                 },
@@ -384,33 +388,61 @@ impl<'a> DeadLetters<'a> {
             }
         }
         progress.clear();
-        let mut summary = replay.summary;
-        summary.walked.elapsed = started.elapsed();
-        let _ = replay
-            .publisher
-            .channel()
-            .close(200, "replay done".into())
-            .await;
-        // A replay that stopped early already holds its error; closing can add nothing to it.
-        let closed = replay.walk.finish().await;
-        if summary.stopped.is_none() {
-            closed?;
+        walked.elapsed = started.elapsed();
+        let moved = mover.finish().await;
+        Ok(ReplaySummary {
+            walked,
+            replayed: moved.replayed,
+            moved_back: moved.moved_back,
+            dry_run: false,
+            dead: self.topology.dead.clone(),
+            target,
+            stopped: moved.stopped,
+        })
+    }
+
+    /// Counts what a replay would move; changes nothing.
+    async fn replay_dry(
+        &self,
+        filter: &Filter,
+        options: ReplayOptions,
+        target: String,
+    ) -> Result<ReplaySummary, DlqError> {
+        let (mut walk, progress) = self.start(PREFETCH).await?;
+        let mut walked = Walked::started(walk.bound());
+        let now = EventTime::now();
+        let started = Instant::now();
+        while options.limit.is_none_or(|limit| walked.matched < limit) {
+            let Some((ticket, delivery)) = walk.next().await? else {
+                break;
+            };
+            walk.hold(ticket);
+            walked.read += 1;
+            progress.advance(1);
+            walked.matched += u64::from(filter.matches(&Facts::read(&delivery.properties), now));
         }
-        Ok(summary)
+        progress.clear();
+        walk.finish().await?;
+        walked.elapsed = started.elapsed();
+        Ok(ReplaySummary {
+            walked,
+            replayed: 0,
+            moved_back: 0,
+            dry_run: true,
+            dead: self.topology.dead.clone(),
+            target,
+            stopped: None,
+        })
     }
 
     /// Writes matching messages to a new file, one JSON line each; with `remove`, deletes
-    /// them from the queue once the file is on disk.
+    /// each from the queue once its line is synced to disk.
     pub async fn export(
         &self,
         filter: &Filter,
         path: &Path,
         remove: bool,
     ) -> Result<ExportSummary, DlqError> {
-        let file_error = |source| DlqError::File {
-            path: path.to_path_buf(),
-            source,
-        };
         let file = match File::options().write(true).create_new(true).open(path) {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -418,170 +450,289 @@ impl<'a> DeadLetters<'a> {
                     path: path.to_path_buf(),
                 })
             }
-            Err(error) => return Err(file_error(error)),
+            Err(source) => {
+                return Err(DlqError::File {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
-        let result = self.export_to(filter, file, path, remove).await;
-        if matches!(result, Err(DlqError::File { .. })) {
-            // An incomplete archive is worse than none; the messages are all still queued.
-            let _ = std::fs::remove_file(path);
+        let mut archive = Archive {
+            out: BufWriter::new(file),
+            path: path.to_path_buf(),
+            written: 0,
+            synced: tokio::sync::watch::channel(0).0,
+            parent_synced: false,
+        };
+        let result = if remove {
+            self.export_removing(filter, &mut archive).await
+        } else {
+            self.export_keeping(filter, &mut archive).await
+        };
+        match result {
+            Err(error) => {
+                // An incomplete archive is worse than none; every message is still queued.
+                let _ = std::fs::remove_file(path);
+                Err(error)
+            }
+            Ok(summary) => Ok(summary),
         }
-        result
     }
 
-    async fn export_to(
+    async fn export_keeping(
         &self,
         filter: &Filter,
-        file: File,
-        path: &Path,
-        remove: bool,
+        archive: &mut Archive,
     ) -> Result<ExportSummary, DlqError> {
-        let file_error = |source| DlqError::File {
-            path: path.to_path_buf(),
-            source,
-        };
         let (mut walk, progress) = self.start(PREFETCH).await?;
         let mut walked = Walked::started(walk.bound());
         let now = EventTime::now();
         let started = Instant::now();
-        let mut out = BufWriter::new(file);
-        let mut exported = Vec::new();
-        while let Some(delivery) = walk.next().await? {
+        let mut failure = None;
+        loop {
+            let (ticket, delivery) = match walk.next().await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            };
+            walk.hold(ticket);
             walked.read += 1;
             progress.advance(1);
             if filter.matches(&Facts::read(&delivery.properties), now) {
                 walked.matched += 1;
-                let line = record::to_line(&delivery.data, &delivery.properties);
-                writeln!(out, "{line}").map_err(file_error)?;
-                exported.push(delivery.delivery_tag);
+                if let Err(error) = archive.write(&delivery) {
+                    failure = Some(error);
+                    break;
+                }
             }
-            // Exported messages too, until the file is on disk.
-            walk.hold(delivery.delivery_tag).await?;
         }
-        let file = out.into_inner().map_err(|e| file_error(e.into_error()))?;
-        file.sync_all().map_err(file_error)?;
-        sync_parent(path).map_err(file_error)?;
+        if failure.is_none() {
+            failure = archive.sync().err();
+        }
         progress.clear();
+        let finished = walk.finish().await;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        finished?;
+        walked.elapsed = started.elapsed();
+        Ok(self.export_summary(walked, archive, false, Moved::default()))
+    }
 
-        let mut summary = ExportSummary {
+    async fn export_removing(
+        &self,
+        filter: &Filter,
+        archive: &mut Archive,
+    ) -> Result<ExportSummary, DlqError> {
+        let (walk, progress) = self.start(PREFETCH).await?;
+        let mut walked = Walked::started(walk.bound());
+        let mut mover = self.mover(walk, PREFETCH).await?;
+        let now = EventTime::now();
+        let started = Instant::now();
+        let mut failure = None;
+        while !mover.stopped() {
+            if mover.in_flight() >= CONFIRM_WINDOW {
+                // Deletions wait for their line on disk: sync before waiting for them.
+                if let Err(error) = archive.sync() {
+                    failure = Some(error);
+                    break;
+                }
+                mover.settle_next().await;
+                continue;
+            }
+            let (ticket, delivery) = match mover.walk.next().await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(error) => {
+                    mover.stop(error);
+                    break;
+                }
+            };
+            walked.read += 1;
+            progress.advance(1);
+            if !filter.matches(&Facts::read(&delivery.properties), now) {
+                mover.move_back(ticket, delivery).await;
+                continue;
+            }
+            walked.matched += 1;
+            if let Err(error) = archive.write(&delivery) {
+                mover.hold(ticket);
+                failure = Some(error);
+                break;
+            }
+            mover.delete_when(ticket, archive.on_disk());
+            if archive.unsynced() >= SYNC_EVERY {
+                if let Err(error) = archive.sync() {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            failure = archive.sync().err();
+        }
+        archive.close();
+        progress.clear();
+        let moved = mover.finish().await;
+        walked.elapsed = started.elapsed();
+        if let Some(error) = failure {
+            if moved.deleted == 0 {
+                return Err(error);
+            }
+            // Keep the file: it holds every message removed.
+            let mut summary = self.export_summary(walked, archive, true, moved);
+            summary.stopped = Some(error);
+            return Ok(summary);
+        }
+        Ok(self.export_summary(walked, archive, true, moved))
+    }
+
+    fn export_summary(
+        &self,
+        walked: Walked,
+        archive: &Archive,
+        remove: bool,
+        moved: Moved,
+    ) -> ExportSummary {
+        ExportSummary {
             walked,
-            path: path.to_path_buf(),
+            path: archive.path.clone(),
             dead: self.topology.dead.clone(),
             remove,
-            removed: 0,
-            stopped: None,
-        };
-        if remove {
-            let (removed, failure) = walk.ack_held(&exported).await;
-            summary.removed = removed;
-            summary.stopped = failure;
+            removed: moved.deleted,
+            moved_back: moved.moved_back,
+            stopped: moved.stopped,
         }
-        let closed = walk.finish().await;
-        if summary.stopped.is_none() {
-            closed?;
-        }
-        summary.walked.elapsed = started.elapsed();
-        Ok(summary)
     }
 
     /// Deletes matching messages; with `confirmed` false, only counts them.
     pub async fn purge(&self, filter: &Filter, confirmed: bool) -> Result<PurgeSummary, DlqError> {
-        let (mut walk, progress) = self.start(PREFETCH).await?;
-        let mut summary = PurgeSummary {
-            walked: Walked::started(walk.bound()),
-            dead: self.topology.dead.clone(),
-            deleted: 0,
-            confirmed,
-            stopped: None,
-        };
+        let (walk, progress) = self.start(PREFETCH).await?;
+        let mut walked = Walked::started(walk.bound());
         let now = EventTime::now();
         let started = Instant::now();
-        loop {
-            let delivery = match walk.next().await {
-                Ok(Some(delivery)) => delivery,
+        if !confirmed {
+            let mut walk = walk;
+            while let Some((ticket, delivery)) = walk.next().await? {
+                walk.hold(ticket);
+                walked.read += 1;
+                progress.advance(1);
+                walked.matched +=
+                    u64::from(filter.matches(&Facts::read(&delivery.properties), now));
+            }
+            progress.clear();
+            walk.finish().await?;
+            walked.elapsed = started.elapsed();
+            return Ok(PurgeSummary {
+                walked,
+                dead: self.topology.dead.clone(),
+                deleted: 0,
+                moved_back: 0,
+                confirmed,
+                stopped: None,
+            });
+        }
+        let mut mover = self.mover(walk, PREFETCH).await?;
+        while !mover.stopped() {
+            if mover.in_flight() >= CONFIRM_WINDOW {
+                mover.settle_next().await;
+                continue;
+            }
+            let (ticket, delivery) = match mover.walk.next().await {
+                Ok(Some(next)) => next,
                 Ok(None) => break,
                 Err(error) => {
-                    summary.stopped = Some(error);
+                    mover.stop(error);
                     break;
                 }
             };
-            summary.walked.read += 1;
+            walked.read += 1;
             progress.advance(1);
-            let matches = filter.matches(&Facts::read(&delivery.properties), now);
-            summary.walked.matched += u64::from(matches);
-            let done = if matches && confirmed {
-                walk.ack(delivery.delivery_tag).await
+            if filter.matches(&Facts::read(&delivery.properties), now) {
+                walked.matched += 1;
+                mover.delete_when(ticket, std::future::ready(Ok(())));
             } else {
-                walk.hold(delivery.delivery_tag).await
-            };
-            match done {
-                Ok(()) => summary.deleted += u64::from(matches && confirmed),
-                Err(error) => {
-                    summary.stopped = Some(error);
-                    break;
-                }
+                mover.move_back(ticket, delivery).await;
             }
         }
         progress.clear();
-        let closed = walk.finish().await;
-        if summary.stopped.is_none() {
-            closed?;
-        }
-        summary.walked.elapsed = started.elapsed();
-        Ok(summary)
+        let moved = mover.finish().await;
+        walked.elapsed = started.elapsed();
+        Ok(PurgeSummary {
+            walked,
+            dead: self.topology.dead.clone(),
+            deleted: moved.deleted,
+            moved_back: moved.moved_back,
+            confirmed,
+            stopped: moved.stopped,
+        })
     }
 }
 
-/// A replay in progress: the walk, the publishes awaiting their confirm, what was done.
-struct Replay {
-    walk: Walk,
-    publisher: Publisher,
-    /// Published messages by delivery tag, in publish order, each with its confirm.
-    confirms: FuturesOrdered<BoxFuture<'static, (u64, Result<(), PublishError>)>>,
-    summary: ReplaySummary,
+/// Lines written to an export between syncs, when the export removes what it wrote.
+const SYNC_EVERY: u64 = 512;
+
+/// The export file as it is written: how far it is written, and how far it is on disk.
+struct Archive {
+    out: BufWriter<File>,
+    path: PathBuf,
+    written: u64,
+    /// Lines on disk; deletions wait on it.
+    synced: tokio::sync::watch::Sender<u64>,
+    parent_synced: bool,
 }
 
-impl Replay {
-    /// Publishes a dead letter to the main queue; it is acked once its confirm arrives.
-    async fn send(&mut self, delivery: Delivery) {
-        let tag = delivery.delivery_tag;
-        let properties = letter::replay_properties(&delivery.properties);
-        match self
-            .publisher
-            .start("", &self.summary.target, &delivery.data, properties)
-            .await
-        {
-            Ok(confirm) => self
-                .confirms
-                .push_back(Box::pin(async move { (tag, wait_confirm(confirm).await) })),
-            Err(source) => self.failed(tag, source).await,
-        }
-    }
-
-    /// The broker has the replayed message: remove the dead letter.
-    async fn settle(&mut self, tag: u64, confirmed: Result<(), PublishError>) {
-        match confirmed {
-            Ok(()) => match self.walk.ack(tag).await {
-                Ok(()) => self.summary.replayed += 1,
-                Err(error) => {
-                    self.summary.stopped.get_or_insert(error);
-                }
-            },
-            Err(source) => self.failed(tag, source).await,
-        }
-    }
-
-    /// Not replayed: the dead letter stays, and the replay stops.
-    async fn failed(&mut self, tag: u64, source: PublishError) {
-        self.summary.stopped.get_or_insert(DlqError::Publish {
-            queue: self.summary.target.clone(),
+impl Archive {
+    fn error(&self, source: std::io::Error) -> DlqError {
+        DlqError::File {
+            path: self.path.clone(),
             source,
-        });
-        self.keep(tag).await;
+        }
     }
 
-    async fn keep(&mut self, tag: u64) {
-        if let Err(error) = self.walk.hold(tag).await {
-            self.summary.stopped.get_or_insert(error);
+    fn write(&mut self, delivery: &Delivery) -> Result<(), DlqError> {
+        let line = record::to_line(&delivery.data, &delivery.properties);
+        writeln!(self.out, "{line}").map_err(|e| self.error(e))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    fn unsynced(&self) -> u64 {
+        self.written - *self.synced.borrow()
+    }
+
+    /// Flushes and syncs the file (and, the first time, its directory entry).
+    fn sync(&mut self) -> Result<(), DlqError> {
+        self.out.flush().map_err(|e| self.error(e))?;
+        self.out.get_ref().sync_all().map_err(|e| self.error(e))?;
+        if !self.parent_synced {
+            sync_parent(&self.path).map_err(|e| self.error(e))?;
+            self.parent_synced = true;
+        }
+        self.synced.send_replace(self.written);
+        Ok(())
+    }
+
+    /// No more syncs: deletions still waiting for a line that is not on disk give up (the
+    /// message stays in the queue).
+    fn close(&mut self) {
+        let on_disk = *self.synced.borrow();
+        self.synced = tokio::sync::watch::channel(on_disk).0;
+    }
+
+    /// Completes once the line just written is on disk; fails if it never will be.
+    fn on_disk(&self) -> impl Future<Output = Result<(), DlqError>> + Send + 'static {
+        let line = self.written;
+        let mut synced = self.synced.subscribe();
+        async move {
+            synced
+                .wait_for(|on_disk| *on_disk >= line)
+                .await
+                .map(|_| ())
+                .map_err(|_| DlqError::Interrupted)
         }
     }
 }

@@ -245,6 +245,16 @@ fn per_second(count: u64, elapsed: Duration) -> String {
     format!("{:.0}/s", count as f64 / elapsed.as_secs_f64().max(1e-3))
 }
 
+fn moved_back(f: &mut fmt::Formatter<'_>, count: u64) -> fmt::Result {
+    if count > 0 {
+        write!(
+            f,
+            " ({count} that did not match moved, in order, behind the dead letters that arrived meanwhile)"
+        )?;
+    }
+    Ok(())
+}
+
 fn stopped(f: &mut fmt::Formatter<'_>, error: &Option<super::DlqError>) -> fmt::Result {
     match error {
         Some(error) => write!(f, "\nstopped early: {error}"),
@@ -273,6 +283,7 @@ impl fmt::Display for ReplaySummary {
                 w.present - self.replayed,
                 self.dead
             )?;
+            moved_back(f, self.moved_back)?;
         }
         if w.read < w.present && self.stopped.is_none() {
             write!(f, " (the limit was reached after reading {})", w.read)?;
@@ -292,6 +303,7 @@ impl fmt::Display for ExportSummary {
         )?;
         if self.remove {
             write!(f, "; removed {} from {:?}", self.removed, self.dead)?;
+            moved_back(f, self.moved_back)?;
         } else {
             write!(f, "; {:?} is unchanged", self.dead)?;
         }
@@ -307,6 +319,7 @@ impl fmt::Display for PurgeSummary {
                 "deleted {} of {} dead letters from {:?}",
                 self.deleted, self.walked.present, self.dead
             )?;
+            moved_back(f, self.moved_back)?;
         } else {
             write!(
                 f,

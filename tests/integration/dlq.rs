@@ -118,22 +118,41 @@ fn seeded(letters: &[(Vec<u8>, BasicProperties)]) -> Vec<String> {
         .collect()
 }
 
-/// The same messages in the same order; on failure, says where they part.
+/// The same messages in the same order; on failure, says where they part and how the
+/// messages found run (by the number in each body).
 fn assert_same_order(found: &[String], expected: &[String], what: &str) {
-    if found != expected {
-        let at = found
-            .iter()
-            .zip(expected)
-            .position(|(a, b)| a != b)
-            .unwrap_or(found.len().min(expected.len()));
-        panic!(
-            "{what}: {} found, {} expected; first difference at {at}: {:?} instead of {:?}",
-            found.len(),
-            expected.len(),
-            found.get(at),
-            expected.get(at)
-        );
+    if found == expected {
+        return;
     }
+    let number = |body: &String| {
+        body.split(|c: char| !c.is_ascii_digit())
+            .rfind(|t| !t.is_empty())
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    let numbers: Vec<i64> = found.iter().map(number).collect();
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=numbers.len() {
+        if i == numbers.len() || numbers[i] <= numbers[i - 1] || numbers[i] > numbers[i - 1] + 5 {
+            runs.push(format!("{}..{}", numbers[start], numbers[i - 1]));
+            start = i;
+        }
+    }
+    let at = found
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(found.len().min(expected.len()));
+    panic!(
+        "{what}: {} found, {} expected; first difference at {at}: {:?} instead of {:?}; \
+         found in runs {:?}",
+        found.len(),
+        expected.len(),
+        found.get(at),
+        expected.get(at),
+        &runs[..runs.len().min(12)]
+    );
 }
 
 /// Everything but the headers.
@@ -417,6 +436,90 @@ async fn dry_runs_peeks_and_an_unconfirmed_purge_change_nothing() {
                 .as_deref()
         );
     }
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looking_leaves_a_queue_larger_than_a_prefetch_exactly_as_it_was() {
+    let h = harness("dlq_look_large").await;
+    let letters: Vec<_> = (0..5000)
+        .map(|i| {
+            dead_letter(
+                i,
+                [REJECTED, LIST_NOT_FOUND, INVALID_JSON][i % 3],
+                now_minus(1),
+            )
+        })
+        .collect();
+    seed(&h, &letters).await;
+    let dead = DeadLetters::new(h.connection(), &h.topology);
+    let rare = Filter {
+        list_ids: vec![999],
+        ..Filter::default()
+    };
+
+    let (first, _) = dead.peek(&Filter::default(), 2).await.unwrap();
+    let (again, _) = dead.peek(&Filter::default(), 2).await.unwrap();
+    assert_eq!(first[0].body, letters[0].0);
+    assert_eq!(
+        again[0].body, letters[0].0,
+        "a peek gives back what it showed"
+    );
+    let (stats, _) = dead.stats(&Filter::default()).await.unwrap();
+    assert_eq!(stats.total(), 5000);
+    let (last, walked) = dead.peek(&rare, 5000).await.unwrap();
+    assert_eq!((last.len(), walked.read), (1667, 5000));
+    let dry = dead
+        .replay(
+            &rare,
+            ReplayOptions {
+                dry_run: true,
+                ..ReplayOptions::default()
+            },
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(dry.walked.matched, 1667);
+
+    let after = h.take_dead_letters().await;
+    assert_same_order(&bodies(&after), &seeded(&letters), "after looking");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_with_a_filter_deletes_only_what_matches_and_the_rest_keeps_its_order() {
+    let h = harness("dlq_purge_filter").await;
+    let letters: Vec<_> = (0..5000)
+        .map(|i| {
+            dead_letter(
+                i,
+                [REJECTED, INVALID_JSON][usize::from(i % 5 == 0)],
+                now_minus(1),
+            )
+        })
+        .collect();
+    seed(&h, &letters).await;
+    let dead = DeadLetters::new(h.connection(), &h.topology);
+    let summary = dead
+        .purge(
+            &Filter {
+                reasons: vec!["invalid_json".into()],
+                ..Filter::default()
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(summary.stopped.is_none(), "{summary}");
+    assert_eq!(summary.deleted, 1000);
+    let rest: Vec<_> = letters
+        .iter()
+        .filter(|(_, p)| header(p, broker::REASON) == Some(&text_header("rejected")))
+        .cloned()
+        .collect();
+    let after = h.take_dead_letters().await;
+    assert_same_order(&bodies(&after), &seeded(&rest), "after the purge");
     h.finish().await;
 }
 
