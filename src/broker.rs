@@ -392,7 +392,8 @@ pub fn as_text(value: &AMQPValue) -> Option<String> {
     }
 }
 
-fn as_time(value: &AMQPValue) -> Option<EventTime> {
+/// Reads a time header: an AMQP timestamp (seconds) or RFC 3339 text.
+pub fn as_time(value: &AMQPValue) -> Option<EventTime> {
     match value {
         AMQPValue::Timestamp(seconds) => Some(EventTime(*seconds as i64 * 1_000_000)),
         other => EventTime::parse_rfc3339(&as_text(other)?),

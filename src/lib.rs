@@ -33,6 +33,7 @@
 //! - [`telemetry`]: every metric, one function per occurrence.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`publish`], [`progress`]: the `publish` command.
+//! - [`dlq`]: the `dlq` commands: stats, peek, replay, export and purge of dead letters.
 //! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
 //! - [`bench`]: `listrak-bench`, the benchmark against a bare consumer.
 //! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
@@ -46,6 +47,7 @@ pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod demo;
+pub mod dlq;
 pub mod fake;
 pub mod guard;
 pub mod http;

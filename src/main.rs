@@ -4,11 +4,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use listrak_worker::config::Settings;
+use listrak_worker::dlq::{self, DeadLetters, DlqError, Filter, ReplayOptions};
 use listrak_worker::listrak::ListrakClient;
+use listrak_worker::model::ListId;
 use listrak_worker::telemetry::Metrics;
 use listrak_worker::worker::Health;
 use listrak_worker::{broker, demo, http, publish, shutdown_signal};
@@ -60,14 +63,114 @@ enum Command {
         #[arg(long)]
         auth: bool,
     },
-    /// Publish events from a JSON-lines file, each with a publisher confirm.
+    /// Publish events from a JSON-lines file, each with a publisher confirm. Lines exported
+    /// by `dlq export` are published with their original properties and headers.
     Publish { file: PathBuf },
+    /// Inspect, replay, export or purge the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Run the whole pipeline on this machine against an in-process Listrak stand-in.
     Demo {
         /// How many events to generate.
         #[arg(long, default_value_t = 3000)]
         events: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters grouped by reason, list, HTTP status and Listrak error code: counts,
+    /// oldest and newest.
+    Stats {
+        #[command(flatten)]
+        filters: Filters,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show dead letters with their headers and body, without removing them.
+    Peek {
+        #[command(flatten)]
+        filters: Filters,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// One JSON object a line, in the export format.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move matching dead letters back to the main queue, each confirmed before it is removed.
+    Replay {
+        #[command(flatten)]
+        filters: Filters,
+        /// Replay at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// At most this many messages per second: 50, 50/s, 3000/m.
+        #[arg(long, value_parser = dlq::pace::parse_rate)]
+        rate: Option<f64>,
+        /// Count what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write dead letters with their properties and headers to a new JSON-lines file.
+    Export {
+        /// The file to create (an existing file is not overwritten).
+        file: PathBuf,
+        #[command(flatten)]
+        filters: Filters,
+        /// Remove the exported messages from the queue once the file is synced to disk.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Delete matching dead letters; without --yes, only say what would be deleted.
+    Purge {
+        #[command(flatten)]
+        filters: Filters,
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Every filter given must hold; a filter may take several values (comma-separated or
+/// repeated), one of which must hold.
+#[derive(Args)]
+struct Filters {
+    /// Dead-letter reason: invalid_json, invalid_event, rejected, list_not_found,
+    /// retries_exhausted, delivery_limit, unknown.
+    #[arg(long, value_delimiter = ',', value_parser = dlq::filter::parse_reason)]
+    reason: Vec<String>,
+    /// Listrak list id.
+    #[arg(long, value_delimiter = ',')]
+    list_id: Vec<ListId>,
+    /// HTTP status Listrak answered.
+    #[arg(long, value_delimiter = ',')]
+    status: Vec<u16>,
+    /// Listrak error code, such as ERROR_INVALID_PARAMETER.
+    #[arg(long, value_delimiter = ',')]
+    error: Vec<String>,
+    /// Failed longer ago than this: 30m, 2h, 7d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+}
+
+impl Filters {
+    fn into_filter(self) -> Filter {
+        Filter {
+            reasons: self.reason,
+            list_ids: self
+                .list_id
+                .into_iter()
+                .map(|id| i64::from(id.get()))
+                .collect(),
+            statuses: self.status.into_iter().map(i64::from).collect(),
+            errors: self.error,
+            older_than: self.older_than,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -98,7 +201,10 @@ fn main() -> ExitCode {
                             return ExitCode::from(2);
                         }
                     };
-                exit(dispatch(command, settings).await)
+                match command {
+                    Command::Dlq { command } => dead_letters(command, settings).await,
+                    command => exit(dispatch(command, settings).await),
+                }
             }
         }
     })
@@ -168,9 +274,17 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             let topology = broker::Topology::of(&settings);
             let published = publish::publish_file(&settings.amqp, &topology, &file).await?;
             println!(
-                "published {} messages to exchange {:?}{}",
+                "published {} messages to exchange {:?}{}{}",
                 published.messages,
                 topology.exchange,
+                if published.restored > 0 {
+                    format!(
+                        " ({} exported dead letters with their properties and headers)",
+                        published.restored
+                    )
+                } else {
+                    String::new()
+                },
                 if published.not_json > 0 {
                     format!(
                         " ({} lines were not JSON; the worker will dead-letter them)",
@@ -183,7 +297,101 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Dlq { .. } => unreachable!("handled by dead_letters"),
     }
+}
+
+/// The `dlq` commands: results on stdout, progress on stderr.
+async fn dead_letters(command: DlqCommand, settings: Settings) -> ExitCode {
+    match run_dlq(command, settings).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(if error.is_usage() { 2 } else { 1 })
+        }
+    }
+}
+
+/// True when the command did all it was asked; false when it stopped early (said so).
+async fn run_dlq(command: DlqCommand, settings: Settings) -> Result<bool, DlqError> {
+    if let DlqCommand::Export { file, .. } = &command {
+        if file.exists() {
+            return Err(DlqError::FileExists { path: file.clone() });
+        }
+    }
+    let topology = broker::Topology::new(
+        &settings.amqp.exchange,
+        &settings.amqp.queue,
+        &settings.retry.schedule,
+    );
+    let connection = dlq::connect(&settings.amqp).await?;
+    let dead = DeadLetters::new(&connection, &topology);
+    let done = match command {
+        DlqCommand::Stats { filters, json } => {
+            let (stats, walked) = dead.stats(&filters.into_filter()).await?;
+            if json {
+                println!(
+                    "{}",
+                    dlq::render::stats_json(&stats, dead.dead_queue(), &walked)
+                );
+            } else {
+                print!(
+                    "{}",
+                    dlq::render::stats_table(&stats, dead.dead_queue(), &walked)
+                );
+            }
+            true
+        }
+        DlqCommand::Peek {
+            filters,
+            limit,
+            json,
+        } => {
+            let (letters, walked) = dead.peek(&filters.into_filter(), limit).await?;
+            if json {
+                for letter in &letters {
+                    println!("{}", dlq::record::to_line(&letter.body, &letter.properties));
+                }
+            } else {
+                print!("{}", dlq::render::letters_text(&letters, &walked));
+            }
+            true
+        }
+        DlqCommand::Replay {
+            filters,
+            limit,
+            rate,
+            dry_run,
+        } => {
+            let options = ReplayOptions {
+                limit,
+                rate,
+                dry_run,
+            };
+            let summary = dead
+                .replay(&filters.into_filter(), options, shutdown_signal())
+                .await?;
+            println!("{summary}");
+            summary.stopped.is_none()
+        }
+        DlqCommand::Export {
+            file,
+            filters,
+            remove,
+        } => {
+            let summary = dead.export(&filters.into_filter(), &file, remove).await?;
+            println!("{summary}");
+            summary.stopped.is_none()
+        }
+        DlqCommand::Purge { filters, yes } => {
+            let summary = dead.purge(&filters.into_filter(), yes).await?;
+            println!("{summary}");
+            summary.stopped.is_none()
+        }
+    };
+    let _ = connection.close(200, "done".into()).await;
+    Ok(done)
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

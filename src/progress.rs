@@ -55,6 +55,13 @@ impl Progress {
         }
     }
 
+    /// Removes the bar without a closing line, for commands that print their own summary.
+    pub fn clear(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

@@ -1,4 +1,9 @@
 //! Publishing events from a JSON-lines file, with publisher confirms and progress.
+//!
+//! A line written by `dlq export` is published as the message it was: its exact body and
+//! properties, and its headers with the failure reset as by `dlq replay` (a fresh retry
+//! budget, `x-listrak-replays` one higher). Any other line is an event, published with the
+//! properties producers should use.
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -10,6 +15,8 @@ use lapin::BasicProperties;
 
 use crate::broker::{self, wait_confirm, Publisher, Topology, TopologyMismatch};
 use crate::config::AmqpSettings;
+use crate::dlq::letter::replay_properties;
+use crate::dlq::record::{parse_line, Line};
 use crate::progress::Progress;
 
 /// Confirms awaited at once; enough to keep the broker busy, few enough to bound memory.
@@ -21,6 +28,8 @@ pub struct Published {
     pub messages: u64,
     /// Lines that were not JSON: published all the same (the worker dead-letters them).
     pub not_json: u64,
+    /// Lines written by `dlq export`, published as the messages they were.
+    pub restored: u64,
 }
 
 /// The properties producers should use: persistent, JSON, with the event's own id.
@@ -101,15 +110,28 @@ pub async fn publish_lines(
     let progress = Progress::new("published", total);
     let mut published = Published::default();
     let mut window = VecDeque::with_capacity(CONFIRM_WINDOW);
-    for body in bodies {
-        let body = body.context("cannot read the input")?;
-        if body.iter().all(u8::is_ascii_whitespace) {
+    for (number, line) in bodies.into_iter().enumerate() {
+        let line = line.context("cannot read the input")?;
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-            published.not_json += 1;
-        }
-        let properties = event_properties(&body);
+        let (body, properties) = match parse_line(&line) {
+            Line::Record(record) => {
+                published.restored += 1;
+                (record.body, replay_properties(&record.properties))
+            }
+            Line::BadRecord(reason) => anyhow::bail!(
+                "line {}: an exported message that cannot be read back: {reason}",
+                number + 1
+            ),
+            Line::Other => {
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_err() {
+                    published.not_json += 1;
+                }
+                let properties = event_properties(&line);
+                (line, properties)
+            }
+        };
         let confirm = publisher
             .start(&topology.exchange, &routing_key(&body), &body, properties)
             .await?;

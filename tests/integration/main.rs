@@ -3,6 +3,7 @@
 
 mod cli;
 mod deploy_files;
+mod dlq;
 mod faults;
 mod logs;
 mod observability;

@@ -267,6 +267,32 @@ impl Harness {
         }
     }
 
+    /// Publishes messages as they are, each confirmed; through the default exchange when
+    /// `exchange` is empty (routing key = queue name).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        messages: &[(Vec<u8>, BasicProperties)],
+    ) {
+        let mut confirms = Vec::new();
+        for (body, properties) in messages {
+            confirms.push(
+                self.publisher
+                    .start(exchange, routing_key, body, properties.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for confirm in confirms {
+            broker::wait_confirm(confirm).await.unwrap();
+        }
+    }
+
+    pub fn connection(&self) -> &lapin::Connection {
+        &self.connection
+    }
+
     pub fn acked(&self) -> u64 {
         self.metrics.sample("listrak_messages_acked_total", &[]) as u64
     }

@@ -1,0 +1,91 @@
+//! `--rate`: pacing replays to a number of messages per second.
+
+use std::time::{Duration, Instant};
+
+/// Hands out send times `1/rate` apart. The schedule runs from the first send, so the time
+/// spent between sends does not slow the rate; a sender that falls behind is not given a
+/// burst to catch up, so the rate is never exceeded. (A `tokio::time::interval` cannot go
+/// below the timer's millisecond resolution; this can, since it only computes deadlines.)
+#[derive(Debug, Clone)]
+pub struct Pace {
+    interval: Duration,
+    next: Option<Instant>,
+}
+
+impl Pace {
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next: None,
+        }
+    }
+
+    /// When the next message may be sent, asked at `now`.
+    pub fn slot(&mut self, now: Instant) -> Instant {
+        let at = self.next.map_or(now, |next| next.max(now));
+        self.next = Some(at + self.interval);
+        at
+    }
+}
+
+/// Parses `--rate`: `50`, `50/s`, `0.5/s`, `3000/m` or `100/h`, messages per time unit.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let (number, per) = match text.split_once('/') {
+        Some((number, unit)) => {
+            let per = match unit.trim() {
+                "s" | "sec" | "second" => 1.0,
+                "m" | "min" | "minute" => 60.0,
+                "h" | "hour" => 3600.0,
+                other => return Err(format!("{other:?} is not a time unit (s, m or h)")),
+            };
+            (number.trim(), per)
+        }
+        None => (text, 1.0),
+    };
+    match number.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 && n / per <= 1e6 => Ok(n / per),
+        _ => Err(format!(
+            "{text:?} is not a rate; expected messages per second such as 50 or 50/s"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_one_interval_apart_from_the_first_send() {
+        let start = Instant::now();
+        let mut pace = Pace::new(100.0);
+        let ms = |n: u64| start + Duration::from_millis(n);
+        assert_eq!(pace.slot(start), start);
+        // Asked early: wait for the slot. Asked a little late: the schedule does not drift.
+        assert_eq!(pace.slot(ms(1)), ms(10));
+        assert_eq!(pace.slot(ms(12)), ms(20));
+        assert_eq!(pace.slot(ms(20)), ms(30));
+    }
+
+    #[test]
+    fn a_sender_that_fell_behind_gets_no_burst() {
+        let start = Instant::now();
+        let mut pace = Pace::new(10.0);
+        let ms = |n: u64| start + Duration::from_millis(n);
+        pace.slot(start);
+        assert_eq!(pace.slot(ms(1000)), ms(1000));
+        assert_eq!(pace.slot(ms(1000)), ms(1100));
+    }
+
+    #[test]
+    fn rates_read_as_operators_write_them() {
+        assert_eq!(parse_rate("50"), Ok(50.0));
+        assert_eq!(parse_rate("50/s"), Ok(50.0));
+        assert_eq!(parse_rate(" 0.5/s "), Ok(0.5));
+        assert_eq!(parse_rate("3000/m"), Ok(50.0));
+        assert_eq!(parse_rate("7200/h"), Ok(2.0));
+        for bad in ["0", "-5", "fast", "50/d", "inf", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+}
