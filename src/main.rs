@@ -16,10 +16,6 @@ use listrak_worker::telemetry::Metrics;
 use listrak_worker::worker::Health;
 use listrak_worker::{broker, demo, http, publish, shutdown_signal};
 
-/// The hot path allocates per message (decoding, batching); mimalloc makes that cheap where
-/// glibc's allocator took a quarter of the worker's time.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -55,7 +55,7 @@ impl Health {
 const ACK_TICK: Duration = Duration::from_millis(20);
 /// How long a settled message may wait for the ones delivered before it, so one `multiple`
 /// ack covers them all (see `settle::Acks`).
-const ACK_HOLD: Duration = Duration::from_millis(100);
+const ACK_HOLD: Duration = Duration::from_millis(500);
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);

@@ -29,7 +29,9 @@ struct Args {
     /// listrak-fake's answer time per request.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     latency: Duration,
-    #[arg(long, default_value_t = 10_000)]
+    /// The worker's and the baseline's prefetch: with 8 lists of 1,000-contact batches, a
+    /// batch filling and one in flight per list need room for about 16,000 messages.
+    #[arg(long, default_value_t = 20_000)]
     prefetch: u16,
     #[arg(long, default_value_t = 1000)]
     max_contacts: usize,
