@@ -16,7 +16,6 @@ use listrak_worker::telemetry::Metrics;
 use listrak_worker::worker::Health;
 use listrak_worker::{broker, demo, http, publish, shutdown_signal};
 
-
 #[derive(Parser)]
 #[command(
     name = "listrak-worker",
@@ -173,7 +172,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own summary; its log stays quiet unless asked.
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
-        "warn"
+        "warn,lapin=off"
     } else {
         "info"
     };

@@ -147,6 +147,7 @@ pub async fn publish_lines(
         wait_confirm(confirm).await?;
     }
     progress.finish();
+    let _ = publisher.channel().close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
     Ok(published)
 }

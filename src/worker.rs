@@ -310,6 +310,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         poller.abort();
         if result.is_ok() {
             bounded(session.channel.close(200, "shutdown".into())).await;
+            bounded(session.publisher.channel().close(200, "shutdown".into())).await;
         }
         result
     }
