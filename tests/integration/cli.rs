@@ -106,3 +106,44 @@ fn an_unknown_command_is_a_usage_error() {
     let output = worker().arg("frobnicate").output().unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_auth_obtains_a_token_and_says_why_when_it_cannot() {
+    let fake = listrak_worker::fake::FakeServer::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        listrak_worker::fake::FakeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let credentials = listrak_worker::fake::FakeOptions::default();
+    let path = write_config("auth", VALID);
+    let run = |secret: String| {
+        let mut command = worker();
+        command
+            .args(["check", "--auth", "--config"])
+            .arg(&path)
+            .env("LISTRAK_AUTH_URL", fake.auth_url())
+            .env("LISTRAK_CLIENT_ID", &credentials.client_id)
+            .env("LISTRAK_CLIENT_SECRET", secret);
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+    };
+
+    let ok = run(credentials.client_secret.clone()).await.unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("authentication: ok"));
+    assert_eq!(fake.tokens_issued(), 1);
+
+    let refused = run("not-the-secret".into()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr.contains("authentication failed") && stderr.contains("401"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-secret"));
+    fake.shutdown().await;
+}
