@@ -312,7 +312,8 @@ fn must_be(path: &str, expected: &str, found: &Value) -> Poison {
     ))
 }
 
-fn kind_of(value: &Value) -> &'static str {
+/// How error messages name a JSON value's type ("a string", "an array"…).
+pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -343,7 +344,7 @@ fn excerpt_value(value: &Value) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -365,7 +366,7 @@ mod tests {
     }
 
     /// The example from the contract, as Engage sends it.
-    fn engage_track() -> Value {
+    pub(crate) fn engage_track() -> Value {
         json!({
             "type": "track",
             "event": "Audience Entered",

@@ -248,17 +248,7 @@ mod tests {
 
     #[test]
     fn engage_track_event_from_the_contract_sets_its_fields() {
-        let body = json!({
-            "type": "track",
-            "event": "Audience Entered",
-            "messageId": "api-2Yb8nKz",
-            "timestamp": "2024-05-01T12:00:00.123Z",
-            "properties": {"audience_key": "vip_customers", "vip_customers": true},
-            "context": {
-                "traits": {"email": "a@example.com"},
-                "personas": {"computation_key": "vip_customers", "computation_class": "audience"}
-            }
-        });
+        let body = crate::decode::tests::engage_track();
         let mapping = Mapping {
             name: "vip-customers".into(),
             audience_key: Some("vip_customers".into()),

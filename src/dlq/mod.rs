@@ -239,6 +239,32 @@ impl<'a> DeadLetters<'a> {
         .await
     }
 
+    /// Counts the matching messages (at most `limit` of them), holding each and giving all
+    /// back at the end: what a dry run reports. Changes nothing.
+    async fn count_matching(
+        &self,
+        filter: &Filter,
+        limit: Option<u64>,
+    ) -> Result<Walked, DlqError> {
+        let (mut walk, progress) = self.start(PREFETCH).await?;
+        let mut walked = Walked::started(walk.bound());
+        let now = EventTime::now();
+        let started = Instant::now();
+        while limit.is_none_or(|limit| walked.matched < limit) {
+            let Some((ticket, delivery)) = walk.next().await? else {
+                break;
+            };
+            walk.hold(ticket);
+            walked.read += 1;
+            progress.advance(1);
+            walked.matched += u64::from(filter.matches(&Facts::read(&delivery.properties), now));
+        }
+        progress.clear();
+        walk.finish().await?;
+        walked.elapsed = started.elapsed();
+        Ok(walked)
+    }
+
     /// Groups the matching messages by cause; changes nothing.
     pub async fn stats(&self, filter: &Filter) -> Result<(Stats, Walked), DlqError> {
         let (mut walk, progress) = self.start(PREFETCH).await?;
@@ -403,22 +429,7 @@ impl<'a> DeadLetters<'a> {
         options: ReplayOptions,
         target: String,
     ) -> Result<ReplaySummary, DlqError> {
-        let (mut walk, progress) = self.start(PREFETCH).await?;
-        let mut walked = Walked::started(walk.bound());
-        let now = EventTime::now();
-        let started = Instant::now();
-        while options.limit.is_none_or(|limit| walked.matched < limit) {
-            let Some((ticket, delivery)) = walk.next().await? else {
-                break;
-            };
-            walk.hold(ticket);
-            walked.read += 1;
-            progress.advance(1);
-            walked.matched += u64::from(filter.matches(&Facts::read(&delivery.properties), now));
-        }
-        progress.clear();
-        walk.finish().await?;
-        walked.elapsed = started.elapsed();
+        let walked = self.count_matching(filter, options.limit).await?;
         Ok(ReplaySummary {
             walked,
             replayed: 0,
@@ -529,22 +540,15 @@ impl<'a> DeadLetters<'a> {
         let started = Instant::now();
         let mut failure = None;
         while !mover.stopped() {
+            // Deletions wait for their line on disk: sync before waiting for them.
             if mover.in_flight() >= CONFIRM_WINDOW {
-                // Deletions wait for their line on disk: sync before waiting for them.
                 if let Err(error) = archive.sync() {
                     failure = Some(error);
                     break;
                 }
-                mover.settle_next().await;
-                continue;
             }
-            let (ticket, delivery) = match mover.walk.next().await {
-                Ok(Some(next)) => next,
-                Ok(None) => break,
-                Err(error) => {
-                    mover.stop(error);
-                    break;
-                }
+            let Some((ticket, delivery)) = mover.next_within(CONFIRM_WINDOW).await else {
+                break;
             };
             walked.read += 1;
             progress.advance(1);
@@ -605,22 +609,8 @@ impl<'a> DeadLetters<'a> {
 
     /// Deletes matching messages; with `confirmed` false, only counts them.
     pub async fn purge(&self, filter: &Filter, confirmed: bool) -> Result<PurgeSummary, DlqError> {
-        let (walk, progress) = self.start(PREFETCH).await?;
-        let mut walked = Walked::started(walk.bound());
-        let now = EventTime::now();
-        let started = Instant::now();
         if !confirmed {
-            let mut walk = walk;
-            while let Some((ticket, delivery)) = walk.next().await? {
-                walk.hold(ticket);
-                walked.read += 1;
-                progress.advance(1);
-                walked.matched +=
-                    u64::from(filter.matches(&Facts::read(&delivery.properties), now));
-            }
-            progress.clear();
-            walk.finish().await?;
-            walked.elapsed = started.elapsed();
+            let walked = self.count_matching(filter, None).await?;
             return Ok(PurgeSummary {
                 walked,
                 dead: self.topology.dead.clone(),
@@ -630,19 +620,14 @@ impl<'a> DeadLetters<'a> {
                 stopped: None,
             });
         }
+        let (walk, progress) = self.start(PREFETCH).await?;
+        let mut walked = Walked::started(walk.bound());
+        let now = EventTime::now();
+        let started = Instant::now();
         let mut mover = self.mover(walk, PREFETCH).await?;
         while !mover.stopped() {
-            if mover.in_flight() >= CONFIRM_WINDOW {
-                mover.settle_next().await;
-                continue;
-            }
-            let (ticket, delivery) = match mover.walk.next().await {
-                Ok(Some(next)) => next,
-                Ok(None) => break,
-                Err(error) => {
-                    mover.stop(error);
-                    break;
-                }
+            let Some((ticket, delivery)) = mover.next_within(CONFIRM_WINDOW).await else {
+                break;
             };
             walked.read += 1;
             progress.advance(1);

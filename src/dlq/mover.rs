@@ -164,6 +164,21 @@ impl<'c> Mover<'c> {
         }
     }
 
+    /// The next dead letter to decide on, once fewer than `window` are in flight; `None` at
+    /// the end of the walk, or after a failure (which stops the mover).
+    pub async fn next_within(&mut self, window: usize) -> Option<(Ticket, Delivery)> {
+        while self.in_flight() >= window {
+            self.settle_next().await;
+        }
+        match self.walk.next().await {
+            Ok(next) => next,
+            Err(error) => {
+                self.stop(error);
+                None
+            }
+        }
+    }
+
     /// Waits for the oldest message in flight, then settles it and every one after it that
     /// is ready too.
     pub async fn settle_next(&mut self) {

@@ -2,6 +2,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::decode::kind_of;
+
 use super::answer::{self, Refusal};
 use axum::http::StatusCode;
 
@@ -67,7 +69,7 @@ fn check_body(value: Value) -> Result<Vec<ContactValues>, Refusal> {
     let Value::Array(items) = value else {
         return Err(Refusal::invalid(
             BODY,
-            format!("expected an array of contacts, found {}", kind(&value)),
+            format!("expected an array of contacts, found {}", kind_of(&value)),
         ));
     };
     if items.is_empty() {
@@ -85,7 +87,7 @@ fn check_contact(index: usize, item: Value) -> Result<ContactValues, Refusal> {
     let Value::Object(mut contact) = item else {
         return Err(Refusal::invalid(
             &at,
-            format!("expected a contact object, found {}", kind(&item)),
+            format!("expected a contact object, found {}", kind_of(&item)),
         ));
     };
     let email = match required(&mut contact, &at, "emailAddress")? {
@@ -139,7 +141,7 @@ fn check_field_value(at: &str, value: Value) -> Result<(u32, String), Refusal> {
             at,
             format!(
                 "expected a profile field value object, found {}",
-                kind(&value)
+                kind_of(&value)
             ),
         ));
     };
@@ -171,19 +173,8 @@ fn required(object: &mut Map<String, Value>, at: &str, property: &str) -> Result
 fn wrong_type(at: &str, property: &str, expected: &str, found: &Value) -> Refusal {
     Refusal::invalid(
         &format!("{at}.{property}"),
-        format!("expected {expected}, found {}", kind(found)),
+        format!("expected {expected}, found {}", kind_of(found)),
     )
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Listrak's ids are `int32`: 1..=i32::MAX.
