@@ -154,12 +154,12 @@ impl<A: ListrakApi> Deliverer<A> {
                             Class::Systemic { retry_after } => retry_after,
                             _ => None,
                         };
+                        self.metrics.retried(if class == Class::Auth { "auth" } else { "systemic" });
                         let Some(delay) = backoff.next_delay(retry_after) else {
                             tracing::warn!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak kept failing; moving the batch to the retry queues");
                             verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                             return verdicts;
                         };
-                        self.metrics.retried(if class == Class::Auth { "auth" } else { "systemic" });
                         tracing::debug!(list_id = %attempt.list, status = %outcome.status_label(), ?delay, "retrying batch");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}

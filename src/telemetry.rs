@@ -117,7 +117,7 @@ impl Metrics {
         );
         let retries = counter_vec(
             "listrak_retries_total",
-            "Retries of requests or messages, by failure class.",
+            "Failed requests that will be sent again, in process or later through the retry queues, by failure class.",
             "class",
         );
         let requests = counter_vec(

@@ -546,7 +546,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         (broker::LAST_FAILED_AT, text_header(now.to_rfc3339())),
                     ],
                 );
-                self.worker.metrics.retried("systemic");
                 self.publish(
                     tag,
                     String::new(),

@@ -197,6 +197,11 @@ async fn systemic_failures_are_retried_in_process_then_handed_to_the_retry_queue
         .iter()
         .all(|v| *v == Verdict::Applied));
     assert_eq!(d.api.requests.lock().unwrap().len(), 3);
+    let retried = |d: &Deliverer<MemoryListrak>| {
+        d.metrics
+            .sample("listrak_retries_total", &[("class", "systemic")])
+    };
+    assert_eq!(retried(&d), 2.0, "each failed request is counted once");
 
     let api = MemoryListrak {
         systemic_failures_left: AtomicUsize::new(usize::MAX),
@@ -209,6 +214,13 @@ async fn systemic_failures_are_retried_in_process_then_handed_to_the_retry_queue
         "{verdicts:?}"
     );
     assert!(dead_lettered(&verdicts).is_empty());
+    let failed = d.api.requests.lock().unwrap().len();
+    assert!(failed > 1, "retried in process first ({failed} requests)");
+    assert_eq!(
+        retried(&d),
+        failed as f64,
+        "the last failure is counted too: the retry queues send it again"
+    );
 }
 
 #[tokio::test]
