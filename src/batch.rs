@@ -25,6 +25,8 @@ pub enum FlushTrigger {
     Size,
     Bytes,
     Time,
+    /// The input went quiet with nothing on its way to Listrak (see `ArrivalPace`).
+    Idle,
     Shutdown,
 }
 
@@ -34,6 +36,7 @@ impl FlushTrigger {
             Self::Size => "size",
             Self::Bytes => "bytes",
             Self::Time => "time",
+            Self::Idle => "idle",
             Self::Shutdown => "shutdown",
         }
     }
@@ -358,6 +361,11 @@ impl Batcher {
         self.flush_where(FlushTrigger::Shutdown, |_| true)
     }
 
+    /// Every open batch, because no more input is coming for now.
+    pub fn flush_idle(&mut self) -> Vec<Batch> {
+        self.flush_where(FlushTrigger::Idle, |_| true)
+    }
+
     fn flush_where(
         &mut self,
         trigger: FlushTrigger,
@@ -434,6 +442,54 @@ fn write_json_string(out: &mut Vec<u8>, text: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// The pace of arrivals, to tell when the input has gone quiet: a drained backlog or the
+/// end of a burst has nothing more to add to the open batches, and lingering for
+/// `max_wait` would only delay them (and, with a prefetch window full of unsent updates,
+/// stall the consumer until then). Quiet means a gap many times the recent typical gap,
+/// so a steady trickle never looks quiet and batches at low rates fill for `max_wait` as
+/// before: at 500 events a second the quiet gap is about 60 ms, which Poisson arrivals at
+/// that rate essentially never leave; at 20 a second it exceeds a one-second `max_wait`.
+#[derive(Debug, Default)]
+pub struct ArrivalPace {
+    last: Option<Instant>,
+    /// Exponentially weighted mean of the gaps between arrivals, in seconds.
+    mean_gap: Option<f64>,
+}
+
+/// How many typical gaps without an arrival make the input quiet.
+const QUIET_GAPS: f64 = 32.0;
+/// Weight of the newest gap in the mean.
+const GAP_WEIGHT: f64 = 1.0 / 16.0;
+/// Never quiet sooner than this: a broker pauses for a few milliseconds now and then.
+const QUIET_AT_LEAST: Duration = Duration::from_millis(20);
+
+impl ArrivalPace {
+    pub fn arrived(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let gap = now.saturating_duration_since(last).as_secs_f64();
+            self.mean_gap = Some(match self.mean_gap {
+                Some(mean) => mean + (gap - mean) * GAP_WEIGHT,
+                None => gap,
+            });
+        }
+        self.last = Some(now);
+    }
+
+    /// Quiet was checked at `now` and more input is known to be coming (the broker paused):
+    /// look again one quiet gap later, without taking the pause as the pace.
+    pub fn not_quiet_yet(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+
+    /// When the input counts as quiet if nothing more arrives; `None` until a pace is known.
+    /// Never later than `max_wait` after the last arrival.
+    pub fn quiet_at(&self, max_wait: Duration) -> Option<Instant> {
+        let quiet_after = Duration::from_secs_f64(self.mean_gap? * QUIET_GAPS)
+            .clamp(QUIET_AT_LEAST, max_wait.max(QUIET_AT_LEAST));
+        Some(self.last? + quiet_after)
+    }
 }
 
 #[cfg(test)]

@@ -240,6 +240,11 @@ impl WorkerProcess {
     }
 
     async fn acked(&self) -> Option<f64> {
+        self.counter("listrak_messages_acked_total").await
+    }
+
+    /// The sum of a counter's series; `None` while the metrics endpoint does not answer.
+    async fn counter(&self, name: &str) -> Option<f64> {
         let text = reqwest::get(&self.metrics_url)
             .await
             .ok()?
@@ -248,7 +253,7 @@ impl WorkerProcess {
             .ok()?;
         Some(
             text.lines()
-                .filter(|l| l.starts_with("listrak_messages_acked_total"))
+                .filter(|l| l.starts_with(name))
                 .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
                 .sum(),
         )
@@ -379,10 +384,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             listen,
             "drain",
         )?;
-        // Timed from the first answer of the worker's metrics endpoint: process start-up
-        // (connection, topology) is not draining.
-        while worker.acked().await.is_none() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // Timed from the first message received, as the baseline is: process start-up
+        // (connection, topology, consumer) is not draining.
+        while worker
+            .counter("listrak_messages_received_total")
+            .await
+            .unwrap_or(0.0)
+            == 0.0
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let started = Instant::now();
         let result = worker

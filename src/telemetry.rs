@@ -215,7 +215,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             token_refreshes.with_label_values(&[result]);
         }
-        for trigger in ["size", "bytes", "time", "shutdown"] {
+        for trigger in ["size", "bytes", "time", "idle", "shutdown"] {
             batch_flushes.with_label_values(&[trigger]);
         }
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::batch::{Batch, BatchLimits, Batcher};
+use crate::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
 use crate::broker::{
     self, int_header, text_header, Publisher, RetryHeaders, Topology, TopologyMismatch,
 };
@@ -231,6 +231,7 @@ struct Session<'w, A> {
     channel: Channel,
     publisher: Publisher,
     batcher: Batcher,
+    pace: ArrivalPace,
     /// Boxed: thousands are in hand at once, and a small table entry keeps the ledger compact.
     ledger: Ledger<Box<Original>>,
     acks: Acks,
@@ -296,6 +297,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 max_bytes: settings.batch.max_bytes.get(),
                 max_wait: settings.batch.max_wait,
             }),
+            pace: ArrivalPace::default(),
             ledger: Ledger::default(),
             acks: Acks::new(ACK_HOLD),
             lanes: HashMap::new(),
@@ -325,10 +327,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut draining_until: Option<tokio::time::Instant> = None;
         loop {
-            let flush_at = self
-                .batcher
-                .next_deadline()
-                .map(tokio::time::Instant::from_std);
+            let lingering = self.batcher.next_deadline();
+            // With nothing on its way to Listrak, no ack can free the prefetch window, so
+            // quiet input means no more is coming soon: the open batches are all there is.
+            let quiet = lingering
+                .filter(|_| self.delivering == 0)
+                .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
+            let flush_at = lingering.map(tokio::time::Instant::from_std);
+            let quiet_at = quiet.map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 Some(report) = inbox.recv() => self.on_report(report),
@@ -358,6 +364,15 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         self.dispatch(batch);
                     }
                 }
+                _ = async { tokio::time::sleep_until(quiet_at.expect("guarded")).await }, if quiet_at.is_some() => {
+                    if self.nothing_more_coming().await {
+                        for batch in self.batcher.flush_idle() {
+                            self.dispatch(batch);
+                        }
+                    } else {
+                        self.pace.not_quiet_yet(Instant::now());
+                    }
+                }
                 _ = ack_tick.tick() => self.send_acks(false).await?,
             }
             if draining_until.is_some()
@@ -375,6 +390,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     fn on_delivery(&mut self, delivery: Delivery) {
         let metrics = &self.worker.metrics;
         metrics.message_received();
+        let arrived = Instant::now();
+        self.pace.arrived(arrived);
         let tag = delivery.delivery_tag;
         self.acks.delivered(tag);
         let now = EventTime::now();
@@ -404,7 +421,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 return;
             }
             Ok(updates) if updates.is_empty() => {
-                self.acks.ready(tag, AckOutcome::Ignored, Instant::now());
+                self.acks.ready(tag, AckOutcome::Ignored, arrived);
                 return;
             }
             Ok(updates) => updates,
@@ -412,12 +429,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
         self.ledger.open(tag, Box::new(original));
         let deliverer = &self.worker.deliverer;
-        let started = Instant::now();
         // Updates older than what was applied are recognised when their batch is sent (the
         // guard is consulted there anyway, as a newer value may be applied meanwhile).
         for update in updates {
             let ceiling = deliverer.ceilings.get(update.list_id).unwrap_or(usize::MAX);
-            let added = self.batcher.add_with_ceiling(tag, update, started, ceiling);
+            let added = self.batcher.add_with_ceiling(tag, update, arrived, ceiling);
             if added.new_part {
                 self.ledger.add_part(tag);
             }
@@ -632,6 +648,34 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     }
 
     /// Sends the acks that are due; `all` sends the held ones too.
+    /// Whether the broker has nothing more for this consumer now: the prefetch window is
+    /// full of unsettled messages (nothing comes until an ack), or the queue holds no
+    /// ready message. A pause in deliveries with messages still queued is the broker being
+    /// busy, not the input ending.
+    async fn nothing_more_coming(&self) -> bool {
+        let prefetch = usize::from(self.worker.settings.amqp.prefetch);
+        if self.acks.outstanding() + self.acks.pending_acks() >= prefetch {
+            return true;
+        }
+        let declared = tokio::time::timeout(
+            BROKER_CALL_TIMEOUT,
+            self.channel.queue_declare(
+                self.worker.settings.amqp.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(Ok(queue)) => queue.message_count() == 0,
+            // Cannot tell: an early partial batch is the lesser harm.
+            _ => true,
+        }
+    }
+
     async fn send_acks(&mut self, all: bool) -> Result<(), SessionError> {
         let commands = if all {
             self.acks.take_all()

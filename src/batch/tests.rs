@@ -295,3 +295,62 @@ proptest! {
         prop_assert_eq!(applied, expected);
     }
 }
+
+fn paced(gap: Duration, arrivals: usize) -> (ArrivalPace, Instant) {
+    let mut pace = ArrivalPace::default();
+    let mut now = Instant::now();
+    for _ in 0..arrivals {
+        now += gap;
+        pace.arrived(now);
+    }
+    (pace, now)
+}
+
+#[test]
+fn the_end_of_a_fast_burst_is_quiet_within_milliseconds() {
+    let max_wait = Duration::from_secs(1);
+    let (pace, last) = paced(Duration::from_micros(20), 10_000);
+    assert_eq!(pace.quiet_at(max_wait), Some(last + QUIET_AT_LEAST));
+}
+
+#[test]
+fn a_steady_trickle_is_not_quiet_between_two_arrivals() {
+    let max_wait = Duration::from_secs(1);
+    let (pace, last) = paced(Duration::from_millis(2), 1_000);
+    let quiet = pace.quiet_at(max_wait).unwrap() - last;
+    assert!(
+        quiet >= Duration::from_millis(60) && quiet < Duration::from_millis(70),
+        "{quiet:?}"
+    );
+    let (pace, last) = paced(Duration::from_millis(50), 100);
+    assert_eq!(
+        pace.quiet_at(max_wait),
+        Some(last + max_wait),
+        "at 20 a second, batches fill for max_wait"
+    );
+}
+
+#[test]
+fn one_long_pause_in_a_burst_does_not_make_every_later_gap_quiet() {
+    let max_wait = Duration::from_secs(1);
+    let (mut pace, mut now) = paced(Duration::from_micros(20), 1_000);
+    now += Duration::from_millis(100);
+    pace.arrived(now);
+    let after_pause = pace.quiet_at(max_wait).unwrap() - now;
+    assert!(after_pause > QUIET_AT_LEAST, "{after_pause:?}");
+    for _ in 0..200 {
+        now += Duration::from_micros(20);
+        pace.arrived(now);
+    }
+    assert_eq!(pace.quiet_at(max_wait), Some(now + QUIET_AT_LEAST));
+}
+
+#[test]
+fn no_pace_is_known_from_a_single_arrival() {
+    let (pace, _) = paced(Duration::from_millis(1), 1);
+    assert_eq!(pace.quiet_at(Duration::from_secs(1)), None);
+    assert_eq!(
+        ArrivalPace::default().quiet_at(Duration::from_secs(1)),
+        None
+    );
+}

@@ -135,6 +135,49 @@ async fn entered_then_exited_inside_one_batch_ends_off() {
     h.finish().await;
 }
 
+/// A drained backlog, or a prefetch window too small to fill a batch, is sent as soon as
+/// nothing more can come, not after `max_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_leave_when_nothing_more_can_come_not_after_max_wait() {
+    // With two lists sharing a window of 100, neither list's batch can reach 100 contacts.
+    for (name, max_contacts, prefetch) in
+        [("drained_backlog", 1000, 2000), ("small_window", 100, 100)]
+    {
+        let traffic = sample::generate(TrafficShape {
+            events: 1500,
+            people: 400,
+            poison_every: 0,
+            ..TrafficShape::default()
+        });
+        let mut h = Harness::new(
+            name,
+            Faults::default(),
+            Knobs {
+                max_wait: "10m",
+                max_contacts,
+                prefetch,
+                ..Knobs::default()
+            },
+        )
+        .await;
+        h.publish(&traffic.bodies).await;
+        h.start_worker();
+        h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(30))
+            .await;
+        assert_eq!(h.fake.contacts(), traffic.expected, "{name}");
+        let flushes = |trigger| {
+            h.metrics
+                .sample("listrak_batch_flushes_total", &[("trigger", trigger)])
+        };
+        assert!(
+            flushes("idle") > 0.0,
+            "{name}: left because the input went quiet"
+        );
+        assert_eq!(flushes("time"), 0.0, "{name}: none waited for max_wait");
+        h.finish().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entered_then_exited_in_separate_batches_ends_off() {
     let mut h = Harness::new("two_batch_flip", Faults::default(), Knobs::default()).await;
