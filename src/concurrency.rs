@@ -1,7 +1,7 @@
 //! Adaptive request concurrency: how many requests Listrak gets at once, learned from its
 //! answers (additive increase, multiplicative decrease), between 1 and a configured maximum.
 //!
-//! Modelled on Vector's adaptive request concurrency, with three changes: a 429, 5xx or
+//! Modelled on Vector's adaptive request concurrency, with a slow start and three changes: a 429, 5xx or
 //! timeout cuts the limit at most once per round trip (a burst of failures from one
 //! overload is one signal, not ten); the limit only grows while it is actually used; and a
 //! 429 also sets a request *rate*, because a rate limit is what a 429 announces. Concurrency
@@ -44,6 +44,10 @@ struct State {
     /// measured against.
     rtt: Option<f64>,
     samples: u32,
+    /// Until the first sign of overload the limit doubles every round trip, as TCP's slow
+    /// start does, instead of growing by one: a backlog at start-up reaches a healthy API's
+    /// capacity in a few round trips rather than a few dozen.
+    slow_start: bool,
     last_decrease: Instant,
     /// Requests per second allowed since the last 429, if one came; `None`: no cap.
     rate: Option<f64>,
@@ -88,6 +92,7 @@ impl AdaptiveConcurrency {
                 in_flight: 0,
                 rtt: None,
                 samples: 0,
+                slow_start: true,
                 last_decrease: Instant::now(),
                 rate: None,
                 next_start: Instant::now(),
@@ -162,6 +167,9 @@ impl AdaptiveConcurrency {
                 state.last_rate_change = now;
             }
         }
+        if matches!(signal, Signal::Throttled | Signal::Overloaded) {
+            state.slow_start = false;
+        }
         match signal {
             Signal::Throttled => {
                 state.last_throttled = now;
@@ -191,10 +199,18 @@ impl AdaptiveConcurrency {
             {
                 state.limit = (state.limit * LATENCY_DECREASE).max(1.0);
                 state.last_decrease = now;
+                state.slow_start = false;
             }
             Signal::Healthy => {
                 if saturated {
-                    state.limit = (state.limit + 1.0 / state.limit).min(self.max as f64);
+                    // One more per answer doubles the limit per round trip; one more per
+                    // limit's worth of answers adds one.
+                    let step = if state.slow_start {
+                        1.0
+                    } else {
+                        1.0 / state.limit
+                    };
+                    state.limit = (state.limit + step).min(self.max as f64);
                 }
                 state.rtt = Some(baseline + RTT_SMOOTHING * (rtt - baseline));
                 state.samples = state.samples.saturating_add(1);
@@ -244,6 +260,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         limiter.acquire().await.record(Signal::Overloaded);
         assert_eq!(limiter.limit(), (grown as f64 * DECREASE).max(1.0) as usize);
+    }
+
+    #[test]
+    fn the_limit_doubles_per_round_trip_until_the_first_overload_then_grows_by_one() {
+        let limiter = AdaptiveConcurrency::new(64, Metrics::new(10));
+        let rtt = Duration::from_millis(1);
+        assert_eq!(limiter.limit(), 16);
+        for _ in 0..16 {
+            limiter.observe(Signal::Healthy, true, rtt);
+        }
+        assert_eq!(limiter.limit(), 32, "one round trip of answers doubled it");
+        std::thread::sleep(Duration::from_millis(2));
+        limiter.observe(Signal::Overloaded, true, rtt);
+        assert_eq!(limiter.limit(), 16);
+        // A little more than a round trip of answers, for the limit grows as they come.
+        for _ in 0..17 {
+            limiter.observe(Signal::Healthy, true, rtt);
+        }
+        assert_eq!(limiter.limit(), 17, "then one more per round trip");
     }
 
     #[tokio::test]
