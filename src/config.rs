@@ -15,6 +15,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::decode::{member, Json};
 use crate::model::{FieldId, ListId};
 use crate::tls::{self, BrokerTls, IdentityError};
 
@@ -353,9 +354,9 @@ impl JsonPath {
     }
 
     /// The value at this path, if every step exists (a JSON `null` counts as present).
-    pub fn lookup<'v>(&self, root: &'v serde_json::Value) -> Option<&'v serde_json::Value> {
+    pub fn lookup<'v, 'a>(&self, root: &'v Json<'a>) -> Option<&'v Json<'a>> {
         self.steps.iter().try_fold(root, |value, step| match step {
-            Step::Key(key) => value.as_object()?.get(key),
+            Step::Key(key) => member(value.as_object()?, key),
             Step::Index(index) => value.as_array()?.get(*index),
         })
     }
@@ -2236,7 +2237,8 @@ profile_fields = {{ "9" = "tab\there", "10" = "on" }}
                 text,
                 "{behaviour}: Display gives the text back"
             );
-            let found = path.lookup(&body).and_then(serde_json::Value::as_i64);
+            let body = Json::from(&body);
+            let found = path.lookup(&body).and_then(Json::as_i64);
             assert_eq!(found, expected, "{behaviour}");
         }
     }

@@ -7,21 +7,40 @@
 
 use std::str::FromStr;
 
-use serde_json::{Map, Value};
-
 use crate::model::{DeadLetterReason, EventTime, FieldId, ListId, Update};
 
 /// Larger bodies are refused before parsing; an audience event is a few kilobytes.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// A decoded body; its strings are borrowed from the message wherever they need no
+/// unescaping, so reading an event allocates little more than its arrays and objects.
+pub type Json<'a> = serde_json_borrow::Value<'a>;
+pub type JsonObject<'a> = serde_json_borrow::ObjectAsVec<'a>;
+
+/// The member `name` of an object; when a producer wrote it twice, the last one, as most
+/// JSON readers take it.
+pub fn member<'v, 'a>(object: &'v JsonObject<'a>, name: &str) -> Option<&'v Json<'a>> {
+    object
+        .iter()
+        .filter(|(key, _)| *key == name)
+        .last()
+        .map(|(_, value)| value)
+}
+
+/// The value under a path of object keys, if every step exists.
+pub fn at<'v, 'a>(root: &'v Json<'a>, path: &[&str]) -> Option<&'v Json<'a>> {
+    path.iter()
+        .try_fold(root, |value, key| member(value.as_object()?, key))
+}
+
 /// A message the worker understands.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Inbound {
-    Segment(SegmentEvent),
+pub enum Inbound<'a> {
+    Segment(SegmentEvent<'a>),
     ProfileUpdate(DirectUpdate),
 }
 
-impl Inbound {
+impl Inbound<'_> {
     pub fn message_id(&self) -> Option<&str> {
         match self {
             Inbound::Segment(event) => event.message_id.as_deref(),
@@ -32,14 +51,14 @@ impl Inbound {
 
 /// A Segment `track` or `identify` event, as Engage sends it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SegmentEvent {
+pub struct SegmentEvent<'a> {
     pub kind: SegmentKind,
     pub message_id: Option<String>,
     /// `timestamp`, else `originalTimestamp`, `receivedAt`, `sentAt`, else when the worker
     /// received it: the clock that decides which of two updates to a field is newer.
     pub timestamp: EventTime,
     /// The whole event, for the mappings' JSON paths. Always an object.
-    pub body: Value,
+    pub body: Json<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +102,7 @@ impl Poison {
 /// The time fields Segment sets, in the order they are trusted.
 const TIME_FIELDS: [&str; 4] = ["timestamp", "originalTimestamp", "receivedAt", "sentAt"];
 
-pub fn decode(body: &[u8], received_at: EventTime) -> Result<Inbound, Poison> {
+pub fn decode(body: &[u8], received_at: EventTime) -> Result<Inbound<'_>, Poison> {
     if body.len() > MAX_BODY_BYTES {
         return Err(Poison::invalid_json(format!(
             "the body is {} bytes, over the {MAX_BODY_BYTES}-byte limit",
@@ -98,9 +117,9 @@ pub fn decode(body: &[u8], received_at: EventTime) -> Result<Inbound, Poison> {
     })?;
     // Some producers (.NET, PowerShell) start UTF-8 text with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let value: Value = serde_json::from_str(text)
+    let value: Json<'_> = serde_json::from_str(text)
         .map_err(|error| Poison::invalid_json(format!("the body is not JSON: {error}")))?;
-    let Value::Object(object) = &value else {
+    let Json::Object(object) = &value else {
         return Err(Poison::invalid_event(format!(
             "the body is {}, not a JSON object",
             kind_of(&value)
@@ -108,7 +127,7 @@ pub fn decode(body: &[u8], received_at: EventTime) -> Result<Inbound, Poison> {
     };
     let kind = match present(object, "type") {
         None => return Err(Poison::invalid_event("`type` is missing")),
-        Some(Value::String(kind)) => kind.as_str(),
+        Some(Json::Str(kind)) => kind.as_ref(),
         Some(other) => {
             return Err(Poison::invalid_event(format!(
                 "`type` must be a string, found {}",
@@ -126,12 +145,12 @@ pub fn decode(body: &[u8], received_at: EventTime) -> Result<Inbound, Poison> {
     }
 }
 
-fn segment_event(body: Value, received_at: EventTime) -> Result<SegmentEvent, Poison> {
+fn segment_event(body: Json<'_>, received_at: EventTime) -> Result<SegmentEvent<'_>, Poison> {
     let object = body.as_object().expect("checked to be an object");
-    let kind = match object.get("type").and_then(Value::as_str) {
+    let kind = match member(object, "type").and_then(Json::as_str) {
         Some("track") => SegmentKind::Track {
             event: match present(object, "event") {
-                Some(Value::String(event)) => event.clone(),
+                Some(Json::Str(event)) => event.to_string(),
                 None => return Err(Poison::invalid_event("a track event needs an `event` name")),
                 Some(other) => return Err(must_be("event", "a string", other)),
             },
@@ -155,10 +174,7 @@ fn segment_event(body: Value, received_at: EventTime) -> Result<SegmentEvent, Po
     })
 }
 
-fn profile_update(
-    object: &Map<String, Value>,
-    received_at: EventTime,
-) -> Result<DirectUpdate, Poison> {
+fn profile_update(object: &JsonObject<'_>, received_at: EventTime) -> Result<DirectUpdate, Poison> {
     let list_id = match present(object, "list_id") {
         None => return Err(Poison::invalid_event("`list_id` is missing")),
         Some(value) => list_id_from_json(value).ok_or_else(|| {
@@ -170,18 +186,18 @@ fn profile_update(
     };
     let email = match present(object, "email") {
         None => return Err(Poison::invalid_event("`email` is missing")),
-        Some(Value::String(raw)) => normalize_email(raw)
+        Some(Json::Str(raw)) => normalize_email(raw)
             .ok_or_else(|| Poison::invalid_event("`email` is not a plausible email address"))?,
         Some(other) => return Err(must_be("email", "a string", other)),
     };
     let fields = match present(object, "fields") {
         None => return Err(Poison::invalid_event("`fields` is missing")),
-        Some(Value::Object(fields)) if fields.is_empty() => {
+        Some(Json::Object(fields)) if fields.is_empty() => {
             return Err(Poison::invalid_event(
                 "`fields` is empty: there is nothing to set",
             ))
         }
-        Some(Value::Object(fields)) => fields,
+        Some(Json::Object(fields)) => fields,
         Some(other) => return Err(must_be("fields", "an object", other)),
     };
     let mut values = fields
@@ -194,14 +210,17 @@ fn profile_update(
                 ))
             })?;
             match value {
-                Value::String(text) if !text.is_empty() => Ok((id, text.clone())),
-                Value::String(_) => Err(Poison::invalid_event(format!("`fields.{key}` is empty"))),
+                Json::Str(text) if !text.is_empty() => Ok((id, text.to_string())),
+                Json::Str(_) => Err(Poison::invalid_event(format!("`fields.{key}` is empty"))),
                 other => Err(must_be(&format!("fields.{key}"), "a string", other)),
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // JSON object keys sort as text ("10" before "9"); updates list fields by id.
+    // JSON object keys sort as text ("10" before "9"); updates list fields by id. A key
+    // written twice counts once, with its last value, as for every other member.
+    values.reverse();
     values.sort_by_key(|(id, _)| *id);
+    values.dedup_by_key(|(id, _)| *id);
     let message_id = optional_string(object, "message_id", "message_id")?;
     let timestamp = event_time(object, &["timestamp"])?.unwrap_or(received_at);
     Ok(DirectUpdate {
@@ -239,10 +258,10 @@ pub fn normalize_email(raw: &str) -> Option<String> {
 
 /// A list id from an event: a positive 32-bit integer, as a JSON number or a numeric
 /// string (producers write both).
-pub(crate) fn list_id_from_json(value: &Value) -> Option<ListId> {
+pub(crate) fn list_id_from_json(value: &Json<'_>) -> Option<ListId> {
     match value {
-        Value::Number(number) => number.as_i64().and_then(ListId::new),
-        Value::String(text) => ListId::from_str(text).ok(),
+        Json::Number(number) => number.as_i64().and_then(ListId::new),
+        Json::Str(text) => ListId::from_str(text).ok(),
         _ => None,
     }
 }
@@ -257,44 +276,44 @@ fn field_id(key: &str) -> Option<FieldId> {
 
 /// The value of `name`, unless it is absent or `null` (which Segment libraries send for
 /// fields they have no value for).
-fn present<'v>(object: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
-    object.get(name).filter(|value| !value.is_null())
+fn present<'v, 'a>(object: &'v JsonObject<'a>, name: &str) -> Option<&'v Json<'a>> {
+    member(object, name).filter(|value| !value.is_null())
 }
 
 fn optional_string(
-    object: &Map<String, Value>,
+    object: &JsonObject<'_>,
     name: &str,
     path: &str,
 ) -> Result<Option<String>, Poison> {
     match present(object, name) {
         None => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(Json::Str(text)) => Ok(Some(text.to_string())),
         Some(other) => Err(must_be(path, "a string", other)),
     }
 }
 
-fn optional_object<'v>(
-    object: &'v Map<String, Value>,
+fn optional_object<'v, 'a>(
+    object: &'v JsonObject<'a>,
     name: &str,
     path: &str,
-) -> Result<Option<&'v Map<String, Value>>, Poison> {
+) -> Result<Option<&'v JsonObject<'a>>, Poison> {
     match present(object, name) {
         None => Ok(None),
-        Some(Value::Object(inner)) => Ok(Some(inner)),
+        Some(Json::Object(inner)) => Ok(Some(inner)),
         Some(other) => Err(must_be(path, "an object", other)),
     }
 }
 
 /// The first of `fields` that is present decides; if it is not an RFC 3339 time the
 /// event is refused rather than ordered by a guess.
-fn event_time(object: &Map<String, Value>, fields: &[&str]) -> Result<Option<EventTime>, Poison> {
+fn event_time(object: &JsonObject<'_>, fields: &[&str]) -> Result<Option<EventTime>, Poison> {
     let Some((name, value)) = fields
         .iter()
         .find_map(|name| present(object, name).map(|value| (*name, value)))
     else {
         return Ok(None);
     };
-    let Value::String(text) = value else {
+    let Json::Str(text) = value else {
         return Err(must_be(name, "an RFC 3339 time string", value));
     };
     EventTime::parse_rfc3339(text).map(Some).ok_or_else(|| {
@@ -305,7 +324,7 @@ fn event_time(object: &Map<String, Value>, fields: &[&str]) -> Result<Option<Eve
     })
 }
 
-fn must_be(path: &str, expected: &str, found: &Value) -> Poison {
+fn must_be(path: &str, expected: &str, found: &Json<'_>) -> Poison {
     Poison::invalid_event(format!(
         "`{path}` must be {expected}, found {}",
         kind_of(found)
@@ -313,14 +332,39 @@ fn must_be(path: &str, expected: &str, found: &Value) -> Poison {
 }
 
 /// How error messages name a JSON value's type ("a string", "an array"…).
-pub(crate) fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+pub(crate) fn kind_of(value: &impl JsonKind) -> &'static str {
+    value.kind()
+}
+
+/// The JSON trees whose values error messages name: the worker's borrowed one and
+/// `serde_json`'s, which `listrak-fake` reads request bodies into.
+pub(crate) trait JsonKind {
+    fn kind(&self) -> &'static str;
+}
+
+impl JsonKind for Json<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Json::Null => "null",
+            Json::Bool(_) => "a boolean",
+            Json::Number(_) => "a number",
+            Json::Str(_) => "a string",
+            Json::Array(_) => "an array",
+            Json::Object(_) => "an object",
+        }
+    }
+}
+
+impl JsonKind for serde_json::Value {
+    fn kind(&self) -> &'static str {
+        match self {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::Object(_) => "an object",
+        }
     }
 }
 
@@ -335,10 +379,10 @@ fn excerpt(text: &str) -> String {
     }
 }
 
-fn excerpt_value(value: &Value) -> String {
+fn excerpt_value(value: &Json<'_>) -> String {
     match value {
-        Value::String(text) => excerpt(text),
-        Value::Number(number) => number.to_string(),
+        Json::Str(text) => excerpt(text),
+        Json::Number(number) => number.to_string(),
         other => kind_of(other).to_owned(),
     }
 }
@@ -346,7 +390,7 @@ fn excerpt_value(value: &Value) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     const RECEIVED: EventTime = EventTime(1_700_000_000_000_000);
 
@@ -354,11 +398,13 @@ pub(crate) mod tests {
         EventTime::parse_rfc3339(text).unwrap()
     }
 
-    fn decoded(body: &Value) -> Inbound {
-        decode(body.to_string().as_bytes(), RECEIVED).unwrap_or_else(|poison| panic!("{poison}"))
+    /// Decodes a test body; the text is leaked, as a decoded event borrows from it.
+    pub(crate) fn decoded(body: &Value) -> Inbound<'static> {
+        let text: &'static str = Box::leak(body.to_string().into_boxed_str());
+        decode(text.as_bytes(), RECEIVED).unwrap_or_else(|poison| panic!("{poison}"))
     }
 
-    fn segment(body: &Value) -> SegmentEvent {
+    fn segment(body: &Value) -> SegmentEvent<'static> {
         match decoded(body) {
             Inbound::Segment(event) => event,
             other => panic!("expected a Segment event, got {other:?}"),
@@ -392,7 +438,11 @@ pub(crate) mod tests {
         );
         assert_eq!(event.message_id.as_deref(), Some("api-2Yb8nKz"));
         assert_eq!(event.timestamp, time("2024-05-01T12:00:00.123Z"));
-        assert_eq!(event.body, body, "the whole event is kept for the mappings");
+        assert_eq!(
+            Value::from(&event.body),
+            body,
+            "the whole event is kept for the mappings"
+        );
     }
 
     #[test]
@@ -400,6 +450,49 @@ pub(crate) mod tests {
         let event = segment(&json!({"type": "identify", "traits": {"email": "a@example.com"}}));
         assert_eq!(event.kind, SegmentKind::Identify);
         assert_eq!(event.message_id, None);
+    }
+
+    #[test]
+    fn a_member_written_twice_counts_with_its_last_value() {
+        let body = r#"{"type":"identify","type":"track","event":"Audience Exited","event":"Audience Entered"}"#;
+        match decode(body.as_bytes(), RECEIVED).unwrap() {
+            Inbound::Segment(event) => assert_eq!(
+                event.kind,
+                SegmentKind::Track {
+                    event: "Audience Entered".into()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let body = r#"{"type":"profile_update","list_id":1,"email":"a@example.com","fields":{"456":"on","7":"x","456":"off"}}"#;
+        match decode(body.as_bytes(), RECEIVED).unwrap() {
+            Inbound::ProfileUpdate(direct) => assert_eq!(
+                direct.update.fields,
+                [
+                    (FieldId::new(7).unwrap(), "x".to_owned()),
+                    (FieldId::new(456).unwrap(), "off".to_owned())
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_read_unescaped() {
+        let body = r#"{"type":"track","event":"Audience Entered","context":{"traits":{"email":"a@example.com"}}}"#;
+        let Inbound::Segment(event) = decode(body.as_bytes(), RECEIVED).unwrap() else {
+            panic!("a Segment event")
+        };
+        assert_eq!(
+            event.kind,
+            SegmentKind::Track {
+                event: "Audience Entered".into()
+            }
+        );
+        assert_eq!(
+            at(&event.body, &["context", "traits", "email"]).and_then(Json::as_str),
+            Some("a@example.com")
+        );
     }
 
     #[test]

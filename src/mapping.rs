@@ -4,11 +4,10 @@
 //! "useAudienceKey", an empty email); here such a message is poison, so that it lands in
 //! the dead-letter queue where someone will see it.
 
-use serde_json::Value;
-
 use crate::config::{FieldRule, ListSource, Mapping, SegmentType};
 use crate::decode::{
-    list_id_from_json, normalize_email, Inbound, Poison, SegmentEvent, SegmentKind,
+    at, list_id_from_json, member, normalize_email, Inbound, Json, Poison, SegmentEvent,
+    SegmentKind,
 };
 use crate::model::Update;
 
@@ -18,34 +17,37 @@ const EXITED: &str = "Audience Exited";
 
 /// The updates a message asks for: a direct update's own, or one per matching mapping.
 /// Empty means it matched no mapping: it is acknowledged and counted as ignored.
-pub fn plan(inbound: &Inbound, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
+pub fn plan(inbound: &Inbound<'_>, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
     match inbound {
         Inbound::ProfileUpdate(direct) => Ok(vec![direct.update.clone()]),
         // One matching mapping that cannot be applied poisons the whole message: it is
         // settled as one, so it goes to the dead-letter queue whole, with none of its
         // updates sent; once the cause is fixed, replaying it applies every mapping.
-        Inbound::Segment(event) => mappings
-            .iter()
-            .filter(|mapping| matches(event, mapping))
-            .map(|mapping| update(event, mapping))
-            .collect(),
+        Inbound::Segment(event) => {
+            let key = audience_key(event);
+            mappings
+                .iter()
+                .filter(|mapping| matches(event, key, mapping))
+                .map(|mapping| update(event, mapping))
+                .collect()
+        }
     }
 }
 
 /// `context.personas.computation_key` (what Engage sends), else `properties.audience_key`;
 /// non-empty strings only.
-pub fn audience_key(event: &SegmentEvent) -> Option<&str> {
+pub fn audience_key<'e>(event: &'e SegmentEvent<'_>) -> Option<&'e str> {
     let from = |path: &[&str]| {
-        path.iter()
-            .try_fold(&event.body, |value, key| value.get(key))
-            .and_then(Value::as_str)
+        at(&event.body, path)
+            .and_then(Json::as_str)
             .filter(|key| !key.is_empty())
     };
     from(&["context", "personas", "computation_key"])
         .or_else(|| from(&["properties", "audience_key"]))
 }
 
-fn matches(event: &SegmentEvent, mapping: &Mapping) -> bool {
+/// Whether `mapping` takes `event`, whose audience key is `key`.
+fn matches(event: &SegmentEvent<'_>, key: Option<&str>, mapping: &Mapping) -> bool {
     let taken = match &event.kind {
         SegmentKind::Track { event: name } => {
             mapping.events.iter().any(|wanted| wanted == name)
@@ -57,10 +59,10 @@ fn matches(event: &SegmentEvent, mapping: &Mapping) -> bool {
         && mapping
             .audience_key
             .as_deref()
-            .is_none_or(|wanted| audience_key(event) == Some(wanted))
+            .is_none_or(|wanted| key == Some(wanted))
 }
 
-fn update(event: &SegmentEvent, mapping: &Mapping) -> Result<Update, Poison> {
+fn update(event: &SegmentEvent<'_>, mapping: &Mapping) -> Result<Update, Poison> {
     let poison = |why: String| Poison::invalid_event(format!("mapping {:?}: {why}", mapping.name));
 
     // The first path that holds a string is the email, even if that string is no address:
@@ -94,7 +96,7 @@ fn update(event: &SegmentEvent, mapping: &Mapping) -> Result<Update, Poison> {
             FieldRule::UseAudienceKey => match membership {
                 Some(value) => value,
                 None => {
-                    let value = member(event).map_err(|why| {
+                    let value = member_value(event).map_err(|why| {
                         poison(format!("field {id} is \"useAudienceKey\", but {why}"))
                     })?;
                     membership = Some(value);
@@ -115,7 +117,7 @@ fn update(event: &SegmentEvent, mapping: &Mapping) -> Result<Update, Poison> {
 }
 
 /// "on" or "off": the boolean under the audience key decides, else the event name.
-fn member(event: &SegmentEvent) -> Result<&'static str, String> {
+fn member_value(event: &SegmentEvent<'_>) -> Result<&'static str, String> {
     let key = audience_key(event);
     if let Some(flag) = key.and_then(|key| membership_flag(event, key)) {
         return Ok(if flag { "on" } else { "off" });
@@ -139,12 +141,11 @@ fn member(event: &SegmentEvent) -> Result<&'static str, String> {
 
 /// `properties[key]` for a track event; `traits[key]`, else `context.traits[key]`, for an
 /// identify event (Engage puts an identify's traits at the top; other sources in context).
-fn membership_flag(event: &SegmentEvent, key: &str) -> Option<bool> {
+fn membership_flag(event: &SegmentEvent<'_>, key: &str) -> Option<bool> {
     let flag = |path: &[&str]| {
-        path.iter()
-            .try_fold(&event.body, |value, step| value.get(step))
-            .and_then(|traits| traits.get(key))
-            .and_then(Value::as_bool)
+        at(&event.body, path)
+            .and_then(|traits| member(traits.as_object()?, key))
+            .and_then(Json::as_bool)
     };
     match event.kind {
         SegmentKind::Track { .. } => flag(&["properties"]),
@@ -164,9 +165,8 @@ fn joined(paths: &[crate::config::JsonPath]) -> String {
 mod tests {
     use super::*;
     use crate::config::{default_email_paths, JsonPath};
-    use crate::decode::decode;
     use crate::model::{DeadLetterReason, EventTime, FieldId, ListId};
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     const RECEIVED: EventTime = EventTime(1_700_000_000_000_000);
 
@@ -182,8 +182,8 @@ mod tests {
         JsonPath::parse(text).unwrap()
     }
 
-    fn inbound(body: &Value) -> Inbound {
-        decode(body.to_string().as_bytes(), RECEIVED).unwrap_or_else(|poison| panic!("{poison}"))
+    fn inbound(body: &Value) -> Inbound<'static> {
+        crate::decode::tests::decoded(body)
     }
 
     /// Takes every track and identify event; one field from the audience membership.
