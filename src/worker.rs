@@ -355,7 +355,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     return Ok(());
                 }
                 delivery = consumer.next(), if draining_until.is_none() => match delivery {
-                    Some(Ok(delivery)) => self.on_delivery(delivery),
+                    Some(Ok(delivery)) => {
+                        self.on_delivery(delivery);
+                        // lapin's consumer never makes this loop yield while deliveries are
+                        // buffered; without this, a backlog starves the request tasks on the
+                        // same thread and every request to Listrak takes longer.
+                        tokio::task::consume_budget().await;
+                    }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(SessionError::ConsumerEnded),
                 },
