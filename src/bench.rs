@@ -2,7 +2,8 @@
 //! same broker and queue kind, how many requests it needs, how much memory, how much lag, and
 //! how well it fits under a throttling Listrak.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -554,12 +555,71 @@ async fn throttle(
 }
 
 impl Report {
-    pub fn table(&self) -> String {
-        let mut rows: BTreeMap<usize, (String, String)> = BTreeMap::new();
-        let mut row = |label: &str, value: String| {
-            let n = rows.len();
-            rows.insert(n, (label.to_string(), value));
+    /// Each figure's median over `runs`. The ratio is the median of each run's own ratio:
+    /// a run's baseline and worker share the broker's state at that moment.
+    pub fn median(runs: &[Report]) -> Report {
+        let of = |figure: fn(&Report) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(figure).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or_default()
         };
+        let first = runs.first();
+        Report {
+            events: first.map_or(0, |r| r.events),
+            lists: first.map_or(0, |r| r.lists),
+            latency_ms: first.map_or(0, |r| r.latency_ms),
+            runtime: first.map(|r| r.runtime.clone()).unwrap_or_default(),
+            baseline_events_per_second: of(|r| r.baseline_events_per_second),
+            worker_events_per_second: of(|r| r.worker_events_per_second),
+            ratio: of(|r| r.ratio),
+            requests: of(|r| r.requests as f64) as usize,
+            requests_per_1000_events: of(|r| r.requests_per_1000_events),
+            minimum_requests: first.map_or(0, |r| r.minimum_requests),
+            minimum_requests_per_1000_events: first
+                .map_or(0.0, |r| r.minimum_requests_per_1000_events),
+            worker_peak_rss_mib: of(|r| r.worker_peak_rss_mib),
+            lag_rate: first.map_or(0, |r| r.lag_rate),
+            lag_p50_ms: of(|r| r.lag_p50_ms),
+            lag_p99_ms: of(|r| r.lag_p99_ms),
+            throttle_rps: first.map_or(0.0, |r| r.throttle_rps),
+            throttle_accepted_per_second: of(|r| r.throttle_accepted_per_second),
+            throttle_accepted_share: of(|r| r.throttle_accepted_share),
+            throttle_429_share: of(|r| r.throttle_429_share),
+        }
+    }
+
+    /// One line per figure: the median over `runs`, then each run's figure side by side.
+    pub fn table(runs: &[Report]) -> String {
+        let median = Report::median(runs);
+        let each: Vec<Vec<(String, String)>> = runs.iter().map(Report::rows).collect();
+        let rows = median.rows();
+        let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+        // The first row describes the input, the same in every run.
+        let value_width = rows.iter().skip(1).map(|(_, v)| v.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        if runs.len() > 1 {
+            let _ = writeln!(out, "{:<width$}  median of {} runs", "", runs.len());
+        }
+        for (index, (label, value)) in rows.iter().enumerate() {
+            let _ = write!(out, "{label:<width$}  {value}");
+            let per_run: Vec<&str> = each.iter().map(|rows| rows[index].1.as_str()).collect();
+            if runs.len() > 1 && index > 0 {
+                let _ = write!(
+                    out,
+                    "{:pad$}  runs: {}",
+                    "",
+                    per_run.join(" | "),
+                    pad = value_width - value.len()
+                );
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn rows(&self) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = Vec::new();
+        let mut row = |label: &str, value: String| rows.push((label.to_string(), value));
         row(
             "events",
             format!(
@@ -615,9 +675,43 @@ impl Report {
                 ),
             );
         }
-        let width = rows.values().map(|(l, _)| l.len()).max().unwrap_or(0);
-        rows.values()
-            .map(|(l, v)| format!("{l:<width$}  {v}\n"))
-            .collect()
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(baseline: f64, worker: f64, requests: usize) -> Report {
+        Report {
+            events: 1000,
+            lists: 2,
+            baseline_events_per_second: baseline,
+            worker_events_per_second: worker,
+            ratio: worker / baseline,
+            requests,
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn each_figure_is_the_median_of_its_runs_and_the_ratio_that_of_the_runs_ratios() {
+        let runs = [
+            run(100.0, 90.0, 5),
+            run(200.0, 100.0, 7),
+            run(50.0, 40.0, 6),
+        ];
+        let median = Report::median(&runs);
+        assert_eq!(median.baseline_events_per_second, 100.0);
+        assert_eq!(median.worker_events_per_second, 90.0);
+        assert_eq!(median.ratio, 0.8, "ratios 0.9, 0.5, 0.8");
+        assert_eq!(median.requests, 6);
+        let table = Report::table(&runs);
+        assert!(table.contains("median of 3 runs"), "{table}");
+        assert!(
+            table.contains("runs: 90 events/s | 100 events/s | 40 events/s"),
+            "{table}"
+        );
     }
 }

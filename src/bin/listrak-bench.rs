@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use listrak_worker::bench::{self, BenchOptions};
+use listrak_worker::bench::{self, BenchOptions, Report};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,10 @@ struct Args {
     /// How long throttling is measured, after 10 s of warm-up.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     throttle_duration: Duration,
+    /// How many times everything is measured; the table shows each figure's median and
+    /// every run's figure beside it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/listrak-bench.json")]
     json: PathBuf,
@@ -61,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
         .parent()
         .map(|dir| dir.join("listrak-worker"))
         .unwrap_or_else(|| PathBuf::from("listrak-worker"));
-    let report = bench::run(BenchOptions {
+    let options = BenchOptions {
         amqp_url: args.amqp_url,
         events: args.events,
         lists: args.lists,
@@ -74,9 +78,16 @@ async fn main() -> anyhow::Result<()> {
         lag_duration: args.lag_duration,
         throttle_rps: args.throttle_rps,
         throttle_duration: args.throttle_duration,
-    })
-    .await?;
-    print!("{}", report.table());
+    };
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        if args.runs > 1 {
+            eprintln!("run {run} of {}", args.runs);
+        }
+        runs.push(bench::run(options.clone()).await?);
+    }
+    print!("{}", Report::table(&runs));
+    let report = serde_json::json!({ "median": Report::median(&runs), "runs": runs });
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir)?;
     }
