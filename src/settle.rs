@@ -1,7 +1,7 @@
 //! Settling: follows each message until every update it produced has a verdict, decides how
 //! it is acknowledged, and folds acknowledgements into as few `multiple` acks as possible.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
@@ -136,38 +136,80 @@ pub struct AckCommand {
 /// an unsettled one below it; such a tag is held back for a short while, in the expectation
 /// that the tags below settle too and one `multiple` ack covers them all, and acked alone
 /// only when the hold is over.
+///
+/// A channel numbers its deliveries 1, 2, 3…, so the tags in hand form one run from the
+/// lowest unacked tag up: a ring of slots, not a search tree, and every step is O(1).
 pub struct Acks {
+    /// From `base` up, one slot per delivered tag, until the lowest slot is acked.
+    slots: VecDeque<Slot>,
+    /// The tag of `slots[0]`.
+    base: u64,
+    /// Settled tags in the order they settled, to ack alone once their hold is over.
+    held: VecDeque<(Instant, u64)>,
+    outstanding: usize,
+    ready: usize,
+    hold: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
     /// Delivered and not ready to ack (in flight, or abandoned): a `multiple` ack must never
     /// reach up to one of these.
-    outstanding: BTreeSet<u64>,
-    ready: BTreeMap<u64, (AckOutcome, Instant)>,
-    hold: Duration,
+    Outstanding,
+    Ready(AckOutcome),
+    /// Acked alone after its hold, or a tag this channel never delivered to us.
+    Done,
 }
 
 impl Acks {
     pub fn new(hold: Duration) -> Self {
         Self {
-            outstanding: BTreeSet::new(),
-            ready: BTreeMap::new(),
+            slots: VecDeque::new(),
+            base: 0,
+            held: VecDeque::new(),
+            outstanding: 0,
+            ready: 0,
             hold,
         }
     }
 
     pub fn delivered(&mut self, tag: u64) {
-        self.outstanding.insert(tag);
+        if self.slots.is_empty() {
+            self.base = tag;
+        }
+        let next = self.base + self.slots.len() as u64;
+        if tag < next {
+            debug_assert!(false, "delivery tag {tag} came after {next}");
+            return;
+        }
+        for _ in next..tag {
+            self.slots.push_back(Slot::Done);
+        }
+        self.slots.push_back(Slot::Outstanding);
+        self.outstanding += 1;
     }
 
     pub fn ready(&mut self, tag: u64, outcome: AckOutcome, now: Instant) {
-        self.outstanding.remove(&tag);
-        self.ready.insert(tag, (outcome, now));
+        let Some(slot) = tag
+            .checked_sub(self.base)
+            .and_then(|index| self.slots.get_mut(index as usize))
+        else {
+            return;
+        };
+        if let Slot::Outstanding = slot {
+            *slot = Slot::Ready(outcome);
+            self.outstanding -= 1;
+            self.ready += 1;
+            self.held.push_back((now, tag));
+        }
     }
 
     pub fn pending_acks(&self) -> usize {
-        self.ready.len()
+        self.ready
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding.len()
+        self.outstanding
     }
 
     /// The acks due now: one `multiple` ack for all ready tags below the lowest outstanding
@@ -182,30 +224,54 @@ impl Acks {
     }
 
     fn take_held_since(&mut self, ready_before: Option<Instant>) -> Vec<AckCommand> {
-        let floor = self.outstanding.first().copied().unwrap_or(u64::MAX);
-        let above = self.ready.split_off(&floor);
-        let below = std::mem::take(&mut self.ready);
         let mut commands = Vec::new();
-        if let Some((&last, _)) = below.last_key_value() {
-            let mut counts: BTreeMap<AckOutcome, u64> = BTreeMap::new();
-            for (outcome, _) in below.values() {
-                *counts.entry(*outcome).or_default() += 1;
+        let mut counts = [0u64; AckOutcome::ALL.len()];
+        let mut highest = None;
+        while let Some(slot) = self.slots.front() {
+            match *slot {
+                Slot::Outstanding => break,
+                Slot::Ready(outcome) => {
+                    counts[outcome as usize] += 1;
+                    highest = Some(self.base);
+                    self.ready -= 1;
+                }
+                Slot::Done => {}
             }
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        if let Some(tag) = highest {
+            let outcomes: Vec<(AckOutcome, u64)> = AckOutcome::ALL
+                .into_iter()
+                .zip(counts)
+                .filter(|(_, n)| *n > 0)
+                .collect();
             commands.push(AckCommand {
-                tag: last,
-                multiple: below.len() > 1,
-                outcomes: counts.into_iter().collect(),
+                tag,
+                multiple: outcomes.iter().map(|(_, n)| n).sum::<u64>() > 1,
+                outcomes,
             });
         }
-        for (tag, (outcome, at)) in above {
-            if ready_before.is_none_or(|limit| at <= limit) {
+        while let Some(&(at, tag)) = self.held.front() {
+            if ready_before.is_some_and(|limit| at > limit) {
+                break;
+            }
+            self.held.pop_front();
+            // Below `base`: covered by the `multiple` ack above, or by an earlier one.
+            let Some(slot) = tag
+                .checked_sub(self.base)
+                .and_then(|index| self.slots.get_mut(index as usize))
+            else {
+                continue;
+            };
+            if let Slot::Ready(outcome) = *slot {
+                *slot = Slot::Done;
+                self.ready -= 1;
                 commands.push(AckCommand {
                     tag,
                     multiple: false,
                     outcomes: vec![(outcome, 1)],
                 });
-            } else {
-                self.ready.insert(tag, (outcome, at));
             }
         }
         commands
@@ -216,6 +282,7 @@ impl Acks {
 mod tests {
     use super::*;
     use crate::model::DeadLetterReason;
+    use proptest::prelude::*;
 
     fn rejected() -> Rejection {
         Rejection {
@@ -335,6 +402,56 @@ mod tests {
             }]
         );
         assert_eq!(acks.outstanding(), 1, "1 stays unacked");
+    }
+
+    proptest! {
+        /// Whatever order tags settle in and whenever acks are taken: every settled tag is
+        /// acked exactly once, and no `multiple` ack reaches an unsettled tag.
+        #[test]
+        fn every_settled_tag_is_acked_once_and_no_ack_covers_an_unsettled_one(
+            settle_order in proptest::sample::subsequence((1u64..=60).collect::<Vec<_>>(), 0..=60)
+                .prop_shuffle(),
+            takes in proptest::collection::vec(0usize..60, 0..8),
+            held_ms in 0u64..3,
+        ) {
+            let start = Instant::now();
+            let mut acks = Acks::new(Duration::from_millis(1));
+            for tag in 1..=60 {
+                acks.delivered(tag);
+            }
+            let mut acked: Vec<u64> = Vec::new();
+            let apply = |commands: Vec<AckCommand>, acked: &mut Vec<u64>, settled: &[u64]| {
+                for command in commands {
+                    let covered: Vec<u64> = if command.multiple {
+                        (1..=command.tag).filter(|t| !acked.contains(t)).collect()
+                    } else {
+                        vec![command.tag]
+                    };
+                    for tag in &covered {
+                        prop_assert!(settled.contains(tag), "ack of unsettled tag {tag}");
+                        prop_assert!(!acked.contains(tag), "tag {tag} acked twice");
+                    }
+                    let counted: u64 = command.outcomes.iter().map(|(_, n)| n).sum();
+                    prop_assert_eq!(counted, covered.len() as u64);
+                    acked.extend(covered);
+                }
+                Ok(())
+            };
+            for (index, tag) in settle_order.iter().enumerate() {
+                acks.ready(*tag, AckOutcome::Applied, start);
+                if takes.contains(&index) {
+                    let now = start + Duration::from_millis(held_ms);
+                    apply(acks.take(now), &mut acked, &settle_order[..=index])?;
+                }
+            }
+            apply(acks.take_all(), &mut acked, &settle_order)?;
+            acked.sort_unstable();
+            let mut settled = settle_order.clone();
+            settled.sort_unstable();
+            prop_assert_eq!(acked, settled);
+            prop_assert_eq!(acks.pending_acks(), 0);
+            prop_assert_eq!(acks.outstanding(), 60 - settle_order.len());
+        }
     }
 
     #[test]
