@@ -16,14 +16,17 @@
 //!
 //! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
 //! - [`model`]: list and field ids, event times, updates, dead-letter reasons.
-//! - [`decode`]: message bytes into a Segment event or a direct update, or poison.
+//! - [`decode`]: message bytes into a Segment event (a borrowed JSON tree) or a direct
+//!   update, or poison.
 //! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter.
-//! - [`batch`]: grouping per list, merging per contact, last write wins per field.
+//! - [`batch`]: grouping per list, merging per contact, last write wins per field; when a
+//!   batch leaves (size, bytes, `max_wait`, or input gone quiet).
 //! - [`guard`]: the bounded memory that keeps an older update from overwriting a newer one.
 //! - [`classify`]: one pure decision from a Listrak answer to ok / auth / systemic /
 //!   ambiguous / permanent.
 //! - [`retry`]: the retry schedule (the only user of the `backoff` crate).
-//! - [`concurrency`]: adaptive request concurrency (additive increase, multiplicative decrease).
+//! - [`concurrency`]: adaptive request concurrency (slow start, then additive increase,
+//!   multiplicative decrease) and a request rate after a 429.
 //! - [`deliver`]: one batch to Listrak: in-process retries, bisection, size ceilings.
 //! - [`listrak`]: the Listrak API client and its shared OAuth token.
 //! - [`settle`]: following each message to its acknowledgement; folding acks.
