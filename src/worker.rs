@@ -62,6 +62,8 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Bound on one connect, cancel or close, so a broker that stopped answering cannot hold up
 /// a reconnection or a shutdown.
 const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on asking the broker whether the queue is empty, before an early flush.
+const QUIET_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn bounded<T>(call: impl Future<Output = lapin::Result<T>>) {
     match tokio::time::timeout(BROKER_CALL_TIMEOUT, call).await {
@@ -663,8 +665,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         if self.acks.outstanding() + self.acks.pending_acks() >= prefetch {
             return true;
         }
+        // Short: the session loop waits for the answer, with acks and reports queued behind it.
         let declared = tokio::time::timeout(
-            BROKER_CALL_TIMEOUT,
+            QUIET_CHECK_TIMEOUT,
             self.channel.queue_declare(
                 self.worker.settings.amqp.queue.as_str().into(),
                 QueueDeclareOptions {
