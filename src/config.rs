@@ -455,13 +455,25 @@ impl Settings {
         let amqp_node = root.table("amqp")?;
         let amqp = amqp_settings(&amqp_node, &env)?;
         let listrak = listrak_settings(&root.table("listrak")?, &env)?;
-        let batch = batch_settings(&root.table("batch")?)?;
+        let batch_node = root.table("batch")?;
+        let batch = batch_settings(&batch_node)?;
         let retry = retry_settings(&root.table("retry")?)?;
         let http = http_settings(&root.table("http")?)?;
         let shutdown = shutdown_settings(&root.table("shutdown")?)?;
         let superseded = superseded_settings(&root.table("superseded")?)?;
         let mappings = mappings(&root)?;
 
+        // A message waits for its batch, then for in-process retries, all before its ack.
+        if batch.max_wait + retry.in_process >= MAX_IN_PROCESS {
+            return Err(invalid(
+                batch_node.key("max_wait"),
+                format!(
+                    "is {}; with retry.in_process ({}) it must stay under 25m, since RabbitMQ gives up on a consumer that holds a message for 30m",
+                    humantime::format_duration(batch.max_wait),
+                    humantime::format_duration(retry.in_process)
+                ),
+            ));
+        }
         if usize::from(amqp.prefetch) < batch.max_contacts.get() {
             return Err(invalid(
                 amqp_node.key("prefetch"),
@@ -1613,6 +1625,11 @@ profile_fields = { "456" = "useAudienceKey" }
                 refused(
                     "zero_max_wait",
                     "[batch]\nmax_wait = \"0s\"",
+                    "batch.max_wait",
+                ),
+                refused(
+                    "max_wait_that_with_in_process_reaches_the_consumer_timeout",
+                    "[batch]\nmax_wait = \"24m\"",
                     "batch.max_wait",
                 ),
                 refused(
