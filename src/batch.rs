@@ -25,7 +25,8 @@ pub enum FlushTrigger {
     Size,
     Bytes,
     Time,
-    /// The input went quiet with nothing on its way to Listrak (see `ArrivalPace`).
+    /// Nothing more could come: the input paused (see `ArrivalPace`) with nothing on its way
+    /// to Listrak, and the queue was empty or the prefetch window full.
     Idle,
     Shutdown,
 }

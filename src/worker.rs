@@ -330,8 +330,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let mut draining_until: Option<tokio::time::Instant> = None;
         loop {
             let lingering = self.batcher.next_deadline();
-            // With nothing on its way to Listrak, no ack can free the prefetch window, so
-            // quiet input means no more is coming soon: the open batches are all there is.
+            // Quiet counts only while nothing is on its way to Listrak: an answer still to
+            // come frees part of the prefetch window, so a pause then says nothing about
+            // whether more input is coming.
             let quiet = lingering
                 .filter(|_| self.delivering == 0)
                 .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
@@ -655,7 +656,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         });
     }
 
-    /// Sends the acks that are due; `all` sends the held ones too.
     /// Whether the broker has nothing more for this consumer now: the prefetch window is
     /// full of unsettled messages (nothing comes until an ack), or the queue holds no
     /// ready message. A pause in deliveries with messages still queued is the broker being
@@ -685,6 +685,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
     }
 
+    /// Sends the acks that are due; `all` sends the held ones too.
     async fn send_acks(&mut self, all: bool) -> Result<(), SessionError> {
         let commands = if all {
             self.acks.take_all()
