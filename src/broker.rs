@@ -420,3 +420,65 @@ pub fn text_header(value: impl Into<String>) -> AMQPValue {
 pub fn int_header(value: i64) -> AMQPValue {
     AMQPValue::LongLongInt(value)
 }
+
+/// A message's properties in their AMQP wire encoding: a few dozen bytes, where the parsed
+/// form takes 296 inline, for each of the thousands of messages held until Listrak answers.
+pub struct PackedProperties(Box<[u8]>);
+
+impl PackedProperties {
+    pub fn pack(properties: &BasicProperties) -> Self {
+        let bytes = cookie_factory::gen_simple(
+            lapin::protocol::basic::gen_properties(properties),
+            Vec::new(),
+        )
+        .expect("properties encode into memory");
+        Self(bytes.into_boxed_slice())
+    }
+
+    pub fn unpack(&self) -> BasicProperties {
+        match lapin::protocol::basic::parse_properties(&self.0[..]) {
+            Ok((_, properties)) => properties,
+            Err(error) => {
+                // Cannot happen for bytes `pack` wrote; if it did, the message goes on with
+                // default properties rather than not at all.
+                tracing::error!(?error, "could not read back a message's packed properties");
+                BasicProperties::default()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_properties_read_back_exactly_as_they_were() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-listrak-attempts".into(), AMQPValue::LongLongInt(3));
+        headers.insert(
+            "x-note".into(),
+            AMQPValue::LongString(LongString::from("ünïcode")),
+        );
+        let full = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_content_encoding(ShortString::from("utf-8"))
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_priority(5)
+            .with_correlation_id(ShortString::from("corr-1"))
+            .with_reply_to(ShortString::from("replies"))
+            .with_expiration(ShortString::from("60000"))
+            .with_message_id(ShortString::from("msg-1"))
+            .with_timestamp(1_700_000_000)
+            .with_type(ShortString::from("audience"))
+            .with_user_id(ShortString::from("guest"))
+            .with_app_id(ShortString::from("engage"))
+            .with_cluster_id(ShortString::from("c1"));
+        for properties in [full, BasicProperties::default()] {
+            let packed = PackedProperties::pack(&properties);
+            assert!(packed.0.len() < 200, "{} bytes", packed.0.len());
+            assert_eq!(packed.unpack(), properties);
+        }
+    }
+}

@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use crate::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
 use crate::broker::{
-    self, int_header, text_header, Publisher, RetryHeaders, Topology, TopologyMismatch,
+    self, int_header, text_header, PackedProperties, Publisher, RetryHeaders, Topology,
+    TopologyMismatch,
 };
 use crate::concurrency::AdaptiveConcurrency;
 use crate::config::Settings;
@@ -202,7 +203,7 @@ impl<A: ListrakApi> Worker<A> {
 /// A message being worked on: what is needed to publish it again, unchanged, elsewhere.
 struct Original {
     body: Vec<u8>,
-    properties: BasicProperties,
+    properties: PackedProperties,
 }
 
 /// What the spawned tasks report back to the session loop.
@@ -234,8 +235,8 @@ struct Session<'w, A> {
     publisher: Publisher,
     batcher: Batcher,
     pace: ArrivalPace,
-    /// Boxed: thousands are in hand at once, and a small table entry keeps the ledger compact.
-    ledger: Ledger<Box<Original>>,
+    /// Thousands are in hand at once: each holds its body and packed properties only.
+    ledger: Ledger<Original>,
     acks: Acks,
     lanes: HashMap<ListId, ListLane>,
     reports: mpsc::UnboundedSender<Report>,
@@ -408,13 +409,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings));
         let original = Original {
             body: delivery.data,
-            properties: delivery.properties,
+            properties: PackedProperties::pack(&delivery.properties),
         };
         let updates = match planned {
             Err(poison) => {
                 tracing::info!(
                     delivery_tag = tag,
-                    message_id = %message_id(&original.properties),
+                    message_id = %message_id(&delivery.properties),
                     reason = %poison.reason,
                     detail = %poison.detail,
                     "dead-lettering a message that cannot be applied"
@@ -436,7 +437,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Ok(updates) => updates,
         };
 
-        self.ledger.open(tag, Box::new(original));
+        self.ledger.open(tag, original);
         let deliverer = &self.worker.deliverer;
         // Updates older than what was applied are recognised when their batch is sent (the
         // guard is consulted there anyway, as a newer value may be applied meanwhile).
@@ -517,19 +518,20 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
     }
 
-    fn settle(&mut self, tag: u64, original: Box<Original>, settlement: Settlement) {
+    fn settle(&mut self, tag: u64, original: Original, settlement: Settlement) {
         match settlement {
             Settlement::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
             Settlement::Abandon => {}
-            Settlement::DeadLetter(rejection) => self.dead_letter(tag, *original, rejection),
-            Settlement::Retry => self.retry_later(tag, *original),
+            Settlement::DeadLetter(rejection) => self.dead_letter(tag, original, rejection),
+            Settlement::Retry => self.retry_later(tag, original),
         }
     }
 
     fn retry_later(&mut self, tag: u64, original: Original) {
         let settings = &self.worker.settings;
         let now = EventTime::now();
-        let previous = RetryHeaders::read(&original.properties);
+        let properties = original.properties.unpack();
+        let previous = RetryHeaders::read(&properties);
         let first_failed_at = previous.first_failed_at.unwrap_or(now);
         match plan_retry(
             previous.attempts,
@@ -558,7 +560,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     .topology
                     .retry_queue(settings.retry.schedule[step]);
                 let properties = broker::with_headers(
-                    &original.properties,
+                    &properties,
                     [
                         (
                             broker::ATTEMPTS,
@@ -586,7 +588,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     fn dead_letter(&mut self, tag: u64, original: Original, rejection: Rejection) {
         let now = EventTime::now();
-        let previous = RetryHeaders::read(&original.properties);
+        let properties = original.properties.unpack();
+        let previous = RetryHeaders::read(&properties);
         let mut headers = vec![
             (broker::REASON, text_header(rejection.reason.as_str())),
             (broker::ATTEMPTS, int_header(i64::from(previous.attempts))),
@@ -608,7 +611,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         if let Some(list) = rejection.list_id {
             headers.push((broker::LIST_ID, int_header(i64::from(list.get()))));
         }
-        let properties = broker::with_headers(&original.properties, headers);
+        let properties = broker::with_headers(&properties, headers);
         let topology = &self.worker.topology;
         self.publish(
             tag,
