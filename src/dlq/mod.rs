@@ -239,14 +239,16 @@ impl<'a> DeadLetters<'a> {
         .await
     }
 
-    /// Counts the matching messages (at most `limit` of them), holding each and giving all
-    /// back at the end: what a dry run reports. Changes nothing.
-    async fn count_matching(
+    /// Walks the queue without changing it: each message is held, and all are given back at
+    /// the end. Every matching one goes to `take`, until `limit` of them have.
+    async fn look(
         &self,
         filter: &Filter,
+        prefetch: u16,
         limit: Option<u64>,
+        mut take: impl FnMut(Facts, Delivery),
     ) -> Result<Walked, DlqError> {
-        let (mut walk, progress) = self.start(PREFETCH).await?;
+        let (mut walk, progress) = self.start(prefetch).await?;
         let mut walked = Walked::started(walk.bound());
         let now = EventTime::now();
         let started = Instant::now();
@@ -257,7 +259,11 @@ impl<'a> DeadLetters<'a> {
             walk.hold(ticket);
             walked.read += 1;
             progress.advance(1);
-            walked.matched += u64::from(filter.matches(&Facts::read(&delivery.properties), now));
+            let facts = Facts::read(&delivery.properties);
+            if filter.matches(&facts, now) {
+                walked.matched += 1;
+                take(facts, delivery);
+            }
         }
         progress.clear();
         walk.finish().await?;
@@ -265,26 +271,21 @@ impl<'a> DeadLetters<'a> {
         Ok(walked)
     }
 
+    /// Counts the matching messages (at most `limit` of them): what a dry run reports.
+    async fn count_matching(
+        &self,
+        filter: &Filter,
+        limit: Option<u64>,
+    ) -> Result<Walked, DlqError> {
+        self.look(filter, PREFETCH, limit, |_, _| {}).await
+    }
+
     /// Groups the matching messages by cause; changes nothing.
     pub async fn stats(&self, filter: &Filter) -> Result<(Stats, Walked), DlqError> {
-        let (mut walk, progress) = self.start(PREFETCH).await?;
-        let mut walked = Walked::started(walk.bound());
-        let now = EventTime::now();
-        let started = Instant::now();
         let mut stats = Stats::default();
-        while let Some((ticket, delivery)) = walk.next().await? {
-            walk.hold(ticket);
-            walked.read += 1;
-            progress.advance(1);
-            let facts = Facts::read(&delivery.properties);
-            if filter.matches(&facts, now) {
-                walked.matched += 1;
-                stats.add(&facts);
-            }
-        }
-        progress.clear();
-        walk.finish().await?;
-        walked.elapsed = started.elapsed();
+        let walked = self
+            .look(filter, PREFETCH, None, |facts, _| stats.add(&facts))
+            .await?;
         Ok((stats, walked))
     }
 
@@ -300,31 +301,16 @@ impl<'a> DeadLetters<'a> {
         } else {
             PREFETCH
         };
-        let (mut walk, progress) = self.start(prefetch).await?;
-        let mut walked = Walked::started(walk.bound());
-        let now = EventTime::now();
-        let started = Instant::now();
         let mut letters = Vec::new();
-        while letters.len() < limit {
-            let Some((ticket, delivery)) = walk.next().await? else {
-                break;
-            };
-            walk.hold(ticket);
-            walked.read += 1;
-            progress.advance(1);
-            let facts = Facts::read(&delivery.properties);
-            if filter.matches(&facts, now) {
-                walked.matched += 1;
+        let walked = self
+            .look(filter, prefetch, Some(limit as u64), |facts, delivery| {
                 letters.push(Letter {
                     body: delivery.data,
                     properties: delivery.properties,
                     facts,
-                });
-            }
-        }
-        progress.clear();
-        walk.finish().await?;
-        walked.elapsed = started.elapsed();
+                })
+            })
+            .await?;
         Ok((letters, walked))
     }
 
