@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -416,17 +416,22 @@ pub struct WorkerProcess {
     http: reqwest::Client,
 }
 
+/// `listrak-worker run` on `config`, quiet but for warnings.
+fn run_command(config: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    command
+}
+
 impl WorkerProcess {
     /// Starts `listrak-worker run`; `name` tells this process's configuration file apart.
     pub fn spawn(h: &Harness, name: &str, knobs: &Knobs) -> WorkerProcess {
         let (config, ops) = write_process_config(h, name, knobs);
-        let child = Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = run_command(&config).spawn().unwrap();
         listrak_worker::listrak::install_crypto_provider();
         WorkerProcess {
             child,
@@ -444,14 +449,7 @@ impl WorkerProcess {
         within: Duration,
     ) -> (ExitStatus, String) {
         let (config, ops) = write_process_config(h, name, knobs);
-        let child = Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = run_command(&config).stderr(Stdio::piped()).spawn().unwrap();
         let mut process = WorkerProcess {
             child,
             config,
