@@ -212,15 +212,17 @@ struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// Starts the worker on `queue` against `fake`, with its metrics on a free port.
     fn spawn(
         options: &BenchOptions,
-        config_text: &str,
-        listen: SocketAddr,
+        queue: &str,
+        fake: &FakeServer,
         tag: &str,
     ) -> anyhow::Result<Self> {
+        let listen = free_port()?;
         let config =
             std::env::temp_dir().join(format!("listrak-bench-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&config, config_text)?;
+        std::fs::write(&config, self::config(options, queue, fake, listen))?;
         let child = Command::new(&options.worker_binary)
             .args(["run", "--runtime", &options.runtime, "--config"])
             .arg(&config)
@@ -378,13 +380,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             ..Faults::default()
         })
         .await?;
-        let listen = free_port()?;
-        let worker = WorkerProcess::spawn(
-            &options,
-            &config(&options, &topology.queue, &fake, listen),
-            listen,
-            "drain",
-        )?;
+        let worker = WorkerProcess::spawn(&options, &topology.queue, &fake, "drain")?;
         // Timed from the first message received, as the baseline is: process start-up
         // (connection, topology, consumer) is not draining.
         while worker
@@ -455,13 +451,7 @@ async fn lag(
         ..Faults::default()
     })
     .await?;
-    let listen = free_port()?;
-    let worker = WorkerProcess::spawn(
-        options,
-        &config(options, &topology.queue, &fake, listen),
-        listen,
-        "lag",
-    )?;
+    let worker = WorkerProcess::spawn(options, &topology.queue, &fake, "lag")?;
     while worker.acked().await.is_none() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -517,18 +507,12 @@ async fn throttle(
         ..Faults::default()
     })
     .await?;
-    let listen = free_port()?;
     let throttled = BenchOptions {
         max_contacts,
         prefetch: options.prefetch,
         ..options.clone()
     };
-    let worker = WorkerProcess::spawn(
-        &throttled,
-        &config(&throttled, &topology.queue, &fake, listen),
-        listen,
-        "throttle",
-    )?;
+    let worker = WorkerProcess::spawn(&throttled, &topology.queue, &fake, "throttle")?;
     while fake.requests().is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
