@@ -407,10 +407,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let now = EventTime::now();
         let planned = decode(&delivery.data, now)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings));
-        let original = Original {
-            body: delivery.data,
-            properties: PackedProperties::pack(&delivery.properties),
-        };
         let updates = match planned {
             Err(poison) => {
                 tracing::info!(
@@ -427,7 +423,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     message: poison.detail,
                     list_id: None,
                 };
-                self.dead_letter(tag, original, rejection);
+                self.dead_letter(tag, delivery.data, &delivery.properties, rejection);
                 return;
             }
             Ok(updates) if updates.is_empty() => {
@@ -437,7 +433,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Ok(updates) => updates,
         };
 
-        self.ledger.open(tag, original);
+        self.ledger.open(
+            tag,
+            Original {
+                body: delivery.data,
+                properties: PackedProperties::pack(&delivery.properties),
+            },
+        );
         let deliverer = &self.worker.deliverer;
         // Updates older than what was applied are recognised when their batch is sent (the
         // guard is consulted there anyway, as a newer value may be applied meanwhile).
@@ -522,16 +524,21 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match settlement {
             Settlement::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
             Settlement::Abandon => {}
-            Settlement::DeadLetter(rejection) => self.dead_letter(tag, original, rejection),
-            Settlement::Retry => self.retry_later(tag, original),
+            Settlement::DeadLetter(rejection) => {
+                let properties = original.properties.unpack();
+                self.dead_letter(tag, original.body, &properties, rejection)
+            }
+            Settlement::Retry => {
+                let properties = original.properties.unpack();
+                self.retry_later(tag, original.body, &properties)
+            }
         }
     }
 
-    fn retry_later(&mut self, tag: u64, original: Original) {
+    fn retry_later(&mut self, tag: u64, body: Vec<u8>, properties: &BasicProperties) {
         let settings = &self.worker.settings;
         let now = EventTime::now();
-        let properties = original.properties.unpack();
-        let previous = RetryHeaders::read(&properties);
+        let previous = RetryHeaders::read(properties);
         let first_failed_at = previous.first_failed_at.unwrap_or(now);
         match plan_retry(
             previous.attempts,
@@ -552,7 +559,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     ),
                     list_id: None,
                 };
-                self.dead_letter(tag, original, rejection);
+                self.dead_letter(tag, body, properties, rejection);
             }
             RetryPlan::Delay { step } => {
                 let queue = self
@@ -560,7 +567,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     .topology
                     .retry_queue(settings.retry.schedule[step]);
                 let properties = broker::with_headers(
-                    &properties,
+                    properties,
                     [
                         (
                             broker::ATTEMPTS,
@@ -577,7 +584,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     tag,
                     String::new(),
                     queue,
-                    original.body,
+                    body,
                     properties,
                     AckOutcome::RetryScheduled,
                     None,
@@ -586,10 +593,15 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
     }
 
-    fn dead_letter(&mut self, tag: u64, original: Original, rejection: Rejection) {
+    fn dead_letter(
+        &mut self,
+        tag: u64,
+        body: Vec<u8>,
+        properties: &BasicProperties,
+        rejection: Rejection,
+    ) {
         let now = EventTime::now();
-        let properties = original.properties.unpack();
-        let previous = RetryHeaders::read(&properties);
+        let previous = RetryHeaders::read(properties);
         let mut headers = vec![
             (broker::REASON, text_header(rejection.reason.as_str())),
             (broker::ATTEMPTS, int_header(i64::from(previous.attempts))),
@@ -611,13 +623,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         if let Some(list) = rejection.list_id {
             headers.push((broker::LIST_ID, int_header(i64::from(list.get()))));
         }
-        let properties = broker::with_headers(&properties, headers);
+        let properties = broker::with_headers(properties, headers);
         let topology = &self.worker.topology;
         self.publish(
             tag,
             topology.dead.clone(),
             topology.queue.clone(),
-            original.body,
+            body,
             properties,
             AckOutcome::DeadLettered,
             Some(rejection.reason),
