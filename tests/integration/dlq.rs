@@ -15,7 +15,7 @@ use listrak_worker::model::EventTime;
 use listrak_worker::publish::{event_properties, publish_file};
 use listrak_worker::sample::{email, track, BASE_MICROS};
 
-use crate::support::{settings_text, DeadLetter, Harness, Knobs};
+use crate::support::{settings_text, wait_until, DeadLetter, Harness, Knobs};
 
 const HOUR: i64 = 3_600_000_000;
 
@@ -198,11 +198,12 @@ async fn dead_letter_at_the_delivery_limit(h: &Harness, body: &[u8]) {
             .await
             .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.depth(&h.topology.dead).await == before {
-        assert!(Instant::now() < deadline, "not dead-lettered by the broker");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the broker to dead-letter it",
+        Duration::from_secs(10),
+        async || h.depth(&h.topology.dead).await != before,
+    )
+    .await;
     let _ = channel.close(200, "done".into()).await;
 }
 
@@ -789,11 +790,10 @@ async fn a_replay_killed_midway_leaves_every_message_in_one_queue_or_the_other()
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while h.depth(&h.topology.queue).await < 300 {
-        assert!(Instant::now() < deadline, "the replay did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the replay to start", Duration::from_secs(20), async || {
+        h.depth(&h.topology.queue).await >= 300
+    })
+    .await;
     let status = Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
         .status()
@@ -803,11 +803,12 @@ async fn a_replay_killed_midway_leaves_every_message_in_one_queue_or_the_other()
     let _ = std::fs::remove_file(config);
 
     // The broker returns the dead process's unacked messages once it sees the connection go.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.depth(&h.topology.queue).await + h.depth(&h.topology.dead).await < 2000 {
-        assert!(Instant::now() < deadline, "messages are missing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "every message back in one of the two queues",
+        Duration::from_secs(10),
+        async || h.depth(&h.topology.queue).await + h.depth(&h.topology.dead).await >= 2000,
+    )
+    .await;
     let main = h.take_all(&h.topology.queue).await;
     let dead = h.take_dead_letters().await;
     assert!(

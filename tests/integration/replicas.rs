@@ -14,7 +14,7 @@ use std::time::Duration;
 use listrak_worker::fake::Faults;
 use listrak_worker::sample::{self, Traffic, TrafficShape};
 
-use crate::support::{Harness, Knobs, WorkerProcess};
+use crate::support::{self, Harness, Knobs, WorkerProcess};
 
 const EVENTS: usize = 3000;
 const WITHIN: Duration = Duration::from_secs(60);
@@ -70,14 +70,7 @@ async fn share(h: &Harness, count: usize, knobs: &Knobs) -> Vec<WorkerProcess> {
 }
 
 async fn wait_until(what: &str, condition: impl AsyncFn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_until(what, WITHIN, condition).await;
 }
 
 async fn acked_by_all(workers: &[WorkerProcess]) -> u64 {

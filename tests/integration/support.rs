@@ -309,11 +309,7 @@ impl Harness {
         timeout: Duration,
         condition: impl Fn(&Harness) -> bool,
     ) {
-        let deadline = Instant::now() + timeout;
-        while !condition(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(what, timeout, async || condition(self)).await;
     }
 
     pub async fn wait_acked(&self, count: u64, timeout: Duration) {
@@ -416,6 +412,16 @@ pub struct WorkerProcess {
     http: reqwest::Client,
 }
 
+/// Polls `condition` until it holds; panics naming `what` after `within`. For states that
+/// announce no event of their own (queue depths, another process's counters).
+pub async fn wait_until(what: &str, within: Duration, condition: impl AsyncFn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `listrak-worker run` on `config`, quiet but for warnings.
 fn run_command(config: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
@@ -496,23 +502,14 @@ impl WorkerProcess {
 
     /// Waits until `/readyz` answers 200: connected and consuming.
     pub async fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let ready = self
-                .http
+        wait_until("the worker to be ready", within, async || {
+            self.http
                 .get(format!("http://{}/readyz", self.ops))
                 .send()
                 .await
-                .is_ok_and(|response| response.status().is_success());
-            if ready {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the worker was not ready in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                .is_ok_and(|response| response.status().is_success())
+        })
+        .await;
     }
 
     pub fn signal(&self, name: &str) {
