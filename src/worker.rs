@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
@@ -57,6 +57,8 @@ const ACK_TICK: Duration = Duration::from_millis(20);
 /// How long a settled message may wait for the ones delivered before it, so one `multiple`
 /// ack covers them all (see `settle::Acks`).
 const ACK_HOLD: Duration = Duration::from_millis(500);
+/// The most messages one `multiple` ack covers (see `settle::Acks` for why there is a most).
+const ACK_CHUNK: u64 = 500;
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -302,7 +304,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }),
             pace: ArrivalPace::default(),
             ledger: Ledger::default(),
-            acks: Acks::new(ACK_HOLD),
+            acks: Acks::new(ACK_HOLD, ACK_CHUNK),
             lanes: HashMap::new(),
             reports,
             publishing: 0,
@@ -341,7 +343,15 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             let quiet_at = quiet.map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
-                Some(report) = inbox.recv() => self.on_report(report),
+                Some(report) = inbox.recv() => {
+                    let batch_settled = matches!(report, Report::Delivered { .. });
+                    self.on_report(report);
+                    // A batch's answer frees a share of the prefetch window: hand it back to
+                    // the broker now rather than at the next tick.
+                    if batch_settled {
+                        self.send_acks(false).await?;
+                    }
+                }
                 _ = self.worker.stop.cancelled(), if draining_until.is_none() => {
                     bounded(
                         self.channel
@@ -707,31 +717,43 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         } else {
             self.acks.take(Instant::now())
         };
+        // An ack's frame is queued when its call is first polled: queue them all, in order,
+        // before waiting for any, so they leave in one write.
+        let mut sending = Vec::with_capacity(commands.len());
         for command in commands {
-            let count: u64 = command.outcomes.iter().map(|(_, n)| n).sum();
-            match self
-                .channel
-                .basic_ack(
-                    command.tag,
-                    BasicAckOptions {
-                        multiple: command.multiple,
-                    },
-                )
-                .await
-            {
+            let mut ack = Box::pin(self.channel.basic_ack(
+                command.tag,
+                BasicAckOptions {
+                    multiple: command.multiple,
+                },
+            ));
+            let queued = (&mut ack).now_or_never();
+            sending.push((ack, queued, command.outcomes));
+        }
+        let mut refused = None;
+        for (ack, queued, outcomes) in sending {
+            let result = match queued {
+                Some(result) => result,
+                None => ack.await,
+            };
+            match result {
                 Ok(()) => {
-                    for (outcome, n) in command.outcomes {
+                    for (outcome, n) in outcomes {
                         self.worker.metrics.messages_acked(outcome, n);
                     }
                 }
                 Err(error) => {
                     // The channel is gone; the broker will deliver these again.
+                    let count: u64 = outcomes.iter().map(|(_, n)| n).sum();
                     self.worker.metrics.ack_refused(count);
-                    return Err(error.into());
+                    refused.get_or_insert(error);
                 }
             }
         }
-        Ok(())
+        match refused {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
     }
 }
 
