@@ -208,6 +208,9 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
 struct WorkerProcess {
     child: Child,
     metrics_url: String,
+    /// One client for every scrape: a client per scrape loaded the system's certificates
+    /// each time, and took CPU from the worker it was measuring.
+    scraper: reqwest::Client,
     config: PathBuf,
 }
 
@@ -238,6 +241,7 @@ impl WorkerProcess {
         Ok(Self {
             child,
             metrics_url: format!("http://{listen}/metrics"),
+            scraper: reqwest::Client::new(),
             config,
         })
     }
@@ -248,7 +252,10 @@ impl WorkerProcess {
 
     /// The sum of a counter's series; `None` while the metrics endpoint does not answer.
     async fn counter(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(&self.metrics_url)
+        let text = self
+            .scraper
+            .get(&self.metrics_url)
+            .send()
             .await
             .ok()?
             .text()
