@@ -1,5 +1,6 @@
 //! The broker: connection, queue topology, publishing with confirms, and message headers.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 use lapin::options::{
@@ -427,12 +428,23 @@ pub struct PackedProperties(Box<[u8]>);
 
 impl PackedProperties {
     pub fn pack(properties: &BasicProperties) -> Self {
-        let bytes = cookie_factory::gen_simple(
-            lapin::protocol::basic::gen_properties(properties),
-            Vec::new(),
-        )
-        .expect("properties encode into memory");
-        Self(bytes.into_boxed_slice())
+        thread_local! {
+            // The encoder writes a field at a time: into a fresh `Vec` that was a realloc
+            // per field, for every message held.
+            static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+        }
+        SCRATCH.with(|scratch| {
+            let mut buffer = scratch.take();
+            buffer.clear();
+            let buffer = cookie_factory::gen_simple(
+                lapin::protocol::basic::gen_properties(properties),
+                buffer,
+            )
+            .expect("properties encode into memory");
+            let packed = Self(Box::from(&buffer[..]));
+            scratch.set(buffer);
+            packed
+        })
     }
 
     pub fn unpack(&self) -> BasicProperties {

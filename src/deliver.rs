@@ -2,6 +2,7 @@
 //! until every contact has a verdict.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,10 +47,15 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct SizeCeilings {
     ceilings: Mutex<HashMap<ListId, usize>>,
+    /// Asked for every update, and almost never learned: no lock until one is.
+    any: AtomicBool,
 }
 
 impl SizeCeilings {
     pub fn get(&self, list: ListId) -> Option<usize> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
         self.ceilings
             .lock()
             .expect("ceilings lock")
@@ -59,6 +65,7 @@ impl SizeCeilings {
 
     fn learn(&self, list: ListId, max_bytes_that_passed: usize) {
         let mut ceilings = self.ceilings.lock().expect("ceilings lock");
+        self.any.store(true, Ordering::Release);
         let ceiling = ceilings.entry(list).or_insert(usize::MAX);
         if max_bytes_that_passed < *ceiling {
             tracing::info!(list_id = %list, bytes = max_bytes_that_passed, "Listrak refused larger bodies for this list; later batches stay under this size");
