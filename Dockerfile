@@ -11,10 +11,13 @@ WORKDIR /build
 
 # Dependencies first, in a layer of their own: it is rebuilt only when Cargo.toml or
 # Cargo.lock change, not on every source edit. Empty targets stand in for the sources.
+# .cargo/config.toml carries a build-time setting of the allocator (see it).
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 RUN mkdir -p src/bin \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/listrak-fake.rs \
+    && echo 'fn main() {}' > src/bin/listrak-bench.rs \
     && touch src/lib.rs \
     && cargo build --release --locked --bins \
     && rm -rf src

@@ -7,8 +7,10 @@
                                   mounted files, build contexts
   kubernetes RENDERED ALERTS      cross-check rendered manifests: selectors, ports, probes,
                                   security context, secrets, grace period, PrometheusRule
+  dockerfile DOCKERFILE MANIFEST  the dependency layer has a stand-in for every binary of
+                                  the Cargo manifest, and copies what the build reads
 
-`dashboard-rules` needs only the standard library; the others need PyYAML.
+`dashboard-rules` and `dockerfile` need only the standard library; the others need PyYAML.
 """
 
 import json
@@ -236,9 +238,35 @@ def kubernetes(rendered, alerts):
     finish(rendered)
 
 
+# --- Dockerfile ------------------------------------------------------------------------------
+
+
+def dockerfile(path, manifest):
+    import tomllib
+
+    text = Path(path).read_text()
+    cargo = tomllib.loads(Path(manifest).read_text())
+    # The layer that builds the dependencies alone: everything before the sources are copied.
+    dependency_layer = text.split("COPY src ", 1)[0]
+    paths = [target["path"] for target in cargo.get("bin", [])]
+    if "lib" in cargo:
+        paths.append(cargo["lib"].get("path", "src/lib.rs"))
+    for target in paths:
+        if not re.search(rf"(>|touch)\s+{re.escape(target)}\b", dependency_layer):
+            problem(f"no stand-in for {target} before the sources are copied: cargo cannot resolve the targets")
+    if Path(".cargo/config.toml").exists() and "COPY .cargo" not in dependency_layer:
+        problem(".cargo/config.toml is not copied before the first build")
+    finish(path)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
-    commands = {"dashboard-rules": dashboard_rules, "compose": compose, "kubernetes": kubernetes}
+    commands = {
+        "dashboard-rules": dashboard_rules,
+        "compose": compose,
+        "kubernetes": kubernetes,
+        "dockerfile": dockerfile,
+    }
     if command not in commands:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

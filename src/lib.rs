@@ -37,10 +37,12 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`publish`], [`progress`]: the `publish` command.
 //! - [`dlq`]: the `dlq` commands: stats, peek, replay, export and purge of dead letters.
+//! - [`allocator`]: mimalloc, set to give freed memory back at once.
 //! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
 //! - [`bench`]: `listrak-bench`, the benchmark against a bare consumer.
 //! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
 
+pub mod allocator;
 pub mod batch;
 pub mod bench;
 pub mod broker;

@@ -14,7 +14,12 @@ use listrak_worker::listrak::ListrakClient;
 use listrak_worker::model::ListId;
 use listrak_worker::telemetry::Metrics;
 use listrak_worker::worker::Health;
-use listrak_worker::{broker, demo, http, publish, shutdown_signal};
+use listrak_worker::{allocator, broker, demo, http, publish, shutdown_signal};
+
+// Every message is allocated by lapin's I/O thread and freed on the worker's: glibc's
+// allocator takes a lock for each such free, mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -169,6 +174,7 @@ impl Filters {
 }
 
 fn main() -> ExitCode {
+    allocator::purge_freed_memory_at_once();
     let cli = Cli::parse();
     // The demo prints its own summary; its log stays quiet unless asked.
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
