@@ -333,11 +333,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let mut draining_until: Option<tokio::time::Instant> = None;
         loop {
             let lingering = self.batcher.next_deadline();
-            // Quiet counts only while nothing is on its way to Listrak: an answer still to
-            // come frees part of the prefetch window, so a pause then says nothing about
-            // whether more input is coming.
+            // With the prefetch window full, a pause says nothing about the input while an
+            // answer is still to come: the answer frees part of the window. With room in the
+            // window, it does (the queue is asked), whatever is on its way to Listrak.
             let quiet = lingering
-                .filter(|_| self.delivering == 0)
+                .filter(|_| self.delivering == 0 || !self.window_full())
                 .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
             let flush_at = lingering.map(tokio::time::Instant::from_std);
             let quiet_at = quiet.map(tokio::time::Instant::from_std);
@@ -686,9 +686,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     /// ready message. A pause in deliveries with messages still queued is the broker being
     /// busy, not the input ending.
     async fn nothing_more_coming(&self) -> bool {
-        let prefetch = usize::from(self.worker.settings.amqp.prefetch);
-        if self.acks.outstanding() + self.acks.pending_acks() >= prefetch {
-            return true;
+        if self.window_full() {
+            return self.delivering == 0;
         }
         // Short: the session loop waits for the answer, with acks and reports queued behind it.
         let declared = tokio::time::timeout(
@@ -708,6 +707,12 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             // Cannot tell: an early partial batch is the lesser harm.
             _ => true,
         }
+    }
+
+    /// Every message the prefetch allows is delivered and not yet acked.
+    fn window_full(&self) -> bool {
+        let prefetch = usize::from(self.worker.settings.amqp.prefetch);
+        self.acks.outstanding() + self.acks.pending_acks() >= prefetch
     }
 
     /// Sends the acks that are due; `all` sends the held ones too.
