@@ -83,7 +83,9 @@ const RATE_SETTLE: Duration = Duration::from_secs(3);
 impl AdaptiveConcurrency {
     pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
         let max = max.max(1);
-        let initial = (max / 4).max(1);
+        // A backlog's first batches, one per list, leave together: starting at a quarter,
+        // half of eight lists' batches waited a whole round trip, and every ack behind them.
+        let initial = (max / 2).max(1);
         metrics.concurrency_limit(initial);
         Arc::new(Self {
             max,
@@ -247,15 +249,16 @@ mod tests {
     #[tokio::test]
     async fn the_limit_grows_while_used_and_halves_on_overload() {
         let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
-        assert_eq!(limiter.limit(), 2);
+        assert_eq!(limiter.limit(), 4);
         for _ in 0..40 {
-            let a = limiter.acquire().await;
-            let b = limiter.acquire().await;
-            a.record(Signal::Healthy);
-            b.record(Signal::Healthy);
+            let mut permits = Vec::new();
+            for _ in 0..4 {
+                permits.push(limiter.acquire().await);
+            }
+            permits.into_iter().for_each(|p| p.record(Signal::Healthy));
         }
         let grown = limiter.limit();
-        assert!(grown > 2, "grew to {grown}");
+        assert!(grown > 4, "grew to {grown}");
         assert!(grown <= 8);
         std::thread::sleep(Duration::from_millis(2));
         limiter.acquire().await.record(Signal::Overloaded);
@@ -264,21 +267,21 @@ mod tests {
 
     #[test]
     fn the_limit_doubles_per_round_trip_until_the_first_overload_then_grows_by_one() {
-        let limiter = AdaptiveConcurrency::new(64, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(128, Metrics::new(10));
         let rtt = Duration::from_millis(1);
-        assert_eq!(limiter.limit(), 16);
-        for _ in 0..16 {
+        assert_eq!(limiter.limit(), 64, "half the maximum to start with");
+        for _ in 0..64 {
             limiter.observe(Signal::Healthy, true, rtt);
         }
-        assert_eq!(limiter.limit(), 32, "one round trip of answers doubled it");
+        assert_eq!(limiter.limit(), 128, "one round trip of answers doubled it");
         std::thread::sleep(Duration::from_millis(2));
         limiter.observe(Signal::Overloaded, true, rtt);
-        assert_eq!(limiter.limit(), 16);
+        assert_eq!(limiter.limit(), 64);
         // A little more than a round trip of answers, for the limit grows as they come.
-        for _ in 0..17 {
+        for _ in 0..65 {
             limiter.observe(Signal::Healthy, true, rtt);
         }
-        assert_eq!(limiter.limit(), 17, "then one more per round trip");
+        assert_eq!(limiter.limit(), 65, "then one more per round trip");
     }
 
     #[tokio::test]
@@ -305,7 +308,7 @@ mod tests {
         for _ in 0..100 {
             limiter.acquire().await.record(Signal::Healthy);
         }
-        assert_eq!(limiter.limit(), 2);
+        assert_eq!(limiter.limit(), 4);
     }
 
     #[tokio::test]
