@@ -32,6 +32,14 @@ pub enum FlushTrigger {
 }
 
 impl FlushTrigger {
+    pub const ALL: [FlushTrigger; 5] = [
+        Self::Size,
+        Self::Bytes,
+        Self::Time,
+        Self::Idle,
+        Self::Shutdown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Size => "size",

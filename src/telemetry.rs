@@ -11,6 +11,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::batch::FlushTrigger;
 use crate::model::DeadLetterReason;
 
 /// How a message was finally acknowledged; the `outcome` label.
@@ -215,8 +216,8 @@ impl Metrics {
         for result in ["success", "failure"] {
             token_refreshes.with_label_values(&[result]);
         }
-        for trigger in ["size", "bytes", "time", "idle", "shutdown"] {
-            batch_flushes.with_label_values(&[trigger]);
+        for trigger in FlushTrigger::ALL {
+            batch_flushes.with_label_values(&[trigger.as_str()]);
         }
 
         Self {
