@@ -479,7 +479,7 @@ pub(crate) mod tests {
 
     #[test]
     fn escaped_strings_are_read_unescaped() {
-        let body = r#"{"type":"track","event":"Audience Entered","context":{"traits":{"email":"a@example.com"}}}"#;
+        let body = r#"{"type":"track","event":"Audience\u0020Entered","context":{"traits":{"email":"a\u0040example.com"}}}"#;
         let Inbound::Segment(event) = decode(body.as_bytes(), RECEIVED).unwrap() else {
             panic!("a Segment event")
         };
