@@ -275,11 +275,13 @@ impl Acks {
             commands.push(AckCommand::up_to(highest, &counts));
         }
         while let Some(&(at, tag)) = self.held.front() {
-            if ready_before.is_some_and(|limit| at > limit) {
+            // Below `base`: covered by the `multiple` ack above, or by an earlier one. Most
+            // tags are, and leave at once rather than linger for the hold.
+            let covered = tag < self.base;
+            if !covered && ready_before.is_some_and(|limit| at > limit) {
                 break;
             }
             self.held.pop_front();
-            // Below `base`: covered by the `multiple` ack above, or by an earlier one.
             let Some(slot) = tag
                 .checked_sub(self.base)
                 .and_then(|index| self.slots.get_mut(index as usize))
