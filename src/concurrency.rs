@@ -1,9 +1,9 @@
 //! Adaptive request concurrency: how many requests Listrak gets at once, learned from its
 //! answers (additive increase, multiplicative decrease), between 1 and a configured maximum.
 //!
-//! Modelled on Vector's adaptive request concurrency, with a slow start and three changes: a 429, 5xx or
-//! timeout cuts the limit at most once per round trip (a burst of failures from one
-//! overload is one signal, not ten); the limit only grows while it is actually used; and a
+//! Modelled on Vector's adaptive request concurrency, with a slow start and three changes:
+//! a 429, 5xx or timeout cuts the limit at most once per round trip (a burst of failures
+//! from one overload is one signal, not ten); the limit only grows while it is used; and a
 //! 429 also sets a request *rate*, because a rate limit is what a 429 announces. Concurrency
 //! alone cannot fit under one: at concurrency 1 a fast API still takes more requests per
 //! second than it allows. The rate starts just under what Listrak accepted in the last
