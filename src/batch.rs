@@ -1,10 +1,20 @@
-//! Grouping: updates collected per list, merged per contact, last write wins per field.
+//! Grouping: updates collected per list, merged per contact, last write wins per field; and
+//! the order per contact: a contact is never in two requests at once.
 //!
 //! Pure and clock-driven: the caller passes `now`, so every flush rule is tested without
 //! sleeping. The encoded size of each batch is tracked exactly as the request body will be,
 //! so `max_bytes` is a promise, not an estimate.
+//!
+//! A list has as many requests in flight as the adaptive concurrency allows, and a contact's
+//! updates still reach Listrak in the order they were formed: each contact (a stable hash of
+//! its lower-cased email, with the list) is its own partition with one request chain. While a
+//! request carrying a contact is unanswered, newer updates of that contact wait beside the
+//! open batches ("parked") and join the open batch when the answer comes. So a batch never
+//! holds a contact in flight, batches leave full, and one slow or failing request holds back
+//! only its own contacts' later updates, not a list.
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::model::{EventTime, FieldId, ListId, Update};
@@ -67,6 +77,9 @@ pub struct Contact {
     pub fields: Vec<FieldValue>,
     /// Messages that settle when this contact is settled, in arrival order, without repeats.
     pub messages: Vec<MessageKey>,
+    /// When the oldest of `messages` arrived: its hold time, and so its retry budget, counts
+    /// from then.
+    pub since: Instant,
 }
 
 impl Contact {
@@ -83,6 +96,33 @@ impl Contact {
             len += json_string_len(&field.value);
         }
         len
+    }
+
+    /// A contact entry opened by one update of message `key`, arrived at `now`.
+    fn first(
+        email: String,
+        fields: Vec<(FieldId, String)>,
+        timestamp: EventTime,
+        key: MessageKey,
+        now: Instant,
+    ) -> Self {
+        let mut contact = Contact {
+            email,
+            fields: Vec::with_capacity(fields.len()),
+            messages: vec![key],
+            since: now,
+        };
+        contact.merge(fields, timestamp);
+        contact
+    }
+
+    /// Adds message `key` to those this entry settles; true if it was not among them yet.
+    fn add_message(&mut self, key: MessageKey) -> bool {
+        if self.messages.last() == Some(&key) || self.messages.contains(&key) {
+            return false;
+        }
+        self.messages.push(key);
+        true
     }
 
     /// Merges one update in; on the same field the later timestamp wins, and on equal
@@ -121,6 +161,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// When the oldest message it carries arrived.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.contacts.iter().map(|c| c.since).min()
+    }
+
     pub fn encoded_len(&self) -> usize {
         body_len(&self.contacts)
     }
@@ -210,11 +255,26 @@ pub struct Added {
     pub flushed: Vec<Batch>,
 }
 
-/// Open batches of every list.
+/// A contact's partition within its list: requests for one partition never overlap. A hash
+/// collision only makes two contacts wait for each other, never mixes their fields.
+type PartitionKey = (ListId, u64);
+
+fn partition_of(list_id: ListId, email: &str) -> PartitionKey {
+    // Emails arrive lower-cased (see `decode`), so case variants share a partition.
+    let mut hasher = FxHasher::default();
+    email.hash(&mut hasher);
+    (list_id, hasher.finish())
+}
+
+/// Open batches of every list, and the contacts whose request is not answered yet.
 #[derive(Debug)]
 pub struct Batcher {
     limits: BatchLimits,
     open: HashMap<ListId, OpenBatch>,
+    /// Partitions with a request in flight: a batch left with one of their contacts.
+    in_flight: HashSet<PartitionKey>,
+    /// Newer updates of contacts in flight, one entry per email, waiting for the answer.
+    parked: HashMap<PartitionKey, Vec<Contact>>,
 }
 
 impl Batcher {
@@ -222,6 +282,8 @@ impl Batcher {
         Self {
             limits,
             open: HashMap::default(),
+            in_flight: HashSet::default(),
+            parked: HashMap::default(),
         }
     }
 
@@ -230,6 +292,7 @@ impl Batcher {
     }
 
     /// Adds one update of message `key`.
+    #[cfg(test)]
     pub fn add(&mut self, key: MessageKey, update: Update, now: Instant) -> Added {
         self.add_with_ceiling(key, update, now, self.limits.max_bytes)
     }
@@ -251,19 +314,32 @@ impl Batcher {
             fields,
             timestamp,
         } = update;
+
+        let partition = partition_of(list_id, &email);
+        if self.in_flight.contains(&partition) {
+            let waiting = self.parked.entry(partition).or_default();
+            match waiting.iter_mut().find(|c| c.email == email) {
+                Some(contact) => {
+                    contact.merge(fields, timestamp);
+                    added.new_part = contact.add_message(key);
+                }
+                None => {
+                    waiting.push(Contact::first(email, fields, timestamp, key, now));
+                    added.new_part = true;
+                }
+            }
+            return added;
+        }
+
         let open = self
             .open
             .entry(list_id)
             .or_insert_with(|| OpenBatch::new(now));
-
         if let Some(&at) = open.by_email.get(&email) {
             let contact = &mut open.contacts[at];
             let before = contact.encoded_len();
             contact.merge(fields, timestamp);
-            if contact.messages.last() != Some(&key) && !contact.messages.contains(&key) {
-                contact.messages.push(key);
-                added.new_part = true;
-            }
+            added.new_part = contact.add_message(key);
             open.bytes = open.bytes + contact.encoded_len() - before;
             if open.bytes > max_bytes && open.contacts.len() > 1 {
                 // The merge grew the body past the limit: send the others now, and let this
@@ -274,48 +350,81 @@ impl Batcher {
                     open.by_email.insert(moved.email.clone(), at);
                 }
                 open.bytes = body_len(&open.contacts);
-                added.flushed.push(Self::take(
-                    &mut self.open,
-                    list_id,
-                    FlushTrigger::Bytes,
-                    now,
-                ));
+                let flushed = self.take(list_id, FlushTrigger::Bytes, now);
+                added.flushed.push(flushed);
                 self.insert_contact(list_id, contact, now);
             }
+            self.flush_if_full(list_id, now, max_bytes, &mut added);
         } else {
-            let mut contact = Contact {
-                email,
-                fields: Vec::with_capacity(fields.len()),
-                messages: vec![key],
-            };
-            contact.merge(fields, timestamp);
             added.new_part = true;
-            let grown = open.bytes + contact.encoded_len() + usize::from(!open.contacts.is_empty());
-            if grown > max_bytes && !open.contacts.is_empty() {
-                added.flushed.push(Self::take(
-                    &mut self.open,
-                    list_id,
-                    FlushTrigger::Bytes,
-                    now,
-                ));
-            }
-            self.insert_contact(list_id, contact, now);
-        }
-
-        let open = &self.open[&list_id];
-        if open.contacts.len() >= self.limits.max_contacts {
-            added
-                .flushed
-                .push(Self::take(&mut self.open, list_id, FlushTrigger::Size, now));
-        } else if open.bytes >= max_bytes {
-            added.flushed.push(Self::take(
-                &mut self.open,
-                list_id,
-                FlushTrigger::Bytes,
-                now,
-            ));
+            let contact = Contact::first(email, fields, timestamp, key, now);
+            self.place(list_id, contact, now, max_bytes, &mut added);
         }
         added
+    }
+
+    /// The request for `batch` has its answer, whatever it was: its contacts' parked updates
+    /// join the open batches. Returns the batches that became full.
+    pub fn answered(
+        &mut self,
+        batch: &Batch,
+        now: Instant,
+        max_bytes: impl Fn(ListId) -> usize,
+    ) -> Vec<Batch> {
+        let mut added = Added::default();
+        let max_bytes = max_bytes(batch.list_id).min(self.limits.max_bytes);
+        for contact in &batch.contacts {
+            let partition = partition_of(batch.list_id, &contact.email);
+            if !self.in_flight.remove(&partition) {
+                continue;
+            }
+            for waiting in self.parked.remove(&partition).unwrap_or_default() {
+                self.place(batch.list_id, waiting, now, max_bytes, &mut added);
+            }
+        }
+        added.flushed
+    }
+
+    /// Puts a contact that no open batch of its list holds into the open batch, sending the
+    /// batch first if the contact would push it past `max_bytes`.
+    fn place(
+        &mut self,
+        list_id: ListId,
+        contact: Contact,
+        now: Instant,
+        max_bytes: usize,
+        added: &mut Added,
+    ) {
+        let open = self
+            .open
+            .entry(list_id)
+            .or_insert_with(|| OpenBatch::new(now));
+        let grown = open.bytes + contact.encoded_len() + usize::from(!open.contacts.is_empty());
+        if grown > max_bytes && !open.contacts.is_empty() {
+            let flushed = self.take(list_id, FlushTrigger::Bytes, now);
+            added.flushed.push(flushed);
+        }
+        self.insert_contact(list_id, contact, now);
+        self.flush_if_full(list_id, now, max_bytes, added);
+    }
+
+    fn flush_if_full(
+        &mut self,
+        list_id: ListId,
+        now: Instant,
+        max_bytes: usize,
+        added: &mut Added,
+    ) {
+        let open = &self.open[&list_id];
+        let trigger = if open.contacts.len() >= self.limits.max_contacts {
+            FlushTrigger::Size
+        } else if open.bytes >= max_bytes {
+            FlushTrigger::Bytes
+        } else {
+            return;
+        };
+        let flushed = self.take(list_id, trigger, now);
+        added.flushed.push(flushed);
     }
 
     fn insert_contact(&mut self, list_id: ListId, contact: Contact, now: Instant) {
@@ -327,23 +436,31 @@ impl Batcher {
             open.bytes += 1;
         }
         open.bytes += contact.encoded_len();
+        // A parked contact brings its age along: the batch leaves by its `max_wait`.
+        open.opened_at = open.opened_at.min(contact.since);
         open.by_email
             .insert(contact.email.clone(), open.contacts.len());
         open.contacts.push(contact);
     }
 
-    fn take(
-        open: &mut HashMap<ListId, OpenBatch>,
-        list_id: ListId,
-        trigger: FlushTrigger,
-        now: Instant,
-    ) -> Batch {
-        let batch = open
+    /// Takes the open batch of a list out to be sent: its contacts are in flight from now.
+    fn take(&mut self, list_id: ListId, trigger: FlushTrigger, now: Instant) -> Batch {
+        let open = self
+            .open
             .insert(list_id, OpenBatch::new(now))
             .expect("a batch is open for the list being flushed");
+        self.leave(list_id, open, trigger)
+    }
+
+    fn leave(&mut self, list_id: ListId, open: OpenBatch, trigger: FlushTrigger) -> Batch {
+        self.in_flight.extend(
+            open.contacts
+                .iter()
+                .map(|contact| partition_of(list_id, &contact.email)),
+        );
         Batch {
             list_id,
-            contacts: batch.contacts,
+            contacts: open.contacts,
             trigger,
         }
     }
@@ -365,7 +482,8 @@ impl Batcher {
         })
     }
 
-    /// Every open batch, for shutdown.
+    /// Every open batch, for shutdown. Parked updates leave once their contact's request is
+    /// answered (`answered`, then this again).
     pub fn flush_all(&mut self) -> Vec<Batch> {
         self.flush_where(FlushTrigger::Shutdown, |_| true)
     }
@@ -390,15 +508,17 @@ impl Batcher {
             .into_iter()
             .map(|list_id| {
                 let open = self.open.remove(&list_id).expect("listed above");
-                Batch {
-                    list_id,
-                    contacts: open.contacts,
-                    trigger,
-                }
+                self.leave(list_id, open, trigger)
             })
             .collect()
     }
 
+    /// Contacts waiting for an earlier request of theirs to be answered.
+    pub fn parked(&self) -> usize {
+        self.parked.values().map(Vec::len).sum()
+    }
+
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.open.values().all(|open| open.contacts.is_empty())
     }

@@ -414,6 +414,56 @@ pub fn with_headers(
     properties.clone().with_headers(table)
 }
 
+/// Where a republished message keeps the `user_id` it arrived with.
+pub const ORIGINAL_USER_ID: &str = "x-listrak-original-user-id";
+
+/// The properties of a copy for a retry queue or the dead-letter queue: the original's,
+/// with the copy's headers, minus what would make the broker refuse or drop the copy.
+/// RabbitMQ refuses a `user_id` other than the publishing connection's user (a producer
+/// with its own user sets its own), so it moves to a header; a dead letter drops its
+/// `expiration`, which would otherwise silently delete it from the dead-letter queue, as
+/// RabbitMQ's own dead-lettering does.
+pub fn republished(
+    properties: &BasicProperties,
+    copy: &crate::disposition::Republish,
+) -> BasicProperties {
+    let mut headers = copy.headers.clone();
+    if let Some(user) = properties.user_id() {
+        headers.push((ORIGINAL_USER_ID, text_header(user.as_str())));
+    }
+    let properties = with_headers(properties, headers);
+    let keep_expiration = copy.dead_letter.is_none();
+    // The generated properties have setters only: copy all but what must go.
+    let mut kept = BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(value) = properties.$get() {
+                kept = kept.$set(value.clone());
+            })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    if keep_expiration {
+        if let Some(expiration) = properties.expiration() {
+            kept = kept.with_expiration(expiration.clone());
+        }
+    }
+    kept
+}
+
 pub fn text_header(value: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.into()))
 }

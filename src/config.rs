@@ -22,11 +22,20 @@ use crate::tls::{self, BrokerTls, IdentityError};
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DEFAULT_EXCHANGE: &str = "listrak.audience";
 const DEFAULT_QUEUE: &str = "listrak.audience";
-const DEFAULT_PREFETCH: i64 = 2000;
+/// What the held messages may take when no `amqp.memory_budget` is set: half of a 128 MiB
+/// container (the process itself, its buffers and the allocator's slack take the rest), or
+/// half of the container's own limit when that is smaller.
+const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
+const MIN_MEMORY_BUDGET: i64 = 4 << 20;
+const MAX_MEMORY_BUDGET: i64 = 1 << 40;
+/// What one message in hand costs, measured with Engage events of about 600 bytes: its body,
+/// its packed properties, its ledger and ack entries, its contact entry in a batch, and
+/// lapin's share (see the README's Benchmark).
+pub const HELD_MESSAGE_BYTES: u64 = 2048;
 const DEFAULT_API_URL: &str = "https://api.listrak.com/email/v1";
 const DEFAULT_AUTH_URL: &str = "https://auth.listrak.com/OAuth2/Token";
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_MAX_CONCURRENCY: i64 = 16;
+const DEFAULT_MAX_CONCURRENCY: i64 = 32;
 const DEFAULT_MAX_CONTACTS: i64 = 1000;
 const DEFAULT_MAX_BYTES: i64 = 1_000_000;
 const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -79,8 +88,13 @@ pub struct AmqpSettings {
     pub exchange: String,
     /// The main queue; the retry and dead-letter queues are named after it.
     pub queue: String,
-    /// At least `batch.max_contacts`, so that a full batch can be in hand at once.
-    pub prefetch: u16,
+    /// An explicit window of unacknowledged messages; at least `batch.max_contacts`, so
+    /// that a full batch can be in hand at once. Without it the window follows
+    /// `memory_budget` (see `window`).
+    pub prefetch: Option<u16>,
+    /// Bytes the messages in hand may take, which sizes the window when `prefetch` is not
+    /// set. Defaults to fit a 128 MiB container (or the container's own memory limit).
+    pub memory_budget: u64,
     /// Declares the main queue with `x-single-active-consumer`: one replica consumes at a
     /// time, the others stand by, and updates reach Listrak in the order of one worker.
     pub single_active_consumer: bool,
@@ -90,6 +104,17 @@ pub struct AmqpSettings {
 }
 
 impl AmqpSettings {
+    /// The window of unacknowledged messages (`basic.qos`): `prefetch` if set, else as many
+    /// messages as the memory budget holds, never fewer than one full batch.
+    pub fn window(&self, max_contacts: usize) -> u16 {
+        if let Some(prefetch) = self.prefetch {
+            return prefetch;
+        }
+        let fits = self.memory_budget / HELD_MESSAGE_BYTES;
+        let floor = u64::try_from(max_contacts).unwrap_or(u64::MAX);
+        u16::try_from(fits.max(floor)).unwrap_or(u16::MAX)
+    }
+
     /// The broker URL with its password replaced, for logs and `check`.
     pub fn redacted_url(&self) -> String {
         redact_url_password(self.url.expose())
@@ -474,14 +499,16 @@ impl Settings {
                 ),
             ));
         }
-        if usize::from(amqp.prefetch) < batch.max_contacts.get() {
-            return Err(invalid(
-                amqp_node.key("prefetch"),
-                format!(
-                    "is {}, smaller than batch.max_contacts ({}): the prefetch must hold at least one full batch",
-                    amqp.prefetch, batch.max_contacts
-                ),
-            ));
+        if let Some(prefetch) = amqp.prefetch {
+            if usize::from(prefetch) < batch.max_contacts.get() {
+                return Err(invalid(
+                    amqp_node.key("prefetch"),
+                    format!(
+                        "is {prefetch}, smaller than batch.max_contacts ({}): the prefetch must hold at least one full batch",
+                        batch.max_contacts
+                    ),
+                ));
+            }
         }
 
         Ok(Settings {
@@ -505,7 +532,10 @@ impl Settings {
         let _ = writeln!(out, "url = {}", toml_str(&amqp.redacted_url()));
         let _ = writeln!(out, "exchange = {}", toml_str(&amqp.exchange));
         let _ = writeln!(out, "queue = {}", toml_str(&amqp.queue));
-        let _ = writeln!(out, "prefetch = {}", amqp.prefetch);
+        if let Some(prefetch) = amqp.prefetch {
+            let _ = writeln!(out, "prefetch = {prefetch}");
+        }
+        let _ = writeln!(out, "memory_budget = {}", amqp.memory_budget);
         let _ = writeln!(
             out,
             "single_active_consumer = {}",
@@ -980,6 +1010,7 @@ fn amqp_settings(
         "exchange",
         "queue",
         "prefetch",
+        "memory_budget",
         "single_active_consumer",
         "tls",
     ])?;
@@ -988,17 +1019,47 @@ fn amqp_settings(
     let url = url.url(node, "url", DEFAULT_AMQP_URL, &AMQP_URL)?;
     let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
     let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
-    let prefetch = node.bounded("prefetch", DEFAULT_PREFETCH, 1, i64::from(u16::MAX))?;
+    let prefetch = match node.integer("prefetch")? {
+        None => None,
+        Some(_) => Some(node.bounded("prefetch", 0, 1, i64::from(u16::MAX))?),
+    };
+    let memory_budget = match node.integer("memory_budget")? {
+        None => default_memory_budget(),
+        Some(_) => node.bounded("memory_budget", 0, MIN_MEMORY_BUDGET, MAX_MEMORY_BUDGET)? as u64,
+    };
     let single_active_consumer = node.boolean("single_active_consumer")?.unwrap_or(false);
     let tls = broker_tls(&node.table("tls")?, &url, url_from_env)?;
     Ok(AmqpSettings {
         url: Secret(url),
         exchange,
         queue,
-        prefetch: u16::try_from(prefetch).expect("bounded to u16"),
+        prefetch: prefetch.map(|p| u16::try_from(p).expect("bounded to u16")),
+        memory_budget,
         single_active_consumer,
         tls,
     })
+}
+
+/// Half of the container's memory limit when that is below twice the default budget, else
+/// the default: the budget then fits the container the worker runs in.
+fn default_memory_budget() -> u64 {
+    match container_memory_limit() {
+        Some(limit) => (limit / 2).clamp(MIN_MEMORY_BUDGET as u64, DEFAULT_MEMORY_BUDGET),
+        None => DEFAULT_MEMORY_BUDGET,
+    }
+}
+
+/// The cgroup's memory limit (v2, then v1), if one is set.
+fn container_memory_limit() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| std::fs::read_to_string(path).ok())
+    // "max" (v2) or a page-rounded i64::MAX (v1) mean no limit.
+    .and_then(|text| text.trim().parse::<u64>().ok())
+    .filter(|&limit| limit < 1 << 50)
 }
 
 /// `[amqp.tls]`: refused with an `amqp://` URL, where it would be ignored and leave the
@@ -1648,6 +1709,16 @@ profile_fields = { "456" = "useAudienceKey" }
                     "batch.max_bytes",
                 ),
                 refused("zero_prefetch", "[amqp]\nprefetch = 0", "amqp.prefetch"),
+                refused(
+                    "memory_budget_below_4_mib",
+                    "[amqp]\nmemory_budget = 1000",
+                    "amqp.memory_budget",
+                ),
+                refused(
+                    "memory_budget_as_text",
+                    "[amqp]\nmemory_budget = \"64MiB\"",
+                    "amqp.memory_budget",
+                ),
                 Refused {
                     behaviour: "prefetch_smaller_than_a_batch",
                     toml: "[amqp]\nprefetch = 500",
@@ -1889,12 +1960,29 @@ profile_fields = { "456" = "useAudienceKey" }
     }
 
     #[test]
+    fn the_window_follows_the_memory_budget_unless_a_prefetch_is_set() {
+        let table = [
+            ("memory_budget = 67108864", 1000, 32_768),
+            ("memory_budget = 4194304", 1000, 2048),
+            ("memory_budget = 4194304", 5000, 5000),
+            ("memory_budget = 1099511627776", 1000, u16::MAX),
+            ("memory_budget = 4194304\nprefetch = 1500", 1000, 1500),
+        ];
+        for (amqp, max_contacts, window) in table {
+            let settings = accepted(&format!("[amqp]\n{amqp}\n{MAPPING}"));
+            assert_eq!(settings.amqp.window(max_contacts), window, "{amqp}");
+        }
+    }
+
+    #[test]
     fn defaults_fill_every_unset_key() {
         let settings = accepted(MAPPING);
         assert_eq!(settings.amqp.url.expose(), DEFAULT_AMQP_URL);
         assert_eq!(settings.amqp.exchange, "listrak.audience");
         assert_eq!(settings.amqp.queue, "listrak.audience");
-        assert_eq!(settings.amqp.prefetch, 2000);
+        assert_eq!(settings.amqp.prefetch, None);
+        assert_eq!(settings.amqp.memory_budget, default_memory_budget());
+        assert!(settings.amqp.memory_budget <= DEFAULT_MEMORY_BUDGET);
         assert!(!settings.amqp.single_active_consumer);
         assert_eq!(settings.amqp.tls, None);
         assert_eq!(settings.listrak.client_id, "client-1");
@@ -1905,7 +1993,7 @@ profile_fields = { "456" = "useAudienceKey" }
             "https://auth.listrak.com/OAuth2/Token"
         );
         assert_eq!(settings.listrak.request_timeout, Duration::from_secs(30));
-        assert_eq!(settings.listrak.max_concurrency.get(), 16);
+        assert_eq!(settings.listrak.max_concurrency.get(), 32);
         assert_eq!(settings.batch.max_contacts.get(), 1000);
         assert_eq!(settings.batch.max_bytes.get(), 1_000_000);
         assert_eq!(settings.batch.max_wait, Duration::from_secs(1));
@@ -1965,7 +2053,8 @@ capacity = 0
         ));
         assert_eq!(settings.amqp.exchange, "audiences");
         assert_eq!(settings.amqp.queue, "audiences.listrak");
-        assert_eq!(settings.amqp.prefetch, 500);
+        assert_eq!(settings.amqp.prefetch, Some(500));
+        assert_eq!(settings.amqp.window(500), 500, "an explicit prefetch wins");
         assert!(settings.amqp.single_active_consumer);
         assert_eq!(
             settings.listrak.api_url, "http://127.0.0.1:8080/email/v1",

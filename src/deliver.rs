@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{join, BoxFuture, FutureExt};
+use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{encode_contact, Batch, Contact, FieldValue};
@@ -81,9 +82,11 @@ pub struct Deliverer<A> {
     pub guard: Arc<SupersededGuard>,
     pub ceilings: Arc<SizeCeilings>,
     pub metrics: Metrics,
-    /// How long a batch is held and retried in process before its messages go to the
-    /// retry queues.
-    pub in_process: Duration,
+    /// How long after its oldest message arrived a batch may still start a request
+    /// (`batch.max_wait` + `retry.in_process`); past it, what is left goes to the retry
+    /// queues. Counted from the arrival, not from the first request, so batches that waited
+    /// behind a failing one do not each start a budget of their own.
+    pub hold_budget: Duration,
     pub shutdown: CancellationToken,
 }
 
@@ -94,12 +97,28 @@ struct Attempt<'a> {
 }
 
 impl<A: ListrakApi> Deliverer<A> {
+    /// Sends the batch; the verdicts are in the order of `batch.contacts`. A delivery that
+    /// panics (a bug) sends its messages to the retry queues instead of holding them.
+    pub async fn deliver_or_retry(&self, batch: &Batch) -> Vec<Verdict> {
+        match AssertUnwindSafe(self.deliver(batch)).catch_unwind().await {
+            Ok(verdicts) => verdicts,
+            Err(_) => {
+                self.metrics.delivery_panicked();
+                tracing::error!(list_id = %batch.list_id, contacts = batch.contacts.len(), "delivering a batch failed unexpectedly; its messages go to the retry queues");
+                vec![Verdict::Retry; batch.contacts.len()]
+            }
+        }
+    }
+
     /// Sends the batch; the verdicts are in the order of `batch.contacts`.
     pub async fn deliver(&self, batch: &Batch) -> Vec<Verdict> {
+        let oldest = batch.oldest().unwrap_or_else(Instant::now);
         let attempt = Attempt {
             list: batch.list_id,
             contacts: &batch.contacts,
-            deadline: Instant::now() + self.in_process,
+            deadline: oldest
+                .checked_add(self.hold_budget)
+                .unwrap_or_else(|| Instant::now() + self.hold_budget),
         };
         let all: Vec<usize> = (0..batch.contacts.len()).collect();
         let mut verdicts = vec![Verdict::Abandoned; batch.contacts.len()];
@@ -129,7 +148,23 @@ impl<A: ListrakApi> Deliverer<A> {
                     return verdicts;
                 }
                 let body_len = body.len();
-                let permit = self.concurrency.acquire().await;
+                // Waiting for a slot spends the same budget: in an outage the limit is 1.
+                let acquired = tokio::time::timeout_at(
+                    attempt.deadline.into(),
+                    self.concurrency.acquire(),
+                );
+                let permit = tokio::select! {
+                    permit = acquired => permit.ok(),
+                    _ = self.shutdown.cancelled() => {
+                        verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Abandoned)));
+                        return verdicts;
+                    }
+                };
+                let Some(permit) = permit else {
+                    tracing::warn!(list_id = %attempt.list, contacts = sent.len(), "the batch's hold budget ran out before a request slot was free; moving it to the retry queues");
+                    verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
+                    return verdicts;
+                };
                 let outcome = self
                     .api
                     .post_contacts(attempt.list, body, sent.len())

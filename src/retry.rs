@@ -44,9 +44,12 @@ impl InProcessBackoff {
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
         let ceiling = self.exponential.next_backoff()?;
         let jittered = rand::rng().random_range(Duration::ZERO..=ceiling);
+        // `retry_after` comes from Listrak's answer: any size, so no unchecked addition.
         let delay = retry_after.map_or(jittered, |floor| jittered.max(floor));
-        let now = Instant::now();
-        (now + delay < self.deadline).then_some(delay)
+        Instant::now()
+            .checked_add(delay)
+            .is_some_and(|resume| resume < self.deadline)
+            .then_some(delay)
     }
 }
 

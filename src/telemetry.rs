@@ -69,6 +69,9 @@ struct Inner {
     amqp_reconnects: IntCounter,
     queue_messages: IntGaugeVec,
     acks_refused: IntCounter,
+    delivery_panics: IntCounter,
+    publish_failures: IntCounter,
+    prefetch: IntGauge,
 }
 
 fn exponential_buckets(start: f64, end: f64, count: usize) -> Vec<f64> {
@@ -202,6 +205,18 @@ impl Metrics {
             "listrak_acks_refused_total",
             "Acknowledgements the broker no longer accepted (the channel was gone); those messages come again.",
         );
+        let delivery_panics = counter(
+            "listrak_delivery_panics_total",
+            "Batch deliveries that ended in a bug (a panic); their messages went to the retry queues.",
+        );
+        let publish_failures = counter(
+            "listrak_publish_failures_total",
+            "Publishes to a retry or dead-letter queue that failed and were tried again on a new channel.",
+        );
+        let prefetch = int_gauge(
+            "listrak_prefetch_window",
+            "Messages the broker may have delivered and not yet acknowledged (basic.qos).",
+        );
 
         // Known label values start at zero, so rates and alerts work before the first event.
         for outcome in AckOutcome::ALL {
@@ -240,6 +255,9 @@ impl Metrics {
                 amqp_reconnects,
                 queue_messages,
                 acks_refused,
+                delivery_panics,
+                publish_failures,
+                prefetch,
             }),
         }
     }
@@ -269,6 +287,18 @@ impl Metrics {
             .dead_letters
             .with_label_values(&[reason.as_str()])
             .inc();
+    }
+
+    pub fn delivery_panicked(&self) {
+        self.inner.delivery_panics.inc();
+    }
+
+    pub fn publish_failed(&self) {
+        self.inner.publish_failures.inc();
+    }
+
+    pub fn prefetch_window(&self, window: u16) {
+        self.inner.prefetch.set(i64::from(window));
     }
 
     pub fn retried(&self, class: &str) {

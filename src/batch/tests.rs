@@ -163,6 +163,7 @@ fn a_batch_never_exceeds_max_bytes() {
             timestamp: EventTime(1),
         }],
         messages: vec![],
+        since: now,
     }])
     .len();
     // Room for two contacts and a bit, not three.
@@ -227,6 +228,7 @@ fn the_encoded_body_is_the_json_listrak_expects() {
             },
         ],
         messages: vec![1],
+        since: Instant::now(),
     }];
     let body = Batch::encode(&contacts);
     let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -241,6 +243,218 @@ fn the_encoded_body_is_the_json_listrak_expects() {
         }])
     );
     assert_eq!(body.len(), body_len(&contacts));
+}
+
+/// Sends and answers batches one at a time in the order they leave; what the answers let
+/// out of the parking joins the line.
+fn answer_in_order(
+    batcher: &mut Batcher,
+    leaving: Vec<Batch>,
+    now: Instant,
+    sent: &mut Vec<Batch>,
+) {
+    let mut line = std::collections::VecDeque::from(leaving);
+    while let Some(batch) = line.pop_front() {
+        line.extend(batcher.answered(&batch, now, |_| usize::MAX));
+        sent.push(batch);
+    }
+}
+
+#[test]
+fn a_contact_in_flight_waits_for_its_answer_and_others_go_ahead() {
+    let now = Instant::now();
+    let mut batcher = Batcher::new(limits(2, 10_000));
+    batcher.add(1, update(LIST_A, "a@x.io", FIELD, "on", 10), now);
+    let first = batcher.add(2, update(LIST_A, "b@x.io", FIELD, "on", 10), now);
+    assert_eq!(first.flushed.len(), 1, "a and b are in flight");
+
+    let parked = batcher.add(3, update(LIST_A, "a@x.io", FIELD, "off", 20), now);
+    assert!(parked.new_part && parked.flushed.is_empty());
+    assert_eq!(batcher.parked(), 1);
+    batcher.add(4, update(LIST_A, "c@x.io", FIELD, "on", 10), now);
+    let second = batcher.add(5, update(LIST_A, "d@x.io", FIELD, "on", 10), now);
+    assert_eq!(
+        second.flushed[0]
+            .contacts
+            .iter()
+            .map(|c| c.email.as_str())
+            .collect::<Vec<_>>(),
+        ["c@x.io", "d@x.io"],
+        "a second request of the same list leaves while the first is unanswered"
+    );
+
+    let released = batcher.answered(&first.flushed[0], now, |_| usize::MAX);
+    assert!(released.is_empty());
+    assert_eq!(batcher.parked(), 0);
+    let last = batcher.flush_all();
+    assert_eq!(values(&last[0]), [("a@x.io".into(), FIELD, "off".into())]);
+    assert_eq!(last[0].contacts[0].messages, [3]);
+}
+
+#[test]
+fn a_parked_contact_brings_its_age_to_the_open_batch() {
+    let start = Instant::now();
+    let later = start + Duration::from_millis(900);
+    let mut batcher = Batcher::new(limits(2, 10_000));
+    batcher.add(1, update(LIST_A, "a@x.io", FIELD, "on", 10), start);
+    let first = batcher.add(2, update(LIST_A, "b@x.io", FIELD, "on", 10), start);
+    batcher.add(3, update(LIST_A, "a@x.io", FIELD, "off", 20), start);
+    assert_eq!(batcher.next_deadline(), None, "nothing open: a is parked");
+    batcher.answered(&first.flushed[0], later, |_| usize::MAX);
+    assert_eq!(
+        batcher.next_deadline(),
+        Some(start + Duration::from_secs(1)),
+        "due by the parked message's max_wait, not the answer's"
+    );
+}
+
+/// One step of a session, as the property test below plays it.
+#[derive(Debug, Clone)]
+enum Step {
+    /// An update arrives: list, person, field, time, value.
+    Arrive(u32, usize, u32, i64, bool),
+    /// The request at this position among those unanswered is answered: applied, or failed
+    /// for good in process, so its messages come back through the retry queues.
+    Answer(usize, bool),
+    /// Partial batches leave (max_wait or idle).
+    Flush,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0u32..2, 0usize..5, 1u32..3, 0i64..30, any::<bool>())
+            .prop_map(|(l, w, f, t, on)| Step::Arrive(l, w, f, t, on)),
+        3 => (0usize..8, prop::bool::weighted(0.8)).prop_map(|(i, ok)| Step::Answer(i, ok)),
+        1 => Just(Step::Flush),
+    ]
+}
+
+/// What the worker keeps between sending a batch and its answer, in the model below.
+struct InFlight {
+    batch: Batch,
+    /// Fields not superseded when the request was built (the guard is asked then).
+    sent: Vec<(u32, String, u32, i64, String)>,
+}
+
+proptest! {
+    /// Requests of one list are answered in any order, and some fail and come back later
+    /// through the retry queues: still no (list, contact, field) ever has an older value
+    /// applied after a newer one, every message settles exactly once, and the end state is
+    /// last-write-wins over every update.
+    #[test]
+    fn answers_in_any_order_never_apply_an_older_value_after_a_newer_one(
+        steps in prop::collection::vec(step(), 1..300),
+        max_contacts in 1usize..5,
+    ) {
+        let now = Instant::now();
+        let mut batcher = Batcher::new(limits(max_contacts, 100_000));
+        let mut originals: Vec<Update> = Vec::new();
+        let mut parts: Vec<usize> = Vec::new();
+        let mut settled: Vec<usize> = Vec::new();
+        let mut in_flight: Vec<InFlight> = Vec::new();
+        // What Listrak holds, and the superseded guard's memory of it.
+        let mut applied: BTreeMap<(u32, String, u32), (i64, String)> = BTreeMap::new();
+        let mut newest: BTreeMap<(u32, String, u32), (i64, String)> = BTreeMap::new();
+
+        fn send(batches: Vec<Batch>, in_flight: &mut Vec<InFlight>, applied: &BTreeMap<(u32, String, u32), (i64, String)>) {
+            for batch in batches {
+                let mut sent = Vec::new();
+                for contact in &batch.contacts {
+                    for f in &contact.fields {
+                        let key = (batch.list_id.get(), contact.email.clone(), f.field.get());
+                        if applied.get(&key).is_none_or(|(t, _)| *t <= f.timestamp.0) {
+                            sent.push((key.0, key.1, key.2, f.timestamp.0, f.value.clone()));
+                        }
+                    }
+                }
+                in_flight.push(InFlight { batch, sent });
+            }
+        }
+
+        let arrive = |batcher: &mut Batcher, update: Update, originals: &mut Vec<Update>, parts: &mut Vec<usize>, settled: &mut Vec<usize>| {
+            let key = originals.len() as u64;
+            originals.push(update.clone());
+            parts.push(0);
+            settled.push(0);
+            let added = batcher.add(key, update, now);
+            parts[key as usize] += usize::from(added.new_part);
+            added.flushed
+        };
+
+        let mut steps = steps.into_iter().collect::<std::collections::VecDeque<_>>();
+        let mut retried: Vec<Update> = Vec::new();
+        let mut draining = false;
+        loop {
+            let step = match steps.pop_front() {
+                Some(step) => step,
+                None if !retried.is_empty() => {
+                    let update = retried.remove(0);
+                    let flushed = arrive(&mut batcher, update, &mut originals, &mut parts, &mut settled);
+                    send(flushed, &mut in_flight, &applied);
+                    continue;
+                }
+                None if !in_flight.is_empty() => Step::Answer(0, true),
+                None if !batcher.is_empty() || batcher.parked() > 0 => Step::Flush,
+                None => break,
+            };
+            if steps.is_empty() {
+                draining = true;
+            }
+            match step {
+                Step::Arrive(list, who, field, micros, on) => {
+                    // Unique times: which of two equal times wins is another test's subject.
+                    let at = micros * 1000 + originals.len() as i64;
+                    let update = update(list + 1, &format!("p{who}@x.io"), field, if on { "on" } else { "off" }, at);
+                    let key = (list + 1, update.email.clone(), field);
+                    if newest.get(&key).is_none_or(|(t, _)| *t < at) {
+                        newest.insert(key, (at, update.fields[0].1.clone()));
+                    }
+                    let flushed = arrive(&mut batcher, update, &mut originals, &mut parts, &mut settled);
+                    send(flushed, &mut in_flight, &applied);
+                }
+                Step::Flush => {
+                    let flushed = batcher.flush_all();
+                    send(flushed, &mut in_flight, &applied);
+                }
+                Step::Answer(_, _) if in_flight.is_empty() => {}
+                Step::Answer(at, ok) => {
+                    let ok = ok || draining;
+                    let InFlight { batch, sent } = in_flight.remove(at % in_flight.len());
+                    let mut emails = HashSet::new();
+                    for other in &in_flight {
+                        for contact in &other.batch.contacts {
+                            emails.insert((other.batch.list_id, contact.email.clone()));
+                        }
+                    }
+                    for contact in &batch.contacts {
+                        prop_assert!(!emails.contains(&(batch.list_id, contact.email.clone())), "a contact was in two requests at once");
+                        for &message in &contact.messages {
+                            prop_assert!(parts[message as usize] > 0, "message {} settled more often than it has parts", message);
+                            parts[message as usize] -= 1;
+                            if parts[message as usize] == 0 {
+                                settled[message as usize] += 1;
+                                if !ok {
+                                    retried.push(originals[message as usize].clone());
+                                }
+                            }
+                        }
+                    }
+                    if ok {
+                        for (list, email, field, time, value) in sent {
+                            let key = (list, email, field);
+                            let older = applied.get(&key).is_some_and(|(t, _)| *t > time);
+                            prop_assert!(!older, "{:?} at {} applied after a newer value", key, time);
+                            applied.insert(key, (time, value));
+                        }
+                    }
+                    let released = batcher.answered(&batch, now, |_| usize::MAX);
+                    send(released, &mut in_flight, &applied);
+                }
+            }
+        }
+        prop_assert!(settled.iter().all(|&n| n == 1), "every message settles exactly once");
+        prop_assert_eq!(applied, newest);
+    }
 }
 
 proptest! {
@@ -263,13 +477,17 @@ proptest! {
             let value = if *on { "on" } else { "off" };
             let added = batcher.add(seq as u64, update(list + 1, &email, *field, value, *micros), now);
             parts += usize::from(added.new_part);
-            batches.extend(added.flushed);
+            answer_in_order(&mut batcher, added.flushed, now, &mut batches);
             let entry = expected.entry((list + 1, email, *field)).or_insert((i64::MIN, 0, String::new()));
             if (*micros, seq) >= (entry.0, entry.1) {
                 *entry = (*micros, seq, value.to_string());
             }
         }
-        batches.extend(batcher.flush_all());
+        while !batcher.is_empty() {
+            let last = batcher.flush_all();
+            answer_in_order(&mut batcher, last, now, &mut batches);
+        }
+        prop_assert_eq!(batcher.parked(), 0);
 
         let mut seen = HashSet::new();
         let mut occurrences = 0;

@@ -82,13 +82,14 @@ fn batch(list: u32, people: usize) -> Batch {
                     timestamp: EventTime(1_000),
                 }],
                 messages: vec![i as u64],
+                since: Instant::now(),
             })
             .collect(),
         trigger: FlushTrigger::Size,
     }
 }
 
-fn deliverer(api: MemoryListrak, in_process: Duration) -> Deliverer<MemoryListrak> {
+fn deliverer(api: MemoryListrak, hold_budget: Duration) -> Deliverer<MemoryListrak> {
     let metrics = Metrics::new(1000);
     Deliverer {
         api: Arc::new(api),
@@ -96,7 +97,7 @@ fn deliverer(api: MemoryListrak, in_process: Duration) -> Deliverer<MemoryListra
         guard: Arc::new(SupersededGuard::new(10_000)),
         ceilings: Arc::new(SizeCeilings::default()),
         metrics,
-        in_process,
+        hold_budget,
         shutdown: CancellationToken::new(),
     }
 }

@@ -1,0 +1,324 @@
+//! What a settled message becomes: an ack, a copy in a delayed retry queue, or a dead
+//! letter, each with the headers that say why. Pure: the clock and the message's earlier
+//! failure headers are passed in, and the session loop does the publishing and acking.
+
+use std::time::Duration;
+
+use lapin::types::AMQPValue;
+
+use crate::broker::{self, int_header, text_header, RetryHeaders, Topology};
+use crate::deliver::Rejection;
+use crate::model::{DeadLetterReason, EventTime};
+use crate::retry::{plan_retry, RetryPlan};
+use crate::settle::Settlement;
+use crate::telemetry::AckOutcome;
+
+/// What to do with one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    Ack(AckOutcome),
+    /// Leave it unacknowledged: the broker delivers it again (shutdown came first).
+    Leave,
+    /// Publish a copy with these headers, wait for the broker's confirm, then ack.
+    Republish(Republish),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Republish {
+    pub exchange: String,
+    pub routing_key: String,
+    /// Added to the message's own headers (or replacing them, by name).
+    pub headers: Vec<(&'static str, AMQPValue)>,
+    /// Set for dead letters: the reason they are counted under once confirmed.
+    pub dead_letter: Option<DeadLetterReason>,
+    /// How the original is counted once the copy is confirmed.
+    pub outcome: AckOutcome,
+}
+
+/// The retry settings and queue names a disposition needs.
+pub struct Rules<'a> {
+    pub schedule: &'a [Duration],
+    pub max_age: Duration,
+    pub topology: &'a Topology,
+}
+
+/// Decides what becomes of a message whose updates all have a verdict (or that cannot be
+/// applied at all: a dead letter with the poison's rejection).
+pub fn dispose(
+    settlement: Settlement,
+    previous: RetryHeaders,
+    now: EventTime,
+    rules: &Rules<'_>,
+) -> Disposition {
+    match settlement {
+        Settlement::Ack(outcome) => Disposition::Ack(outcome),
+        Settlement::Abandon => Disposition::Leave,
+        Settlement::DeadLetter(rejection) => dead_letter(rejection, previous, now, rules),
+        Settlement::Retry => {
+            let first_failed_at = previous.first_failed_at.unwrap_or(now);
+            match plan_retry(
+                previous.attempts,
+                first_failed_at,
+                now,
+                rules.schedule,
+                rules.max_age,
+            ) {
+                RetryPlan::Exhausted => {
+                    let rejection = Rejection {
+                        reason: DeadLetterReason::RetriesExhausted,
+                        status: None,
+                        error: String::new(),
+                        message: format!(
+                            "still failing after {} retries over {}",
+                            previous.attempts,
+                            humantime::format_duration(rules.max_age)
+                        ),
+                        list_id: None,
+                    };
+                    dead_letter(rejection, previous, now, rules)
+                }
+                RetryPlan::Delay { step } => Disposition::Republish(Republish {
+                    exchange: String::new(),
+                    routing_key: rules.topology.retry_queue(rules.schedule[step]),
+                    headers: vec![
+                        (
+                            broker::ATTEMPTS,
+                            int_header(i64::from(previous.attempts) + 1),
+                        ),
+                        (
+                            broker::FIRST_FAILED_AT,
+                            text_header(first_failed_at.to_rfc3339()),
+                        ),
+                        (broker::LAST_FAILED_AT, text_header(now.to_rfc3339())),
+                    ],
+                    dead_letter: None,
+                    outcome: AckOutcome::RetryScheduled,
+                }),
+            }
+        }
+    }
+}
+
+fn dead_letter(
+    rejection: Rejection,
+    previous: RetryHeaders,
+    now: EventTime,
+    rules: &Rules<'_>,
+) -> Disposition {
+    let mut headers = vec![
+        (broker::REASON, text_header(rejection.reason.as_str())),
+        (broker::ATTEMPTS, int_header(i64::from(previous.attempts))),
+        (
+            broker::FIRST_FAILED_AT,
+            text_header(previous.first_failed_at.unwrap_or(now).to_rfc3339()),
+        ),
+        (broker::LAST_FAILED_AT, text_header(now.to_rfc3339())),
+    ];
+    if let Some(status) = rejection.status {
+        headers.push((broker::STATUS, int_header(i64::from(status))));
+    }
+    if !rejection.error.is_empty() {
+        headers.push((broker::ERROR, text_header(rejection.error)));
+    }
+    if !rejection.message.is_empty() {
+        headers.push((broker::MESSAGE, text_header(rejection.message)));
+    }
+    if let Some(list) = rejection.list_id {
+        headers.push((broker::LIST_ID, int_header(i64::from(list.get()))));
+    }
+    Disposition::Republish(Republish {
+        exchange: rules.topology.dead.clone(),
+        routing_key: rules.topology.queue.clone(),
+        headers,
+        dead_letter: Some(rejection.reason),
+        outcome: AckOutcome::DeadLettered,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ListId;
+
+    const SECOND: i64 = 1_000_000;
+    const NOW: EventTime = EventTime(1_700_000_000 * SECOND);
+
+    fn topology() -> Topology {
+        Topology::new("audiences", "audiences", &schedule())
+    }
+
+    fn schedule() -> Vec<Duration> {
+        vec![Duration::from_secs(10), Duration::from_secs(60)]
+    }
+
+    fn decide(settlement: Settlement, previous: RetryHeaders) -> Disposition {
+        let topology = topology();
+        let schedule = schedule();
+        let rules = Rules {
+            schedule: &schedule,
+            max_age: Duration::from_secs(3600),
+            topology: &topology,
+        };
+        dispose(settlement, previous, NOW, &rules)
+    }
+
+    fn header<'a>(disposition: &'a Disposition, name: &str) -> Option<&'a AMQPValue> {
+        match disposition {
+            Disposition::Republish(copy) => copy
+                .headers
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value),
+            _ => None,
+        }
+    }
+
+    fn failed(attempts: u32, seconds_ago: i64) -> RetryHeaders {
+        RetryHeaders {
+            attempts,
+            first_failed_at: Some(EventTime(NOW.0 - seconds_ago * SECOND)),
+        }
+    }
+
+    #[test]
+    fn each_settlement_becomes_what_its_table_row_says() {
+        let rejected = Rejection {
+            reason: DeadLetterReason::Rejected,
+            status: Some(400),
+            error: "ERROR_INVALID_PARAMETER".into(),
+            message: "bad email".into(),
+            list_id: ListId::new(7),
+        };
+        // (settlement, earlier failures, exchange and routing key or ack, outcome, attempts)
+        type Row<'a> = (
+            Settlement,
+            RetryHeaders,
+            Option<(&'a str, &'a str)>,
+            AckOutcome,
+            i64,
+        );
+        let table: Vec<Row<'_>> = vec![
+            (
+                Settlement::Ack(AckOutcome::Applied),
+                RetryHeaders::default(),
+                None,
+                AckOutcome::Applied,
+                0,
+            ),
+            (
+                Settlement::Retry,
+                RetryHeaders::default(),
+                Some(("", "audiences.retry.10s")),
+                AckOutcome::RetryScheduled,
+                1,
+            ),
+            (
+                Settlement::Retry,
+                failed(1, 30),
+                Some(("", "audiences.retry.1m")),
+                AckOutcome::RetryScheduled,
+                2,
+            ),
+            (
+                Settlement::Retry,
+                failed(9, 600),
+                Some(("", "audiences.retry.1m")),
+                AckOutcome::RetryScheduled,
+                10,
+            ),
+            (
+                Settlement::Retry,
+                failed(4, 3600),
+                Some(("audiences.dead", "audiences")),
+                AckOutcome::DeadLettered,
+                4,
+            ),
+            (
+                Settlement::DeadLetter(rejected),
+                failed(2, 60),
+                Some(("audiences.dead", "audiences")),
+                AckOutcome::DeadLettered,
+                2,
+            ),
+        ];
+        for (settlement, previous, route, outcome, attempts) in table {
+            let row = format!("{settlement:?} after {previous:?}");
+            let disposition = decide(settlement, previous);
+            match (&disposition, route) {
+                (Disposition::Ack(acked), None) => assert_eq!(*acked, outcome, "{row}"),
+                (Disposition::Republish(copy), Some((exchange, routing_key))) => {
+                    assert_eq!(copy.exchange, exchange, "{row}");
+                    assert_eq!(copy.routing_key, routing_key, "{row}");
+                    assert_eq!(copy.outcome, outcome, "{row}");
+                    assert_eq!(
+                        header(&disposition, broker::ATTEMPTS),
+                        Some(&int_header(attempts)),
+                        "{row}"
+                    );
+                }
+                other => panic!("{row}: got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_first_retry_starts_the_age_now_and_later_ones_keep_it() {
+        let first = decide(Settlement::Retry, RetryHeaders::default());
+        assert_eq!(
+            header(&first, broker::FIRST_FAILED_AT),
+            Some(&text_header(NOW.to_rfc3339()))
+        );
+        let later = decide(Settlement::Retry, failed(1, 30));
+        assert_eq!(
+            header(&later, broker::FIRST_FAILED_AT),
+            Some(&text_header(EventTime(NOW.0 - 30 * SECOND).to_rfc3339()))
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_carries_listraks_answer_and_its_reason() {
+        let rejection = Rejection {
+            reason: DeadLetterReason::Rejected,
+            status: Some(400),
+            error: "ERROR_INVALID_PARAMETER".into(),
+            message: "bad email".into(),
+            list_id: ListId::new(7),
+        };
+        let disposition = decide(Settlement::DeadLetter(rejection), RetryHeaders::default());
+        assert_eq!(
+            header(&disposition, broker::REASON),
+            Some(&text_header("rejected"))
+        );
+        assert_eq!(header(&disposition, broker::STATUS), Some(&int_header(400)));
+        assert_eq!(
+            header(&disposition, broker::ERROR),
+            Some(&text_header("ERROR_INVALID_PARAMETER"))
+        );
+        assert_eq!(
+            header(&disposition, broker::MESSAGE),
+            Some(&text_header("bad email"))
+        );
+        assert_eq!(header(&disposition, broker::LIST_ID), Some(&int_header(7)));
+        let Disposition::Republish(copy) = disposition else {
+            unreachable!()
+        };
+        assert_eq!(copy.dead_letter, Some(DeadLetterReason::Rejected));
+    }
+
+    #[test]
+    fn retries_older_than_max_age_are_exhausted_dead_letters() {
+        let disposition = decide(Settlement::Retry, failed(5, 7200));
+        assert_eq!(
+            header(&disposition, broker::REASON),
+            Some(&text_header("retries_exhausted"))
+        );
+    }
+
+    #[test]
+    fn an_abandoned_message_is_left_for_the_broker() {
+        assert_eq!(
+            decide(Settlement::Abandon, RetryHeaders::default()),
+            Disposition::Leave
+        );
+    }
+}

@@ -1,0 +1,589 @@
+//! One broker session: consume → decode → map → batch → deliver → settle, on one channel,
+//! until shutdown or until the connection fails (the worker then starts a new one).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
+use crate::broker::{self, PackedProperties, Publisher, RetryHeaders, TopologyMismatch};
+use crate::decode::decode;
+use crate::deliver::{Rejection, Verdict};
+use crate::disposition::{dispose, Disposition, Republish, Rules};
+use crate::listrak::ListrakApi;
+use crate::mapping::plan;
+use crate::model::EventTime;
+use crate::settle::{Acks, Ledger, Settlement};
+use crate::telemetry::AckOutcome;
+use crate::worker::{bounded, poll_queue_depths, Worker};
+
+/// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
+const ACK_TICK: Duration = Duration::from_millis(20);
+/// How long a settled message may wait for the ones delivered before it, so one `multiple`
+/// ack covers them all (see `settle::Acks`).
+const ACK_HOLD: Duration = Duration::from_millis(500);
+/// The most messages one `multiple` ack covers (see `settle::Acks` for why there is a most).
+const ACK_CHUNK: u64 = 500;
+/// Bound on asking the broker whether the queue is empty, before an early flush.
+const QUIET_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A retry or dead-letter publish that fails is tried again on a new channel this many
+/// times, a little later each time; then the session ends and the broker delivers the
+/// message again, so no delivery stays unsettled.
+const PUBLISH_ATTEMPTS: u32 = 5;
+const PUBLISH_RETRY_FIRST: Duration = Duration::from_millis(200);
+
+/// A message being worked on: what is needed to publish it again, unchanged, elsewhere.
+struct Original {
+    body: Vec<u8>,
+    properties: PackedProperties,
+}
+
+/// What the spawned tasks report back to the session loop.
+enum Report {
+    Delivered {
+        batch: Batch,
+        verdicts: Vec<Verdict>,
+    },
+    Published {
+        tag: u64,
+        outcome: AckOutcome,
+    },
+    PublishFailed(Box<Outgoing>),
+}
+
+/// A copy on its way to a retry queue or the dead-letter queue: everything needed to
+/// publish it again if the broker does not confirm it.
+struct Outgoing {
+    tag: u64,
+    copy: Republish,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    /// The publisher channel it failed on (see `Session::publisher_generation`).
+    generation: u64,
+    attempts: u32,
+}
+
+pub(crate) struct Session<'w, A> {
+    worker: &'w Worker<A>,
+    connection: &'w Connection,
+    channel: Channel,
+    publisher: Publisher,
+    /// Counts publisher channels: a failed publish replaces the channel only if no other
+    /// failure replaced it since.
+    publisher_generation: u64,
+    /// Messages the broker may have delivered and not yet acknowledged (`basic.qos`).
+    window: u16,
+    batcher: Batcher,
+    pace: ArrivalPace,
+    /// Thousands are in hand at once: each holds its body and packed properties only.
+    ledger: Ledger<Original>,
+    acks: Acks,
+    reports: mpsc::UnboundedSender<Report>,
+    /// Dead-letter and retry publishes under way.
+    publishing: usize,
+    /// Batches being sent.
+    delivering: usize,
+    /// Batches sent so far: each batch's id in logs.
+    batches_sent: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    #[error("the broker ended the consumer")]
+    ConsumerEnded,
+    #[error("could not hand a message to the retry or dead-letter queue after {PUBLISH_ATTEMPTS} attempts; the broker will deliver it again")]
+    PublishFailed,
+    /// Not a session failure: no later session can succeed either.
+    #[error(transparent)]
+    Topology(#[from] TopologyMismatch),
+}
+
+impl<'w, A: ListrakApi> Session<'w, A> {
+    pub(crate) async fn run(
+        worker: &'w Worker<A>,
+        connection: &'w Connection,
+    ) -> Result<(), SessionError> {
+        let settings = &worker.settings;
+        let window = settings.amqp.window(settings.batch.max_contacts.get());
+        let channel = connection.create_channel().await?;
+        worker.topology.declare(&channel).await.map_err(|error| {
+            match TopologyMismatch::from_declare(&error, &worker.topology) {
+                Some(mismatch) => SessionError::Topology(mismatch),
+                None => SessionError::Broker(error),
+            }
+        })?;
+        channel
+            .basic_qos(window, BasicQosOptions::default())
+            .await?;
+        worker.metrics.prefetch_window(window);
+        let publisher = Publisher::new(connection).await?;
+        let poller = tokio::spawn(poll_queue_depths(
+            connection.create_channel().await?,
+            worker.topology.clone(),
+            worker.metrics.clone(),
+        ));
+        let consumer_tag = format!("listrak-worker-{}", std::process::id());
+        let mut consumer = channel
+            .basic_consume(
+                settings.amqp.queue.as_str().into(),
+                consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        worker.health.set(&worker.metrics, true);
+        tracing::info!(queue = %settings.amqp.queue, prefetch = window, "consuming");
+
+        let (reports, mut inbox) = mpsc::unbounded_channel();
+        let mut session = Session {
+            worker,
+            connection,
+            channel,
+            publisher,
+            publisher_generation: 0,
+            window,
+            batcher: Batcher::new(BatchLimits {
+                max_contacts: settings.batch.max_contacts.get(),
+                max_bytes: settings.batch.max_bytes.get(),
+                max_wait: settings.batch.max_wait,
+            }),
+            pace: ArrivalPace::default(),
+            ledger: Ledger::default(),
+            acks: Acks::new(ACK_HOLD, ACK_CHUNK),
+            reports,
+            publishing: 0,
+            delivering: 0,
+            batches_sent: 0,
+        };
+        let result = session
+            .drive(&mut consumer, &consumer_tag, &mut inbox)
+            .await;
+        poller.abort();
+        if result.is_ok() {
+            bounded(session.channel.close(200, "shutdown".into())).await;
+            bounded(session.publisher.channel().close(200, "shutdown".into())).await;
+        }
+        result
+    }
+
+    async fn drive(
+        &mut self,
+        consumer: &mut lapin::Consumer,
+        consumer_tag: &str,
+        inbox: &mut mpsc::UnboundedReceiver<Report>,
+    ) -> Result<(), SessionError> {
+        let mut ack_tick = tokio::time::interval(ACK_TICK);
+        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut draining_until: Option<tokio::time::Instant> = None;
+        loop {
+            let lingering = self.batcher.next_deadline();
+            // With the prefetch window full, a pause says nothing about the input while an
+            // answer is still to come: the answer frees part of the window. With room in the
+            // window, it does (the queue is asked), whatever is on its way to Listrak.
+            let quiet = lingering
+                .filter(|_| self.delivering == 0 || !self.window_full())
+                .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
+            let flush_at = lingering.map(tokio::time::Instant::from_std);
+            let quiet_at = quiet.map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                Some(report) = inbox.recv() => {
+                    let batch_settled = matches!(report, Report::Delivered { .. });
+                    self.on_report(report, draining_until.is_some()).await?;
+                    // A batch's answer frees a share of the prefetch window: hand it back to
+                    // the broker now rather than at the next tick.
+                    if batch_settled {
+                        self.send_acks(false).await?;
+                    }
+                }
+                _ = self.worker.stop.cancelled(), if draining_until.is_none() => {
+                    bounded(
+                        self.channel
+                            .basic_cancel(consumer_tag.into(), BasicCancelOptions::default()),
+                    )
+                    .await;
+                    for batch in self.batcher.flush_all() {
+                        self.dispatch(batch);
+                    }
+                    draining_until = Some(tokio::time::Instant::now() + self.worker.settings.shutdown.grace);
+                }
+                _ = async { tokio::time::sleep_until(draining_until.expect("guarded")).await }, if draining_until.is_some() => {
+                    tracing::warn!(unsettled = self.ledger.len(), "grace period over; unsettled messages stay in the queue");
+                    self.send_acks(true).await?;
+                    return Ok(());
+                }
+                delivery = consumer.next(), if draining_until.is_none() => match delivery {
+                    Some(Ok(delivery)) => {
+                        self.on_delivery(delivery);
+                        // lapin's consumer never makes this loop yield while deliveries are
+                        // buffered; without this, a backlog starves the request tasks on the
+                        // same thread and every request to Listrak takes longer.
+                        tokio::task::consume_budget().await;
+                    }
+                    Some(Err(error)) => return Err(error.into()),
+                    None => return Err(SessionError::ConsumerEnded),
+                },
+                _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
+                    for batch in self.batcher.flush_due(Instant::now()) {
+                        self.dispatch(batch);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(quiet_at.expect("guarded")).await }, if quiet_at.is_some() => {
+                    if self.nothing_more_coming().await {
+                        for batch in self.batcher.flush_idle() {
+                            self.dispatch(batch);
+                        }
+                    } else {
+                        self.pace.not_quiet_yet(Instant::now());
+                    }
+                }
+                _ = ack_tick.tick() => self.send_acks(false).await?,
+            }
+            if draining_until.is_some()
+                && self.ledger.is_empty()
+                && self.publishing == 0
+                && self.delivering == 0
+            {
+                self.send_acks(true).await?;
+                tracing::info!("everything batched was settled; closing");
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_delivery(&mut self, delivery: Delivery) {
+        let metrics = &self.worker.metrics;
+        metrics.message_received();
+        let arrived = Instant::now();
+        self.pace.arrived(arrived);
+        let tag = delivery.delivery_tag;
+        self.acks.delivered(tag);
+        let now = EventTime::now();
+        let planned = decode(&delivery.data, now)
+            .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings));
+        let updates = match planned {
+            Err(poison) => {
+                tracing::info!(
+                    delivery_tag = tag,
+                    message_id = %message_id(&delivery.properties),
+                    reason = %poison.reason,
+                    detail = %poison.detail,
+                    "dead-lettering a message that cannot be applied"
+                );
+                let rejection = Rejection {
+                    reason: poison.reason,
+                    status: None,
+                    error: String::new(),
+                    message: poison.detail,
+                    list_id: None,
+                };
+                self.settle(
+                    tag,
+                    delivery.data,
+                    &delivery.properties,
+                    Settlement::DeadLetter(rejection),
+                );
+                return;
+            }
+            Ok(updates) if updates.is_empty() => {
+                self.acks.ready(tag, AckOutcome::Ignored, arrived);
+                return;
+            }
+            Ok(updates) => updates,
+        };
+
+        self.ledger.open(
+            tag,
+            Original {
+                body: delivery.data,
+                properties: PackedProperties::pack(&delivery.properties),
+            },
+        );
+        let deliverer = &self.worker.deliverer;
+        // Updates older than what was applied are recognised when their batch is sent (the
+        // guard is consulted there anyway, as a newer value may be applied meanwhile).
+        for update in updates {
+            let ceiling = deliverer.ceilings.get(update.list_id).unwrap_or(usize::MAX);
+            let added = self.batcher.add_with_ceiling(tag, update, arrived, ceiling);
+            if added.new_part {
+                self.ledger.add_part(tag);
+            }
+            for batch in added.flushed {
+                self.dispatch(batch);
+            }
+        }
+        if let Some((original, settlement)) = self.ledger.seal(tag) {
+            self.settle_original(tag, original, settlement);
+        }
+    }
+
+    /// Sends a batch now: the batcher never lets one out with a contact that is already in
+    /// flight, so batches of one list may go out side by side, up to the concurrency limit.
+    fn dispatch(&mut self, batch: Batch) {
+        self.worker.metrics.batch_flushed(batch.trigger.as_str());
+        self.delivering += 1;
+        self.batches_sent += 1;
+        let span = tracing::info_span!(
+            "batch",
+            batch_id = self.batches_sent,
+            list_id = %batch.list_id,
+            contacts = batch.contacts.len()
+        );
+        let deliverer = Arc::clone(&self.worker.deliverer);
+        let reports = self.reports.clone();
+        tokio::spawn(
+            async move {
+                let verdicts = deliverer.deliver_or_retry(&batch).await;
+                let _ = reports.send(Report::Delivered { batch, verdicts });
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn on_report(&mut self, report: Report, draining: bool) -> Result<(), SessionError> {
+        match report {
+            Report::Delivered { batch, verdicts } => {
+                self.delivering -= 1;
+                for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
+                    for &tag in &contact.messages {
+                        if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict)
+                        {
+                            self.settle_original(tag, original, settlement);
+                        }
+                    }
+                }
+                let ceilings = &self.worker.deliverer.ceilings;
+                let ready = self.batcher.answered(&batch, Instant::now(), |list| {
+                    ceilings.get(list).unwrap_or(usize::MAX)
+                });
+                for batch in ready {
+                    self.dispatch(batch);
+                }
+                if draining {
+                    // Updates that waited for this answer leave at once.
+                    for batch in self.batcher.flush_all() {
+                        self.dispatch(batch);
+                    }
+                }
+            }
+            Report::Published { tag, outcome } => {
+                self.publishing -= 1;
+                self.acks.ready(tag, outcome, Instant::now());
+            }
+            Report::PublishFailed(mut failed) => {
+                self.publishing -= 1;
+                self.worker.metrics.publish_failed();
+                failed.attempts += 1;
+                if failed.attempts >= PUBLISH_ATTEMPTS {
+                    return Err(SessionError::PublishFailed);
+                }
+                if failed.generation == self.publisher_generation {
+                    self.replace_publisher().await?;
+                }
+                let delay = PUBLISH_RETRY_FIRST * 2u32.pow(failed.attempts - 1);
+                self.publish(failed, delay);
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed publish usually means the publisher channel is gone (the broker closed it
+    /// on a refusal): open another, and declare the topology again, in case what the copy
+    /// was sent to was deleted.
+    async fn replace_publisher(&mut self) -> Result<(), SessionError> {
+        let publisher = tokio::time::timeout(broker::CONFIRM_TIMEOUT, async {
+            let publisher = Publisher::new(self.connection).await?;
+            self.worker.topology.declare(publisher.channel()).await?;
+            Ok::<_, lapin::Error>(publisher)
+        })
+        .await;
+        match publisher {
+            Ok(Ok(publisher)) => {
+                self.publisher = publisher;
+                self.publisher_generation += 1;
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(SessionError::PublishFailed),
+        }
+    }
+
+    fn settle_original(&mut self, tag: u64, original: Original, settlement: Settlement) {
+        match settlement {
+            Settlement::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
+            Settlement::Abandon => {}
+            settlement => {
+                let properties = original.properties.unpack();
+                self.settle(tag, original.body, &properties, settlement);
+            }
+        }
+    }
+
+    /// Acks, leaves, or publishes a copy to a retry queue or the dead-letter queue, as
+    /// `disposition` decides.
+    fn settle(
+        &mut self,
+        tag: u64,
+        body: Vec<u8>,
+        properties: &BasicProperties,
+        settlement: Settlement,
+    ) {
+        let settings = &self.worker.settings;
+        let rules = Rules {
+            schedule: &settings.retry.schedule,
+            max_age: settings.retry.max_age,
+            topology: &self.worker.topology,
+        };
+        let previous = RetryHeaders::read(properties);
+        match dispose(settlement, previous, EventTime::now(), &rules) {
+            Disposition::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
+            Disposition::Leave => {}
+            Disposition::Republish(copy) => {
+                let properties = broker::republished(properties, &copy);
+                let publish = Box::new(Outgoing {
+                    tag,
+                    copy,
+                    body,
+                    properties,
+                    generation: self.publisher_generation,
+                    attempts: 0,
+                });
+                self.publish(publish, Duration::ZERO);
+            }
+        }
+    }
+
+    /// Publishes a copy (after `delay`), waits for its confirm, and reports.
+    fn publish(&mut self, mut publish: Box<Outgoing>, delay: Duration) {
+        self.publishing += 1;
+        publish.generation = self.publisher_generation;
+        let publisher = self.publisher.clone();
+        let reports = self.reports.clone();
+        let metrics = self.worker.metrics.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let copy = &publish.copy;
+            let result = publisher
+                .publish(
+                    &copy.exchange,
+                    &copy.routing_key,
+                    &publish.body,
+                    publish.properties.clone(),
+                )
+                .await;
+            let report = match result {
+                Ok(()) => {
+                    if let Some(reason) = copy.dead_letter {
+                        metrics.dead_lettered(reason);
+                    }
+                    Report::Published {
+                        tag: publish.tag,
+                        outcome: copy.outcome,
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, exchange = %copy.exchange, routing_key = %copy.routing_key, attempt = publish.attempts + 1, "publish failed; trying again on a new channel");
+                    Report::PublishFailed(publish)
+                }
+            };
+            let _ = reports.send(report);
+        });
+    }
+
+    /// Whether the broker has nothing more for this consumer now: the prefetch window is
+    /// full of unsettled messages (nothing comes until an ack), or the queue holds no
+    /// ready message. A pause in deliveries with messages still queued is the broker being
+    /// busy, not the input ending.
+    async fn nothing_more_coming(&self) -> bool {
+        if self.window_full() {
+            return self.delivering == 0;
+        }
+        // Short: the session loop waits for the answer, with acks and reports queued behind it.
+        let declared = tokio::time::timeout(
+            QUIET_CHECK_TIMEOUT,
+            self.channel.queue_declare(
+                self.worker.settings.amqp.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(Ok(queue)) => queue.message_count() == 0,
+            // Cannot tell: an early partial batch is the lesser harm.
+            _ => true,
+        }
+    }
+
+    /// Every message the prefetch allows is delivered and not yet acked.
+    fn window_full(&self) -> bool {
+        self.acks.outstanding() + self.acks.pending_acks() >= usize::from(self.window)
+    }
+
+    /// Sends the acks that are due; `all` sends the held ones too.
+    async fn send_acks(&mut self, all: bool) -> Result<(), SessionError> {
+        let commands = if all {
+            self.acks.take_all()
+        } else {
+            self.acks.take(Instant::now())
+        };
+        // An ack's frame is queued when its call is first polled: queue them all, in order,
+        // before waiting for any, so they leave in one write.
+        let mut sending = Vec::with_capacity(commands.len());
+        for command in commands {
+            let mut ack = Box::pin(self.channel.basic_ack(
+                command.tag,
+                BasicAckOptions {
+                    multiple: command.multiple,
+                },
+            ));
+            let queued = (&mut ack).now_or_never();
+            sending.push((ack, queued, command.outcomes));
+        }
+        let mut refused = None;
+        for (ack, queued, outcomes) in sending {
+            let result = match queued {
+                Some(result) => result,
+                None => ack.await,
+            };
+            match result {
+                Ok(()) => {
+                    for (outcome, n) in outcomes {
+                        self.worker.metrics.messages_acked(outcome, n);
+                    }
+                }
+                Err(error) => {
+                    // The channel is gone; the broker will deliver these again.
+                    let count: u64 = outcomes.iter().map(|(_, n)| n).sum();
+                    self.worker.metrics.ack_refused(count);
+                    refused.get_or_insert(error);
+                }
+            }
+        }
+        match refused {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn message_id(properties: &BasicProperties) -> &str {
+    properties
+        .message_id()
+        .as_ref()
+        .map_or("-", |id| id.as_str())
+}
