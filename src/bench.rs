@@ -23,14 +23,48 @@ use crate::fake::{FakeOptions, FakeServer, Faults};
 use crate::model::EventTime;
 use crate::publish::event_properties;
 
+/// One setting a backlog is drained in: how many lists, and how long Listrak takes to
+/// answer a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    pub lists: usize,
+    pub latency: Duration,
+}
+
+impl std::str::FromStr for Setting {
+    type Err = String;
+
+    /// `LISTSxLATENCY`, e.g. `1x300ms`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (lists, latency) = text
+            .split_once('x')
+            .ok_or_else(|| format!("{text:?} is not LISTSxLATENCY, e.g. 1x300ms"))?;
+        let lists: usize = lists
+            .parse()
+            .ok()
+            .filter(|&n| (1..=1000).contains(&n))
+            .ok_or_else(|| format!("{lists:?} is not a number of lists from 1 to 1000"))?;
+        let latency = humantime::parse_duration(latency)
+            .ok()
+            .filter(|d| *d <= Duration::from_secs(60))
+            .ok_or_else(|| format!("{latency:?} is not a latency up to 60s, e.g. 300ms"))?;
+        Ok(Self { lists, latency })
+    }
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub amqp_url: String,
     pub events: usize,
-    pub lists: usize,
-    pub latency: Duration,
-    pub prefetch: u16,
+    /// The settings each backlog is drained in, one after another.
+    pub settings: Vec<Setting>,
+    /// The lists and latency of the lag and throttling measurements.
+    pub lag_setting: Setting,
+    /// The worker's prefetch; `None`: its own default (sized from its memory budget).
+    pub prefetch: Option<u16>,
+    /// The bare consumer's prefetch.
+    pub baseline_prefetch: u16,
     pub max_contacts: usize,
     /// `current-thread` or `multi-thread`: the worker's runtime.
     pub runtime: String,
@@ -44,20 +78,32 @@ pub struct BenchOptions {
     pub throttle_duration: Duration,
 }
 
-#[derive(Debug, Default, Serialize)]
-pub struct Report {
+/// The figures of one backlog drained in one setting.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Drain {
     pub events: usize,
     pub lists: usize,
     pub latency_ms: u128,
-    pub runtime: String,
     pub baseline_events_per_second: f64,
     pub worker_events_per_second: f64,
     pub ratio: f64,
     pub requests: usize,
-    pub requests_per_1000_events: f64,
     pub minimum_requests: usize,
-    pub minimum_requests_per_1000_events: f64,
+    /// Contacts per request, on average, against `max_contacts`.
+    pub contacts_per_request: f64,
+    pub max_contacts: usize,
     pub worker_peak_rss_mib: f64,
+    /// CPU time (user and system, from `/proc`) per 100,000 events drained.
+    pub worker_cpu_seconds_per_100k: f64,
+    pub baseline_cpu_seconds_per_100k: f64,
+    /// The worker's window of unacknowledged messages, as it reported it.
+    pub worker_prefetch: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub runtime: String,
+    pub drains: Vec<Drain>,
     pub lag_rate: u32,
     pub lag_p50_ms: f64,
     pub lag_p99_ms: f64,
@@ -104,15 +150,24 @@ fn engage_event(index: usize, list: usize, person: usize, entered: bool, at: Eve
     .expect("JSON")
 }
 
-fn config(options: &BenchOptions, queue: &str, fake: &FakeServer, listen: SocketAddr) -> String {
+fn config(
+    options: &BenchOptions,
+    lists: usize,
+    queue: &str,
+    fake: &FakeServer,
+    listen: SocketAddr,
+) -> String {
     let credentials = FakeOptions::default();
+    let prefetch = options
+        .prefetch
+        .map_or(String::new(), |p| format!("prefetch = {p}"));
     let mut text = format!(
         r#"
 [amqp]
 url = "{amqp}"
 exchange = "{queue}"
 queue = "{queue}"
-prefetch = {prefetch}
+{prefetch}
 
 [listrak]
 client_id = "{id}"
@@ -127,14 +182,13 @@ max_contacts = {max_contacts}
 listen = "{listen}"
 "#,
         amqp = options.amqp_url,
-        prefetch = options.prefetch,
         id = credentials.client_id,
         secret = credentials.client_secret,
         api = fake.api_url(),
         auth = fake.auth_url(),
         max_contacts = options.max_contacts,
     );
-    for list in 0..options.lists {
+    for list in 0..lists {
         text.push_str(&format!(
             "\n[[mappings]]\nname = \"bench-{list}\"\nevents = [\"Audience Entered\", \"Audience Exited\"]\naudience_key = \"bench_audience_{list}\"\nlist_id = {}\nprofile_fields = {{ \"100\" = \"useAudienceKey\" }}\n",
             1000 + list
@@ -166,7 +220,8 @@ async fn publish_all(
 }
 
 /// The ceiling: a bare consumer that only decodes and acks (one `multiple` ack per 100).
-async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<f64> {
+/// Returns its events per second and CPU seconds per 100,000 events.
+async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<(f64, f64)> {
     let queue = format!("listrak-bench.baseline.{}", std::process::id());
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
     let connection = broker::connect_url(&options.amqp_url, "listrak-bench baseline").await?;
@@ -176,7 +231,7 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
 
     let channel = connection.create_channel().await?;
     channel
-        .basic_qos(options.prefetch, BasicQosOptions::default())
+        .basic_qos(options.baseline_prefetch, BasicQosOptions::default())
         .await?;
     let mut consumer = channel
         .basic_consume(
@@ -187,10 +242,14 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
         )
         .await?;
     let mut started = None;
+    let mut cpu_at_start = 0.0;
     let mut consumed = 0usize;
     while consumed < bodies.len() {
         let delivery = consumer.next().await.context("consumer ended")??;
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(|| {
+            cpu_at_start = cpu_seconds("self");
+            Instant::now()
+        });
         let _: serde_json::Value = serde_json::from_slice(&delivery.data)?;
         consumed += 1;
         if consumed.is_multiple_of(100) || consumed == bodies.len() {
@@ -200,9 +259,45 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
         }
     }
     let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+    let cpu = cpu_seconds("self") - cpu_at_start;
     topology.delete(publisher.channel()).await?;
     connection.close(200, "done".into()).await?;
-    Ok(bodies.len() as f64 / elapsed.as_secs_f64())
+    Ok((
+        bodies.len() as f64 / elapsed.as_secs_f64(),
+        per_100k(cpu, bodies.len()),
+    ))
+}
+
+/// User and system CPU time of a process (`self` or a pid) so far, from `/proc`.
+fn cpu_seconds(process: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{process}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces), from the third: state, ppid…;
+    // utime and stime are the 14th and 15th fields of the whole line.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
+    let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+        return 0.0;
+    };
+    (user + system) / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // The kernel's USER_HZ, 100 on every Linux this runs on; `getconf CLK_TCK` tells.
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn per_100k(seconds: f64, events: usize) -> f64 {
+    seconds * 100_000.0 / events.max(1) as f64
 }
 
 struct WorkerProcess {
@@ -218,6 +313,7 @@ impl WorkerProcess {
     /// Starts the worker on `queue` against `fake`, with its metrics on a free port.
     fn spawn(
         options: &BenchOptions,
+        lists: usize,
         queue: &str,
         fake: &FakeServer,
         tag: &str,
@@ -225,7 +321,7 @@ impl WorkerProcess {
         let listen = free_port()?;
         let config =
             std::env::temp_dir().join(format!("listrak-bench-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&config, self::config(options, queue, fake, listen))?;
+        std::fs::write(&config, self::config(options, lists, queue, fake, listen))?;
         let child = Command::new(&options.worker_binary)
             .args(["run", "--runtime", &options.runtime, "--config"])
             .arg(&config)
@@ -267,6 +363,10 @@ impl WorkerProcess {
                 .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
                 .sum(),
         )
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(&self.child.id().to_string())
     }
 
     /// Peak resident memory so far (VmHWM), in MiB.
@@ -353,69 +453,15 @@ async fn with_queue<T>(
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     crate::listrak::install_crypto_provider();
-    let (bodies, contacts_per_list) = engage_events(options.events, options.lists, 42);
     let mut report = Report {
-        events: options.events,
-        lists: options.lists,
-        latency_ms: options.latency.as_millis(),
         runtime: options.runtime.clone(),
         lag_rate: options.lag_rate,
         throttle_rps: options.throttle_rps,
         ..Report::default()
     };
-    report.minimum_requests = contacts_per_list
-        .iter()
-        .map(|c| c.div_ceil(options.max_contacts))
-        .sum();
-    report.minimum_requests_per_1000_events =
-        report.minimum_requests as f64 * 1000.0 / options.events as f64;
-
-    eprintln!(
-        "baseline: a bare consumer draining {} events…",
-        options.events
-    );
-    report.baseline_events_per_second = baseline(&options, &bodies).await?;
-
-    eprintln!(
-        "worker: draining the same backlog into listrak-fake ({:?} per request)…",
-        options.latency
-    );
-    let drained = with_queue(&options, "drain", async |publisher, topology| {
-        publish_all(publisher, &topology.exchange, &bodies).await?;
-        let (fake, _) = fake(Faults {
-            latency: options.latency,
-            ..Faults::default()
-        })
-        .await?;
-        let worker = WorkerProcess::spawn(&options, &topology.queue, &fake, "drain")?;
-        // Timed from the first message received, as the baseline is: process start-up
-        // (connection, topology, consumer) is not draining.
-        while worker
-            .counter("listrak_messages_received_total")
-            .await
-            .unwrap_or(0.0)
-            == 0.0
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let started = Instant::now();
-        let result = worker
-            .wait_acked(bodies.len(), Duration::from_secs(600))
-            .await;
-        let elapsed = started.elapsed();
-        let rss = worker.peak_rss_mib();
-        worker.stop();
-        result?;
-        let requests = fake.requests().len();
-        fake.shutdown().await;
-        Ok((bodies.len() as f64 / elapsed.as_secs_f64(), requests, rss))
-    })
-    .await?;
-    report.worker_events_per_second = drained.0;
-    report.requests = drained.1;
-    report.worker_peak_rss_mib = drained.2;
-    report.ratio = report.worker_events_per_second / report.baseline_events_per_second;
-    report.requests_per_1000_events = report.requests as f64 * 1000.0 / options.events as f64;
+    for setting in &options.settings {
+        report.drains.push(drain(&options, *setting).await?);
+    }
 
     if options.lag_rate > 0 {
         eprintln!(
@@ -446,6 +492,80 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// Drains the same backlog with a bare consumer, then with the worker.
+async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain> {
+    let (bodies, contacts_per_list) = engage_events(options.events, setting.lists, 42);
+    let mut report = Drain {
+        events: options.events,
+        lists: setting.lists,
+        latency_ms: setting.latency.as_millis(),
+        max_contacts: options.max_contacts,
+        minimum_requests: contacts_per_list
+            .iter()
+            .map(|c| c.div_ceil(options.max_contacts))
+            .sum(),
+        ..Drain::default()
+    };
+
+    eprintln!(
+        "{} lists, {:?} per request — baseline: a bare consumer draining {} events…",
+        setting.lists, setting.latency, options.events
+    );
+    (
+        report.baseline_events_per_second,
+        report.baseline_cpu_seconds_per_100k,
+    ) = baseline(options, &bodies).await?;
+
+    eprintln!("worker: draining the same backlog into listrak-fake…");
+    with_queue(options, "drain", async |publisher, topology| {
+        publish_all(publisher, &topology.exchange, &bodies).await?;
+        let (fake, _) = fake(Faults {
+            latency: setting.latency,
+            ..Faults::default()
+        })
+        .await?;
+        let worker = WorkerProcess::spawn(options, setting.lists, &topology.queue, &fake, "drain")?;
+        // Timed from the first message received, as the baseline is: process start-up
+        // (connection, topology, consumer) is not draining.
+        while worker
+            .counter("listrak_messages_received_total")
+            .await
+            .unwrap_or(0.0)
+            == 0.0
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let started = Instant::now();
+        let cpu_at_start = worker.cpu_seconds();
+        let result = worker
+            .wait_acked(bodies.len(), Duration::from_secs(600))
+            .await;
+        let elapsed = started.elapsed();
+        report.worker_cpu_seconds_per_100k =
+            per_100k(worker.cpu_seconds() - cpu_at_start, bodies.len());
+        report.worker_peak_rss_mib = worker.peak_rss_mib();
+        report.worker_prefetch = worker
+            .counter("listrak_prefetch_window")
+            .await
+            .unwrap_or(0.0);
+        worker.stop();
+        result?;
+        let requests = fake.requests();
+        report.requests = requests.len();
+        report.contacts_per_request = requests
+            .iter()
+            .map(|r| r.contacts.unwrap_or(0))
+            .sum::<usize>() as f64
+            / requests.len().max(1) as f64;
+        fake.shutdown().await;
+        report.worker_events_per_second = bodies.len() as f64 / elapsed.as_secs_f64();
+        Ok(())
+    })
+    .await?;
+    report.ratio = report.worker_events_per_second / report.baseline_events_per_second;
+    Ok(report)
+}
+
 /// Publishes at a steady rate, each event to a new contact and stamped when published, and
 /// measures from the stamp to the moment Listrak answered the request that carried it.
 async fn lag(
@@ -453,12 +573,13 @@ async fn lag(
     publisher: &Publisher,
     topology: &Topology,
 ) -> anyhow::Result<(f64, f64)> {
+    let setting = options.lag_setting;
     let (fake, fake_started) = fake(Faults {
-        latency: options.latency,
+        latency: setting.latency,
         ..Faults::default()
     })
     .await?;
-    let worker = WorkerProcess::spawn(options, &topology.queue, &fake, "lag")?;
+    let worker = WorkerProcess::spawn(options, setting.lists, &topology.queue, &fake, "lag")?;
     while worker.acked().await.is_none() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -468,7 +589,7 @@ async fn lag(
     for index in 0..total {
         ticker.tick().await;
         let person = 10_000_000 + index;
-        let body = engage_event(index, index % options.lists, person, true, EventTime::now());
+        let body = engage_event(index, index % setting.lists, person, true, EventTime::now());
         published_at.insert(format!("person{person}@example.com"), Instant::now());
         let confirm = publisher
             .start(&topology.exchange, "track", &body, event_properties(&body))
@@ -479,7 +600,7 @@ async fn lag(
     worker.stop();
     let mut lags: Vec<f64> = Vec::with_capacity(total);
     for request in fake.requests().iter().filter(|r| r.status == 201) {
-        let answered = fake_started + request.elapsed + options.latency;
+        let answered = fake_started + request.elapsed + setting.latency;
         for email in &request.emails {
             if let Some(at) = published_at.get(email) {
                 lags.push(answered.saturating_duration_since(*at).as_secs_f64() * 1000.0);
@@ -506,20 +627,26 @@ async fn throttle(
     let wanted = (options.throttle_rps * (warmup + options.throttle_duration).as_secs_f64() * 1.5)
         as usize
         * max_contacts;
-    let (bodies, _) = engage_events(wanted, options.lists, 7);
+    let setting = options.lag_setting;
+    let (bodies, _) = engage_events(wanted, setting.lists, 7);
     publish_all(publisher, &topology.exchange, &bodies).await?;
     let (fake, _) = fake(Faults {
-        latency: options.latency,
+        latency: setting.latency,
         throttle_rps: Some(options.throttle_rps),
         ..Faults::default()
     })
     .await?;
     let throttled = BenchOptions {
         max_contacts,
-        prefetch: options.prefetch,
         ..options.clone()
     };
-    let worker = WorkerProcess::spawn(&throttled, &topology.queue, &fake, "throttle")?;
+    let worker = WorkerProcess::spawn(
+        &throttled,
+        setting.lists,
+        &topology.queue,
+        &fake,
+        "throttle",
+    )?;
     while fake.requests().is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -545,30 +672,100 @@ async fn throttle(
     ))
 }
 
-impl Report {
-    /// Each figure's median over `runs`. The ratio is the median of each run's own ratio:
-    /// a run's baseline and worker share the broker's state at that moment.
-    pub fn median(runs: &[Report]) -> Report {
-        let of = |figure: fn(&Report) -> f64| {
-            let mut values: Vec<f64> = runs.iter().map(figure).collect();
-            values.sort_by(f64::total_cmp);
-            values.get(values.len() / 2).copied().unwrap_or_default()
-        };
-        let first = runs.first();
-        Report {
-            events: first.map_or(0, |r| r.events),
-            lists: first.map_or(0, |r| r.lists),
-            latency_ms: first.map_or(0, |r| r.latency_ms),
-            runtime: first.map(|r| r.runtime.clone()).unwrap_or_default(),
+/// The median of one figure over several runs.
+fn median_of<T>(runs: &[T], figure: impl Fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(figure).collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+impl Drain {
+    /// Each figure's median over `runs` of the same setting. The ratio is the median of
+    /// each run's own ratio: a run's baseline and worker share the broker's state then.
+    fn median(runs: &[&Drain]) -> Drain {
+        let of = |figure: fn(&Drain) -> f64| median_of(runs, |r| figure(r));
+        let first = runs.first().copied().cloned().unwrap_or_default();
+        Drain {
             baseline_events_per_second: of(|r| r.baseline_events_per_second),
             worker_events_per_second: of(|r| r.worker_events_per_second),
             ratio: of(|r| r.ratio),
             requests: of(|r| r.requests as f64) as usize,
-            requests_per_1000_events: of(|r| r.requests_per_1000_events),
-            minimum_requests: first.map_or(0, |r| r.minimum_requests),
-            minimum_requests_per_1000_events: first
-                .map_or(0.0, |r| r.minimum_requests_per_1000_events),
+            contacts_per_request: of(|r| r.contacts_per_request),
             worker_peak_rss_mib: of(|r| r.worker_peak_rss_mib),
+            worker_cpu_seconds_per_100k: of(|r| r.worker_cpu_seconds_per_100k),
+            baseline_cpu_seconds_per_100k: of(|r| r.baseline_cpu_seconds_per_100k),
+            worker_prefetch: of(|r| r.worker_prefetch),
+            ..first
+        }
+    }
+
+    fn rows(&self) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = Vec::new();
+        let mut row = |label: &str, value: String| rows.push((label.to_string(), value));
+        row(
+            "setting",
+            format!(
+                "{} events over {} list{}, {} ms per request",
+                self.events,
+                self.lists,
+                if self.lists == 1 { "" } else { "s" },
+                self.latency_ms
+            ),
+        );
+        row(
+            "  baseline (bare consumer)",
+            format!("{:.0} events/s", self.baseline_events_per_second),
+        );
+        row(
+            "  worker",
+            format!("{:.0} events/s", self.worker_events_per_second),
+        );
+        row("  worker / baseline", format!("{:.2}", self.ratio));
+        row(
+            "  HTTP requests",
+            format!("{} (minimum {})", self.requests, self.minimum_requests),
+        );
+        row(
+            "  contacts per request",
+            format!(
+                "{:.0} ({:.1}% of max_contacts {})",
+                self.contacts_per_request,
+                self.contacts_per_request * 100.0 / self.max_contacts.max(1) as f64,
+                self.max_contacts
+            ),
+        );
+        row(
+            "  worker peak RSS",
+            format!(
+                "{:.1} MiB (window {:.0} messages)",
+                self.worker_peak_rss_mib, self.worker_prefetch
+            ),
+        );
+        row(
+            "  CPU s per 100k events",
+            format!(
+                "worker {:.2}, baseline {:.2}",
+                self.worker_cpu_seconds_per_100k, self.baseline_cpu_seconds_per_100k
+            ),
+        );
+        rows
+    }
+}
+
+impl Report {
+    /// Each figure's median over `runs`, setting by setting.
+    pub fn median(runs: &[Report]) -> Report {
+        let of = |figure: fn(&Report) -> f64| median_of(runs, figure);
+        let first = runs.first();
+        let settings = first.map_or(0, |r| r.drains.len());
+        Report {
+            runtime: first.map(|r| r.runtime.clone()).unwrap_or_default(),
+            drains: (0..settings)
+                .map(|i| {
+                    let same: Vec<&Drain> = runs.iter().filter_map(|r| r.drains.get(i)).collect();
+                    Drain::median(&same)
+                })
+                .collect(),
             lag_rate: first.map_or(0, |r| r.lag_rate),
             lag_p50_ms: of(|r| r.lag_p50_ms),
             lag_p99_ms: of(|r| r.lag_p99_ms),
@@ -585,8 +782,7 @@ impl Report {
         let each: Vec<Vec<(String, String)>> = runs.iter().map(Report::rows).collect();
         let rows = median.rows();
         let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
-        // The first row describes the input, the same in every run.
-        let value_width = rows.iter().skip(1).map(|(_, v)| v.len()).max().unwrap_or(0);
+        let value_width = rows.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
         let mut out = String::new();
         if runs.len() > 1 {
             let _ = writeln!(out, "{:<width$}  median of {} runs", "", runs.len());
@@ -594,7 +790,8 @@ impl Report {
         for (index, (label, value)) in rows.iter().enumerate() {
             let _ = write!(out, "{label:<width$}  {value}");
             let per_run: Vec<&str> = each.iter().map(|rows| rows[index].1.as_str()).collect();
-            if runs.len() > 1 && index > 0 {
+            // A setting's first row describes the input, the same in every run.
+            if runs.len() > 1 && label.starts_with(' ') {
                 let _ = write!(
                     out,
                     "{:pad$}  runs: {}",
@@ -610,41 +807,11 @@ impl Report {
 
     fn rows(&self) -> Vec<(String, String)> {
         let mut rows: Vec<(String, String)> = Vec::new();
+        for drain in &self.drains {
+            rows.extend(drain.rows());
+        }
         let mut row = |label: &str, value: String| rows.push((label.to_string(), value));
-        row(
-            "events",
-            format!(
-                "{} over {} lists, {} ms per request, {} runtime",
-                self.events, self.lists, self.latency_ms, self.runtime
-            ),
-        );
-        row(
-            "baseline (bare consumer)",
-            format!("{:.0} events/s", self.baseline_events_per_second),
-        );
-        row(
-            "worker",
-            format!("{:.0} events/s", self.worker_events_per_second),
-        );
-        row("worker / baseline", format!("{:.2}", self.ratio));
-        row(
-            "HTTP requests",
-            format!(
-                "{} ({:.2} per 1,000 events)",
-                self.requests, self.requests_per_1000_events
-            ),
-        );
-        row(
-            "minimum for this input",
-            format!(
-                "{} ({:.2} per 1,000 events)",
-                self.minimum_requests, self.minimum_requests_per_1000_events
-            ),
-        );
-        row(
-            "worker peak RSS",
-            format!("{:.1} MiB", self.worker_peak_rss_mib),
-        );
+        row("runtime", self.runtime.clone());
         if self.lag_rate > 0 {
             row(
                 "event lag at",
@@ -676,12 +843,16 @@ mod tests {
 
     fn run(baseline: f64, worker: f64, requests: usize) -> Report {
         Report {
-            events: 1000,
-            lists: 2,
-            baseline_events_per_second: baseline,
-            worker_events_per_second: worker,
-            ratio: worker / baseline,
-            requests,
+            runtime: "current-thread".into(),
+            drains: vec![Drain {
+                events: 1000,
+                lists: 2,
+                baseline_events_per_second: baseline,
+                worker_events_per_second: worker,
+                ratio: worker / baseline,
+                requests,
+                ..Drain::default()
+            }],
             ..Report::default()
         }
     }
@@ -693,7 +864,7 @@ mod tests {
             run(200.0, 100.0, 7),
             run(50.0, 40.0, 6),
         ];
-        let median = Report::median(&runs);
+        let median = &Report::median(&runs).drains[0];
         assert_eq!(median.baseline_events_per_second, 100.0);
         assert_eq!(median.worker_events_per_second, 90.0);
         assert_eq!(median.ratio, 0.8, "ratios 0.9, 0.5, 0.8");
@@ -704,5 +875,19 @@ mod tests {
             table.contains("runs: 90 events/s | 100 events/s | 40 events/s"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn a_setting_reads_as_lists_x_latency() {
+        assert_eq!(
+            "1x300ms".parse::<Setting>(),
+            Ok(Setting {
+                lists: 1,
+                latency: Duration::from_millis(300)
+            })
+        );
+        assert!("0x300ms".parse::<Setting>().is_err());
+        assert!("8".parse::<Setting>().is_err());
+        assert!("8xsoon".parse::<Setting>().is_err());
     }
 }

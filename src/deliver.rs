@@ -148,6 +148,11 @@ impl<A: ListrakApi> Deliverer<A> {
                     return verdicts;
                 }
                 let body_len = body.len();
+                if Instant::now() >= attempt.deadline {
+                    tracing::warn!(list_id = %attempt.list, contacts = sent.len(), "the batch's hold budget was spent before it could be sent; moving it to the retry queues");
+                    verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
+                    return verdicts;
+                }
                 // Waiting for a slot spends the same budget: in an outage the limit is 1.
                 let acquired = tokio::time::timeout_at(
                     attempt.deadline.into(),

@@ -11,8 +11,9 @@
 //!                 ack / retry queue / dead letter ◄── settle
 //! ```
 //!
-//! The decisions are pure functions (decode, mapping, batch, classify, retry, settle); the
-//! I/O sits around them (broker, listrak, http), and `worker` drives the whole.
+//! The decisions are pure functions (decode, mapping, batch, classify, retry, settle,
+//! disposition); the I/O sits around them (broker, listrak, http), and `session` drives the
+//! whole.
 //!
 //! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
 //! - [`model`]: list and field ids, event times, updates, dead-letter reasons.
@@ -20,19 +21,25 @@
 //!   update, or poison.
 //! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter.
 //! - [`batch`]: grouping per list, merging per contact, last write wins per field; when a
-//!   batch leaves (size, bytes, `max_wait`, or input gone quiet).
+//!   batch leaves (size, bytes, `max_wait`, or input gone quiet); the order per contact (a
+//!   contact in flight is never in a second request: its newer updates wait for the answer).
 //! - [`guard`]: the bounded memory that keeps an older update from overwriting a newer one.
 //! - [`classify`]: one pure decision from a Listrak answer to ok / auth / systemic /
 //!   ambiguous / permanent.
 //! - [`retry`]: the retry schedule (the only user of the `backoff` crate).
 //! - [`concurrency`]: adaptive request concurrency (slow start, then additive increase,
 //!   multiplicative decrease) and a request rate after a 429.
-//! - [`deliver`]: one batch to Listrak: in-process retries, bisection, size ceilings.
+//! - [`deliver`]: one batch to Listrak: in-process retries within the batch's hold budget
+//!   (counted from its oldest message's delivery), bisection, size ceilings.
 //! - [`listrak`]: the Listrak API client and its shared OAuth token.
 //! - [`settle`]: following each message to its acknowledgement; folding acks.
+//! - [`disposition`]: what a settled message becomes: an ack, a copy in a retry queue, or a
+//!   dead letter, with the headers that say why.
 //! - [`broker`]: connection, queue topology, confirmed publishing, headers.
 //! - [`tls`]: the broker's `amqps://` settings: CA and client certificate files.
-//! - [`worker`]: the session loop that drives everything, reconnection, shutdown.
+//! - [`session`]: the loop of one broker session that drives everything: consume, batch,
+//!   dispatch, settle, publish, ack.
+//! - [`worker`]: sessions one after another (reconnection), shutdown.
 //! - [`telemetry`]: every metric, one function per occurrence.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`publish`], [`progress`]: the `publish` command.

@@ -170,6 +170,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             .drive(&mut consumer, &consumer_tag, &mut inbox)
             .await;
         poller.abort();
+
         if result.is_ok() {
             bounded(session.channel.close(200, "shutdown".into())).await;
             bounded(session.publisher.channel().close(200, "shutdown".into())).await;
@@ -191,7 +192,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             // With the prefetch window full, a pause says nothing about the input while an
             // answer is still to come: the answer frees part of the window. With room in the
             // window, it does (the queue is asked), whatever is on its way to Listrak.
+            // Contacts waiting for an answer join the open batches when it comes: the input
+            // is not over until they have.
             let quiet = lingering
+                .filter(|_| self.batcher.parked() == 0)
                 .filter(|_| self.delivering == 0 || !self.window_full())
                 .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
             let flush_at = lingering.map(tokio::time::Instant::from_std);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use listrak_worker::bench::{self, BenchOptions, Report};
+use listrak_worker::bench::{self, BenchOptions, Report, Setting};
 
 #[derive(Parser)]
 #[command(
@@ -23,16 +23,22 @@ struct Args {
     /// Events in the backlog.
     #[arg(long, default_value_t = 200_000)]
     events: usize,
-    /// Lists (one audience each).
-    #[arg(long, default_value_t = 8)]
-    lists: usize,
-    /// listrak-fake's answer time per request.
-    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
-    latency: Duration,
-    /// The worker's and the baseline's prefetch: with 8 lists of 1,000-contact batches, a
-    /// batch filling and one in flight per list need room for about 16,000 messages.
+    /// The settings a backlog is drained in, as LISTSxLATENCY (lists, one audience each;
+    /// listrak-fake's answer time per request). The defaults: one list at a remote API's
+    /// latency, the most common deployment; eight lists at a fast one.
+    #[arg(long, value_delimiter = ',', default_value = "1x300ms,8x50ms")]
+    settings: Vec<Setting>,
+    /// The lists and latency of the lag and throttling measurements.
+    #[arg(long, default_value = "8x50ms")]
+    lag_setting: Setting,
+    /// The worker's prefetch; by default the worker sizes its own window, as it does for
+    /// its users.
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// The bare consumer's prefetch (it acks every 100 messages, so a larger window gains
+    /// it nothing).
     #[arg(long, default_value_t = 20_000)]
-    prefetch: u16,
+    baseline_prefetch: u16,
     #[arg(long, default_value_t = 1000)]
     max_contacts: usize,
     /// The worker's runtime: current-thread or multi-thread.
@@ -68,9 +74,10 @@ async fn main() -> anyhow::Result<()> {
     let options = BenchOptions {
         amqp_url: args.amqp_url,
         events: args.events,
-        lists: args.lists,
-        latency: args.latency,
+        settings: args.settings,
+        lag_setting: args.lag_setting,
         prefetch: args.prefetch,
+        baseline_prefetch: args.baseline_prefetch,
         max_contacts: args.max_contacts,
         runtime: args.runtime,
         worker_binary,

@@ -13,11 +13,14 @@ struct MemoryListrak {
     unknown_lists: BTreeSet<u32>,
     max_body: Option<usize>,
     systemic_failures_left: AtomicUsize,
+    /// A bug in the request path: the delivery task panics.
+    panics: bool,
     requests: Mutex<Vec<(u32, usize, u16)>>,
 }
 
 impl ListrakApi for MemoryListrak {
     async fn post_contacts(&self, list: ListId, body: Bytes, contacts: usize) -> Outcome {
+        assert!(!self.panics, "a bug in the request path");
         let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let emails: Vec<String> = parsed
             .as_array()
@@ -109,6 +112,50 @@ fn dead_lettered(verdicts: &[Verdict]) -> Vec<usize> {
         .filter(|(_, v)| matches!(v, Verdict::DeadLetter(_)))
         .map(|(i, _)| i)
         .collect()
+}
+
+#[tokio::test]
+async fn a_delivery_that_panics_sends_its_whole_batch_to_the_retry_queues() {
+    let api = MemoryListrak {
+        panics: true,
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(1));
+    let verdicts = d.deliver_or_retry(&batch(1, 20)).await;
+    assert_eq!(verdicts, vec![Verdict::Retry; 20]);
+    assert_eq!(d.metrics.sample("listrak_delivery_panics_total", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn the_hold_budget_counts_from_the_oldest_arrival_not_from_the_first_request() {
+    let api = MemoryListrak {
+        systemic_failures_left: AtomicUsize::new(usize::MAX),
+        ..Default::default()
+    };
+    let d = deliverer(api, Duration::from_secs(2));
+    let mut waited = batch(1, 10);
+    // The batch waited behind a failing one for most of its budget.
+    let arrived = Instant::now() - Duration::from_millis(1900);
+    waited.contacts[3].since = arrived;
+    let started = Instant::now();
+    let verdicts = d.deliver(&waited).await;
+    assert_eq!(verdicts, vec![Verdict::Retry; 10]);
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "gave up at {:?}, past the budget's end",
+        started.elapsed()
+    );
+
+    let spent = batch(1, 10);
+    let mut late = spent.clone();
+    late.contacts[0].since = Instant::now() - Duration::from_secs(3);
+    let before = d.api.requests.lock().unwrap().len();
+    assert_eq!(d.deliver(&late).await, vec![Verdict::Retry; 10]);
+    assert_eq!(
+        d.api.requests.lock().unwrap().len(),
+        before,
+        "a batch whose budget is spent is not sent"
+    );
 }
 
 #[tokio::test]

@@ -631,3 +631,81 @@ async fn an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves
     );
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_an_outage_every_message_reaches_the_retry_queue_within_its_hold_budget() {
+    // Listrak is down throughout. 800 events arrive over 4 s; most are for contacts whose
+    // earlier update is still being retried, so they wait behind it.
+    let mut h = Harness::new(
+        "hold_budget",
+        Faults {
+            outage_for: Some(Duration::from_secs(600)),
+            ..Faults::default()
+        },
+        Knobs {
+            max_wait: "100ms",
+            in_process: "1s",
+            request_timeout: "1s",
+            schedule: r#"["10m"]"#,
+            ..Knobs::default()
+        },
+    )
+    .await;
+    h.start_worker();
+    let mut published = 0u64;
+    for round in 0..8u64 {
+        let bodies: Vec<Vec<u8>> = (0..100u64)
+            .map(|i| {
+                let value = if round % 2 == 0 { "on" } else { "off" };
+                let at = BASE_MICROS + (round * 100 + i) as i64;
+                profile_update(7, &email(((round * 100 + i) % 150) as usize), 3, value, at)
+            })
+            .collect();
+        h.publish(&bodies).await;
+        published += bodies.len() as u64;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // max_wait + in_process + request_timeout is 2.1 s, then a confirm and an ack.
+    h.wait_for(
+        "every message handed to the retry queue within its budget",
+        Duration::from_secs(3),
+        |h| h.acked_as("retry_scheduled") == published,
+    )
+    .await;
+    assert_eq!(h.depth(&h.topology.retries[0].0).await, published as u32);
+    assert!(h.take_dead_letters().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_broker_refuses_is_published_again_and_the_rest_flows() {
+    let mut h = Harness::new("refused_publish", Faults::default(), Knobs::default()).await;
+    h.start_worker();
+    h.wait_for("the worker consuming", Duration::from_secs(10), |h| {
+        h.health.is_ready()
+    })
+    .await;
+    // Someone deletes the dead-letter exchange: the broker refuses the next dead letter and
+    // closes the channel it came on.
+    let channel = h.connection().create_channel().await.unwrap();
+    channel
+        .exchange_delete(h.topology.dead.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = channel.close(200, "done".into()).await;
+
+    let mut bodies = vec![b"{not json".to_vec()];
+    bodies.extend((0..200).map(|i| profile_update(7, &email(i), 3, "on", BASE_MICROS)));
+    h.publish(&bodies).await;
+    h.wait_acked(bodies.len() as u64, Duration::from_secs(30))
+        .await;
+
+    assert_eq!(h.acked_as("applied"), 200, "every other message flowed");
+    assert_eq!(h.fake.contacts()[&7].len(), 200);
+    let dead = h.take_dead_letters().await;
+    assert_eq!(dead.len(), 1, "the refused one was not lost");
+    assert_eq!(dead[0].body, bodies[0]);
+    assert_eq!(dead[0].header("x-listrak-reason"), Some("invalid_json"));
+    assert!(h.metrics.sample("listrak_publish_failures_total", &[]) >= 1.0);
+    h.finish().await;
+}
