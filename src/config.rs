@@ -106,6 +106,9 @@ pub struct ListrakSettings {
     pub request_timeout: Duration,
     /// The ceiling of the adaptive request concurrency.
     pub max_concurrency: NonZeroUsize,
+    /// Check every mapping against the account's lists and fields before consuming, and
+    /// refuse to start on a problem (as `check --listrak` does).
+    pub verify_at_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -535,6 +538,7 @@ impl Settings {
             toml_duration(listrak.request_timeout)
         );
         let _ = writeln!(out, "max_concurrency = {}", listrak.max_concurrency);
+        let _ = writeln!(out, "verify_at_start = {}", listrak.verify_at_start);
 
         let batch = &self.batch;
         let _ = writeln!(out, "\n[batch]");
@@ -1094,6 +1098,7 @@ fn listrak_settings(
         "auth_url",
         "request_timeout",
         "max_concurrency",
+        "verify_at_start",
     ])?;
     let client_id =
         Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
@@ -1116,6 +1121,7 @@ fn listrak_settings(
         1,
         i64::from(u32::MAX),
     )?;
+    let verify_at_start = node.boolean("verify_at_start")?.unwrap_or(false);
     Ok(ListrakSettings {
         client_id,
         client_secret: Secret(client_secret),
@@ -1123,6 +1129,7 @@ fn listrak_settings(
         auth_url,
         request_timeout,
         max_concurrency: nonzero(max_concurrency),
+        verify_at_start,
     })
 }
 
@@ -1461,7 +1468,7 @@ fn profile_fields(node: &Node<'_>) -> Result<Vec<(FieldId, FieldRule)>, ConfigEr
 }
 
 /// A TOML basic string.
-fn toml_str(text: &str) -> String {
+pub(crate) fn toml_str(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
@@ -1906,6 +1913,7 @@ profile_fields = { "456" = "useAudienceKey" }
         );
         assert_eq!(settings.listrak.request_timeout, Duration::from_secs(30));
         assert_eq!(settings.listrak.max_concurrency.get(), 16);
+        assert!(!settings.listrak.verify_at_start);
         assert_eq!(settings.batch.max_contacts.get(), 1000);
         assert_eq!(settings.batch.max_bytes.get(), 1_000_000);
         assert_eq!(settings.batch.max_wait, Duration::from_secs(1));
@@ -1942,6 +1950,7 @@ single_active_consumer = true
 api_url = "http://127.0.0.1:8080/email/v1/"
 request_timeout = "5s"
 max_concurrency = 4
+verify_at_start = true
 
 [batch]
 max_contacts = 250
@@ -1973,6 +1982,7 @@ capacity = 0
         );
         assert_eq!(settings.listrak.request_timeout, Duration::from_secs(5));
         assert_eq!(settings.listrak.max_concurrency.get(), 4);
+        assert!(settings.listrak.verify_at_start);
         assert_eq!(settings.batch.max_contacts.get(), 250);
         assert_eq!(settings.batch.max_bytes.get(), 2048);
         assert_eq!(settings.batch.max_wait, Duration::from_millis(250));

@@ -28,7 +28,11 @@
 //! - [`concurrency`]: adaptive request concurrency (slow start, then additive increase,
 //!   multiplicative decrease) and a request rate after a 429.
 //! - [`deliver`]: one batch to Listrak: in-process retries, bisection, size ceilings.
-//! - [`listrak`]: the Listrak API client and its shared OAuth token.
+//! - [`listrak`]: the Listrak API client and its shared OAuth token; the catalogue requests
+//!   (lists, profile field groups and fields).
+//! - [`catalogue`]: an account's lists and fields against the mappings (`check --listrak`),
+//!   and which group and Check Box fields `listrak provision` must create.
+//! - [`setup`]: the `listrak lists | fields | provision` commands and `check --listrak`.
 //! - [`settle`]: following each message to its acknowledgement; folding acks.
 //! - [`broker`]: connection, queue topology, confirmed publishing, headers.
 //! - [`tls`]: the broker's `amqps://` settings: CA and client certificate files.
@@ -46,6 +50,7 @@ pub mod allocator;
 pub mod batch;
 pub mod bench;
 pub mod broker;
+pub mod catalogue;
 pub mod classify;
 pub mod concurrency;
 pub mod config;
@@ -64,6 +69,7 @@ pub mod publish;
 pub mod retry;
 pub mod sample;
 pub mod settle;
+pub mod setup;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;
