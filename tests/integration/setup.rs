@@ -471,3 +471,67 @@ async fn verify_at_start_refuses_to_run_on_a_problem_with_exit_2() {
     );
     h.finish().await;
 }
+
+#[tokio::test]
+async fn provision_refuses_bad_requests_with_exit_2_and_creates_nothing() {
+    let fake = fake_with_catalogue().await;
+    let path = config(&fake, "refused", VIP_MAPPING);
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--list",
+                "2002",
+                "--group",
+                "G",
+                "--audience",
+                "a",
+                "--audience",
+                "b",
+                "--name",
+                "X",
+            ],
+            "--name names one field, but 2 audiences were given",
+        ),
+        (
+            &["--list", "999", "--group", "G", "--audience", "a"],
+            "list 999 does not exist",
+        ),
+        (
+            &[
+                "--list",
+                "1001",
+                "--group",
+                "Preferences",
+                "--audience",
+                "Favourite colour",
+            ],
+            "already exists in group \"Preferences\" as field 102, but it is a Text field",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut command = vec!["listrak", "provision"];
+        command.extend_from_slice(args);
+        let output = worker(&path, &command).await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        assert!(
+            text(&output.stderr).contains(expected),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        assert_eq!(text(&output.stdout), "", "{args:?}");
+    }
+    assert_eq!(fake.catalogue(), catalogue(), "nothing was created");
+
+    let lists = worker(&path, &["listrak", "lists", "--json"]).await;
+    let lists: serde_json::Value = serde_json::from_slice(&lists.stdout).unwrap();
+    assert_eq!(
+        lists,
+        serde_json::json!([{"id": 1001, "name": "Customers"}, {"id": 2002, "name": "Newsletter"}])
+    );
+    fake.shutdown().await;
+}
