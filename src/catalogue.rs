@@ -97,7 +97,7 @@ pub fn lists_to_read(lists: &[ListInfo], mappings: &[Mapping]) -> Vec<ListId> {
 }
 
 /// One thing a mapping needs that the account does not have.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// The mapping's name.
     pub mapping: String,
@@ -119,7 +119,7 @@ impl fmt::Display for Problem {
 
 /// The outcome of [`check`]: problems (the configuration would fail at Listrak), and
 /// mappings that could not be checked.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     pub problems: Vec<Problem>,
     /// Mappings left unchecked, and why.
@@ -156,6 +156,13 @@ pub fn check(catalogue: &Catalogue, mappings: &[Mapping]) -> CheckReport {
                 }
             }
             ListSource::Path(_) => {
+                if catalogue.lists.is_empty() {
+                    report.problems.push(problem(
+                        "list_id_path".into(),
+                        "the account has no lists for events to name".into(),
+                    ));
+                    continue;
+                }
                 if catalogue.lists.len() > MAX_LISTS_FOR_LIST_PATH {
                     report.unchecked.push(problem(
                         "list_id_path".into(),
@@ -194,6 +201,10 @@ fn field_key(field: FieldId) -> String {
     format!("profile_fields.\"{field}\"")
 }
 
+/// How many of the account's lists a missing-list problem names; a large account's whole
+/// list would drown the line.
+const LISTS_NAMED: usize = 10;
+
 fn account_lists(catalogue: &Catalogue) -> String {
     if catalogue.lists.is_empty() {
         return "; the account has no lists".into();
@@ -201,9 +212,16 @@ fn account_lists(catalogue: &Catalogue) -> String {
     let lists: Vec<String> = catalogue
         .lists
         .iter()
+        .take(LISTS_NAMED)
         .map(|list| format!("{} ({})", list.id, list.name))
         .collect();
-    format!("; the account has {}", lists.join(", "))
+    let more = catalogue.lists.len().saturating_sub(LISTS_NAMED);
+    let more = if more > 0 {
+        format!(" and {more} more (`listrak lists` shows them)")
+    } else {
+        String::new()
+    };
+    format!("; the account has {}{more}", lists.join(", "))
 }
 
 /// What is wrong with writing `rule` to `field` of `list`; `place` names the list in the
@@ -319,8 +337,7 @@ fn distance(a: &str, b: &str) -> usize {
 }
 
 /// Whether a group or field is there already, or is to be created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "state", content = "id")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Presence {
     Exists(u32),
     Create,
@@ -328,7 +345,7 @@ pub enum Presence {
 
 /// What `listrak provision` does for one list: the group, then one Check Box field per
 /// audience (audience key, field name).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProvisionPlan {
     pub group: Presence,
     pub fields: Vec<(String, String, Presence)>,
@@ -592,6 +609,36 @@ mod tests {
         assert!(report.problems.is_empty());
         assert_eq!(report.unchecked.len(), 1);
         assert!(report.unchecked[0].message.contains("21 lists"));
+    }
+
+    #[test]
+    fn a_missing_list_names_ten_of_the_accounts_lists_and_a_list_path_needs_one() {
+        let mut catalogue = catalogue();
+        catalogue.lists = (1..=MAX_LISTS_FOR_LIST_PATH as i64 + 1)
+            .map(|id| ListInfo {
+                id: list(id),
+                name: format!("list {id}"),
+            })
+            .collect();
+        let missing = mapping_on(ListSource::Id(list(999)));
+        let report = check(&catalogue, &[missing]);
+        assert!(
+            report.problems[0]
+                .message
+                .ends_with("10 (list 10) and 11 more (`listrak lists` shows them)"),
+            "{}",
+            report.problems[0]
+        );
+        let by_path = mapping_on(ListSource::Path(JsonPath::parse("$.list").unwrap()));
+        let report = check(&Catalogue::default(), &[by_path]);
+        assert_eq!(
+            report.problems[0].message,
+            "the account has no lists for events to name"
+        );
+    }
+
+    fn mapping_on(list_source: ListSource) -> Mapping {
+        mapping(list_source, &[(101, "on")])
     }
 
     #[test]

@@ -4,8 +4,6 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
-
 use crate::catalogue::{
     self, Catalogue, CheckReport, FieldGroup, ListInfo, Presence, ProvisionPlan, ProvisionRefusal,
 };
@@ -226,7 +224,7 @@ impl ProvisionRequest {
 }
 
 /// One audience's field after provisioning.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProvisionedField {
     pub audience_key: String,
     pub name: String,
@@ -236,7 +234,7 @@ pub struct ProvisionedField {
 }
 
 /// What `listrak provision` found and did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provisioned {
     pub list: ListId,
     pub group: String,
