@@ -422,19 +422,29 @@ impl Settings {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let text = match path {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?,
-            None => String::new(),
-        };
-        Self::from_toml(&text, env)
+        Self::from_toml(&read(path)?, env)
+    }
+
+    /// As [`Settings::load`], but a file without `[[mappings]]` is accepted: the `listrak`
+    /// commands only need the credentials, and help write the first mappings.
+    pub fn load_without_mappings(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        Self::parse(&read(path)?, env, Mappings::Optional)
     }
 
     pub fn from_toml(
         text: &str,
         env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        Self::parse(text, env, Mappings::Required)
+    }
+
+    fn parse(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+        needed: Mappings,
     ) -> Result<Settings, ConfigError> {
         let table: toml::Table = text.parse().map_err(|error| syntax_error(text, &error))?;
         // Surrounding whitespace in an environment value is an accident (a trailing
@@ -464,7 +474,10 @@ impl Settings {
         let http = http_settings(&root.table("http")?)?;
         let shutdown = shutdown_settings(&root.table("shutdown")?)?;
         let superseded = superseded_settings(&root.table("superseded")?)?;
-        let mappings = mappings(&root)?;
+        let mappings = match (needed, root.get("mappings")) {
+            (Mappings::Optional, None) => Vec::new(),
+            _ => mappings(&root)?,
+        };
 
         // A message waits for its batch, then for in-process retries, all before its ack.
         if batch.max_wait + retry.in_process >= MAX_IN_PROCESS {
@@ -593,6 +606,23 @@ impl Settings {
             let _ = writeln!(out, "profile_fields = {{ {} }}", fields.join(", "));
         }
         out
+    }
+}
+
+/// Whether a configuration without `[[mappings]]` is complete.
+#[derive(Clone, Copy)]
+enum Mappings {
+    Required,
+    Optional,
+}
+
+fn read(path: Option<&Path>) -> Result<String, ConfigError> {
+    match path {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+        None => Ok(String::new()),
     }
 }
 
@@ -1933,6 +1963,25 @@ profile_fields = { "456" = "useAudienceKey" }
         assert_eq!(settings.http.listen, "0.0.0.0:9464".parse().unwrap());
         assert_eq!(settings.shutdown.grace, Duration::from_secs(30));
         assert_eq!(settings.superseded.capacity, 200_000);
+    }
+
+    #[test]
+    fn only_the_setup_commands_accept_a_file_without_mappings() {
+        let text = "[listrak]\nclient_id = \"id\"\nclient_secret = \"secret\"\n";
+        let error = Settings::from_toml(text, |_| None).unwrap_err();
+        assert!(error.to_string().contains("no mappings"), "{error}");
+        let path = std::env::temp_dir().join(format!(
+            "listrak-worker-no-mappings-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let settings = Settings::load_without_mappings(Some(&path), |_| None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(settings.mappings.is_empty());
+        assert_eq!(settings.listrak.client_id, "id");
+        // Mappings that are there are still checked.
+        let broken = format!("{text}\n[[mappings]]\nname = \"x\"\n");
+        assert!(Settings::parse(&broken, |_| None, Mappings::Optional).is_err());
     }
 
     #[test]

@@ -244,14 +244,20 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo { events } => exit(demo::run(events).await),
             command => {
-                let settings =
-                    match Settings::load(cli.config.as_deref(), |key| std::env::var(key).ok()) {
-                        Ok(settings) => settings,
-                        Err(error) => {
-                            eprintln!("error: {error}");
-                            return ExitCode::from(2);
-                        }
-                    };
+                let env = |key: &str| std::env::var(key).ok();
+                // The setup commands need only the credentials: they help write the mappings.
+                let loaded = if matches!(command, Command::Listrak { .. }) {
+                    Settings::load_without_mappings(cli.config.as_deref(), env)
+                } else {
+                    Settings::load(cli.config.as_deref(), env)
+                };
+                let settings = match loaded {
+                    Ok(settings) => settings,
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        return ExitCode::from(2);
+                    }
+                };
                 match command {
                     Command::Dlq { command } => dead_letters(command, settings).await,
                     command => exit(dispatch(command, settings).await),
