@@ -431,20 +431,20 @@ impl Settings {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        Self::parse(&read(path)?, env, Mappings::Optional)
+        Self::parse(&read(path)?, env, MappingsNeeded::Optional)
     }
 
     pub fn from_toml(
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        Self::parse(text, env, Mappings::Required)
+        Self::parse(text, env, MappingsNeeded::Required)
     }
 
     fn parse(
         text: &str,
         env: impl Fn(&str) -> Option<String>,
-        needed: Mappings,
+        needed: MappingsNeeded,
     ) -> Result<Settings, ConfigError> {
         let table: toml::Table = text.parse().map_err(|error| syntax_error(text, &error))?;
         // Surrounding whitespace in an environment value is an accident (a trailing
@@ -475,7 +475,7 @@ impl Settings {
         let shutdown = shutdown_settings(&root.table("shutdown")?)?;
         let superseded = superseded_settings(&root.table("superseded")?)?;
         let mappings = match (needed, root.get("mappings")) {
-            (Mappings::Optional, None) => Vec::new(),
+            (MappingsNeeded::Optional, None) => Vec::new(),
             _ => mappings(&root)?,
         };
 
@@ -611,7 +611,7 @@ impl Settings {
 
 /// Whether a configuration without `[[mappings]]` is complete.
 #[derive(Clone, Copy)]
-enum Mappings {
+enum MappingsNeeded {
     Required,
     Optional,
 }
@@ -1981,7 +1981,7 @@ profile_fields = { "456" = "useAudienceKey" }
         assert_eq!(settings.listrak.client_id, "id");
         // Mappings that are there are still checked.
         let broken = format!("{text}\n[[mappings]]\nname = \"x\"\n");
-        assert!(Settings::parse(&broken, |_| None, Mappings::Optional).is_err());
+        assert!(Settings::parse(&broken, |_| None, MappingsNeeded::Optional).is_err());
     }
 
     #[test]
