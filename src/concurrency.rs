@@ -70,8 +70,11 @@ pub struct Permit {
 const DECREASE: f64 = 0.5;
 const LATENCY_DECREASE: f64 = 0.9;
 const RTT_SMOOTHING: f64 = 0.1;
-/// A round trip this many times the baseline counts as a sign of overload.
+/// A round trip this many times the baseline counts as a sign of overload…
 const LATENCY_TOLERANCE: f64 = 2.0;
+/// …when it is also this much longer, in seconds: below that it is the scheduler's jitter on
+/// a busy machine (which made sub-millisecond round trips look like overload), not Listrak.
+const LATENCY_NOISE: f64 = 0.005;
 /// On a 429, the rate drops to this share of what was accepted in the last second…
 const RATE_DECREASE: f64 = 0.9;
 /// …and, from a few seconds after a cut (the bucket behind a rate limit refills first),
@@ -197,6 +200,7 @@ impl AdaptiveConcurrency {
             Signal::Healthy
                 if state.samples >= 5
                     && rtt > baseline * LATENCY_TOLERANCE
+                    && rtt - baseline > LATENCY_NOISE
                     && once_per_round_trip =>
             {
                 state.limit = (state.limit * LATENCY_DECREASE).max(1.0);

@@ -134,6 +134,9 @@ pub struct ListrakSettings {
     pub request_timeout: Duration,
     /// The ceiling of the adaptive request concurrency.
     pub max_concurrency: NonZeroUsize,
+    /// Check every mapping against the account's lists and fields before consuming, and
+    /// refuse to start on a problem (as `check --listrak` does).
+    pub verify_at_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,19 +450,29 @@ impl Settings {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let text = match path {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?,
-            None => String::new(),
-        };
-        Self::from_toml(&text, env)
+        Self::from_toml(&read(path)?, env)
+    }
+
+    /// As [`Settings::load`], but a file without `[[mappings]]` is accepted: the `listrak`
+    /// commands only need the credentials, and help write the first mappings.
+    pub fn load_without_mappings(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        Self::parse(&read(path)?, env, MappingsNeeded::Optional)
     }
 
     pub fn from_toml(
         text: &str,
         env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        Self::parse(text, env, MappingsNeeded::Required)
+    }
+
+    fn parse(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+        needed: MappingsNeeded,
     ) -> Result<Settings, ConfigError> {
         let table: toml::Table = text.parse().map_err(|error| syntax_error(text, &error))?;
         // Surrounding whitespace in an environment value is an accident (a trailing
@@ -489,7 +502,10 @@ impl Settings {
         let http = http_settings(&root.table("http")?)?;
         let shutdown = shutdown_settings(&root.table("shutdown")?)?;
         let superseded = superseded_settings(&root.table("superseded")?)?;
-        let mappings = mappings(&root)?;
+        let mappings = match (needed, root.get("mappings")) {
+            (MappingsNeeded::Optional, None) => Vec::new(),
+            _ => mappings(&root)?,
+        };
 
         // A message waits for its batch, then for in-process retries, all before its ack.
         if batch.max_wait + retry.in_process >= MAX_IN_PROCESS {
@@ -568,6 +584,7 @@ impl Settings {
             toml_duration(listrak.request_timeout)
         );
         let _ = writeln!(out, "max_concurrency = {}", listrak.max_concurrency);
+        let _ = writeln!(out, "verify_at_start = {}", listrak.verify_at_start);
 
         let batch = &self.batch;
         let _ = writeln!(out, "\n[batch]");
@@ -622,6 +639,23 @@ impl Settings {
             let _ = writeln!(out, "profile_fields = {{ {} }}", fields.join(", "));
         }
         out
+    }
+}
+
+/// Whether a configuration without `[[mappings]]` is complete.
+#[derive(Clone, Copy)]
+enum MappingsNeeded {
+    Required,
+    Optional,
+}
+
+fn read(path: Option<&Path>) -> Result<String, ConfigError> {
+    match path {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+        None => Ok(String::new()),
     }
 }
 
@@ -1159,6 +1193,7 @@ fn listrak_settings(
         "auth_url",
         "request_timeout",
         "max_concurrency",
+        "verify_at_start",
     ])?;
     let client_id =
         Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
@@ -1181,6 +1216,7 @@ fn listrak_settings(
         1,
         i64::from(u32::MAX),
     )?;
+    let verify_at_start = node.boolean("verify_at_start")?.unwrap_or(false);
     Ok(ListrakSettings {
         client_id,
         client_secret: Secret(client_secret),
@@ -1188,6 +1224,7 @@ fn listrak_settings(
         auth_url,
         request_timeout,
         max_concurrency: nonzero(max_concurrency),
+        verify_at_start,
     })
 }
 
@@ -1526,7 +1563,7 @@ fn profile_fields(node: &Node<'_>) -> Result<Vec<(FieldId, FieldRule)>, ConfigEr
 }
 
 /// A TOML basic string.
-fn toml_str(text: &str) -> String {
+pub(crate) fn toml_str(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
@@ -1998,6 +2035,7 @@ profile_fields = { "456" = "useAudienceKey" }
         );
         assert_eq!(settings.listrak.request_timeout, Duration::from_secs(30));
         assert_eq!(settings.listrak.max_concurrency.get(), 32);
+        assert!(!settings.listrak.verify_at_start);
         assert_eq!(settings.batch.max_contacts.get(), 1000);
         assert_eq!(settings.batch.max_bytes.get(), 1_000_000);
         assert_eq!(settings.batch.max_wait, Duration::from_secs(1));
@@ -2020,6 +2058,25 @@ profile_fields = { "456" = "useAudienceKey" }
     }
 
     #[test]
+    fn only_the_setup_commands_accept_a_file_without_mappings() {
+        let text = "[listrak]\nclient_id = \"id\"\nclient_secret = \"secret\"\n";
+        let error = Settings::from_toml(text, |_| None).unwrap_err();
+        assert!(error.to_string().contains("no mappings"), "{error}");
+        let path = std::env::temp_dir().join(format!(
+            "listrak-worker-no-mappings-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let settings = Settings::load_without_mappings(Some(&path), |_| None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(settings.mappings.is_empty());
+        assert_eq!(settings.listrak.client_id, "id");
+        // Mappings that are there are still checked.
+        let broken = format!("{text}\n[[mappings]]\nname = \"x\"\n");
+        assert!(Settings::parse(&broken, |_| None, MappingsNeeded::Optional).is_err());
+    }
+
+    #[test]
     fn file_values_replace_defaults() {
         let settings = accepted(&format!(
             r#"
@@ -2034,6 +2091,7 @@ single_active_consumer = true
 api_url = "http://127.0.0.1:8080/email/v1/"
 request_timeout = "5s"
 max_concurrency = 4
+verify_at_start = true
 
 [batch]
 max_contacts = 250
@@ -2066,6 +2124,7 @@ capacity = 0
         );
         assert_eq!(settings.listrak.request_timeout, Duration::from_secs(5));
         assert_eq!(settings.listrak.max_concurrency.get(), 4);
+        assert!(settings.listrak.verify_at_start);
         assert_eq!(settings.batch.max_contacts.get(), 250);
         assert_eq!(settings.batch.max_bytes.get(), 2048);
         assert_eq!(settings.batch.max_wait, Duration::from_millis(250));

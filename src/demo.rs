@@ -10,11 +10,12 @@ use anyhow::Context;
 
 use crate::broker::{self, Topology};
 use crate::config::Settings;
-use crate::fake::{FakeOptions, FakeServer};
+use crate::fake::{CatalogueSeed, FakeOptions, FakeServer, SeedField, SeedGroup};
 use crate::listrak::ListrakClient;
-use crate::model::DeadLetterReason;
+use crate::model::{DeadLetterReason, FieldId, ListId};
 use crate::publish::publish_lines;
 use crate::sample::{self, TrafficShape, MAPPINGS_TOML};
+use crate::setup::{self, ProvisionRequest};
 use crate::telemetry::{AckOutcome, Metrics};
 use crate::worker::{self, Health};
 
@@ -59,6 +60,76 @@ grace = "10s"
     Ok(Settings::from_toml(&text, |_| None)?)
 }
 
+/// The account the demo starts from: its two lists, and on the second a Text field the
+/// mappings write to; the audiences' Check Box fields are left to `provision`.
+fn catalogue() -> CatalogueSeed {
+    let mut seed = CatalogueSeed::lists(&[(1001, "Demo customers"), (2002, "Demo newsletter")]);
+    let (list, field) = sample::TEXT_FIELD;
+    let second = seed
+        .lists
+        .iter_mut()
+        .find(|seeded| seeded.list_id == list)
+        .expect("the text field's list is seeded");
+    second.groups.push(SeedGroup {
+        segmentation_field_group_id: 20,
+        segmentation_field_group_name: "Carts".into(),
+        fields: vec![SeedField {
+            segmentation_field_id: field,
+            segmentation_field_name: "Abandoned cart".into(),
+            data_type: "Text".into(),
+            max_length: 40,
+        }],
+    });
+    seed
+}
+
+/// Provisions a Check Box field per audience and list, as `listrak provision` does, and
+/// puts the ids Listrak gave in place of the sample's in the mappings. Returns the sample's
+/// field ids with the provisioned ones.
+async fn provision_audiences(
+    settings: &mut Settings,
+    client: &ListrakClient,
+) -> anyhow::Result<BTreeMap<(u32, u32), u32>> {
+    let mut lists: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (list, _, audience) in sample::AUDIENCE_FIELDS {
+        lists.entry(list).or_default().push(audience.to_owned());
+    }
+    let mut renumbered = BTreeMap::new();
+    for (list, audiences) in lists {
+        let request = ProvisionRequest {
+            list: ListId::new(i64::from(list)).expect("the sample's list ids are valid"),
+            group: "Engage Audiences".into(),
+            audiences,
+            name: None,
+            dry_run: false,
+        };
+        let provisioned = setup::provision(client, &request)
+            .await
+            .context("provisioning the demo's audience fields")?;
+        print!("{}", provisioned.summary());
+        for field in &provisioned.fields {
+            let (_, sample_id, _) = sample::AUDIENCE_FIELDS
+                .into_iter()
+                .find(|(l, _, audience)| *l == list && *audience == field.audience_key)
+                .expect("provisioned for a sample audience");
+            let id = field.id.expect("created, not a dry run");
+            renumbered.insert((list, sample_id), id.get());
+        }
+    }
+    for mapping in &mut settings.mappings {
+        let crate::config::ListSource::Id(list) = mapping.list else {
+            continue;
+        };
+        for (field, _) in &mut mapping.profile_fields {
+            if let Some(id) = renumbered.get(&(list.get(), field.get())) {
+                *field = FieldId::new(i64::from(*id)).expect("a provisioned id");
+            }
+        }
+        mapping.profile_fields.sort_by_key(|(field, _)| *field);
+    }
+    Ok(renumbered)
+}
+
 pub async fn run(events: usize) -> anyhow::Result<()> {
     let amqp_url = std::env::var("AMQP_URL")
         .ok()
@@ -66,12 +137,15 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         .unwrap_or_else(|| DEFAULT_AMQP_URL.to_string());
     let fake = FakeServer::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
-        FakeOptions::default(),
+        FakeOptions {
+            catalogue: catalogue(),
+            ..FakeOptions::default()
+        },
     )
     .await
     .context("cannot start the Listrak stand-in")?;
     let queue = format!("listrak-worker-demo.{}", std::process::id());
-    let settings = settings(&amqp_url, &queue, &fake)?;
+    let mut settings = settings(&amqp_url, &queue, &fake)?;
     if let Err(error) = broker::connect(&settings.amqp, "listrak-worker demo probe").await {
         anyhow::bail!(
             "RabbitMQ is not reachable at {} ({error}).\n\
@@ -83,12 +157,31 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         );
     }
 
+    let metrics = Metrics::new(settings.batch.max_contacts.get());
+    let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
+    let renumbered = provision_audiences(&mut settings, &api).await?;
+    let report = setup::verify(&api, &settings.mappings).await?;
+    anyhow::ensure!(
+        report.problems.is_empty(),
+        "the demo's mappings do not match its Listrak stand-in:\n{}",
+        setup::report_text(&report, settings.mappings.len())
+    );
+
     let topology = Topology::of(&settings);
-    let traffic = sample::generate(TrafficShape {
+    let mut traffic = sample::generate(TrafficShape {
         events,
         people: (events / 5).max(10),
         ..TrafficShape::default()
     });
+    // What the events must leave behind, in the fields provisioning created.
+    for (list, contacts) in &mut traffic.expected {
+        for fields in contacts.values_mut() {
+            *fields = std::mem::take(fields)
+                .into_iter()
+                .map(|(field, value)| (*renumbered.get(&(*list, field)).unwrap_or(&field), value))
+                .collect();
+        }
+    }
     println!(
         "demo: {} Engage events for {} people, queue {queue}, Listrak stand-in at {}",
         traffic.bodies.len(),
@@ -105,8 +198,6 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     )
     .await?;
 
-    let metrics = Metrics::new(settings.batch.max_contacts.get());
-    let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
     let drained = {
         let metrics = metrics.clone();
         let expected = published.messages as f64;
@@ -161,6 +252,8 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     for (list, contacts) in &state {
         println!("  list {list:<14} {} contacts", contacts.len());
     }
+    let unmapped = metrics.sample("listrak_unmapped_audience_events_total", &[]);
+    println!("unmapped audience events {unmapped} (audiences no mapping names)");
     println!("dead letters");
     let mut dead: BTreeMap<&str, f64> = BTreeMap::new();
     for reason in DeadLetterReason::ALL {

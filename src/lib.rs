@@ -32,6 +32,11 @@
 //! - [`deliver`]: one batch to Listrak: in-process retries within the batch's hold budget
 //!   (counted from its oldest message's delivery), bisection, size ceilings.
 //! - [`listrak`]: the Listrak API client and its shared OAuth token.
+//! - [`listrak`]: the Listrak API client and its shared OAuth token; the catalogue requests
+//!   (lists, profile field groups and fields).
+//! - [`catalogue`]: an account's lists and fields against the mappings (`check --listrak`),
+//!   and which group and Check Box fields `listrak provision` must create.
+//! - [`setup`]: the `listrak lists | fields | provision` commands and `check --listrak`.
 //! - [`settle`]: following each message to its acknowledgement; folding acks.
 //! - [`disposition`]: what a settled message becomes: an ack, a copy in a retry queue, or a
 //!   dead letter, with the headers that say why.
@@ -53,6 +58,7 @@ pub mod allocator;
 pub mod batch;
 pub mod bench;
 pub mod broker;
+pub mod catalogue;
 pub mod classify;
 pub mod concurrency;
 pub mod config;
@@ -73,6 +79,7 @@ pub mod retry;
 pub mod sample;
 pub mod session;
 pub mod settle;
+pub mod setup;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;

@@ -1,4 +1,5 @@
-//! The Listrak API: OAuth token cache and the SegmentationField request.
+//! The Listrak API: OAuth token cache, the SegmentationField request, and the catalogue
+//! (lists, profile field groups and fields) the setup commands read and extend.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,9 +8,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::catalogue::{FieldGroup, FieldInfo, ListInfo, CHECK_BOX};
 use crate::classify::{parse_retry_after, ListrakError, Outcome};
 use crate::config::{ListrakSettings, Secret};
-use crate::model::ListId;
+use crate::model::{FieldId, ListId};
 use crate::telemetry::Metrics;
 
 /// The one call the pipeline makes; narrow so the pipeline runs against anything in tests.
@@ -216,6 +221,265 @@ impl ListrakApi for ListrakClient {
             }
         }
     }
+}
+
+/// Why a catalogue request (lists, field groups, fields) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("no Listrak token: {0}")]
+    NoToken(String),
+    #[error("{request} failed: {reason}")]
+    Transport { request: String, reason: String },
+    #[error("{request}: Listrak answered {status} {error}: {message}")]
+    Refused {
+        request: String,
+        status: u16,
+        error: String,
+        message: String,
+    },
+    #[error("{request}: the answer is not what Listrak documents: {reason}")]
+    Unexpected { request: String, reason: String },
+}
+
+impl CatalogueError {
+    /// Listrak's 404: the list (or group) in the path does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Refused { status: 404, .. })
+    }
+}
+
+/// `{"status":200,"data":[...]}`: how Listrak wraps every collection it returns.
+#[derive(Deserialize)]
+struct Collection<T> {
+    data: Vec<T>,
+}
+
+/// `{"status":201,"resourceId":"..."}`: the id of what a POST created.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResourceCreated {
+    resource_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListShape {
+    list_id: i64,
+    #[serde(default)]
+    list_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupShape {
+    segmentation_field_group_id: i64,
+    #[serde(default)]
+    segmentation_field_group_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FieldShape {
+    segmentation_field_id: i64,
+    #[serde(default)]
+    segmentation_field_name: Option<String>,
+    #[serde(default)]
+    data_type: Option<String>,
+    #[serde(default)]
+    max_length: Option<i64>,
+}
+
+impl ListrakClient {
+    /// Every list of the account (`GET /List`).
+    pub async fn lists(&self) -> Result<Vec<ListInfo>, CatalogueError> {
+        let request = "GET /List".to_owned();
+        let answer: Collection<ListShape> = self.catalogue_get(&request, "List").await?;
+        answer
+            .data
+            .into_iter()
+            .map(|list| {
+                Ok(ListInfo {
+                    id: ListId::new(list.list_id)
+                        .ok_or_else(|| unexpected(&request, format!("list id {}", list.list_id)))?,
+                    name: list.list_name.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// A list's profile field groups, each with its fields: one request for the groups and
+    /// one per group.
+    pub async fn field_groups(&self, list: ListId) -> Result<Vec<FieldGroup>, CatalogueError> {
+        let path = format!("List/{list}/SegmentationFieldGroup");
+        let request = format!("GET /{path}");
+        let answer: Collection<GroupShape> = self.catalogue_get(&request, &path).await?;
+        let mut groups = Vec::with_capacity(answer.data.len());
+        for group in answer.data {
+            let id = positive(group.segmentation_field_group_id).ok_or_else(|| {
+                unexpected(
+                    &request,
+                    format!("group id {}", group.segmentation_field_group_id),
+                )
+            })?;
+            let path = format!("{path}/{id}/SegmentationField");
+            let request = format!("GET /{path}");
+            let fields: Collection<FieldShape> = self.catalogue_get(&request, &path).await?;
+            let fields = fields
+                .data
+                .into_iter()
+                .map(|field| {
+                    Ok(FieldInfo {
+                        id: FieldId::new(field.segmentation_field_id).ok_or_else(|| {
+                            unexpected(
+                                &request,
+                                format!("field id {}", field.segmentation_field_id),
+                            )
+                        })?,
+                        name: field.segmentation_field_name.unwrap_or_default(),
+                        data_type: field.data_type.unwrap_or_default(),
+                        max_length: field.max_length.and_then(positive),
+                    })
+                })
+                .collect::<Result<Vec<_>, CatalogueError>>()?;
+            groups.push(FieldGroup {
+                id,
+                name: group.segmentation_field_group_name.unwrap_or_default(),
+                fields,
+            });
+        }
+        Ok(groups)
+    }
+
+    /// Creates a profile field group at the end of the list's groups; returns its id.
+    pub async fn create_field_group(
+        &self,
+        list: ListId,
+        name: &str,
+        position: u32,
+    ) -> Result<u32, CatalogueError> {
+        let path = format!("List/{list}/SegmentationFieldGroup");
+        let body = serde_json::json!({
+            "segmentationFieldGroupName": name,
+            "position": position,
+        });
+        self.catalogue_create(&path, body).await
+    }
+
+    /// Creates a Check Box profile field in a group; returns its id.
+    pub async fn create_check_box(
+        &self,
+        list: ListId,
+        group: u32,
+        name: &str,
+        position: u32,
+    ) -> Result<FieldId, CatalogueError> {
+        let path = format!("List/{list}/SegmentationFieldGroup/{group}/SegmentationField");
+        // The schema requires a maxLength for every type; a Check Box holds "on" or "off".
+        let body = serde_json::json!({
+            "segmentationFieldName": name,
+            "dataType": CHECK_BOX,
+            "maxLength": 3,
+            "position": position,
+        });
+        let request = format!("POST /{path}");
+        let id = self.catalogue_create(&path, body).await?;
+        FieldId::new(i64::from(id)).ok_or_else(|| unexpected(&request, format!("field id {id}")))
+    }
+
+    async fn catalogue_get<T: DeserializeOwned>(
+        &self,
+        request: &str,
+        path: &str,
+    ) -> Result<T, CatalogueError> {
+        let body = self
+            .catalogue_send(request, reqwest::Method::GET, path, None)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| unexpected(request, e.to_string()))
+    }
+
+    async fn catalogue_create(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<u32, CatalogueError> {
+        let request = format!("POST /{path}");
+        let answer = self
+            .catalogue_send(&request, reqwest::Method::POST, path, Some(body))
+            .await?;
+        let created: ResourceCreated =
+            serde_json::from_slice(&answer).map_err(|e| unexpected(&request, e.to_string()))?;
+        created
+            .resource_id
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(positive)
+            .ok_or_else(|| {
+                unexpected(
+                    &request,
+                    format!("resourceId {:?} is not a positive id", created.resource_id),
+                )
+            })
+    }
+
+    /// One catalogue request with the shared token, sent again once after a 401 with a
+    /// fresh token, as updates are.
+    async fn catalogue_send(
+        &self,
+        request: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Bytes, CatalogueError> {
+        let url = format!("{}/{path}", self.api_url);
+        let mut refreshed = false;
+        loop {
+            let token = self.bearer().await.map_err(CatalogueError::NoToken)?;
+            let mut builder = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&token.value);
+            if let Some(body) = &body {
+                builder = builder
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_string());
+            }
+            let transport = |error: reqwest::Error| CatalogueError::Transport {
+                request: request.to_owned(),
+                reason: describe(error),
+            };
+            let response = builder.send().await.map_err(transport)?;
+            let status = response.status().as_u16();
+            let answer = response.bytes().await.map_err(transport)?;
+            match status {
+                200..=299 => return Ok(answer),
+                401 if !refreshed => {
+                    refreshed = true;
+                    self.invalidate(token.generation).await;
+                }
+                _ => {
+                    let error: ListrakError = serde_json::from_slice(&answer).unwrap_or_default();
+                    return Err(CatalogueError::Refused {
+                        request: request.to_owned(),
+                        status,
+                        error: error.error,
+                        message: error.message,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn unexpected(request: &str, reason: impl Into<String>) -> CatalogueError {
+    CatalogueError::Unexpected {
+        request: request.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn positive(value: i64) -> Option<u32> {
+    u32::try_from(value).ok().filter(|value| *value > 0)
 }
 
 /// A request error with its causes ("error sending request: ...: invalid peer certificate:

@@ -12,6 +12,7 @@ use listrak_worker::config::Settings;
 use listrak_worker::dlq::{self, DeadLetters, DlqError, Filter, ReplayOptions};
 use listrak_worker::listrak::ListrakClient;
 use listrak_worker::model::ListId;
+use listrak_worker::setup::{self, ProblemsFound, ProvisionRequest, SetupError};
 use listrak_worker::telemetry::Metrics;
 use listrak_worker::worker::Health;
 use listrak_worker::{allocator, broker, demo, http, publish, shutdown_signal};
@@ -62,6 +63,17 @@ enum Command {
         /// Also obtain a Listrak token with the configured credentials.
         #[arg(long)]
         auth: bool,
+        /// Also check every mapping against the Listrak account: its list exists, its
+        /// profile fields exist in that list, on/off/useAudienceKey go to Check Box fields,
+        /// text fits its field. Exits 2 when there is a problem.
+        #[arg(long)]
+        listrak: bool,
+    },
+    /// Look at the Listrak account's lists and profile fields, or create the fields audiences
+    /// need.
+    Listrak {
+        #[command(subcommand)]
+        command: ListrakCommand,
     },
     /// Publish events from a JSON-lines file, each with a publisher confirm. Lines exported
     /// by `dlq export` are published with their original properties and headers.
@@ -76,6 +88,44 @@ enum Command {
         /// How many events to generate.
         #[arg(long, default_value_t = 3000)]
         events: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListrakCommand {
+    /// The account's lists.
+    Lists {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A list's profile field groups and fields: id, name, data type, max length.
+    Fields {
+        /// The list id.
+        #[arg(long)]
+        list: ListId,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a profile field group and one Check Box field per audience, those missing
+    /// only (found by name first), and print the [[mappings]] tables that use them.
+    Provision {
+        /// The list id.
+        #[arg(long)]
+        list: ListId,
+        /// The profile field group's name; created when the list has none of that name.
+        #[arg(long)]
+        group: String,
+        /// An Engage audience key (repeatable); its field is named after it.
+        #[arg(long = "audience", value_name = "KEY", required = true)]
+        audiences: Vec<String>,
+        /// The field's name instead of the audience key (one --audience only).
+        #[arg(long)]
+        name: Option<String>,
+        /// Say what would be created; create nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -194,14 +244,20 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo { events } => exit(demo::run(events).await),
             command => {
-                let settings =
-                    match Settings::load(cli.config.as_deref(), |key| std::env::var(key).ok()) {
-                        Ok(settings) => settings,
-                        Err(error) => {
-                            eprintln!("error: {error}");
-                            return ExitCode::from(2);
-                        }
-                    };
+                let env = |key: &str| std::env::var(key).ok();
+                // The setup commands need only the credentials: they help write the mappings.
+                let loaded = if matches!(command, Command::Listrak { .. }) {
+                    Settings::load_without_mappings(cli.config.as_deref(), env)
+                } else {
+                    Settings::load(cli.config.as_deref(), env)
+                };
+                let settings = match loaded {
+                    Ok(settings) => settings,
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        return ExitCode::from(2);
+                    }
+                };
                 match command {
                     Command::Dlq { command } => dead_letters(command, settings).await,
                     command => exit(dispatch(command, settings).await),
@@ -216,9 +272,15 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            // The configuration does not match the broker's queues: fixing it is a change
-            // of configuration (or of the queues), as for an invalid file.
-            if error.downcast_ref::<broker::TopologyMismatch>().is_some() {
+            // The configuration does not match the broker's queues or the Listrak account:
+            // fixing it is a change of configuration (or of the queues, or of the account),
+            // as for an invalid file.
+            let usage = error.downcast_ref::<broker::TopologyMismatch>().is_some()
+                || error.downcast_ref::<ProblemsFound>().is_some()
+                || error
+                    .downcast_ref::<SetupError>()
+                    .is_some_and(SetupError::is_usage);
+            if usage {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
@@ -231,6 +293,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Run => {
             let metrics = Metrics::new(settings.batch.max_contacts.get());
+            if settings.listrak.verify_at_start {
+                verify_listrak(&settings, &metrics, true).await?;
+            }
             let health = Health::default();
             let listener = tokio::net::TcpListener::bind(settings.http.listen)
                 .await
@@ -256,7 +321,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             let _ = server.await;
             result
         }
-        Command::Check { auth } => {
+        Command::Check { auth, listrak } => {
             print!("{}", settings.redacted_toml());
             if auth {
                 let client = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
@@ -269,7 +334,14 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                     lifetime.as_secs()
                 );
             }
+            if listrak {
+                verify_listrak(&settings, &Metrics::new(1), false).await?;
+            }
             Ok(())
+        }
+        Command::Listrak { command } => {
+            let client = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
+            listrak_command(command, &client).await
         }
         Command::Publish { file } => {
             let topology = broker::Topology::of(&settings);
@@ -300,6 +372,87 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Dlq { .. } => unreachable!("handled by dead_letters"),
     }
+}
+
+/// Checks every mapping against the account; problems are printed (to stderr and the log at
+/// start, to stdout for `check`) and make an error that exits 2.
+async fn verify_listrak(
+    settings: &Settings,
+    metrics: &Metrics,
+    at_start: bool,
+) -> anyhow::Result<()> {
+    let client = ListrakClient::new(&settings.listrak, metrics.clone())?;
+    let report = setup::verify(&client, &settings.mappings)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot check the mappings against Listrak: {error}"))?;
+    let text = setup::report_text(&report, settings.mappings.len());
+    if at_start {
+        for problem in &report.problems {
+            tracing::error!(%problem, "a mapping does not match the Listrak account");
+        }
+        for unchecked in &report.unchecked {
+            tracing::warn!(%unchecked, "a mapping could not be checked against the Listrak account");
+        }
+        if !report.problems.is_empty() {
+            eprint!("{text}");
+        }
+    } else {
+        print!("{text}");
+    }
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ProblemsFound(report.problems.len()).into())
+    }
+}
+
+async fn listrak_command(command: ListrakCommand, client: &ListrakClient) -> anyhow::Result<()> {
+    match command {
+        ListrakCommand::Lists { json } => {
+            let lists = client.lists().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lists)?);
+            } else {
+                print!("{}", setup::lists_table(&lists));
+            }
+        }
+        ListrakCommand::Fields { list, json } => {
+            let groups = setup::field_groups(client, list).await?;
+            if json {
+                let answer = serde_json::json!({ "list": list, "groups": groups });
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", setup::fields_table(&groups));
+            }
+        }
+        ListrakCommand::Provision {
+            list,
+            group,
+            audiences,
+            name,
+            dry_run,
+        } => {
+            let request = ProvisionRequest {
+                list,
+                group,
+                audiences,
+                name,
+                dry_run,
+            };
+            let provisioned = setup::provision(client, &request).await?;
+            // What happened goes to stderr, so that stdout is the configuration to paste.
+            eprint!("{}", provisioned.summary());
+            let mappings = provisioned.mappings_toml();
+            if mappings.is_empty() {
+                eprintln!(
+                    "dry run: nothing created; run without --dry-run for the [[mappings]] tables"
+                );
+            } else {
+                print!("{mappings}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `dlq` commands: results on stdout, progress on stderr.

@@ -15,9 +15,50 @@ use crate::model::Update;
 const ENTERED: &str = "Audience Entered";
 const EXITED: &str = "Audience Exited";
 
+/// Told of every audience event no mapping takes: an event with an audience key that no
+/// mapping's events, types and `audience_key` accept, and that is therefore ignored. The
+/// worker counts them (`listrak_unmapped_audience_events_total`), so that an audience
+/// created in Engage and never mapped shows up.
+pub trait UnmappedAudiences {
+    fn unmapped_audience(&self, audience_key: &str);
+}
+
+/// For callers that do not count them.
+impl UnmappedAudiences for () {
+    fn unmapped_audience(&self, _audience_key: &str) {}
+}
+
 /// The updates a message asks for: a direct update's own, or one per matching mapping.
-/// Empty means it matched no mapping: it is acknowledged and counted as ignored.
-pub fn plan(inbound: &Inbound<'_>, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
+/// Empty means it matched no mapping: it is acknowledged and counted as ignored, and when
+/// it is an audience event, its audience key goes to `unmapped`.
+pub fn plan(
+    inbound: &Inbound<'_>,
+    mappings: &[Mapping],
+    unmapped: &impl UnmappedAudiences,
+) -> Result<Vec<Update>, Poison> {
+    let updates = updates(inbound, mappings)?;
+    if updates.is_empty() {
+        if let Some(key) = unmapped_audience(inbound, mappings) {
+            unmapped.unmapped_audience(key);
+        }
+    }
+    Ok(updates)
+}
+
+/// The audience key of an audience event that no mapping takes; `None` for any other
+/// message (a direct update, an event without an audience key, one a mapping takes).
+pub fn unmapped_audience<'i>(inbound: &'i Inbound<'_>, mappings: &[Mapping]) -> Option<&'i str> {
+    let Inbound::Segment(event) = inbound else {
+        return None;
+    };
+    let key = audience_key(event)?;
+    (!mappings
+        .iter()
+        .any(|mapping| matches(event, Some(key), mapping)))
+    .then_some(key)
+}
+
+fn updates(inbound: &Inbound<'_>, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
     match inbound {
         Inbound::ProfileUpdate(direct) => Ok(vec![direct.update.clone()]),
         // One matching mapping that cannot be applied poisons the whole message: it is
@@ -237,7 +278,7 @@ mod tests {
     }
 
     fn planned(body: &Value, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
-        plan(&inbound(body), mappings)
+        plan(&inbound(body), mappings, &())
     }
 
     fn one_update(body: &Value, mapping: Mapping) -> Result<Update, Poison> {
@@ -830,9 +871,12 @@ mod tests {
         let Inbound::ProfileUpdate(direct) = inbound(&body) else {
             panic!("a profile_update decodes as a direct update");
         };
-        assert_eq!(plan(&inbound(&body), &[]), Ok(vec![direct.update.clone()]));
         assert_eq!(
-            plan(&inbound(&body), &[any_event()]),
+            plan(&inbound(&body), &[], &()),
+            Ok(vec![direct.update.clone()])
+        );
+        assert_eq!(
+            plan(&inbound(&body), &[any_event()], &()),
             Ok(vec![direct.update])
         );
     }
@@ -870,5 +914,91 @@ mod tests {
             let body = track("Audience Entered", extra);
             assert_eq!(audience_key(&event(body)), expected, "{behaviour}");
         }
+    }
+
+    /// Collects what `plan` reports, as the worker's metrics would count it.
+    #[derive(Default)]
+    struct Reported(std::cell::RefCell<Vec<String>>);
+
+    impl UnmappedAudiences for Reported {
+        fn unmapped_audience(&self, audience_key: &str) {
+            self.0.borrow_mut().push(audience_key.to_owned());
+        }
+    }
+
+    #[test]
+    fn audience_events_no_mapping_takes_are_reported_with_their_key() {
+        let vip = Mapping {
+            audience_key: Some("vip_customers".into()),
+            ..audience_events()
+        };
+        let every_audience = audience_events();
+        let engage = |key: &str| {
+            track(
+                "Audience Entered",
+                json!({"context": {"personas": {"computation_key": key}}, "properties": {key: true}}),
+            )
+        };
+        let cases = [
+            (
+                "an audience no mapping names",
+                engage("high_spenders"),
+                vec![&vip],
+                vec!["high_spenders"],
+            ),
+            (
+                "the mapped audience",
+                engage("vip_customers"),
+                vec![&vip],
+                vec![],
+            ),
+            (
+                "the key in properties.audience_key",
+                track(
+                    "Audience Exited",
+                    json!({"properties": {"audience_key": "lapsed"}}),
+                ),
+                vec![&vip],
+                vec!["lapsed"],
+            ),
+            (
+                "an event without an audience key",
+                track("Order Completed", json!({})),
+                vec![&vip],
+                vec![],
+            ),
+            (
+                "a mapping without audience_key takes every audience",
+                engage("high_spenders"),
+                vec![&vip, &every_audience],
+                vec![],
+            ),
+            (
+                "an audience key with an event name no mapping takes",
+                track(
+                    "Audience Renamed",
+                    json!({"properties": {"audience_key": "vip_customers"}}),
+                ),
+                vec![&vip],
+                vec!["vip_customers"],
+            ),
+        ];
+        for (case, body, mappings, expected) in cases {
+            let mappings: Vec<Mapping> = mappings.into_iter().cloned().collect();
+            let reported = Reported::default();
+            let updates = plan(&inbound(&body), &mappings, &reported).unwrap();
+            assert_eq!(*reported.0.borrow(), expected, "{case}");
+            if !expected.is_empty() {
+                assert!(updates.is_empty(), "{case}: an unmapped event is ignored");
+            }
+        }
+        let direct = json!({"type": "profile_update", "list_id": 7, "email": "a@example.com",
+                            "fields": {"1": "on"}, "timestamp": "2026-01-01T00:00:00Z"});
+        let reported = Reported::default();
+        plan(&inbound(&direct), &[vip], &reported).unwrap();
+        assert!(
+            reported.0.borrow().is_empty(),
+            "a direct update has no audience"
+        );
     }
 }

@@ -34,6 +34,13 @@ macro_rules! positive_id {
             }
         }
 
+        /// As the number Listrak uses.
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_u32(self.get())
+            }
+        }
+
         impl std::str::FromStr for $name {
             type Err = String;
             fn from_str(text: &str) -> Result<Self, Self::Err> {

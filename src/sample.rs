@@ -41,6 +41,18 @@ list_id = 2002
 profile_fields = { "203" = "useAudienceKey" }
 "#;
 
+/// The Check Box field of each audience in [`MAPPINGS_TOML`]: (list, field id, audience
+/// key). The demo provisions these fields and puts the ids Listrak gives in their place.
+pub const AUDIENCE_FIELDS: [(u32, u32, &str); 4] = [
+    (1001, 101, "vip_customers"),
+    (1001, 102, "cart_abandoners"),
+    (2002, 201, "cart_abandoners"),
+    (2002, 203, "newsletter_fans"),
+];
+
+/// The Text field [`MAPPINGS_TOML`] writes "abandoned-cart" to: (list, field id).
+pub const TEXT_FIELD: (u32, u32) = (2002, 202);
+
 /// Listrak's expected state: list → email → field → value.
 pub type State = BTreeMap<u32, BTreeMap<String, BTreeMap<u32, String>>>;
 

@@ -275,7 +275,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         self.acks.delivered(tag);
         let now = EventTime::now();
         let planned = decode(&delivery.data, now)
-            .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings));
+            .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
         let updates = match planned {
             Err(poison) => {
                 tracing::info!(

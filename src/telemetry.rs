@@ -1,9 +1,12 @@
 //! Telemetry: every metric the worker exposes, and one function per occurrence that counts it.
 //!
 //! Labels come from small fixed sets (outcome, reason, class, status, trigger, queue role);
-//! never an email address or an unbounded id.
+//! never an email address or an unbounded id. The one label taken from events, the audience
+//! key of unmapped audience events, is bounded: past [`MAX_UNMAPPED_AUDIENCE_KEYS`] keys,
+//! further ones count as `other`.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus::{
@@ -12,7 +15,16 @@ use prometheus::{
 };
 
 use crate::batch::FlushTrigger;
+use crate::mapping::UnmappedAudiences;
 use crate::model::DeadLetterReason;
+
+/// How many audience keys `listrak_unmapped_audience_events_total` labels by name: enough for
+/// every audience of a workspace, few enough that a producer sending a fresh key per event
+/// cannot grow the metric without bound.
+pub const MAX_UNMAPPED_AUDIENCE_KEYS: usize = 100;
+
+/// The label value that counts unmapped audience keys past the bound.
+pub const OTHER_AUDIENCE_KEYS: &str = "other";
 
 /// How a message was finally acknowledged; the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,6 +84,9 @@ struct Inner {
     delivery_panics: IntCounter,
     publish_failures: IntCounter,
     prefetch: IntGauge,
+    unmapped_audience_events: IntCounterVec,
+    /// The audience keys labelled by name so far, at most [`MAX_UNMAPPED_AUDIENCE_KEYS`].
+    unmapped_audience_keys: Mutex<HashSet<String>>,
 }
 
 fn exponential_buckets(start: f64, end: f64, count: usize) -> Vec<f64> {
@@ -218,6 +233,12 @@ impl Metrics {
             "Messages the broker may have delivered and not yet acknowledged (basic.qos).",
         );
 
+        let unmapped_audience_events = counter_vec(
+            "listrak_unmapped_audience_events_total",
+            "Audience events no mapping takes (acknowledged as ignored), by audience key; keys past the first 100 count as \"other\".",
+            "audience_key",
+        );
+
         // Known label values start at zero, so rates and alerts work before the first event.
         for outcome in AckOutcome::ALL {
             messages_acked.with_label_values(&[outcome.as_str()]);
@@ -258,6 +279,8 @@ impl Metrics {
                 delivery_panics,
                 publish_failures,
                 prefetch,
+                unmapped_audience_events,
+                unmapped_audience_keys: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -357,6 +380,29 @@ impl Metrics {
         self.inner.acks_refused.inc_by(count);
     }
 
+    /// An audience event no mapping takes: its audience key names no mapping's
+    /// `audience_key`, so it was ignored.
+    pub fn unmapped_audience(&self, audience_key: &str) {
+        let label = {
+            let mut keys = self
+                .inner
+                .unmapped_audience_keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if keys.contains(audience_key)
+                || (keys.len() < MAX_UNMAPPED_AUDIENCE_KEYS && keys.insert(audience_key.to_owned()))
+            {
+                audience_key
+            } else {
+                OTHER_AUDIENCE_KEYS
+            }
+        };
+        self.inner
+            .unmapped_audience_events
+            .with_label_values(&[label])
+            .inc();
+    }
+
     /// Reads one counter or gauge sample, for summaries and tests: `name` with `labels`.
     pub fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let mut total = 0.0;
@@ -382,6 +428,13 @@ impl Metrics {
             }
         }
         total
+    }
+}
+
+/// The mapping stage reports unmapped audience events straight to the counter.
+impl UnmappedAudiences for Metrics {
+    fn unmapped_audience(&self, audience_key: &str) {
+        Metrics::unmapped_audience(self, audience_key);
     }
 }
 
@@ -412,6 +465,8 @@ mod tests {
         let metrics = Metrics::new(1000);
         metrics.request_answered("201", Duration::from_millis(30), 10);
         metrics.queue_depth("main", 3);
+        // Labelled by what events carry, so it shows once one was counted.
+        metrics.unmapped_audience("high_spenders");
         let text = metrics.render();
         for name in [
             "listrak_messages_received_total",
@@ -431,6 +486,7 @@ mod tests {
             "listrak_amqp_reconnects_total",
             "listrak_queue_messages",
             "listrak_build_info",
+            "listrak_unmapped_audience_events_total",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
         }
@@ -438,5 +494,38 @@ mod tests {
             metrics.sample("listrak_requests_total", &[("status", "201")]),
             1.0
         );
+    }
+
+    #[test]
+    fn unmapped_audience_keys_are_counted_by_name_up_to_the_bound_then_as_other() {
+        let metrics = Metrics::new(1000);
+        let count = |key: &str| {
+            metrics.sample(
+                "listrak_unmapped_audience_events_total",
+                &[("audience_key", key)],
+            )
+        };
+        metrics.unmapped_audience("high_spenders");
+        metrics.unmapped_audience("high_spenders");
+        assert_eq!(count("high_spenders"), 2.0);
+        for index in 1..MAX_UNMAPPED_AUDIENCE_KEYS {
+            metrics.unmapped_audience(&format!("audience_{index}"));
+        }
+        metrics.unmapped_audience("one_too_many");
+        metrics.unmapped_audience("another_one");
+        metrics.unmapped_audience("high_spenders");
+        assert_eq!(count("one_too_many"), 0.0);
+        assert_eq!(count(OTHER_AUDIENCE_KEYS), 2.0);
+        assert_eq!(
+            count("high_spenders"),
+            3.0,
+            "keys seen before the bound keep their label"
+        );
+        let series = metrics
+            .render()
+            .lines()
+            .filter(|line| line.starts_with("listrak_unmapped_audience_events_total{"))
+            .count();
+        assert_eq!(series, MAX_UNMAPPED_AUDIENCE_KEYS + 1);
     }
 }

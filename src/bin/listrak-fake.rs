@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use listrak_worker::fake::{FakeOptions, FakeServer, Faults};
+use listrak_worker::fake::{CatalogueSeed, FakeOptions, FakeServer, Faults, SeedList};
 use listrak_worker::model::ListId;
 
-/// A strict stand-in for Listrak's token and SegmentationField endpoints, with faults on demand.
+/// A strict stand-in for Listrak's token, SegmentationField, list and profile field
+/// endpoints, with faults on demand.
 ///
-/// State and records: GET /_fake/contacts, GET /_fake/requests. Faults while running:
+/// State and records: GET /_fake/contacts, GET /_fake/catalogue, GET /_fake/requests. Faults while running:
 /// GET /_fake/faults, PUT (replace all) or PATCH (change some). Start over: POST /_fake/reset.
 #[derive(Debug, Parser)]
 #[command(name = "listrak-fake", version)]
@@ -55,6 +56,26 @@ struct Args {
     /// Answer this list id with 503 (repeatable).
     #[arg(long = "failing-list", value_name = "LIST_ID", value_parser = list_id)]
     failing_lists: Vec<u32>,
+    /// Lists, profile field groups and fields to start with, from a JSON file:
+    /// {"lists":[{"listId":1001,"listName":"Customers","groups":[{"segmentationFieldGroupId":1,
+    /// "segmentationFieldGroupName":"Engage Audiences","fields":[{"segmentationFieldId":101,
+    /// "segmentationFieldName":"vip_customers","dataType":"CheckBox","maxLength":3}]}]}]}.
+    /// Once the fake holds lists, updates to other lists get 404 and updates naming a field
+    /// id the list does not have get 400.
+    #[arg(long, value_name = "FILE")]
+    catalogue: Option<std::path::PathBuf>,
+    /// A list to hold, without fields: ID or ID:NAME (repeatable; added to --catalogue's).
+    #[arg(long = "list", value_name = "ID[:NAME]", value_parser = seed_list)]
+    lists: Vec<SeedList>,
+}
+
+fn seed_list(text: &str) -> Result<SeedList, String> {
+    let (id, name) = text.split_once(':').unwrap_or((text, ""));
+    Ok(SeedList {
+        list_id: list_id(id)?,
+        list_name: name.to_owned(),
+        groups: Vec::new(),
+    })
 }
 
 fn share(text: &str) -> Result<f64, String> {
@@ -77,10 +98,23 @@ fn list_id(text: &str) -> Result<u32, String> {
 
 impl Args {
     /// Command line first, then the environment, then the defaults the tests use.
-    fn options(self) -> FakeOptions {
+    fn options(self) -> anyhow::Result<FakeOptions> {
         let defaults = FakeOptions::default();
         let from_env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-        FakeOptions {
+        let mut catalogue = match &self.catalogue {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --catalogue {}", path.display()))?;
+                serde_json::from_str::<CatalogueSeed>(&text)
+                    .with_context(|| format!("--catalogue {} is not a catalogue", path.display()))?
+            }
+            None => CatalogueSeed::default(),
+        };
+        catalogue.lists.extend(self.lists);
+        catalogue
+            .validate()
+            .map_err(|why| anyhow::anyhow!("the catalogue is refused: {why}"))?;
+        Ok(FakeOptions {
             client_id: self
                 .client_id
                 .or_else(|| from_env("LISTRAK_CLIENT_ID"))
@@ -101,7 +135,8 @@ impl Args {
                 unknown_lists: self.unknown_lists.into_iter().collect(),
                 failing_lists: self.failing_lists.into_iter().collect(),
             },
-        }
+            catalogue,
+        })
     }
 }
 
@@ -118,7 +153,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let listen = args.listen;
-    let options = args.options();
+    // A catalogue that cannot be read or holds what Listrak could not is bad usage.
+    let options = match args.options() {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(2);
+        }
+    };
     tracing::info!(faults = ?options.faults, client_id = %options.client_id, "starting");
     let fake = FakeServer::start(listen, options)
         .await

@@ -1,4 +1,5 @@
-//! listrak-fake: a strict, fault-injecting stand-in for Listrak's token and SegmentationField endpoints.
+//! listrak-fake: a strict, fault-injecting stand-in for Listrak's token, SegmentationField,
+//! list and profile field endpoints.
 //!
 //! Integration tests, benchmarks, the demo and docker-compose run the worker against it: it
 //! checks requests as strictly as Listrak's published spec allows, records every one, keeps
@@ -8,15 +9,26 @@
 //!
 //! - `mod.rs`: [`FakeOptions`], [`FakeServer`] (start, stop) and [`FakeHandle`] (read the
 //!   state, change the faults while it runs).
-//! - `routes.rs`: the HTTP surface, Listrak's two endpoints and the `/_fake/*` controls.
+//! - `routes.rs`: the HTTP surface, Listrak's endpoints and the `/_fake/*` controls.
 //! - `state.rs`: tokens, contacts, recorded requests, and the order in which one
 //!   SegmentationField request is checked.
 //! - `payload.rs`: reading bodies, forms, ids and headers strictly.
+//! - `catalogue.rs`: lists, profile field groups and fields ([`CatalogueSeed`] to start with).
 //! - `faults.rs`: [`Faults`], the outage clock and the throttle bucket.
 //! - `answer.rs`: Listrak's error envelope and the error codes used.
 //!
+//! # Catalogue
+//!
+//! `GET /List`, `GET`/`POST /List/{listId}/SegmentationFieldGroup` and
+//! `GET`/`POST /List/{listId}/SegmentationFieldGroup/{groupId}/SegmentationField` answer as
+//! Listrak's spec says (`{"status":200,"data":[...]}`, `{"status":201,"resourceId":"..."}`),
+//! with the same token check and error envelope as updates. Once the fake holds lists, an
+//! update to a list it does not hold gets 404 and one naming a field id its list does not
+//! have gets 400; with no lists at all, any ids are accepted.
+//!
 //! # Control endpoints
 //!
+//! - `GET /_fake/catalogue`: the catalogue, in the shape of [`CatalogueSeed`].
 //! - `GET /_fake/contacts`: `{"<listId>": {"<email>": {"<fieldId>": "value"}}}`.
 //! - `GET /_fake/requests[?limit=N]`: counts by status, tokens issued, and the recorded
 //!   requests (the last N when asked).
@@ -39,9 +51,13 @@
 //! | body breaks the schema (message names the place) | 400 | `ERROR_INVALID_PARAMETER` |
 //! | one contact gives the same field twice | 400 | `ERROR_SEGMENTATION_FIELD_DEFINED_TWICE` |
 //! | a contact's email is in `reject_emails` (message names it) | 400 | `ERROR_INVALID_PARAMETER` |
+//! | with a catalogue: a list it does not hold / a field id its list does not have | 404 / 400 | `ERROR_UNABLE_TO_LOCATE_RESOURCE` / `ERROR_INVALID_PARAMETER` |
+//! | catalogue: unknown list or group | 404 | `ERROR_UNABLE_TO_LOCATE_RESOURCE` |
+//! | catalogue creation: a missing or wrong property, an unknown `dataType` | 400 | `ERROR_INVALID_PARAMETER` |
 //! | unknown route / method | 404 / 405 | `ERROR_UNKNOWN_ROUTE` / `ERROR_UNSUPPORTED_METHOD` |
 
 mod answer;
+mod catalogue;
 mod faults;
 mod payload;
 mod routes;
@@ -62,6 +78,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use catalogue::{CatalogueSeed, SeedField, SeedGroup, SeedList};
 pub use faults::{Faults, DEFAULT_TOKEN_LIFETIME};
 pub use state::{Contacts, RecordedRequest};
 
@@ -76,6 +93,8 @@ pub struct FakeOptions {
     pub client_id: String,
     pub client_secret: String,
     pub faults: Faults,
+    /// Lists and profile fields to start with; none by default (any ids accepted).
+    pub catalogue: CatalogueSeed,
 }
 
 impl Default for FakeOptions {
@@ -84,6 +103,7 @@ impl Default for FakeOptions {
             client_id: "fake-client-id".into(),
             client_secret: "fake-client-secret".into(),
             faults: Faults::default(),
+            catalogue: CatalogueSeed::default(),
         }
     }
 }
@@ -95,6 +115,7 @@ impl fmt::Debug for FakeOptions {
             .field("client_id", &self.client_id)
             .field("client_secret", &"<redacted>")
             .field("faults", &self.faults)
+            .field("catalogue", &self.catalogue)
             .finish()
     }
 }
@@ -129,13 +150,18 @@ pub struct FakeServer {
 impl FakeServer {
     /// Binds `addr` (`127.0.0.1:0` picks a free port) and serves on the current tokio runtime.
     pub async fn start(addr: SocketAddr, options: FakeOptions) -> io::Result<FakeServer> {
+        options.catalogue.validate().map_err(|why| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("catalogue: {why}"))
+        })?;
+        let mut state = State::new(options.faults, Instant::now());
+        *state.catalogue_mut() = catalogue::Catalogue::new(&options.catalogue);
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             addr,
             client_id: options.client_id,
             client_secret: options.client_secret,
-            state: Mutex::new(State::new(options.faults, Instant::now())),
+            state: Mutex::new(state),
         });
         // Small answers on kept-alive connections must not wait for Nagle's algorithm.
         let listener = listener.tap_io(|stream| {
@@ -232,6 +258,11 @@ impl FakeHandle {
             .get(&email.to_lowercase())?
             .get(&field_id)
             .cloned()
+    }
+
+    /// Lists, groups and fields as they are now (seeded and created).
+    pub fn catalogue(&self) -> CatalogueSeed {
+        self.shared.lock().catalogue().snapshot()
     }
 
     /// Every SegmentationField request, in arrival order, whatever it was answered.

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::answer::{self, Refusal};
+use super::catalogue::{FieldResource, DATA_TYPES};
 use super::faults::Faults;
 use super::payload::{self, Payload};
 use super::state::{Incoming, RecordedRequest};
@@ -33,6 +34,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/email/v1/List/{listId}/Contact/SegmentationField",
             post(segmentation_field),
         )
+        .route("/email/v1/List", get(list_collection))
+        .route(
+            "/email/v1/List/{listId}/SegmentationFieldGroup",
+            get(group_collection).post(create_group),
+        )
+        .route(
+            "/email/v1/List/{listId}/SegmentationFieldGroup/{groupId}/SegmentationField",
+            get(field_collection).post(create_field),
+        )
+        .route("/_fake/catalogue", get(catalogue))
         .route("/_fake/contacts", get(contacts))
         .route("/_fake/requests", get(requests))
         .route(
@@ -175,6 +186,243 @@ async fn segmentation_field(
             refused(refusal)
         }
     }
+}
+
+/// `{"status":200,"data":[...]}`, Listrak's wrapping of every collection.
+#[derive(Serialize)]
+struct Collection<T> {
+    status: u16,
+    data: Vec<T>,
+}
+
+fn collection<T: Serialize>(data: Vec<T>) -> Response {
+    json(StatusCode::OK, &Collection { status: 200, data })
+}
+
+fn created(id: u32) -> Response {
+    json(
+        StatusCode::CREATED,
+        &ResourceCreated {
+            status: StatusCode::CREATED.as_u16(),
+            resource_id: id.to_string(),
+        },
+    )
+}
+
+/// The path's ids, each a positive int32 (Listrak routes nothing else), named as the spec
+/// names them.
+fn path_ids(segments: &[(&str, &str)]) -> Result<Vec<u32>, Refusal> {
+    segments
+        .iter()
+        .map(|(name, segment)| {
+            payload::list_id(segment).ok_or_else(|| {
+                Refusal::invalid(
+                    name,
+                    format!("{segment:?} is not a positive 32-bit integer"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn group_not_found() -> Refusal {
+    Refusal::new(
+        StatusCode::NOT_FOUND,
+        answer::UNABLE_TO_LOCATE_RESOURCE,
+        "Unable to locate a resource associated with the listId and segmentationFieldGroupId supplied.",
+    )
+}
+
+/// Checks shared by every catalogue request: the token, then the ids in the path.
+fn admitted(
+    shared: &Shared,
+    headers: &HeaderMap,
+    segments: &[(&str, &str)],
+) -> Result<Vec<u32>, Refusal> {
+    if !shared
+        .lock()
+        .token_valid(header(headers, AUTHORIZATION), Instant::now())
+    {
+        return Err(Refusal::unauthorized());
+    }
+    path_ids(segments)
+}
+
+/// A creation body: declared JSON, an object, with the spec's required properties.
+fn creation_body(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<serde_json::Map<String, Value>, Refusal> {
+    if !payload::content_type_is(header(headers, CONTENT_TYPE), "application/json") {
+        return Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            answer::UNSUPPORTED_CONTENT_TYPE,
+            "Please use a Content-Type of application/json.",
+        ));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(other) => Err(Refusal::invalid(
+            "body",
+            format!(
+                "expected an object, found {}",
+                crate::decode::kind_of(&other)
+            ),
+        )),
+        Err(err) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            answer::MALFORMED_REQUEST_BODY,
+            format!("Invalid JSON body was supplied: {err}."),
+        )),
+    }
+}
+
+fn required_name(
+    object: &serde_json::Map<String, Value>,
+    property: &str,
+) -> Result<String, Refusal> {
+    match object.get(property) {
+        Some(Value::String(name)) if !name.trim().is_empty() => Ok(name.clone()),
+        Some(Value::String(_)) => Err(Refusal::invalid(property, "the name is empty")),
+        Some(other) => Err(Refusal::invalid(
+            property,
+            format!("expected a string, found {}", crate::decode::kind_of(other)),
+        )),
+        None => Err(Refusal::invalid(property, "the property is required")),
+    }
+}
+
+fn required_int32(object: &serde_json::Map<String, Value>, property: &str) -> Result<i64, Refusal> {
+    match object.get(property) {
+        Some(Value::Number(number)) => number
+            .as_i64()
+            .filter(|value| (0..=i64::from(i32::MAX)).contains(value))
+            .ok_or_else(|| {
+                Refusal::invalid(
+                    property,
+                    format!("{number} is not a non-negative 32-bit integer"),
+                )
+            }),
+        Some(other) => Err(Refusal::invalid(
+            property,
+            format!(
+                "expected an integer, found {}",
+                crate::decode::kind_of(other)
+            ),
+        )),
+        None => Err(Refusal::invalid(property, "the property is required")),
+    }
+}
+
+fn answered(result: Result<Response, Refusal>) -> Response {
+    result.unwrap_or_else(|refusal| {
+        tracing::debug!(
+            status = refusal.status.as_u16(),
+            error = refusal.error,
+            "catalogue request refused"
+        );
+        refused(refusal)
+    })
+}
+
+async fn list_collection(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    answered(
+        admitted(&shared, &headers, &[]).map(|_| collection(shared.lock().catalogue().lists())),
+    )
+}
+
+async fn group_collection(
+    State(shared): State<Arc<Shared>>,
+    Path(list): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    answered(
+        admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
+            let groups = shared.lock().catalogue().groups(ids[0]);
+            groups.map(collection).ok_or_else(Refusal::list_not_found)
+        }),
+    )
+}
+
+async fn create_group(
+    State(shared): State<Arc<Shared>>,
+    Path(list): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    answered(
+        admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
+            let object = creation_body(&headers, &body)?;
+            let name = required_name(&object, "segmentationFieldGroupName")?;
+            let position = required_int32(&object, "position")?;
+            let id = shared
+                .lock()
+                .catalogue_mut()
+                .create_group(ids[0], name, position)
+                .ok_or_else(Refusal::list_not_found)?;
+            tracing::debug!(list = ids[0], group = id, "profile field group created");
+            Ok(created(id))
+        }),
+    )
+}
+
+async fn field_collection(
+    State(shared): State<Arc<Shared>>,
+    Path((list, group)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let segments = [
+        ("listId", list.as_str()),
+        ("segmentationFieldGroupId", group.as_str()),
+    ];
+    answered(admitted(&shared, &headers, &segments).and_then(|ids| {
+        let fields = shared.lock().catalogue().fields(ids[0], ids[1]);
+        fields.map(collection).ok_or_else(group_not_found)
+    }))
+}
+
+async fn create_field(
+    State(shared): State<Arc<Shared>>,
+    Path((list, group)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let segments = [
+        ("listId", list.as_str()),
+        ("segmentationFieldGroupId", group.as_str()),
+    ];
+    answered(admitted(&shared, &headers, &segments).and_then(|ids| {
+        let object = creation_body(&headers, &body)?;
+        let name = required_name(&object, "segmentationFieldName")?;
+        let data_type = required_name(&object, "dataType")?;
+        if !DATA_TYPES.contains(&data_type.as_str()) {
+            return Err(Refusal::invalid(
+                "dataType",
+                format!("{data_type:?} is not one of {}", DATA_TYPES.join(", ")),
+            ));
+        }
+        let max_length = required_int32(&object, "maxLength")?;
+        let position = required_int32(&object, "position")?;
+        let field = FieldResource {
+            segmentation_field_id: 0,
+            segmentation_field_name: name,
+            segmentation_field_group_id: 0,
+            data_type,
+            max_length,
+            position,
+        };
+        let id = shared
+            .lock()
+            .catalogue_mut()
+            .create_field(ids[0], ids[1], field)
+            .ok_or_else(group_not_found)?;
+        tracing::debug!(list = ids[0], field = id, "profile field created");
+        Ok(created(id))
+    }))
+}
+
+async fn catalogue(State(shared): State<Arc<Shared>>) -> Response {
+    json(StatusCode::OK, &shared.lock().catalogue().snapshot())
 }
 
 async fn contacts(State(shared): State<Arc<Shared>>) -> Response {

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use serde::Serialize;
 
 use super::answer::{self, Refusal};
+use super::catalogue::Catalogue;
 use super::faults::{FaultState, Faults, Injected};
 use super::payload::{self, Payload};
 
@@ -75,6 +76,8 @@ pub struct State {
     tokens: HashMap<String, IssuedToken>,
     contacts: Contacts,
     requests: Vec<RecordedRequest>,
+    /// Lists and profile fields; while empty, any list and field id is accepted.
+    catalogue: Catalogue,
 }
 
 impl State {
@@ -85,7 +88,27 @@ impl State {
             tokens: HashMap::new(),
             contacts: Contacts::new(),
             requests: Vec::new(),
+            catalogue: Catalogue::default(),
         }
+    }
+
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    pub fn catalogue_mut(&mut self) -> &mut Catalogue {
+        &mut self.catalogue
+    }
+
+    /// Whether `authorization` carries a token this fake issued, not expired at `now`.
+    pub fn token_valid(&self, authorization: Option<&str>, now: Instant) -> bool {
+        authorization
+            .and_then(payload::bearer_token)
+            .and_then(|token| self.tokens.get(token))
+            .is_some_and(|token| {
+                !token.expired
+                    && now.duration_since(token.issued) < self.faults.faults().token_lifetime
+            })
     }
 
     pub fn faults(&self, now: Instant) -> Faults {
@@ -145,9 +168,7 @@ impl State {
             .and_then(payload::bearer_token)
             .and_then(|token| self.tokens.get(token));
         let token_generation = token.map(|token| token.generation);
-        let token_valid = token.is_some_and(|token| {
-            !token.expired && now.duration_since(token.issued) < self.faults.faults().token_lifetime
-        });
+        let token_valid = self.token_valid(incoming.authorization, now);
         let list_id = payload::list_id(incoming.list_segment);
         let refusal = self.refusal(&incoming, token_valid, list_id, draw);
         let (contacts, emails, checked) = match incoming.payload {
@@ -240,7 +261,9 @@ impl State {
                 "The service is unavailable for this list (injected failure).",
             ));
         }
-        if faults.unknown_lists.contains(&list_id) {
+        if faults.unknown_lists.contains(&list_id)
+            || (!self.catalogue.is_empty() && !self.catalogue.has_list(list_id))
+        {
             return Some(Refusal::list_not_found());
         }
         let over_limit = faults
@@ -254,6 +277,9 @@ impl State {
             Ok(contacts) => contacts,
             Err(refusal) => return Some(refusal.clone()),
         };
+        if let Some(refusal) = self.unknown_field(list_id, contacts) {
+            return Some(refusal);
+        }
         contacts
             .iter()
             .enumerate()
@@ -264,6 +290,27 @@ impl State {
                     format!("{} is not accepted for this list", contact.email),
                 )
             })
+    }
+
+    /// A field id the list does not have, when the fake holds a catalogue: Listrak refuses
+    /// the whole request with 400, naming the place.
+    fn unknown_field(&self, list_id: u32, contacts: &[payload::ContactValues]) -> Option<Refusal> {
+        if self.catalogue.is_empty() {
+            return None;
+        }
+        contacts.iter().enumerate().find_map(|(index, contact)| {
+            let (position, (field, _)) = contact
+                .fields
+                .iter()
+                .enumerate()
+                .find(|(_, (field, _))| !self.catalogue.has_field(list_id, *field))?;
+            Some(Refusal::invalid(
+                &format!(
+                    "contactSegmentationFieldValues[{index}].segmentationFieldValues[{position}].segmentationFieldId"
+                ),
+                format!("{field} is not a profile field of list {list_id}"),
+            ))
+        })
     }
 
     /// Later requests overwrite earlier ones; emails are case-folded because Listrak keeps one

@@ -722,3 +722,225 @@ fn options_never_show_the_client_secret() {
     assert!(!shown.contains("s3cr3t-value"), "{shown}");
     assert!(shown.contains("fake-client-id"), "{shown}");
 }
+
+async fn start_with_catalogue() -> FakeServer {
+    let options = FakeOptions {
+        catalogue: super::CatalogueSeed::lists(&[(1001, "Customers")]),
+        ..FakeOptions::default()
+    };
+    FakeServer::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .expect("the fake starts")
+}
+
+async fn catalogue_call(
+    fake: &FakeServer,
+    token: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Answer {
+    let mut request = client().request(method, format!("{}/{path}", fake.api_url()));
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if let Some(body) = body {
+        request = request
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+    }
+    answer(request.send().await.expect("catalogue request")).await
+}
+
+#[tokio::test]
+async fn groups_and_fields_created_through_the_api_are_listed_in_listraks_envelopes() {
+    let fake = start_with_catalogue().await;
+    let token = token(&fake).await;
+    let get =
+        |path: &'static str| catalogue_call(&fake, Some(&token), reqwest::Method::GET, path, None);
+    let lists = get("List").await;
+    assert_eq!(lists.status, 200);
+    assert_eq!(
+        lists.body,
+        json!({"status": 200, "data": [{"listId": 1001, "listName": "Customers"}]})
+    );
+
+    let group = catalogue_call(
+        &fake,
+        Some(&token),
+        reqwest::Method::POST,
+        "List/1001/SegmentationFieldGroup",
+        Some(json!({"segmentationFieldGroupName": "Engage Audiences", "position": 1})),
+    )
+    .await;
+    assert_eq!(group.status, 201, "{}", group.body);
+    let group_id = group.body["resourceId"].as_str().unwrap().to_owned();
+    let field = catalogue_call(
+        &fake,
+        Some(&token),
+        reqwest::Method::POST,
+        &format!("List/1001/SegmentationFieldGroup/{group_id}/SegmentationField"),
+        Some(json!({"segmentationFieldName": "vip_customers", "dataType": "CheckBox", "maxLength": 3, "position": 1})),
+    )
+    .await;
+    assert_eq!(field.status, 201, "{}", field.body);
+    let field_id: u32 = field.body["resourceId"].as_str().unwrap().parse().unwrap();
+
+    let fields = catalogue_call(
+        &fake,
+        Some(&token),
+        reqwest::Method::GET,
+        &format!("List/1001/SegmentationFieldGroup/{group_id}/SegmentationField"),
+        None,
+    )
+    .await;
+    assert_eq!(fields.body["data"][0]["segmentationFieldId"], field_id);
+    assert_eq!(fields.body["data"][0]["dataType"], "CheckBox");
+    assert_eq!(
+        get("List/1001/SegmentationFieldGroup").await.body["data"][0]["segmentationFieldGroupName"],
+        "Engage Audiences"
+    );
+
+    // Updates may now name that field, and no other.
+    let accepted = send(&fake, &token, "1001", &one("a@example.com", field_id, "on")).await;
+    assert_eq!(accepted.status, 201, "{}", accepted.body);
+    let refused = send(
+        &fake,
+        &token,
+        "1001",
+        &one("a@example.com", field_id + 1, "on"),
+    )
+    .await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.body["error"], "ERROR_INVALID_PARAMETER");
+    let message = refused.body["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "contactSegmentationFieldValues[0].segmentationFieldValues[0].segmentationFieldId"
+        ) && message.contains("is not a profile field of list 1001"),
+        "{message}"
+    );
+    let unknown_list = send(&fake, &token, "2002", &one("a@example.com", field_id, "on")).await;
+    assert_eq!(unknown_list.status, 404);
+}
+
+#[tokio::test]
+async fn catalogue_requests_are_checked_as_strictly_as_updates() {
+    let fake = start_with_catalogue().await;
+    let token = token(&fake).await;
+    let cases = [
+        (
+            None,
+            reqwest::Method::GET,
+            "List",
+            None,
+            401,
+            "ERROR_UNAUTHORIZED",
+        ),
+        (
+            Some(token.as_str()),
+            reqwest::Method::GET,
+            "List/0/SegmentationFieldGroup",
+            None,
+            400,
+            "ERROR_INVALID_PARAMETER",
+        ),
+        (
+            Some(token.as_str()),
+            reqwest::Method::GET,
+            "List/2002/SegmentationFieldGroup",
+            None,
+            404,
+            "ERROR_UNABLE_TO_LOCATE_RESOURCE",
+        ),
+        (
+            Some(token.as_str()),
+            reqwest::Method::GET,
+            "List/1001/SegmentationFieldGroup/5/SegmentationField",
+            None,
+            404,
+            "ERROR_UNABLE_TO_LOCATE_RESOURCE",
+        ),
+        (
+            Some(token.as_str()),
+            reqwest::Method::POST,
+            "List/1001/SegmentationFieldGroup",
+            Some(json!({"segmentationFieldGroupName": "x"})),
+            400,
+            "ERROR_INVALID_PARAMETER",
+        ),
+        (
+            Some(token.as_str()),
+            reqwest::Method::POST,
+            "List/1001/SegmentationFieldGroup",
+            Some(json!({"segmentationFieldGroupName": "", "position": 1})),
+            400,
+            "ERROR_INVALID_PARAMETER",
+        ),
+    ];
+    for (token, method, path, body, status, error) in cases {
+        let answer = catalogue_call(&fake, token, method.clone(), path, body.clone()).await;
+        assert_eq!(
+            answer.status, status,
+            "{method} {path} {body:?}: {}",
+            answer.body
+        );
+        assert_eq!(answer.body["error"], error, "{method} {path}");
+        assert_eq!(answer.body["status"], status, "{method} {path}");
+    }
+    let group = catalogue_call(
+        &fake,
+        Some(&token),
+        reqwest::Method::POST,
+        "List/1001/SegmentationFieldGroup",
+        Some(json!({"segmentationFieldGroupName": "g", "position": 1})),
+    )
+    .await;
+    let group_id = group.body["resourceId"].as_str().unwrap().to_owned();
+    let path = format!("List/1001/SegmentationFieldGroup/{group_id}/SegmentationField");
+    let bad_type = catalogue_call(
+        &fake,
+        Some(&token),
+        reqwest::Method::POST,
+        &path,
+        Some(json!({"segmentationFieldName": "f", "dataType": "Boolean", "maxLength": 3, "position": 1})),
+    )
+    .await;
+    assert_eq!(bad_type.status, 400);
+    assert!(bad_type.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("dataType"));
+    let no_length = catalogue_call(
+        &fake,
+        Some(&token),
+        reqwest::Method::POST,
+        &path,
+        Some(json!({"segmentationFieldName": "f", "dataType": "CheckBox", "position": 1})),
+    )
+    .await;
+    assert_eq!(no_length.status, 400);
+    assert!(no_length.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("maxLength"));
+    let not_json = client()
+        .post(format!("{}/{path}", fake.api_url()))
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .header(CONTENT_TYPE, "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status().as_u16(), 415);
+}
+
+#[tokio::test]
+async fn without_a_catalogue_any_list_and_field_is_accepted() {
+    let fake = start(Faults::default()).await;
+    let token = token(&fake).await;
+    let accepted = send(&fake, &token, "777", &one("a@example.com", 999, "on")).await;
+    assert_eq!(accepted.status, 201);
+    let lists = catalogue_call(&fake, Some(&token), reqwest::Method::GET, "List", None).await;
+    assert_eq!(lists.body, json!({"status": 200, "data": []}));
+}

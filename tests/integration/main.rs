@@ -10,5 +10,6 @@ mod observability;
 mod pipeline;
 mod process;
 mod replicas;
+mod setup;
 mod support;
 mod tls;

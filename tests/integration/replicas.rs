@@ -160,7 +160,13 @@ async fn a_replica_killed_mid_run_loses_nothing() {
         victim.acked().await > 0
     })
     .await;
-    let (received, acked) = (victim.received().await, victim.acked().await);
+    // One scrape, so that no ack falls between the two readings.
+    let scraped = victim
+        .metrics()
+        .await
+        .expect("the replica serves its metrics");
+    let received = support::counter_total(&scraped, "listrak_messages_received_total") as u64;
+    let acked = support::counter_total(&scraped, "listrak_messages_acked_total") as u64;
     victim.signal("KILL");
     assert_eq!(victim.wait_exit(WITHIN).await.code(), None, "killed");
     assert!(

@@ -59,6 +59,8 @@ pub struct Knobs {
     pub single_active_consumer: bool,
     /// `http.listen`.
     pub http_listen: String,
+    /// `listrak.verify_at_start`.
+    pub verify_at_start: bool,
 }
 
 impl Default for Knobs {
@@ -78,6 +80,7 @@ impl Default for Knobs {
             amqp_tls: None,
             single_active_consumer: false,
             http_listen: "127.0.0.1:0".to_owned(),
+            verify_at_start: false,
         }
     }
 }
@@ -100,6 +103,7 @@ api_url = "{api_url}"
 auth_url = "{auth_url}"
 request_timeout = "{request_timeout}"
 max_concurrency = {max_concurrency}
+verify_at_start = {verify_at_start}
 
 [batch]
 max_contacts = {max_contacts}
@@ -132,6 +136,7 @@ capacity = {superseded_capacity}
         http_listen = knobs.http_listen,
         request_timeout = knobs.request_timeout,
         max_concurrency = knobs.max_concurrency,
+        verify_at_start = knobs.verify_at_start,
         max_contacts = knobs.max_contacts,
         max_wait = knobs.max_wait,
         schedule = knobs.schedule,
@@ -188,16 +193,19 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(test: &str, faults: Faults, knobs: Knobs) -> Harness {
+        let options = FakeOptions {
+            faults,
+            ..FakeOptions::default()
+        };
+        Self::with_fake(test, options, knobs).await
+    }
+
+    /// A harness whose listrak-fake starts with `options` (a catalogue, say).
+    pub async fn with_fake(test: &str, options: FakeOptions, knobs: Knobs) -> Harness {
         init_logging();
-        let fake = FakeServer::start(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            FakeOptions {
-                faults,
-                ..FakeOptions::default()
-            },
-        )
-        .await
-        .expect("listrak-fake starts");
+        let fake = FakeServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), options)
+            .await
+            .expect("listrak-fake starts");
         let queue = unique_queue(test);
         let text = settings_text(&queue, &fake.api_url(), &fake.auth_url(), &knobs);
         let settings = Settings::from_toml(&text, |_| None).expect("valid test settings");
