@@ -498,6 +498,7 @@ mod tests {
                     (field_id(*id), rule)
                 })
                 .collect(),
+            audience_field: None,
         }
     }
 

@@ -68,6 +68,7 @@ pub mod demo;
 pub mod disposition;
 pub mod dlq;
 pub mod fake;
+pub mod fields;
 pub mod guard;
 pub mod http;
 pub mod listrak;

@@ -190,7 +190,7 @@ enum DlqCommand {
 #[derive(Args)]
 struct Filters {
     /// Dead-letter reason: invalid_json, invalid_event, rejected, list_not_found,
-    /// retries_exhausted, delivery_limit, unknown.
+    /// unknown_field, retries_exhausted, delivery_limit, unknown.
     #[arg(long, value_delimiter = ',', value_parser = dlq::filter::parse_reason)]
     reason: Vec<String>,
     /// Listrak list id.

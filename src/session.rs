@@ -19,9 +19,10 @@ use crate::broker::{self, PackedProperties, Publisher, RetryHeaders, TopologyMis
 use crate::decode::decode;
 use crate::deliver::{Rejection, Verdict};
 use crate::disposition::{dispose, Disposition, Republish, Rules};
+use crate::fields::Unresolvable;
 use crate::listrak::ListrakApi;
-use crate::mapping::plan;
-use crate::model::EventTime;
+use crate::mapping::{plan, Plan};
+use crate::model::{DeadLetterReason, EventTime, Update};
 use crate::settle::{Acks, Ledger, Settlement};
 use crate::telemetry::AckOutcome;
 use crate::worker::{bounded, poll_queue_depths, Worker};
@@ -58,6 +59,12 @@ enum Report {
         outcome: AckOutcome,
     },
     PublishFailed(Box<Outgoing>),
+    /// The fields of a message held aside (see `Session::hold`) were resolved, or not.
+    Resolved {
+        tag: u64,
+        arrived: Instant,
+        resolved: Result<Vec<Update>, Unresolvable>,
+    },
 }
 
 /// A copy on its way to a retry queue or the dead-letter queue: everything needed to
@@ -276,7 +283,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let now = EventTime::now();
         let planned = decode(&delivery.data, now)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
-        let updates = match planned {
+        let plan = match planned {
             Err(poison) => {
                 tracing::info!(
                     delivery_tag = tag,
@@ -300,11 +307,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 );
                 return;
             }
-            Ok(updates) if updates.is_empty() => {
+            Ok(plan) if plan.is_empty() => {
                 self.acks.ready(tag, AckOutcome::Ignored, arrived);
                 return;
             }
-            Ok(updates) => updates,
+            Ok(plan) => plan,
         };
 
         self.ledger.open(
@@ -314,6 +321,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 properties: PackedProperties::pack(&delivery.properties),
             },
         );
+        match self.worker.fields.lookup_all(plan) {
+            Ok(updates) => self.add_updates(tag, updates, arrived),
+            Err(plan) => self.hold(tag, plan, arrived),
+        }
+    }
+
+    /// Hands a message's updates to the batcher; the message settles when each has a verdict.
+    fn add_updates(&mut self, tag: u64, updates: Vec<Update>, arrived: Instant) {
         let deliverer = &self.worker.deliverer;
         // Updates older than what was applied are recognised when their batch is sent (the
         // guard is consulted there anyway, as a newer value may be applied meanwhile).
@@ -329,6 +344,78 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
         if let Some((original, settlement)) = self.ledger.seal(tag) {
             self.settle_original(tag, original, settlement);
+        }
+    }
+
+    /// Holds a message aside while a task resolves its fields from Listrak (a catalogue read
+    /// or a field to create), so the loop goes on. The resolution is one part of the message
+    /// in the ledger, so the shutdown drain waits for it; its updates keep their arrival time,
+    /// so their hold budget counts from then.
+    fn hold(&mut self, tag: u64, plan: Plan, arrived: Instant) {
+        self.ledger.add_part(tag);
+        let fields = Arc::clone(&self.worker.fields);
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let seen = tokio::time::Instant::from_std(arrived);
+            let resolved = fields.resolve_all(plan, seen).await;
+            let _ = reports.send(Report::Resolved {
+                tag,
+                arrived,
+                resolved,
+            });
+        });
+    }
+
+    fn on_resolved(
+        &mut self,
+        tag: u64,
+        arrived: Instant,
+        resolved: Result<Vec<Update>, Unresolvable>,
+        draining: bool,
+    ) {
+        match resolved {
+            Ok(updates) => {
+                // The resolution part settles without weighing on the outcome; the updates
+                // decide it.
+                if let Some((original, settlement)) =
+                    self.ledger.settle_part(tag, &Verdict::Superseded)
+                {
+                    self.settle_original(tag, original, settlement);
+                    return;
+                }
+                self.add_updates(tag, updates, arrived);
+                if draining {
+                    for batch in self.batcher.flush_all() {
+                        self.dispatch(batch);
+                    }
+                }
+            }
+            Err(why) => {
+                let verdict = match &why {
+                    Unresolvable::UnknownField { list, .. } => Verdict::DeadLetter(Rejection {
+                        reason: DeadLetterReason::UnknownField,
+                        status: None,
+                        error: String::new(),
+                        message: why.to_string(),
+                        list_id: Some(*list),
+                    }),
+                    Unresolvable::Catalogue(error) if error.is_not_found() => {
+                        Verdict::DeadLetter(Rejection {
+                            reason: DeadLetterReason::ListNotFound,
+                            status: Some(404),
+                            error: String::new(),
+                            message: error.to_string(),
+                            list_id: None,
+                        })
+                    }
+                    Unresolvable::Catalogue(_) => Verdict::Retry,
+                };
+                tracing::info!(delivery_tag = tag, error = %why, "a message's profile field could not be resolved");
+                self.ledger.settle_part(tag, &verdict);
+                if let Some((original, settlement)) = self.ledger.seal(tag) {
+                    self.settle_original(tag, original, settlement);
+                }
+            }
         }
     }
 
@@ -381,6 +468,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     }
                 }
             }
+            Report::Resolved {
+                tag,
+                arrived,
+                resolved,
+            } => self.on_resolved(tag, arrived, resolved, draining),
             Report::Published { tag, outcome } => {
                 self.publishing -= 1;
                 self.acks.ready(tag, outcome, Instant::now());

@@ -15,6 +15,7 @@ use crate::broker::{self, Topology};
 use crate::concurrency::AdaptiveConcurrency;
 use crate::config::Settings;
 use crate::deliver::{Deliverer, SizeCeilings};
+use crate::fields::Fields;
 use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
 use crate::session::{Session, SessionError};
@@ -81,6 +82,8 @@ pub(crate) struct Worker<A> {
     pub(crate) settings: Arc<Settings>,
     pub(crate) topology: Topology,
     pub(crate) deliverer: Arc<Deliverer<A>>,
+    /// The field catalogues `audience_field` mappings resolve against, kept across sessions.
+    pub(crate) fields: Arc<Fields<A>>,
     pub(crate) metrics: Metrics,
     pub(crate) health: Health,
     pub(crate) stop: CancellationToken,
@@ -95,6 +98,7 @@ impl<A: ListrakApi> Worker<A> {
         stop: CancellationToken,
     ) -> Self {
         let topology = Topology::of(&settings);
+        let fields = Arc::new(Fields::new(Arc::clone(&api), metrics.clone()));
         let deliverer = Arc::new(Deliverer {
             api,
             concurrency: AdaptiveConcurrency::new(
@@ -111,6 +115,7 @@ impl<A: ListrakApi> Worker<A> {
             settings: Arc::new(settings),
             topology,
             deliverer,
+            fields,
             metrics,
             health,
             stop,
