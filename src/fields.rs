@@ -68,6 +68,13 @@ pub fn find_group(groups: &[FieldGroup], name: &str) -> Option<u32> {
     groups.iter().filter(|g| g.name == name).map(|g| g.id).min()
 }
 
+/// Whether `message` names `field` as a number of its own (not inside a longer one).
+fn names(message: &str, field: FieldId) -> bool {
+    message
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|word| word == field.to_string())
+}
+
 /// What a resolution found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
@@ -207,6 +214,23 @@ impl<C: FieldCatalogue> Fields<C> {
         let mut known = state.known.lock().expect("fields lock");
         known.groups.clear();
         known.stale = true;
+    }
+
+    /// Listrak answered 400 for a contact of `list` with `message`: when the message names
+    /// one of the contact's `fields` that came from this list's catalogue, the catalogue is
+    /// forgotten (the field was deleted or changed), so later events read it again.
+    pub fn refused(
+        &self,
+        list: ListId,
+        message: &str,
+        mut fields: impl Iterator<Item = FieldId>,
+    ) -> bool {
+        let named = fields.any(|field| names(message, field) && self.holds(list, field));
+        if named {
+            tracing::info!(list_id = %list, message, "Listrak refused a field of this list's catalogue; reading it again on the next miss");
+            self.forget(list);
+        }
+        named
     }
 
     /// Whether `field` is one this resolver handed out for `list`.
@@ -547,6 +571,22 @@ mod tests {
             fields.lookup(list(), "Engage Audiences", "gold"),
             Some(id(400))
         );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_naming_a_held_field_forgets_the_list() {
+        let (_memory, fields) =
+            resolver(Memory::with(engage(vec![field(7, "gold")])), REFRESH_EVERY);
+        fields
+            .resolve(list(), "Engage Audiences", "gold", false, Instant::now())
+            .await
+            .unwrap();
+        let message = "Segmentation field 77 does not exist";
+        assert!(!fields.refused(list(), message, [id(7)].into_iter()));
+        assert!(fields.lookup(list(), "Engage Audiences", "gold").is_some());
+        let message = "Segmentation field 7 does not exist";
+        assert!(fields.refused(list(), message, [id(3), id(7)].into_iter()));
+        assert_eq!(fields.lookup(list(), "Engage Audiences", "gold"), None);
     }
 
     #[tokio::test]

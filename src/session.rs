@@ -446,6 +446,16 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match report {
             Report::Delivered { batch, verdicts } => {
                 self.delivering -= 1;
+                for (contact, verdict) in batch.contacts.iter().zip(&verdicts) {
+                    if let Verdict::DeadLetter(rejection) = verdict {
+                        if rejection.status == Some(400) {
+                            let fields = contact.fields.iter().map(|value| value.field);
+                            self.worker
+                                .fields
+                                .refused(batch.list_id, &rejection.message, fields);
+                        }
+                    }
+                }
                 for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
                     for &tag in &contact.messages {
                         if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict)
