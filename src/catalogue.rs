@@ -224,7 +224,7 @@ fn audience_problems(catalogue: &Catalogue, list: ListId, audience: &AudienceFie
         .get(&list)
         .into_iter()
         .flatten()
-        .filter(|group| group.name == audience.group)
+        .filter(|group| same_name(&group.name, &audience.group))
         .collect();
     let mut problems = Vec::new();
     if groups.is_empty() {
@@ -248,10 +248,11 @@ fn audience_problems(catalogue: &Catalogue, list: ListId, audience: &AudienceFie
             ids[0],
         ));
     }
-    let mut by_name: BTreeMap<&str, Vec<FieldId>> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, Vec<FieldId>> = BTreeMap::new();
     for field in groups.iter().flat_map(|group| &group.fields) {
         if field.is_check_box() {
-            by_name.entry(&field.name).or_default().push(field.id);
+            let name = field.name.trim().to_ascii_lowercase();
+            by_name.entry(name).or_default().push(field.id);
         }
     }
     for (name, mut ids) in by_name {
@@ -383,6 +384,12 @@ fn suggestion(
     }
 }
 
+/// Whether two group or field names are one, as Listrak users write them: letter case and
+/// surrounding spaces aside.
+pub fn same_name(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
 /// Lower case, letters and digits only: "VIP Customers" and "vip_customers" compare equal.
 fn folded(name: &str) -> String {
     name.chars()
@@ -448,7 +455,7 @@ pub fn plan_provision(
     group_name: &str,
     wanted: &[(String, String)],
 ) -> Result<ProvisionPlan, ProvisionRefusal> {
-    let same = |a: &str, b: &str| a.trim().eq_ignore_ascii_case(b.trim());
+    let same = same_name;
     let matching: Vec<&FieldGroup> = groups
         .iter()
         .filter(|group| same(&group.name, group_name))

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::catalogue::FieldGroup;
+use crate::catalogue::{same_name, FieldGroup};
 use crate::listrak::CatalogueError;
 use crate::mapping::Plan;
 use crate::model::{FieldId, ListId, Update};
@@ -50,15 +50,15 @@ pub trait FieldCatalogue: Send + Sync + 'static {
     ) -> impl Future<Output = Result<FieldId, CatalogueError>> + Send;
 }
 
-/// The Check Box field named `name` in the group named `group`: the lowest id among such
-/// fields, whichever group of that name holds it, so that duplicates made by racing
-/// replicas all resolve to the same one.
+/// The Check Box field named `name` in the group named `group` (letter case aside, as
+/// `listrak provision` finds them): the lowest id among such fields, whichever group of that
+/// name holds it, so that duplicates made by racing replicas all resolve to the same one.
 pub fn find(groups: &[FieldGroup], group: &str, name: &str) -> Option<FieldId> {
     groups
         .iter()
-        .filter(|g| g.name == group)
+        .filter(|g| same_name(&g.name, group))
         .flat_map(|g| &g.fields)
-        .filter(|field| field.name == name && field.is_check_box())
+        .filter(|field| same_name(&field.name, name) && field.is_check_box())
         .map(|field| field.id)
         .min()
 }
@@ -465,6 +465,7 @@ mod tests {
         ];
         assert_eq!(find(&groups, "Engage Audiences", "gold"), Some(id(31)));
         assert_eq!(find(&groups, "Engage Audiences", "silver"), Some(id(12)));
+        assert_eq!(find(&groups, "engage audiences", "SILVER"), Some(id(12)));
         assert_eq!(find(&groups, "Engage Audiences", "bronze"), None);
         assert_eq!(find_group(&groups, "Engage Audiences"), Some(3));
         assert_eq!(find_group(&groups, "Missing"), None);

@@ -510,6 +510,8 @@ mod tests {
             "listrak_queue_messages",
             "listrak_build_info",
             "listrak_unmapped_audience_events_total",
+            "listrak_fields_created_total",
+            "listrak_catalogue_reads_total",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
         }
