@@ -216,6 +216,19 @@ impl<C: FieldCatalogue> Fields<C> {
         known.stale = true;
     }
 
+    /// Reads the list's catalogue unless it was read already, so that the first events need
+    /// not wait for it; a failure is left to the first miss.
+    pub async fn preload(&self, list: ListId) {
+        let state = self.state(list);
+        let _turn = state.turn.lock().await;
+        if state.known.lock().expect("fields lock").read_at.is_some() {
+            return;
+        }
+        if let Err(error) = self.read(list, &state).await {
+            tracing::warn!(list_id = %list, %error, "could not read the list's profile fields; reading them again at the first event that needs them");
+        }
+    }
+
     /// Listrak answered 400 for a contact of `list` with `message`: when the message names
     /// one of the contact's `fields` that came from this list's catalogue, the catalogue is
     /// forgotten (the field was deleted or changed), so later events read it again.
@@ -572,6 +585,19 @@ mod tests {
             fields.lookup(list(), "Engage Audiences", "gold"),
             Some(id(400))
         );
+    }
+
+    #[tokio::test]
+    async fn a_preloaded_list_answers_lookups_at_once_and_is_read_once() {
+        let (memory, fields) =
+            resolver(Memory::with(engage(vec![field(7, "gold")])), REFRESH_EVERY);
+        fields.preload(list()).await;
+        fields.preload(list()).await;
+        assert_eq!(
+            fields.lookup(list(), "Engage Audiences", "gold"),
+            Some(id(7))
+        );
+        assert_eq!(memory.reads(), 1);
     }
 
     #[tokio::test]
