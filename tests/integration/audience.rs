@@ -3,7 +3,7 @@
 //! `unknown_field` otherwise, and replicas that race to create one field converging on it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
@@ -123,6 +123,38 @@ fn field_count(h: &Harness) -> usize {
         .sum()
 }
 
+/// Runs the worker binary with `args` and a configuration for the harness's fake holding
+/// `mappings`, off the runtime's thread (which keeps serving the in-process fake).
+async fn cli(h: &Harness, name: &str, mappings: &str, args: &[&str]) -> Output {
+    let config = std::env::temp_dir().join(format!(
+        "listrak-worker-audience-{name}-{}.toml",
+        std::process::id()
+    ));
+    let options = FakeOptions::default();
+    std::fs::write(
+        &config,
+        format!(
+            "[listrak]\nclient_id = \"{}\"\nclient_secret = \"{}\"\napi_url = \"{}\"\nauth_url = \"{}\"\n{mappings}",
+            options.client_id,
+            options.client_secret,
+            h.fake.api_url(),
+            h.fake.auth_url()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
+    command
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    output
+}
+
 fn assert_values(h: &Harness, field: u32, expected: &BTreeMap<String, &'static str>) {
     for (email, value) in expected {
         assert_eq!(
@@ -211,25 +243,11 @@ async fn without_create_an_unknown_audience_is_dead_lettered_and_applied_after_p
     assert_eq!(walked.present, platinum_messages, "and nothing else");
 
     // `listrak provision` creates the field; a replay then applies the dead letters.
-    let config = std::env::temp_dir().join(format!(
-        "listrak-worker-audience-{}.toml",
-        std::process::id()
-    ));
-    let options = FakeOptions::default();
-    std::fs::write(
-        &config,
-        format!(
-            "[listrak]\nclient_id = \"{}\"\nclient_secret = \"{}\"\napi_url = \"{}\"\nauth_url = \"{}\"\n",
-            options.client_id,
-            options.client_secret,
-            h.fake.api_url(),
-            h.fake.auth_url()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
-    command
-        .args([
+    let output = cli(
+        &h,
+        "provision",
+        "",
+        &[
             "listrak",
             "provision",
             "--list",
@@ -238,13 +256,9 @@ async fn without_create_an_unknown_audience_is_dead_lettered_and_applied_after_p
             GROUP,
             "--audience",
             "platinum",
-            "--config",
-        ])
-        .arg(&config)
-        .env("RUST_LOG", "warn");
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     assert!(
         output.status.success(),
         "{}",
@@ -353,5 +367,21 @@ async fn two_replicas_on_a_backlog_for_a_new_audience_put_every_update_on_one_fi
         }
     }
     assert!(reads <= 8, "catalogue reads: {reads}");
+
+    // Duplicates left by the race are what `check --listrak` reports.
+    let mappings = knobs.mappings.as_deref().unwrap();
+    let check = cli(&h, "check", mappings, &["check", "--listrak"]).await;
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    if fields.len() > 1 {
+        assert_eq!(check.status.code(), Some(2), "{stdout}");
+        assert!(
+            stdout.contains(&format!(
+                "Check Box fields named \"diamond\" in group \"{GROUP}\""
+            )) && stdout.contains(&format!("the lowest, {lowest}")),
+            "{stdout}"
+        );
+    } else {
+        assert!(check.status.success(), "{stdout}");
+    }
     h.finish().await;
 }
