@@ -242,28 +242,24 @@ async fn without_create_an_unknown_audience_is_dead_lettered_and_applied_after_p
     );
     assert_eq!(walked.present, platinum_messages, "and nothing else");
 
-    // `listrak provision` creates the field; a replay then applies the dead letters.
+    // `listrak provision` creates the field, in the list and group of the configuration's
+    // `audience_field` mapping; a replay then applies the dead letters.
+    let mappings = every_audience(false).mappings.unwrap();
     let output = cli(
         &h,
         "provision",
-        "",
-        &[
-            "listrak",
-            "provision",
-            "--list",
-            "1001",
-            "--group",
-            GROUP,
-            "--audience",
-            "platinum",
-        ],
+        &mappings,
+        &["listrak", "provision", "--audience", "platinum"],
     )
     .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
     assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        stderr
+            .contains("mapping \"every-audience\" (audience_field) already writes these audiences"),
+        "{stderr}"
     );
+    assert!(output.stdout.is_empty(), "no tables to paste");
     let created = fields_named(&h, "platinum");
     assert_eq!(created.len(), 1);
 
