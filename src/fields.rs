@@ -569,6 +569,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_misses_for_several_audiences_create_each_field_once() {
+        let (memory, fields) = resolver(Memory::with(vec![]), REFRESH_EVERY);
+        let fields = Arc::new(fields);
+        let seen = Instant::now();
+        let audiences = ["gold", "silver", "bronze", "platinum", "diamond"];
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let fields = Arc::clone(&fields);
+                let name = audiences[i % audiences.len()];
+                tokio::spawn(async move {
+                    let found = fields
+                        .resolve(list(), "Engage Audiences", name, true, seen)
+                        .await
+                        .unwrap();
+                    (name, found)
+                })
+            })
+            .collect();
+        let mut resolved: HashMap<&str, Vec<Resolution>> = HashMap::new();
+        for task in tasks {
+            let (name, found) = task.await.unwrap();
+            resolved.entry(name).or_default().push(found);
+        }
+        let groups = memory.groups.lock().unwrap().clone();
+        assert_eq!(groups.len(), 1, "one group");
+        assert_eq!(groups[0].fields.len(), audiences.len(), "one field each");
+        for (name, found) in resolved {
+            let field = find(&groups, "Engage Audiences", name).unwrap();
+            assert!(
+                found.iter().all(|f| *f == Resolution::Field(field)),
+                "{name}"
+            );
+        }
+        // The first read, one after creating the group, one after each field.
+        assert_eq!(memory.reads(), 2 + audiences.len() as u32);
+    }
+
+    #[tokio::test]
     async fn after_a_race_the_lowest_id_wins() {
         let memory = Memory {
             rival_first: true,
