@@ -381,3 +381,37 @@ async fn two_replicas_on_a_backlog_for_a_new_audience_put_every_update_on_one_fi
     }
     h.finish().await;
 }
+
+#[tokio::test]
+async fn messages_held_for_a_catalogue_read_are_settled_before_shutdown_ends() {
+    let mut h = harness("audience_drain", every_audience(false)).await;
+    h.start_worker();
+    // The catalogue is read at start; a miss right after waits for the next allowed read,
+    // seconds later, and the messages are held meanwhile.
+    h.wait_for(
+        "the catalogue read at start",
+        Duration::from_secs(10),
+        |h| h.metrics.sample("listrak_catalogue_reads_total", &[]) >= 1.0,
+    )
+    .await;
+    let (bodies, _) = traffic("platinum", 10, 0);
+    let count = bodies.len() as u64;
+    h.publish(&bodies).await;
+    h.wait_for("every message received", Duration::from_secs(10), |h| {
+        h.metrics.sample("listrak_messages_received_total", &[]) >= count as f64
+    })
+    .await;
+    // Held until the read allowed seconds after the first: the stop comes meanwhile.
+    h.stop_worker().await;
+    assert_eq!(
+        h.acked_as("dead_lettered"),
+        count,
+        "settled before the worker stopped"
+    );
+    let letters = h.take_dead_letters().await;
+    assert_eq!(letters.len() as u64, count);
+    assert!(letters
+        .iter()
+        .all(|letter| letter.header("x-listrak-reason") == Some("unknown_field")));
+    h.finish().await;
+}
