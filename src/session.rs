@@ -21,7 +21,7 @@ use crate::deliver::{Rejection, Verdict};
 use crate::disposition::{dispose, Disposition, Republish, Rules};
 use crate::listrak::ListrakApi;
 use crate::mapping::plan;
-use crate::model::EventTime;
+use crate::model::{capped, EventTime, Update, QUOTE_LIMIT};
 use crate::settle::{Acks, Ledger, Settlement};
 use crate::telemetry::AckOutcome;
 use crate::worker::{bounded, poll_queue_depths, Worker};
@@ -282,7 +282,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     delivery_tag = tag,
                     message_id = %message_id(&delivery.properties),
                     reason = %poison.reason,
-                    detail = %poison.detail,
+                    detail = %capped(&poison.detail, QUOTE_LIMIT),
                     "dead-lettering a message that cannot be applied"
                 );
                 let rejection = Rejection {
@@ -306,6 +306,17 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Ok(updates) => updates,
         };
+        let mut updates = updates;
+        let skew = self.worker.settings.batch.clock_skew;
+        if let Some(claimed) = trust_event_times(&mut updates, now, skew) {
+            metrics.future_timestamp();
+            tracing::warn!(
+                delivery_tag = tag,
+                message_id = %message_id(&delivery.properties),
+                claimed = %claimed.to_rfc3339(),
+                "the event time is more than batch.clock_skew ahead of this worker's clock; last write wins uses the time of receipt instead"
+            );
+        }
 
         self.ledger.open(
             tag,
@@ -446,6 +457,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let settings = &self.worker.settings;
         let rules = Rules {
             schedule: &settings.retry.schedule,
+            clock_skew: settings.batch.clock_skew,
             max_age: settings.retry.max_age,
             topology: &self.worker.topology,
         };
@@ -583,6 +595,19 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             None => Ok(()),
         }
     }
+}
+
+/// Replaces event times more than `skew` ahead of `now` by `now`; returns the first such time.
+fn trust_event_times(updates: &mut [Update], now: EventTime, skew: Duration) -> Option<EventTime> {
+    let mut claimed = None;
+    for update in updates
+        .iter_mut()
+        .filter(|u| u.timestamp.is_ahead_of(now, skew))
+    {
+        claimed.get_or_insert(update.timestamp);
+        update.timestamp = now;
+    }
+    claimed
 }
 
 fn message_id(properties: &BasicProperties) -> &str {
