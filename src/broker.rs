@@ -431,12 +431,18 @@ pub fn republished(
     properties: &BasicProperties,
     copy: &crate::disposition::Republish,
 ) -> BasicProperties {
-    let mut headers = copy.headers.clone();
-    if let Some(user) = properties.user_id() {
-        headers.push((ORIGINAL_USER_ID, text_header(user.as_str())));
-    }
-    let properties = with_headers(properties, headers);
-    let keep_expiration = copy.dead_letter.is_none();
+    let properties = with_headers(properties, copy.headers.iter().cloned());
+    within_frame(publishable(&properties, copy.dead_letter.is_none()))
+}
+
+/// The properties without what would make the broker refuse or drop a copy published by
+/// this process: `user_id` moves to `x-listrak-original-user-id`, and `expiration` stays
+/// only if `keep_expiration`.
+pub fn publishable(properties: &BasicProperties, keep_expiration: bool) -> BasicProperties {
+    let properties = match properties.user_id() {
+        Some(user) => with_headers(properties, [(ORIGINAL_USER_ID, text_header(user.as_str()))]),
+        None => properties.clone(),
+    };
     // The generated properties have setters only: copy all but what must go.
     let mut kept = BasicProperties::default();
     macro_rules! keep {
@@ -465,7 +471,7 @@ pub fn republished(
             kept = kept.with_expiration(expiration.clone());
         }
     }
-    within_frame(kept)
+    kept
 }
 
 /// The most the properties of a republished copy may take encoded: a content header must fit

@@ -1788,6 +1788,31 @@ profile_fields = { "456" = "useAudienceKey" }
                 ),
                 refused("zero_prefetch", "[amqp]\nprefetch = 0", "amqp.prefetch"),
                 refused(
+                    "max_wait_beyond_any_clock",
+                    "[batch]\nmax_wait = \"18446744073709551615s\"",
+                    "batch.max_wait",
+                ),
+                refused(
+                    "grace_over_an_hour",
+                    "[shutdown]\ngrace = \"2h\"",
+                    "shutdown.grace",
+                ),
+                refused(
+                    "request_timeout_over_ten_minutes",
+                    "[listrak]\nrequest_timeout = \"1h\"",
+                    "listrak.request_timeout",
+                ),
+                refused(
+                    "retry_step_beyond_a_ttl",
+                    "[retry]\nschedule = [\"10s\", \"60d\"]",
+                    "retry.schedule[1]",
+                ),
+                refused(
+                    "clock_skew_over_a_week",
+                    "[batch]\nclock_skew = \"30d\"",
+                    "batch.clock_skew",
+                ),
+                refused(
                     "memory_budget_below_4_mib",
                     "[amqp]\nmemory_budget = 1000",
                     "amqp.memory_budget",
