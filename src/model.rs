@@ -121,7 +121,8 @@ pub enum DeadLetterReason {
     InvalidJson,
     /// JSON, but not an event the worker can apply (wrong types, no email, undecidable value).
     InvalidEvent,
-    /// Listrak answered 400 for this contact alone.
+    /// Listrak refused it for good: a 400 for this contact alone, or an answer that resending
+    /// cannot change (415, 501, another 4xx), for a contact or a whole request.
     Rejected,
     /// Listrak answered 404 for this contact alone: the list does not exist.
     ListNotFound,

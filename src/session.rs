@@ -346,7 +346,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     /// Sends a batch now: the batcher never lets one out with a contact that is already in
     /// flight, so batches of one list may go out side by side, up to the concurrency limit.
     fn dispatch(&mut self, batch: Batch) {
-        self.worker.metrics.batch_flushed(batch.trigger.as_str());
+        self.worker.metrics.batch_flushed(batch.trigger);
         self.delivering += 1;
         self.batches_sent += 1;
         let span = tracing::info_span!(

@@ -348,8 +348,11 @@ impl Metrics {
         self.inner.last_success.set(now_unix);
     }
 
-    pub fn batch_flushed(&self, trigger: &str) {
-        self.inner.batch_flushes.with_label_values(&[trigger]).inc();
+    pub fn batch_flushed(&self, trigger: FlushTrigger) {
+        self.inner
+            .batch_flushes
+            .with_label_values(&[trigger.as_str()])
+            .inc();
     }
 
     pub fn concurrency_limit(&self, limit: usize) {
