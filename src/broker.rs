@@ -396,7 +396,11 @@ pub fn as_text(value: &AMQPValue) -> Option<String> {
 /// Reads a time header: an AMQP timestamp (seconds) or RFC 3339 text.
 pub fn as_time(value: &AMQPValue) -> Option<EventTime> {
     match value {
-        AMQPValue::Timestamp(seconds) => Some(EventTime(*seconds as i64 * 1_000_000)),
+        // From the producer: any 64-bit number.
+        AMQPValue::Timestamp(seconds) => i64::try_from(*seconds)
+            .ok()
+            .and_then(|s| s.checked_mul(1_000_000))
+            .map(EventTime),
         other => EventTime::parse_rfc3339(&as_text(other)?),
     }
 }
@@ -427,12 +431,18 @@ pub fn republished(
     properties: &BasicProperties,
     copy: &crate::disposition::Republish,
 ) -> BasicProperties {
-    let mut headers = copy.headers.clone();
-    if let Some(user) = properties.user_id() {
-        headers.push((ORIGINAL_USER_ID, text_header(user.as_str())));
-    }
-    let properties = with_headers(properties, headers);
-    let keep_expiration = copy.dead_letter.is_none();
+    let properties = with_headers(properties, copy.headers.iter().cloned());
+    within_frame(publishable(&properties, copy.dead_letter.is_none()))
+}
+
+/// The properties without what would make the broker refuse or drop a copy published by
+/// this process: `user_id` moves to `x-listrak-original-user-id`, and `expiration` stays
+/// only if `keep_expiration`.
+pub fn publishable(properties: &BasicProperties, keep_expiration: bool) -> BasicProperties {
+    let properties = match properties.user_id() {
+        Some(user) => with_headers(properties, [(ORIGINAL_USER_ID, text_header(user.as_str()))]),
+        None => properties.clone(),
+    };
     // The generated properties have setters only: copy all but what must go.
     let mut kept = BasicProperties::default();
     macro_rules! keep {
@@ -462,6 +472,38 @@ pub fn republished(
         }
     }
     kept
+}
+
+/// The most the properties of a republished copy may take encoded: a content header must fit
+/// in one frame (RabbitMQ's `frame_max` is 128 KiB by default, 4 KiB at the least a client
+/// may agree to is not used here), and a header frame too large closes the whole connection,
+/// and the redelivered message would do it again.
+const HEADER_TABLE_LIMIT: usize = 64 * 1024;
+/// How many of the producer's own headers a copy had to leave out (see `within_frame`).
+pub const HEADERS_DROPPED: &str = "x-listrak-headers-dropped";
+
+/// Keeps only the worker's own headers when the producer's would make the copy's header
+/// frame too large, and says how many it left out.
+fn within_frame(properties: BasicProperties) -> BasicProperties {
+    if PackedProperties::pack(&properties).len() <= HEADER_TABLE_LIMIT {
+        return properties;
+    }
+    let mut table = FieldTable::default();
+    let mut dropped = 0i64;
+    for (key, value) in properties
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().clone())
+        .unwrap_or_default()
+    {
+        if key.as_str().starts_with("x-listrak-") {
+            table.insert(key, value);
+        } else {
+            dropped += 1;
+        }
+    }
+    table.insert(ShortString::from(HEADERS_DROPPED), int_header(dropped));
+    properties.with_headers(table)
 }
 
 pub fn text_header(value: impl Into<String>) -> AMQPValue {
@@ -497,6 +539,15 @@ impl PackedProperties {
         })
     }
 
+    /// The encoded size, in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn unpack(&self) -> BasicProperties {
         match lapin::protocol::basic::parse_properties(&self.0[..]) {
             Ok((_, properties)) => properties,
@@ -513,6 +564,76 @@ impl PackedProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disposition::Republish;
+    use crate::model::DeadLetterReason;
+    use crate::telemetry::AckOutcome;
+
+    fn copy(dead_letter: Option<DeadLetterReason>) -> Republish {
+        Republish {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            headers: vec![(ATTEMPTS, int_header(1))],
+            dead_letter,
+            outcome: AckOutcome::RetryScheduled,
+        }
+    }
+
+    fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+        properties.headers().as_ref()?.inner().get(name)
+    }
+
+    #[test]
+    fn a_copy_keeps_the_producers_user_id_in_a_header_and_drops_the_property() {
+        let original = BasicProperties::default()
+            .with_user_id("producer".into())
+            .with_message_id("m-1".into())
+            .with_expiration("5000".into());
+        for dead_letter in [None, Some(DeadLetterReason::InvalidJson)] {
+            let republished = republished(&original, &copy(dead_letter));
+            assert_eq!(republished.user_id(), &None);
+            assert_eq!(
+                header(&republished, ORIGINAL_USER_ID),
+                Some(&text_header("producer"))
+            );
+            assert_eq!(header(&republished, ATTEMPTS), Some(&int_header(1)));
+            assert_eq!(republished.message_id(), original.message_id());
+            assert_eq!(
+                republished.expiration().is_some(),
+                dead_letter.is_none(),
+                "a dead letter must not expire; a retry keeps the producer's expiration"
+            );
+        }
+    }
+
+    #[test]
+    fn a_copy_whose_headers_would_not_fit_in_a_frame_keeps_only_the_workers_own() {
+        let mut headers = FieldTable::default();
+        for i in 0..200 {
+            headers.insert(format!("x-big-{i}").into(), text_header("x".repeat(1000)));
+        }
+        headers.insert("x-small".into(), int_header(1));
+        let original = BasicProperties::default().with_headers(headers);
+        let republished = republished(&original, &copy(Some(DeadLetterReason::InvalidJson)));
+        assert!(PackedProperties::pack(&republished).len() <= HEADER_TABLE_LIMIT);
+        assert_eq!(
+            header(&republished, HEADERS_DROPPED),
+            Some(&int_header(201))
+        );
+        assert_eq!(header(&republished, ATTEMPTS), Some(&int_header(1)));
+
+        let small = BasicProperties::default().with_headers({
+            let mut t = FieldTable::default();
+            t.insert("x-small".into(), int_header(1));
+            t
+        });
+        let kept = republished_ok(&small);
+        assert_eq!(header(&kept, "x-small"), Some(&int_header(1)));
+        assert_eq!(header(&kept, HEADERS_DROPPED), None);
+    }
+
+    fn republished_ok(properties: &BasicProperties) -> BasicProperties {
+        republished(properties, &copy(None))
+    }
 
     #[test]
     fn packed_properties_read_back_exactly_as_they_were() {

@@ -42,7 +42,7 @@ impl Outcome {
     }
 }
 
-/// What to do about an outcome (SPEC.md's failure table).
+/// What to do about an outcome (the failure table in the README's "Delivery semantics").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     /// Accepted: settle every contact as applied.
@@ -91,9 +91,20 @@ pub fn classify(outcome: &Outcome, contacts: usize) -> Class {
     }
 }
 
-/// Parses `Retry-After` given in seconds (the HTTP-date form is not used by APIs like this one).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// The longest `Retry-After` taken as it is: a day. The header comes from outside, any
+/// number fits in it, and the delivery clamps it further to its own budget.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `Retry-After` as delay-seconds or as an HTTP-date (`now` is the clock it is read
+/// against); a date in the past is no wait at all, anything else unreadable is ignored.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = date.with_timezone(&chrono::Utc) - now;
+    Some(wait.to_std().unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -149,11 +160,17 @@ mod tests {
         }
     }
 
+    fn at(text: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
     #[test]
     fn a_retry_after_is_carried_into_the_systemic_class() {
         let outcome = Outcome::Answered {
             status: 429,
-            retry_after: parse_retry_after(" 7 "),
+            retry_after: parse_retry_after(" 7 ", at("2015-10-21T07:28:00Z")),
             error: None,
         };
         assert_eq!(
@@ -165,7 +182,25 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_retry_after_is_ignored() {
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    fn a_retry_after_reads_as_seconds_or_a_date_and_never_beyond_a_day() {
+        let now = at("2015-10-21T07:28:00Z");
+        let second = Duration::from_secs(1);
+        let table: &[(&str, Option<Duration>)] = &[
+            ("0", Some(Duration::ZERO)),
+            ("120", Some(120 * second)),
+            ("9223372036854775807", Some(MAX_RETRY_AFTER)),
+            ("18446744073709551615", Some(MAX_RETRY_AFTER)),
+            ("Wed, 21 Oct 2015 07:28:30 GMT", Some(30 * second)),
+            ("Wed, 21 Oct 2015 07:00:00 GMT", Some(Duration::ZERO)),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", Some(MAX_RETRY_AFTER)),
+            ("-5", None),
+            ("1.5", None),
+            ("soon", None),
+            ("", None),
+            ("99999999999999999999999", None),
+        ];
+        for (header, expected) in table {
+            assert_eq!(parse_retry_after(header, now), *expected, "{header:?}");
+        }
     }
 }

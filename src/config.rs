@@ -54,6 +54,15 @@ const DEFAULT_IN_PROCESS: Duration = Duration::from_secs(120);
 const DEFAULT_LISTEN: &str = "0.0.0.0:9464";
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_SUPERSEDED_CAPACITY: i64 = 200_000;
+const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// The longest duration any key takes.
+const MAX_ANY_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// A retry queue's `x-message-ttl` is a 32-bit count of milliseconds in RabbitMQ.
+const MAX_RETRY_STEP: Duration = Duration::from_millis(u32::MAX as u64);
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_GRACE: Duration = Duration::from_secs(3600);
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// RabbitMQ cancels a consumer that holds a delivery unacknowledged for 30 minutes (its
 /// `consumer_timeout`); retrying in process must end well before that.
@@ -146,6 +155,9 @@ pub struct BatchSettings {
     pub max_bytes: NonZeroUsize,
     /// How long a partial batch lingers before it is sent.
     pub max_wait: Duration,
+    /// How far ahead of this worker's clock an event time is still trusted for last write
+    /// wins; a later one is replaced by the time the message arrived.
+    pub clock_skew: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -605,6 +617,7 @@ impl Settings {
         let _ = writeln!(out, "max_contacts = {}", batch.max_contacts);
         let _ = writeln!(out, "max_bytes = {}", batch.max_bytes);
         let _ = writeln!(out, "max_wait = {}", toml_duration(batch.max_wait));
+        let _ = writeln!(out, "clock_skew = {}", toml_duration(batch.clock_skew));
 
         let retry = &self.retry;
         let _ = writeln!(out, "\n[retry]");
@@ -894,12 +907,29 @@ fn parse_duration(key: &str, value: &toml::Value) -> Result<Duration, ConfigErro
             ),
         ));
     };
-    humantime::parse_duration(text.trim()).map_err(|_| {
+    let duration = humantime::parse_duration(text.trim()).map_err(|_| {
         invalid(
             key,
             format!("{text:?} is not a duration (e.g. \"1s\", \"500ms\")"),
         )
-    })
+    })?;
+    // Every duration is added to a clock somewhere: none may be near what overflows it.
+    at_most(key, duration, MAX_ANY_DURATION)
+}
+
+/// Refuses a duration longer than `max`, naming the key.
+fn at_most(key: &str, duration: Duration, max: Duration) -> Result<Duration, ConfigError> {
+    if duration > max {
+        return Err(invalid(
+            key,
+            format!(
+                "is {}; it must be at most {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(duration)
 }
 
 /// A value the environment may override: the variable wins over the file.
@@ -1232,7 +1262,11 @@ fn listrak_settings(
         DEFAULT_AUTH_URL,
         &ENDPOINT_URL,
     )?;
-    let request_timeout = node.positive_duration("request_timeout", DEFAULT_REQUEST_TIMEOUT)?;
+    let request_timeout = at_most(
+        &node.key("request_timeout"),
+        node.positive_duration("request_timeout", DEFAULT_REQUEST_TIMEOUT)?,
+        MAX_REQUEST_TIMEOUT,
+    )?;
     let max_concurrency = node.bounded(
         "max_concurrency",
         DEFAULT_MAX_CONCURRENCY,
@@ -1259,7 +1293,7 @@ fn nonzero(number: i64) -> NonZeroUsize {
 }
 
 fn batch_settings(node: &Node<'_>) -> Result<BatchSettings, ConfigError> {
-    node.only(&["max_contacts", "max_bytes", "max_wait"])?;
+    node.only(&["max_contacts", "max_bytes", "max_wait", "clock_skew"])?;
     let max_contacts =
         node.bounded("max_contacts", DEFAULT_MAX_CONTACTS, 1, i64::from(u16::MAX))?;
     let max_bytes = node.bounded(
@@ -1269,10 +1303,12 @@ fn batch_settings(node: &Node<'_>) -> Result<BatchSettings, ConfigError> {
         i64::from(u32::MAX),
     )?;
     let max_wait = node.positive_duration("max_wait", DEFAULT_MAX_WAIT)?;
+    let clock_skew = node.duration("clock_skew")?.unwrap_or(DEFAULT_CLOCK_SKEW);
     Ok(BatchSettings {
         max_contacts: nonzero(max_contacts),
         max_bytes: nonzero(max_bytes),
         max_wait,
+        clock_skew: at_most(&node.key("clock_skew"), clock_skew, MAX_CLOCK_SKEW)?,
     })
 }
 
@@ -1291,7 +1327,7 @@ fn retry_settings(node: &Node<'_>) -> Result<RetrySettings, ConfigError> {
             .enumerate()
             .map(|(index, item)| {
                 let key = format!("{}[{index}]", node.key("schedule"));
-                let step = parse_duration(&key, item)?;
+                let step = at_most(&key, parse_duration(&key, item)?, MAX_RETRY_STEP)?;
                 if step.is_zero() {
                     return Err(invalid(key, "must be longer than zero"));
                 }
@@ -1331,8 +1367,9 @@ fn http_settings(node: &Node<'_>) -> Result<HttpSettings, ConfigError> {
 
 fn shutdown_settings(node: &Node<'_>) -> Result<ShutdownSettings, ConfigError> {
     node.only(&["grace"])?;
+    let grace = node.positive_duration("grace", DEFAULT_GRACE)?;
     Ok(ShutdownSettings {
-        grace: node.positive_duration("grace", DEFAULT_GRACE)?,
+        grace: at_most(&node.key("grace"), grace, MAX_GRACE)?,
     })
 }
 
@@ -1800,6 +1837,31 @@ profile_fields = { "456" = "useAudienceKey" }
                     "batch.max_bytes",
                 ),
                 refused("zero_prefetch", "[amqp]\nprefetch = 0", "amqp.prefetch"),
+                refused(
+                    "max_wait_beyond_any_clock",
+                    "[batch]\nmax_wait = \"18446744073709551615s\"",
+                    "batch.max_wait",
+                ),
+                refused(
+                    "grace_over_an_hour",
+                    "[shutdown]\ngrace = \"2h\"",
+                    "shutdown.grace",
+                ),
+                refused(
+                    "request_timeout_over_ten_minutes",
+                    "[listrak]\nrequest_timeout = \"1h\"",
+                    "listrak.request_timeout",
+                ),
+                refused(
+                    "retry_step_beyond_a_ttl",
+                    "[retry]\nschedule = [\"10s\", \"60d\"]",
+                    "retry.schedule[1]",
+                ),
+                refused(
+                    "clock_skew_over_a_week",
+                    "[batch]\nclock_skew = \"30d\"",
+                    "batch.clock_skew",
+                ),
                 refused(
                     "memory_budget_below_4_mib",
                     "[amqp]\nmemory_budget = 1000",

@@ -16,7 +16,7 @@ use crate::classify::{classify, Class, ListrakError, Outcome};
 use crate::concurrency::{AdaptiveConcurrency, Signal};
 use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
-use crate::model::{DeadLetterReason, EventTime, ListId};
+use crate::model::{capped, DeadLetterReason, EventTime, ListId, QUOTE_LIMIT};
 use crate::retry::InProcessBackoff;
 use crate::telemetry::{mask_email, Metrics};
 
@@ -197,8 +197,11 @@ impl<A: ListrakApi> Deliverer<A> {
                         return verdicts;
                     }
                     Class::Auth | Class::Systemic { .. } => {
+                        // Listrak's wait, if it named one, never beyond the hold budget.
                         let retry_after = match class {
-                            Class::Systemic { retry_after } => retry_after,
+                            Class::Systemic { retry_after } => {
+                                retry_after.map(|wait| wait.min(self.hold_budget))
+                            }
                             _ => None,
                         };
                         self.metrics.retried(if class == Class::Auth { "auth" } else { "systemic" });
@@ -227,7 +230,7 @@ impl<A: ListrakApi> Deliverer<A> {
                         // and resend the rest, instead of halving blindly.
                         if status == 400 {
                             if let Some(guilty) = named_contact(attempt, &sent, &error) {
-                                tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[guilty].email), error = %error.error, "Listrak refused a contact it named; dead-lettering its messages, resending the rest");
+                                tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[guilty].email), error = %capped(&error.error, QUOTE_LIMIT), "Listrak refused a contact it named; dead-lettering its messages, resending the rest");
                                 verdicts.push((guilty, rejection(attempt.list, &outcome)));
                                 indexes = sent.into_iter().filter(|&i| i != guilty).collect();
                                 continue;
@@ -258,7 +261,7 @@ impl<A: ListrakApi> Deliverer<A> {
                     Class::Permanent => {
                         let verdict = rejection(attempt.list, &outcome);
                         if let [only] = sent.as_slice() {
-                            tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[*only].email), status = %outcome.status_label(), error = %listrak_error(&outcome).error, "Listrak refused a contact; dead-lettering its messages");
+                            tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[*only].email), status = %outcome.status_label(), error = %capped(&listrak_error(&outcome).error, QUOTE_LIMIT), "Listrak refused a contact; dead-lettering its messages");
                         } else {
                             tracing::info!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak refused the request; dead-lettering its messages");
                         }

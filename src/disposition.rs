@@ -8,7 +8,7 @@ use lapin::types::AMQPValue;
 
 use crate::broker::{self, int_header, text_header, RetryHeaders, Topology};
 use crate::deliver::Rejection;
-use crate::model::{DeadLetterReason, EventTime};
+use crate::model::{capped, DeadLetterReason, EventTime, QUOTE_LIMIT};
 use crate::retry::{plan_retry, RetryPlan};
 use crate::settle::Settlement;
 use crate::telemetry::AckOutcome;
@@ -38,6 +38,8 @@ pub struct Republish {
 /// The retry settings and queue names a disposition needs.
 pub struct Rules<'a> {
     pub schedule: &'a [Duration],
+    /// A failure time further ahead than this is not believed (see `batch.clock_skew`).
+    pub clock_skew: Duration,
     pub max_age: Duration,
     pub topology: &'a Topology,
 }
@@ -50,6 +52,14 @@ pub fn dispose(
     now: EventTime,
     rules: &Rules<'_>,
 ) -> Disposition {
+    // The headers may come from a producer, or a replica with a clock ahead: a first failure
+    // in the future would keep the message's age at zero for ever.
+    let previous = RetryHeaders {
+        first_failed_at: previous
+            .first_failed_at
+            .filter(|at| !at.is_ahead_of(now, rules.clock_skew)),
+        ..previous
+    };
     match settlement {
         Settlement::Ack(outcome) => Disposition::Ack(outcome),
         Settlement::Abandon => Disposition::Leave,
@@ -117,11 +127,14 @@ fn dead_letter(
     if let Some(status) = rejection.status {
         headers.push((broker::STATUS, int_header(i64::from(status))));
     }
+    // Both quote what Listrak or the producer sent: any length.
     if !rejection.error.is_empty() {
-        headers.push((broker::ERROR, text_header(rejection.error)));
+        let error = capped(&rejection.error, QUOTE_LIMIT);
+        headers.push((broker::ERROR, text_header(error)));
     }
     if !rejection.message.is_empty() {
-        headers.push((broker::MESSAGE, text_header(rejection.message)));
+        let message = capped(&rejection.message, QUOTE_LIMIT);
+        headers.push((broker::MESSAGE, text_header(message)));
     }
     if let Some(list) = rejection.list_id {
         headers.push((broker::LIST_ID, int_header(i64::from(list.get()))));
@@ -156,6 +169,7 @@ mod tests {
         let schedule = schedule();
         let rules = Rules {
             schedule: &schedule,
+            clock_skew: Duration::from_secs(3600),
             max_age: Duration::from_secs(3600),
             topology: &topology,
         };
@@ -306,11 +320,37 @@ mod tests {
     }
 
     #[test]
+    fn quoted_text_in_a_dead_letter_is_cut_to_a_kibibyte_on_a_character_boundary() {
+        let rejection = Rejection {
+            reason: DeadLetterReason::InvalidEvent,
+            status: None,
+            error: "E".repeat(5000),
+            message: "é".repeat(5000),
+            list_id: None,
+        };
+        let disposition = decide(Settlement::DeadLetter(rejection), RetryHeaders::default());
+        for name in [broker::ERROR, broker::MESSAGE] {
+            let text = broker::as_text(header(&disposition, name).unwrap()).unwrap();
+            assert!(text.len() <= QUOTE_LIMIT, "{name}: {} bytes", text.len());
+            assert!(text.ends_with('…'), "{name}");
+        }
+    }
+
+    #[test]
     fn retries_older_than_max_age_are_exhausted_dead_letters() {
         let disposition = decide(Settlement::Retry, failed(5, 7200));
         assert_eq!(
             header(&disposition, broker::REASON),
             Some(&text_header("retries_exhausted"))
+        );
+    }
+
+    #[test]
+    fn a_first_failure_dated_in_the_future_counts_from_now() {
+        let disposition = decide(Settlement::Retry, failed(1, -10 * 24 * 3600));
+        assert_eq!(
+            header(&disposition, broker::FIRST_FAILED_AT),
+            Some(&text_header(NOW.to_rfc3339()))
         );
     }
 

@@ -81,6 +81,8 @@ pub mod model;
 pub mod progress;
 pub mod publish;
 pub mod retry;
+#[cfg(test)]
+mod robustness;
 pub mod sample;
 pub mod session;
 pub mod settle;

@@ -53,11 +53,53 @@ pub struct ListrakClient {
     metrics: Metrics,
 }
 
+/// Only `access_token` is required: OAuth servers and proxies write `expires_in` as an
+/// integer, a float or a string, or leave it out, and a 401 refreshes the token anyway.
 #[derive(serde::Deserialize)]
 struct TokenAnswer {
     access_token: String,
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: serde_json::Value,
+}
+
+/// A token's lifetime when its answer gives none that makes sense: Listrak's own.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
+/// Longer than any token lives; a larger `expires_in` is not believed.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+impl TokenAnswer {
+    fn lifetime(&self) -> Duration {
+        let seconds = match &self.expires_in {
+            serde_json::Value::Number(n) => n.as_f64(),
+            serde_json::Value::String(text) => text.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        seconds
+            .filter(|s| *s >= 1.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .filter(|lifetime| *lifetime <= MAX_TOKEN_LIFETIME)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+    }
+}
+
+/// How much of an answer is read: a Listrak answer is a few hundred bytes; more is read only
+/// from something that is not Listrak, and discarded.
+const ANSWER_LIMIT: usize = 64 * 1024;
+/// A list of lists or fields: large accounts have hundreds, a few hundred bytes each.
+const CATALOGUE_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Reads at most `limit` bytes of a response body; the rest is not read (the connection is
+/// not reused then).
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> reqwest::Result<Bytes> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(Bytes::from(body))
 }
 
 impl ListrakClient {
@@ -124,8 +166,7 @@ impl ListrakClient {
                     format!("token request to {} failed: {}", self.auth_url, describe(e))
                 })?;
             let status = response.status();
-            let body = response
-                .bytes()
+            let body = read_capped(response, ANSWER_LIMIT)
                 .await
                 .map_err(|e| format!("token answer unreadable: {}", describe(e)))?;
             if !status.is_success() {
@@ -141,7 +182,7 @@ impl ListrakClient {
             }
             let answer: TokenAnswer = serde_json::from_slice(&body)
                 .map_err(|e| format!("token answer is not the expected JSON: {e}"))?;
-            let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(900));
+            let lifetime = answer.lifetime();
             // Refresh a little early, so a request does not leave with a token about to lapse.
             let margin = (lifetime / 10).min(Duration::from_secs(30));
             Ok(Token {
@@ -181,8 +222,8 @@ impl ListrakClient {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
-                match response.bytes().await {
+                    .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+                match read_capped(response, ANSWER_LIMIT).await {
                     Err(error) if error.is_timeout() => Outcome::Timeout,
                     Err(error) => Outcome::Connection(describe(error)),
                     Ok(body) => Outcome::Answered {
@@ -452,7 +493,9 @@ impl ListrakClient {
             };
             let response = builder.send().await.map_err(transport)?;
             let status = response.status().as_u16();
-            let answer = response.bytes().await.map_err(transport)?;
+            let answer = read_capped(response, CATALOGUE_LIMIT)
+                .await
+                .map_err(transport)?;
             match status {
                 200..=299 => return Ok(answer),
                 401 if !refreshed => {
@@ -534,4 +577,60 @@ fn describe(error: reqwest::Error) -> String {
 /// process.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_answer_is_read_whatever_form_its_lifetime_takes() {
+        let minute = Duration::from_secs(60);
+        let table: &[(&str, Option<Duration>)] = &[
+            (
+                r#"{"access_token":"t","expires_in":900}"#,
+                Some(15 * minute),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":900.0}"#,
+                Some(15 * minute),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":"900"}"#,
+                Some(15 * minute),
+            ),
+            (r#"{"access_token":"t","expires_in":" 60 "}"#, Some(minute)),
+            (r#"{"access_token":"t"}"#, Some(DEFAULT_TOKEN_LIFETIME)),
+            (
+                r#"{"access_token":"t","expires_in":null}"#,
+                Some(DEFAULT_TOKEN_LIFETIME),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":0}"#,
+                Some(DEFAULT_TOKEN_LIFETIME),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":-60}"#,
+                Some(DEFAULT_TOKEN_LIFETIME),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":"soon"}"#,
+                Some(DEFAULT_TOKEN_LIFETIME),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":1e300}"#,
+                Some(DEFAULT_TOKEN_LIFETIME),
+            ),
+            (
+                r#"{"access_token":"t","expires_in":18446744073709551615}"#,
+                Some(DEFAULT_TOKEN_LIFETIME),
+            ),
+            (r#"{"expires_in":900}"#, None),
+            (r#"{"access_token":null}"#, None),
+        ];
+        for (answer, lifetime) in table {
+            let read = serde_json::from_str::<TokenAnswer>(answer).ok();
+            assert_eq!(read.map(|a| a.lifetime()), *lifetime, "{answer}");
+        }
+    }
 }

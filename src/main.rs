@@ -320,7 +320,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 listrak_worker::worker::run(settings, api, metrics, health, shutdown_signal())
                     .await;
             stop_http.cancel();
-            let _ = server.await;
+            // Open scrapes get a moment to finish; a client holding a connection does not
+            // hold up the exit.
+            let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
             result
         }
         Command::Check { auth, listrak } => {

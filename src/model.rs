@@ -62,6 +62,13 @@ positive_id!(FieldId);
 pub struct EventTime(pub i64);
 
 impl EventTime {
+    /// More than `skew` ahead of `now`: a producer's clock (or a typo) that last write wins
+    /// must not trust, or the event would win over every later one.
+    pub fn is_ahead_of(self, now: EventTime, skew: std::time::Duration) -> bool {
+        let skew = i64::try_from(skew.as_micros()).unwrap_or(i64::MAX);
+        self.0 > now.0.saturating_add(skew)
+    }
+
     /// Parses RFC 3339 (what Segment sends: `2024-05-01T12:00:00.123Z`, offsets allowed).
     pub fn parse_rfc3339(text: &str) -> Option<Self> {
         chrono::DateTime::parse_from_rfc3339(text.trim())
@@ -90,6 +97,23 @@ pub struct Update {
     pub timestamp: EventTime,
 }
 
+/// The most bytes of outside text (Listrak's error messages, a poison message's detail,
+/// which quotes its input) that go into a header or a log line.
+pub const QUOTE_LIMIT: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, with an ellipsis when cut.
+pub fn capped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{ELLIPSIS}", &text[..end]))
+}
+
 /// Why a message went to the dead-letter queue; the value of its `x-listrak-reason` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeadLetterReason {
@@ -97,7 +121,8 @@ pub enum DeadLetterReason {
     InvalidJson,
     /// JSON, but not an event the worker can apply (wrong types, no email, undecidable value).
     InvalidEvent,
-    /// Listrak answered 400 for this contact alone.
+    /// Listrak refused it for good: a 400 for this contact alone, or an answer that resending
+    /// cannot change (415, 501, another 4xx), for a contact or a whole request.
     Rejected,
     /// Listrak answered 404 for this contact alone: the list does not exist.
     ListNotFound,

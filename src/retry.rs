@@ -117,6 +117,17 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_after_beyond_any_clock_ends_the_hold_instead_of_overflowing() {
+        let mut backoff = InProcessBackoff::until(Instant::now() + Duration::from_secs(60));
+        assert_eq!(backoff.next_delay(Some(Duration::MAX)), None);
+        assert_eq!(
+            backoff.next_delay(Some(Duration::from_secs(9_223_372_036_854_775_807))),
+            None
+        );
+        assert!(backoff.next_delay(None).is_some());
+    }
+
+    #[test]
     fn a_message_older_than_max_age_is_exhausted() {
         let max_age = Duration::from_secs(3600);
         assert_eq!(

@@ -22,7 +22,7 @@ use crate::disposition::{dispose, Disposition, Republish, Rules};
 use crate::fields::Unresolvable;
 use crate::listrak::ListrakApi;
 use crate::mapping::{plan, Plan};
-use crate::model::{DeadLetterReason, EventTime, Update};
+use crate::model::{capped, DeadLetterReason, EventTime, Update, QUOTE_LIMIT};
 use crate::settle::{Acks, Ledger, Settlement};
 use crate::telemetry::AckOutcome;
 use crate::worker::{bounded, poll_queue_depths, Worker};
@@ -289,7 +289,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     delivery_tag = tag,
                     message_id = %message_id(&delivery.properties),
                     reason = %poison.reason,
-                    detail = %poison.detail,
+                    detail = %capped(&poison.detail, QUOTE_LIMIT),
                     "dead-lettering a message that cannot be applied"
                 );
                 let rejection = Rejection {
@@ -313,6 +313,22 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Ok(plan) => plan,
         };
+        let mut plan = plan;
+        let skew = self.worker.settings.batch.clock_skew;
+        let updates = plan.updates.iter_mut().chain(
+            plan.unresolved
+                .iter_mut()
+                .map(|pending| &mut pending.update),
+        );
+        if let Some(claimed) = trust_event_times(updates, now, skew) {
+            metrics.future_timestamp();
+            tracing::warn!(
+                delivery_tag = tag,
+                message_id = %message_id(&delivery.properties),
+                claimed = %claimed.to_rfc3339(),
+                "the event time is more than batch.clock_skew ahead of this worker's clock; last write wins uses the time of receipt instead"
+            );
+        }
 
         self.ledger.open(
             tag,
@@ -422,7 +438,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     /// Sends a batch now: the batcher never lets one out with a contact that is already in
     /// flight, so batches of one list may go out side by side, up to the concurrency limit.
     fn dispatch(&mut self, batch: Batch) {
-        self.worker.metrics.batch_flushed(batch.trigger.as_str());
+        self.worker.metrics.batch_flushed(batch.trigger);
         self.delivering += 1;
         self.batches_sent += 1;
         let span = tracing::info_span!(
@@ -548,6 +564,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let settings = &self.worker.settings;
         let rules = Rules {
             schedule: &settings.retry.schedule,
+            clock_skew: settings.batch.clock_skew,
             max_age: settings.retry.max_age,
             topology: &self.worker.topology,
         };
@@ -685,6 +702,23 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             None => Ok(()),
         }
     }
+}
+
+/// Replaces event times more than `skew` ahead of `now` by `now`; returns the first such time.
+fn trust_event_times<'u>(
+    updates: impl IntoIterator<Item = &'u mut Update>,
+    now: EventTime,
+    skew: Duration,
+) -> Option<EventTime> {
+    let mut claimed = None;
+    for update in updates
+        .into_iter()
+        .filter(|u| u.timestamp.is_ahead_of(now, skew))
+    {
+        claimed.get_or_insert(update.timestamp);
+        update.timestamp = now;
+    }
+    claimed
 }
 
 fn message_id(properties: &BasicProperties) -> &str {

@@ -82,6 +82,7 @@ struct Inner {
     queue_messages: IntGaugeVec,
     acks_refused: IntCounter,
     delivery_panics: IntCounter,
+    future_timestamps: IntCounter,
     publish_failures: IntCounter,
     prefetch: IntGauge,
     fields_created: IntCounter,
@@ -222,6 +223,10 @@ impl Metrics {
             "listrak_acks_refused_total",
             "Acknowledgements the broker no longer accepted (the channel was gone); those messages come again.",
         );
+        let future_timestamps = counter(
+            "listrak_future_timestamps_total",
+            "Messages with an event time too far ahead of the worker's clock to trust for last write wins (the time of receipt was used).",
+        );
         let delivery_panics = counter(
             "listrak_delivery_panics_total",
             "Batch deliveries that ended in a bug (a panic); their messages went to the retry queues.",
@@ -288,6 +293,7 @@ impl Metrics {
                 queue_messages,
                 acks_refused,
                 delivery_panics,
+                future_timestamps,
                 publish_failures,
                 prefetch,
                 fields_created,
@@ -323,6 +329,10 @@ impl Metrics {
             .dead_letters
             .with_label_values(&[reason.as_str()])
             .inc();
+    }
+
+    pub fn future_timestamp(&self) {
+        self.inner.future_timestamps.inc();
     }
 
     pub fn delivery_panicked(&self) {
@@ -361,8 +371,11 @@ impl Metrics {
         self.inner.last_success.set(now_unix);
     }
 
-    pub fn batch_flushed(&self, trigger: &str) {
-        self.inner.batch_flushes.with_label_values(&[trigger]).inc();
+    pub fn batch_flushed(&self, trigger: FlushTrigger) {
+        self.inner
+            .batch_flushes
+            .with_label_values(&[trigger.as_str()])
+            .inc();
     }
 
     pub fn concurrency_limit(&self, limit: usize) {

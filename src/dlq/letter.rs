@@ -153,7 +153,11 @@ pub fn replay_properties(properties: &BasicProperties) -> BasicProperties {
         ShortString::from(broker::REPLAYS),
         broker::int_header(replays.saturating_add(1)),
     );
-    properties.clone().with_headers(FieldTable::from(headers))
+    // Published by the operator's own user: a producer's user_id would be refused.
+    broker::publishable(
+        &properties.clone().with_headers(FieldTable::from(headers)),
+        true,
+    )
 }
 
 #[cfg(test)]

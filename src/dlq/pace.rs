@@ -44,9 +44,10 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
         None => (text, 1.0),
     };
     match number.parse::<f64>() {
-        Ok(n) if n.is_finite() && n > 0.0 && n / per <= 1e6 => Ok(n / per),
+        // At least one an hour: the pause between two messages must fit any clock.
+        Ok(n) if n.is_finite() && n / per >= 1.0 / 3600.0 && n / per <= 1e6 => Ok(n / per),
         _ => Err(format!(
-            "{text:?} is not a rate; expected messages per second such as 50 or 50/s"
+            "{text:?} is not a rate from 1/h to 1000000/s; expected messages per second such as 50 or 50/s"
         )),
     }
 }
@@ -84,7 +85,9 @@ mod tests {
         assert_eq!(parse_rate(" 0.5/s "), Ok(0.5));
         assert_eq!(parse_rate("3000/m"), Ok(50.0));
         assert_eq!(parse_rate("7200/h"), Ok(2.0));
-        for bad in ["0", "-5", "fast", "50/d", "inf", ""] {
+        for bad in [
+            "0", "-5", "fast", "50/d", "inf", "", "1e-300", "0.5/h", "2000000",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
     }

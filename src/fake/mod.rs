@@ -34,6 +34,7 @@
 //!   requests (the last N when asked).
 //! - `GET /_fake/faults`; `PUT` replaces every fault, `PATCH` changes the ones it names.
 //! - `POST /_fake/reset`: forgets contacts and recorded requests (tokens and faults stay).
+//! - `POST /_fake/expire-tokens`: every token issued so far is refused from now on (401).
 //!
 //! # Error codes
 //!

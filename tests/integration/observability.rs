@@ -429,3 +429,27 @@ async fn every_series_on_the_dashboard_and_in_the_alerts_is_served_by_a_running_
     }
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stuck_in_the_middle_of_a_request_does_not_hold_up_the_exit() {
+    use tokio::io::AsyncWriteExt;
+
+    let h = Harness::new("half_request", Faults::default(), Knobs::default()).await;
+    let mut worker = crate::support::WorkerProcess::spawn(&h, "half-request", &Knobs::default());
+    worker.wait_ready(Duration::from_secs(20)).await;
+    let mut stuck = tokio::net::TcpStream::connect(worker.ops()).await.unwrap();
+    stuck.write_all(b"GET /metr").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let asked = std::time::Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the exit took {:?}",
+        asked.elapsed()
+    );
+    drop(stuck);
+    h.finish().await;
+}

@@ -497,6 +497,11 @@ impl WorkerProcess {
         response.text().await.ok()
     }
 
+    /// Where its `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn ops(&self) -> SocketAddr {
+        self.ops
+    }
+
     /// The sum of every sample of a counter (all its labels); 0 while the endpoint is not up.
     pub async fn counter(&self, name: &str) -> u64 {
         self.metrics()
