@@ -63,6 +63,17 @@ pub fn find(groups: &[FieldGroup], group: &str, name: &str) -> Option<FieldId> {
         .min()
 }
 
+/// Whether the group holds a field named `name` that is not a Check Box: the name is taken,
+/// and a Check Box of the same name is not created beside it (`listrak provision` refuses
+/// such a field as well).
+pub fn taken_by_another_type(groups: &[FieldGroup], group: &str, name: &str) -> bool {
+    groups
+        .iter()
+        .filter(|g| same_name(&g.name, group))
+        .flat_map(|g| &g.fields)
+        .any(|field| same_name(&field.name, name) && !field.is_check_box())
+}
+
 /// The group named `name`: the lowest id among groups of that name.
 pub fn find_group(groups: &[FieldGroup], name: &str) -> Option<u32> {
     groups.iter().filter(|g| g.name == name).map(|g| g.id).min()
@@ -86,9 +97,9 @@ pub enum Resolution {
 /// Why a message's fields could not all be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum Unresolvable {
-    /// No such field, and the mapping does not create it: the message is dead-lettered as
-    /// `unknown_field`.
-    #[error("list {list} has no Check Box field {name:?} in the profile field group {group:?}; create it (`listrak provision --audience {name}`) or set `create = true` in the mapping, then replay the dead letters with `dlq replay --reason unknown_field`")]
+    /// No such field, and the mapping does not create it (or a field of another type holds
+    /// the name): the message is dead-lettered as `unknown_field`.
+    #[error("list {list} has no Check Box field {name:?} in the profile field group {group:?}; create it (`listrak provision --audience {name}`) or set `create = true` in the mapping (a field of that name and another type is never replaced), then replay the dead letters with `dlq replay --reason unknown_field`")]
     UnknownField {
         list: ListId,
         group: String,
@@ -292,7 +303,11 @@ impl<C: FieldCatalogue> Fields<C> {
                 }
             }
         }
-        if !create {
+        let taken = {
+            let known = state.known.lock().expect("fields lock");
+            taken_by_another_type(&known.groups, group, name)
+        };
+        if !create || taken {
             return Ok(Resolution::Unknown);
         }
         self.create(list, &state, group, name)
@@ -604,6 +619,19 @@ mod tests {
         }
         // The first read, one after creating the group, one after each field.
         assert_eq!(memory.reads(), 2 + audiences.len() as u32);
+    }
+
+    #[tokio::test]
+    async fn a_name_held_by_a_field_of_another_type_is_not_created_again() {
+        let mut text = field(7, "gold");
+        text.data_type = "Text".into();
+        let (memory, fields) = resolver(Memory::with(engage(vec![text])), REFRESH_EVERY);
+        let found = fields
+            .resolve(list(), "Engage Audiences", "gold", true, Instant::now())
+            .await
+            .unwrap();
+        assert_eq!(found, Resolution::Unknown);
+        assert_eq!(memory.groups.lock().unwrap()[0].fields.len(), 1);
     }
 
     #[tokio::test]
