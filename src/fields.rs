@@ -400,6 +400,9 @@ mod tests {
         reads: AtomicU32,
         next_id: AtomicU32,
         rival_first: bool,
+        /// How often each request yields before it is answered, in turn: other requests
+        /// (another replica's) run meanwhile.
+        pauses: Mutex<Vec<u8>>,
     }
 
     impl Memory {
@@ -414,10 +417,18 @@ mod tests {
         fn reads(&self) -> u32 {
             self.reads.load(Ordering::SeqCst)
         }
+
+        async fn pause(&self) {
+            let turns = self.pauses.lock().unwrap().pop().unwrap_or(0);
+            for _ in 0..turns {
+                tokio::task::yield_now().await;
+            }
+        }
     }
 
     impl FieldCatalogue for Memory {
         async fn field_groups(&self, _list: ListId) -> Result<Vec<FieldGroup>, CatalogueError> {
+            self.pause().await;
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(self.groups.lock().unwrap().clone())
         }
@@ -428,6 +439,7 @@ mod tests {
             name: &str,
             _position: u32,
         ) -> Result<u32, CatalogueError> {
+            self.pause().await;
             let id = self.next_id.fetch_add(1, Ordering::SeqCst);
             self.groups.lock().unwrap().push(FieldGroup {
                 id,
@@ -444,6 +456,7 @@ mod tests {
             name: &str,
             _position: u32,
         ) -> Result<FieldId, CatalogueError> {
+            self.pause().await;
             let ours = self.next_id.fetch_add(1, Ordering::SeqCst);
             let mut groups = self.groups.lock().unwrap();
             let group = groups.iter_mut().find(|g| g.id == group).unwrap();
@@ -702,5 +715,63 @@ mod tests {
             .unwrap();
         assert_eq!(found, Resolution::Field(id(11)));
         assert_eq!(memory.reads(), 2);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Two replicas (two resolvers on one catalogue) meet audiences in any order, with
+        /// their requests interleaved at random: every resolution of an audience is the
+        /// lowest id among its fields at the end, and each replica created each at most once.
+        #[test]
+        fn replicas_resolving_in_any_interleaving_agree_on_the_lowest_id(
+            first in proptest::collection::vec(0usize..4, 1..10),
+            second in proptest::collection::vec(0usize..4, 1..10),
+            pauses in proptest::collection::vec(0u8..4, 0..80),
+            group_exists in proptest::prelude::any::<bool>(),
+        ) {
+            let audiences = ["gold", "silver", "bronze", "platinum"];
+            let memory = Arc::new(Memory {
+                pauses: Mutex::new(pauses),
+                ..Memory::with(if group_exists { engage(vec![]) } else { vec![] })
+            });
+            let replicas = [
+                Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10))),
+                Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10))),
+            ];
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let resolved = runtime.block_on(async {
+                let seen = Instant::now();
+                let calls = [first, second].into_iter().enumerate().flat_map(|(replica, order)| {
+                    let fields = Arc::clone(&replicas[replica]);
+                    order.into_iter().map(move |audience| {
+                        let fields = Arc::clone(&fields);
+                        async move {
+                            let name = audiences[audience];
+                            let found = fields
+                                .resolve(list(), "Engage Audiences", name, true, seen)
+                                .await
+                                .unwrap();
+                            (name, found)
+                        }
+                    })
+                });
+                futures_util::future::join_all(calls).await
+            });
+            let groups = memory.groups.lock().unwrap().clone();
+            for (name, found) in resolved {
+                let lowest = find(&groups, "Engage Audiences", name).unwrap();
+                proptest::prop_assert_eq!(found, Resolution::Field(lowest), "{}", name);
+                let copies = groups
+                    .iter()
+                    .flat_map(|g| &g.fields)
+                    .filter(|f| f.name == name)
+                    .count();
+                proptest::prop_assert!(copies <= 2, "{} created {} times", name, copies);
+            }
+        }
     }
 }
