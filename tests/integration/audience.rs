@@ -415,3 +415,46 @@ async fn messages_held_for_a_catalogue_read_are_settled_before_shutdown_ends() {
         .all(|letter| letter.header("x-listrak-reason") == Some("unknown_field")));
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_field_deleted_in_listrak_is_read_again_after_its_refusal_and_created_anew() {
+    let mut h = harness("audience_deleted", every_audience(true)).await;
+    h.start_worker();
+    let (before, before_values) = traffic("gold", 5, 0);
+    h.publish(&before).await;
+    h.wait_acked(before.len() as u64, Duration::from_secs(30))
+        .await;
+    assert_values(&h, GOLD_FIELD, &before_values);
+
+    // Someone deletes the field in Listrak: the worker, which holds it, is refused once.
+    assert!(h.fake.delete_field(LIST, GOLD_FIELD));
+    let refused = track(
+        "Audience Entered",
+        "gold",
+        true,
+        "late@example.com",
+        500,
+        BASE_MICROS + 500,
+    );
+    h.publish(std::slice::from_ref(&refused)).await;
+    h.wait_acked(before.len() as u64 + 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(h.acked_as("dead_lettered"), 1, "the refused update");
+
+    // The refusal made the worker forget the list's fields: the next events read them
+    // again, find none for "gold", and create it anew.
+    let (after, after_values) = traffic("gold", 5, 1000);
+    h.publish(&after).await;
+    let total = before.len() + 1 + after.len();
+    h.wait_acked(total as u64, Duration::from_secs(30)).await;
+    h.stop_worker().await;
+    let created = fields_named(&h, "gold");
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_ne!(created[0].0, GOLD_FIELD);
+    assert_values(&h, created[0].0, &after_values);
+    assert_eq!(h.acked_as("applied"), (total - 1) as u64);
+    let letters = h.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].header("x-listrak-reason"), Some("rejected"));
+    h.finish().await;
+}
