@@ -257,7 +257,7 @@ impl<C: FieldCatalogue> Fields<C> {
         named
     }
 
-    /// Whether `field` is one this resolver handed out for `list`.
+    /// Whether `field` is in what is held of `list`'s catalogue.
     pub fn holds(&self, list: ListId, field: FieldId) -> bool {
         let lists = self.lists.lock().expect("fields lock");
         lists.get(&list).is_some_and(|state| {
