@@ -20,28 +20,7 @@ use crate::model::{capped, DeadLetterReason, EventTime, ListId, QUOTE_LIMIT};
 use crate::retry::InProcessBackoff;
 use crate::telemetry::{mask_email, Metrics};
 
-/// Why Listrak refused a contact for good; becomes the dead letter's `x-listrak-*` headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub reason: DeadLetterReason,
-    pub status: Option<u16>,
-    pub error: String,
-    pub message: String,
-    pub list_id: Option<ListId>,
-}
-
-/// What became of one contact of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Applied,
-    /// Every field of it was older than a value already applied.
-    Superseded,
-    /// Systemic failures outlasted the in-process budget: move to the retry queues.
-    Retry,
-    DeadLetter(Rejection),
-    /// Shutdown came while the batch was held: leave its messages unacknowledged.
-    Abandoned,
-}
+pub use crate::model::{Rejection, Verdict};
 
 /// The smallest body size that Listrak refused with a size-404, per list, learned by
 /// bisection; later batches for the list stay under it.

@@ -142,7 +142,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 FieldTable::default(),
             )
             .await?;
-        worker.health.set(&worker.metrics, true);
+        worker.health.set(true);
+        worker.metrics.amqp_connected(true);
         tracing::info!(queue = %settings.amqp.queue, prefetch = window, "consuming");
 
         let (reports, mut inbox) = mpsc::unbounded_channel();
