@@ -132,19 +132,12 @@ impl<A: ListrakApi> Deliverer<A> {
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;
                 }
-                // Waiting for a slot spends the same budget: in an outage the limit is 1.
-                let acquired = tokio::time::timeout_at(
-                    attempt.deadline.into(),
-                    self.concurrency.acquire(),
-                );
-                let permit = tokio::select! {
-                    permit = acquired => permit.ok(),
-                    _ = self.shutdown.cancelled() => {
-                        verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Abandoned)));
-                        return verdicts;
-                    }
-                };
-                let Some(permit) = permit else {
+                // Waiting for a slot spends the same budget: in an outage the limit is 1. (At
+                // shutdown the batch still waits: what is batched is sent within the grace.)
+                let acquired =
+                    tokio::time::timeout_at(attempt.deadline.into(), self.concurrency.acquire())
+                        .await;
+                let Ok(permit) = acquired else {
                     tracing::warn!(list_id = %attempt.list, contacts = sent.len(), "the batch's hold budget ran out before a request slot was free; moving it to the retry queues");
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;

@@ -277,7 +277,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let now = EventTime::now();
         let planned = decode(&delivery.data, now)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
-        let updates = match planned {
+        let mut updates = match planned {
             Err(poison) => {
                 tracing::info!(
                     delivery_tag = tag,
@@ -307,7 +307,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Ok(updates) => updates,
         };
-        let mut updates = updates;
         let skew = self.worker.settings.batch.clock_skew;
         if let Some(claimed) = trust_event_times(&mut updates, now, skew) {
             metrics.future_timestamp();
