@@ -13,7 +13,7 @@
 //! holds a contact in flight, batches leave full, and one slow or failing request holds back
 //! only its own contacts' later updates, not a list.
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
+use rustc_hash::{FxHashMap as HashMap, FxHasher};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -271,8 +271,9 @@ fn partition_of(list_id: ListId, email: &str) -> PartitionKey {
 pub struct Batcher {
     limits: BatchLimits,
     open: HashMap<ListId, OpenBatch>,
-    /// Partitions with a request in flight: a batch left with one of their contacts.
-    in_flight: HashSet<PartitionKey>,
+    /// Partitions with a request in flight, and how many of their contacts it carries (more
+    /// than one only when two emails share a hash).
+    in_flight: HashMap<PartitionKey, u32>,
     /// Newer updates of contacts in flight, one entry per email, waiting for the answer.
     parked: HashMap<PartitionKey, Vec<Contact>>,
 }
@@ -282,7 +283,7 @@ impl Batcher {
         Self {
             limits,
             open: HashMap::default(),
-            in_flight: HashSet::default(),
+            in_flight: HashMap::default(),
             parked: HashMap::default(),
         }
     }
@@ -316,7 +317,7 @@ impl Batcher {
         } = update;
 
         let partition = partition_of(list_id, &email);
-        if self.in_flight.contains(&partition) {
+        if self.in_flight.contains_key(&partition) {
             let waiting = self.parked.entry(partition).or_default();
             match waiting.iter_mut().find(|c| c.email == email) {
                 Some(contact) => {
@@ -375,8 +376,15 @@ impl Batcher {
         let max_bytes = max_bytes(batch.list_id).min(self.limits.max_bytes);
         for contact in &batch.contacts {
             let partition = partition_of(batch.list_id, &contact.email);
-            if !self.in_flight.remove(&partition) {
-                continue;
+            match self.in_flight.get_mut(&partition) {
+                None => continue,
+                Some(carried) if *carried > 1 => {
+                    *carried -= 1;
+                    continue;
+                }
+                Some(_) => {
+                    self.in_flight.remove(&partition);
+                }
             }
             for waiting in self.parked.remove(&partition).unwrap_or_default() {
                 self.place(batch.list_id, waiting, now, max_bytes, &mut added);
@@ -453,11 +461,12 @@ impl Batcher {
     }
 
     fn leave(&mut self, list_id: ListId, open: OpenBatch, trigger: FlushTrigger) -> Batch {
-        self.in_flight.extend(
-            open.contacts
-                .iter()
-                .map(|contact| partition_of(list_id, &contact.email)),
-        );
+        for contact in &open.contacts {
+            *self
+                .in_flight
+                .entry(partition_of(list_id, &contact.email))
+                .or_default() += 1;
+        }
         Batch {
             list_id,
             contacts: open.contacts,

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::telemetry::Metrics;
-
 /// What one answer says about Listrak's load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -34,7 +32,8 @@ pub struct AdaptiveConcurrency {
     max: usize,
     state: Mutex<State>,
     released: Notify,
-    metrics: Metrics,
+    /// Told every new limit (the driver exports it as a gauge).
+    on_limit: Box<dyn Fn(usize) + Send + Sync>,
 }
 
 struct State {
@@ -84,12 +83,13 @@ const RATE_WINDOW: Duration = Duration::from_secs(1);
 const RATE_SETTLE: Duration = Duration::from_secs(3);
 
 impl AdaptiveConcurrency {
-    pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
+    /// `on_limit` is told the starting limit and every change.
+    pub fn new(max: usize, on_limit: impl Fn(usize) + Send + Sync + 'static) -> Arc<Self> {
         let max = max.max(1);
         // A backlog's first batches, one per list, leave together: starting at a quarter,
         // half of eight lists' batches waited a whole round trip, and every ack behind them.
         let initial = (max / 2).max(1);
-        metrics.concurrency_limit(initial);
+        on_limit(initial);
         Arc::new(Self {
             max,
             state: Mutex::new(State {
@@ -106,7 +106,7 @@ impl AdaptiveConcurrency {
                 accepted: VecDeque::new(),
             }),
             released: Notify::new(),
-            metrics,
+            on_limit: Box::new(on_limit),
         })
     }
 
@@ -223,7 +223,7 @@ impl AdaptiveConcurrency {
             }
             Signal::Overloaded | Signal::Neutral => {}
         }
-        self.metrics.concurrency_limit(state.limit as usize);
+        (self.on_limit)(state.limit as usize);
     }
 
     fn release(&self) {
@@ -252,7 +252,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_limit_grows_while_used_and_halves_on_overload() {
-        let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(8, |_| {});
         assert_eq!(limiter.limit(), 4);
         for _ in 0..40 {
             let mut permits = Vec::new();
@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn the_limit_doubles_per_round_trip_until_the_first_overload_then_grows_by_one() {
-        let limiter = AdaptiveConcurrency::new(128, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(128, |_| {});
         let rtt = Duration::from_millis(1);
         assert_eq!(limiter.limit(), 64, "half the maximum to start with");
         for _ in 0..64 {
@@ -290,7 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_limit_never_goes_below_one_nor_above_the_maximum() {
-        let limiter = AdaptiveConcurrency::new(3, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(3, |_| {});
         for _ in 0..10 {
             std::thread::sleep(Duration::from_millis(1));
             limiter.acquire().await.record(Signal::Overloaded);
@@ -308,7 +308,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unused_limit_does_not_grow() {
-        let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(8, |_| {});
         for _ in 0..100 {
             limiter.acquire().await.record(Signal::Healthy);
         }
@@ -317,7 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_429_caps_the_rate_under_what_was_accepted_and_the_cap_then_grows() {
-        let limiter = AdaptiveConcurrency::new(4, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(4, |_| {});
         assert_eq!(limiter.rate(), None);
         for _ in 0..20 {
             limiter.acquire().await.record(Signal::Healthy);
@@ -347,7 +347,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_5xx_lowers_concurrency_but_sets_no_rate() {
-        let limiter = AdaptiveConcurrency::new(8, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(8, |_| {});
         std::thread::sleep(Duration::from_millis(2));
         limiter.acquire().await.record(Signal::Overloaded);
         assert_eq!(limiter.rate(), None);
@@ -355,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_waits_for_a_free_slot() {
-        let limiter = AdaptiveConcurrency::new(1, Metrics::new(10));
+        let limiter = AdaptiveConcurrency::new(1, |_| {});
         let held = limiter.acquire().await;
         let waiting = tokio::spawn({
             let limiter = Arc::clone(&limiter);

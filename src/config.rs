@@ -19,7 +19,9 @@ use crate::decode::{member, Json};
 use crate::model::{FieldId, ListId};
 use crate::tls::{self, BrokerTls, IdentityError};
 
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker a fresh RabbitMQ install answers on; the demo, the benchmark and the tests
+/// use it too.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DEFAULT_EXCHANGE: &str = "listrak.audience";
 const DEFAULT_QUEUE: &str = "listrak.audience";
 /// What the held messages may take when no `amqp.memory_budget` is set: the worker then

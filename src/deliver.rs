@@ -20,28 +20,7 @@ use crate::model::{capped, DeadLetterReason, EventTime, ListId, QUOTE_LIMIT};
 use crate::retry::InProcessBackoff;
 use crate::telemetry::{mask_email, Metrics};
 
-/// Why Listrak refused a contact for good; becomes the dead letter's `x-listrak-*` headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub reason: DeadLetterReason,
-    pub status: Option<u16>,
-    pub error: String,
-    pub message: String,
-    pub list_id: Option<ListId>,
-}
-
-/// What became of one contact of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Applied,
-    /// Every field of it was older than a value already applied.
-    Superseded,
-    /// Systemic failures outlasted the in-process budget: move to the retry queues.
-    Retry,
-    DeadLetter(Rejection),
-    /// Shutdown came while the batch was held: leave its messages unacknowledged.
-    Abandoned,
-}
+pub use crate::model::{Rejection, Verdict};
 
 /// The smallest body size that Listrak refused with a size-404, per list, learned by
 /// bisection; later batches for the list stay under it.
@@ -153,19 +132,12 @@ impl<A: ListrakApi> Deliverer<A> {
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;
                 }
-                // Waiting for a slot spends the same budget: in an outage the limit is 1.
-                let acquired = tokio::time::timeout_at(
-                    attempt.deadline.into(),
-                    self.concurrency.acquire(),
-                );
-                let permit = tokio::select! {
-                    permit = acquired => permit.ok(),
-                    _ = self.shutdown.cancelled() => {
-                        verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Abandoned)));
-                        return verdicts;
-                    }
-                };
-                let Some(permit) = permit else {
+                // Waiting for a slot spends the same budget: in an outage the limit is 1. (At
+                // shutdown the batch still waits: what is batched is sent within the grace.)
+                let acquired =
+                    tokio::time::timeout_at(attempt.deadline.into(), self.concurrency.acquire())
+                        .await;
+                let Ok(permit) = acquired else {
                     tracing::warn!(list_id = %attempt.list, contacts = sent.len(), "the batch's hold budget ran out before a request slot was free; moving it to the retry queues");
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;

@@ -19,7 +19,7 @@ use crate::setup::{self, ProvisionRequest};
 use crate::telemetry::{AckOutcome, Metrics};
 use crate::worker::{self, Health};
 
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use crate::config::DEFAULT_AMQP_URL;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The configuration the demo runs with: its own queue names, the fake's URLs.

@@ -16,8 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use crate::model::Health;
 use crate::telemetry::Metrics;
-use crate::worker::Health;
 
 #[derive(Clone)]
 struct Ops {

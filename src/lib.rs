@@ -16,7 +16,9 @@
 //! whole.
 //!
 //! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
-//! - [`model`]: list and field ids, event times, updates, dead-letter reasons.
+//! - [`model`]: list and field ids, event times, updates, dead-letter reasons; the vocabulary
+//!   the stages share (verdicts, rejections, ack outcomes, readiness), so the pure stages need
+//!   no edge (a test checks their imports).
 //! - [`decode`]: message bytes into a Segment event (a borrowed JSON tree) or a direct
 //!   update, or poison.
 //! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter; an
@@ -107,5 +109,46 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod layers {
+    /// The stages whose decisions are pure: they import neither the edges (the broker,
+    /// Listrak, the HTTP server, the metrics) nor the driver (the session loop, delivery).
+    const PURE: [(&str, &str); 9] = [
+        ("decode", include_str!("decode.rs")),
+        ("mapping", include_str!("mapping.rs")),
+        ("batch", include_str!("batch.rs")),
+        ("guard", include_str!("guard.rs")),
+        ("classify", include_str!("classify.rs")),
+        ("retry", include_str!("retry.rs")),
+        ("concurrency", include_str!("concurrency.rs")),
+        ("settle", include_str!("settle.rs")),
+        ("model", include_str!("model.rs")),
+    ];
+    const EDGES_AND_DRIVER: [&str; 7] = [
+        "broker",
+        "listrak",
+        "http",
+        "telemetry",
+        "worker",
+        "session",
+        "deliver",
+    ];
+
+    #[test]
+    fn pure_stages_import_neither_the_edges_nor_the_driver() {
+        for (stage, source) in PURE {
+            for line in source.lines().filter(|line| line.contains("crate::")) {
+                for module in EDGES_AND_DRIVER {
+                    let named = format!("crate::{module}");
+                    let uses = line.match_indices(&named).any(|(at, _)| {
+                        !line[at + named.len()..].starts_with(char::is_alphanumeric)
+                    });
+                    assert!(!uses, "{stage} uses {module}: {}", line.trim());
+                }
+            }
+        }
     }
 }

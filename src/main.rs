@@ -85,9 +85,9 @@ enum Command {
     },
     /// Run the whole pipeline on this machine against an in-process Listrak stand-in.
     Demo {
-        /// How many events to generate.
-        #[arg(long, default_value_t = 3000)]
-        events: usize,
+        /// How many events to generate (at most a million).
+        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        events: u32,
     },
 }
 
@@ -244,7 +244,7 @@ fn main() -> ExitCode {
     .expect("a tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::Demo { events } => exit(demo::run(events).await),
+            Command::Demo { events } => exit(demo::run(events as usize).await),
             command => {
                 let env = |key: &str| std::env::var(key).ok();
                 // The setup commands need only the credentials: they help write the mappings.

@@ -1,7 +1,10 @@
-//! The vocabulary shared by every stage: list and field ids, event times, profile updates.
+//! The vocabulary shared by every stage: list and field ids, event times, profile updates,
+//! what became of a contact and of a message, readiness.
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// A Listrak list id: a positive 32-bit integer (Listrak's `int32`, so at most `i32::MAX`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -165,5 +168,75 @@ impl DeadLetterReason {
 impl fmt::Display for DeadLetterReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// How a message was finally acknowledged; the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AckOutcome {
+    Applied,
+    Ignored,
+    Superseded,
+    RetryScheduled,
+    DeadLettered,
+}
+
+impl AckOutcome {
+    pub const ALL: [AckOutcome; 5] = [
+        Self::Applied,
+        Self::Ignored,
+        Self::Superseded,
+        Self::RetryScheduled,
+        Self::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Ignored => "ignored",
+            Self::Superseded => "superseded",
+            Self::RetryScheduled => "retry_scheduled",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Why Listrak refused a contact for good; becomes the dead letter's `x-listrak-*` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: DeadLetterReason,
+    pub status: Option<u16>,
+    pub error: String,
+    pub message: String,
+    pub list_id: Option<ListId>,
+}
+
+/// What became of one contact of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Applied,
+    /// Every field of it was older than a value already applied.
+    Superseded,
+    /// Systemic failures outlasted the in-process budget: move to the retry queues.
+    Retry,
+    DeadLetter(Rejection),
+    /// Shutdown came while the batch was held: leave its messages unacknowledged.
+    Abandoned,
+}
+
+/// Readiness for `/readyz`: true only while connected to the broker and consuming.
+#[derive(Clone, Default)]
+pub struct Health {
+    consuming: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
+    /// The driver counts the change too (`listrak_amqp_connected`).
+    pub fn set(&self, up: bool) {
+        self.consuming.store(up, Ordering::Relaxed);
     }
 }

@@ -149,7 +149,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 FieldTable::default(),
             )
             .await?;
-        worker.health.set(&worker.metrics, true);
+        worker.health.set(true);
+        worker.metrics.amqp_connected(true);
         tracing::info!(queue = %settings.amqp.queue, prefetch = window, "consuming");
 
         let (reports, mut inbox) = mpsc::unbounded_channel();
@@ -283,7 +284,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let now = EventTime::now();
         let planned = decode(&delivery.data, now)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
-        let plan = match planned {
+        let mut plan = match planned {
             Err(poison) => {
                 tracing::info!(
                     delivery_tag = tag,
@@ -313,7 +314,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Ok(plan) => plan,
         };
-        let mut plan = plan;
         let skew = self.worker.settings.batch.clock_skew;
         let updates = plan.updates.iter_mut().chain(
             plan.unresolved

@@ -6,8 +6,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
-use crate::deliver::{Rejection, Verdict};
-use crate::telemetry::AckOutcome;
+use crate::model::{AckOutcome, Rejection, Verdict};
 
 /// What to do with a message once all of its updates have a verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]

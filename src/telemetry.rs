@@ -26,35 +26,7 @@ pub const MAX_UNMAPPED_AUDIENCE_KEYS: usize = 100;
 /// The label value that counts unmapped audience keys past the bound.
 pub const OTHER_AUDIENCE_KEYS: &str = "other";
 
-/// How a message was finally acknowledged; the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum AckOutcome {
-    Applied,
-    Ignored,
-    Superseded,
-    RetryScheduled,
-    DeadLettered,
-}
-
-impl AckOutcome {
-    pub const ALL: [AckOutcome; 5] = [
-        Self::Applied,
-        Self::Ignored,
-        Self::Superseded,
-        Self::RetryScheduled,
-        Self::DeadLettered,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Applied => "applied",
-            Self::Ignored => "ignored",
-            Self::Superseded => "superseded",
-            Self::RetryScheduled => "retry_scheduled",
-            Self::DeadLettered => "dead_lettered",
-        }
-    }
-}
+pub use crate::model::AckOutcome;
 
 /// The worker's metrics, registered in their own registry.
 #[derive(Clone)]

@@ -2,7 +2,6 @@
 //! bounded, clean shutdown.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,22 +21,7 @@ use crate::model::ListId;
 use crate::session::{Session, SessionError};
 use crate::telemetry::Metrics;
 
-/// Readiness for `/readyz`: true only while connected to the broker and consuming.
-#[derive(Clone, Default)]
-pub struct Health {
-    consuming: Arc<AtomicBool>,
-}
-
-impl Health {
-    pub fn is_ready(&self) -> bool {
-        self.consuming.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set(&self, metrics: &Metrics, up: bool) {
-        self.consuming.store(up, Ordering::Relaxed);
-        metrics.amqp_connected(up);
-    }
-}
+pub use crate::model::Health;
 
 const QUEUE_POLL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
@@ -103,10 +87,10 @@ impl<A: ListrakApi> Worker<A> {
         let fields = Arc::new(Fields::new(Arc::clone(&api), metrics.clone()));
         let deliverer = Arc::new(Deliverer {
             api,
-            concurrency: AdaptiveConcurrency::new(
-                settings.listrak.max_concurrency.get(),
-                metrics.clone(),
-            ),
+            concurrency: AdaptiveConcurrency::new(settings.listrak.max_concurrency.get(), {
+                let metrics = metrics.clone();
+                move |limit| metrics.concurrency_limit(limit)
+            }),
             guard: Arc::new(SupersededGuard::new(settings.superseded.capacity)),
             ceilings: Arc::new(SizeCeilings::default()),
             metrics: metrics.clone(),
@@ -178,7 +162,8 @@ impl<A: ListrakApi> Worker<A> {
             }
             delay = RECONNECT_FIRST;
             let result = Session::run(self, &connected).await;
-            self.health.set(&self.metrics, false);
+            self.health.set(false);
+            self.metrics.amqp_connected(false);
             match result {
                 Ok(()) => {
                     bounded(connected.close(200, "shutdown".into())).await;

@@ -14,9 +14,8 @@ fn value(kind: u8, bytes: &[u8]) -> AMQPValue {
         0 => AMQPValue::Timestamp(u64::from_le_bytes(eight)),
         1 => AMQPValue::LongLongInt(i64::from_le_bytes(eight)),
         2 => AMQPValue::LongString(LongString::from(bytes.to_vec())),
-        _ => AMQPValue::ShortString(ShortString::from(
-            String::from_utf8_lossy(bytes).into_owned(),
-        )),
+        _ => ShortString::try_new(String::from_utf8_lossy(bytes).into_owned())
+            .map_or(AMQPValue::Boolean(false), AMQPValue::ShortString),
     }
 }
 

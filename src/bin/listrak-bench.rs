@@ -17,7 +17,7 @@ struct Args {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = listrak_worker::config::DEFAULT_AMQP_URL
     )]
     amqp_url: String,
     /// Events in the backlog.

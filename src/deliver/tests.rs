@@ -125,7 +125,7 @@ fn deliverer(api: MemoryListrak, hold_budget: Duration) -> Deliverer<MemoryListr
     let metrics = Metrics::new(1000);
     Deliverer {
         api: Arc::new(api),
-        concurrency: AdaptiveConcurrency::new(4, metrics.clone()),
+        concurrency: AdaptiveConcurrency::new(4, |_| {}),
         guard: Arc::new(SupersededGuard::new(10_000)),
         ceilings: Arc::new(SizeCeilings::default()),
         metrics,

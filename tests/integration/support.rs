@@ -26,7 +26,7 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL")
         .ok()
         .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+        .unwrap_or_else(|| listrak_worker::config::DEFAULT_AMQP_URL.into())
 }
 
 /// The broker settings of the test's own connections: straight to the broker, whatever
