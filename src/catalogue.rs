@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{FieldRule, ListSource, Mapping};
+use crate::config::{AudienceField, FieldRule, ListSource, Mapping};
 use crate::model::{FieldId, ListId};
 
 /// Listrak's data type for a field that holds `on` or `off`.
@@ -146,6 +146,13 @@ pub fn check(catalogue: &Catalogue, mappings: &[Mapping]) -> CheckReport {
                     ));
                     continue;
                 }
+                if let Some(audience) = &mapping.audience_field {
+                    for message in audience_problems(catalogue, list, audience) {
+                        report
+                            .problems
+                            .push(problem(AUDIENCE_GROUP_KEY.into(), message));
+                    }
+                }
                 for (field, rule) in &mapping.profile_fields {
                     let place = format!("list {list}");
                     if let Some(message) =
@@ -173,6 +180,15 @@ pub fn check(catalogue: &Catalogue, mappings: &[Mapping]) -> CheckReport {
                     ));
                     continue;
                 }
+                if let Some(audience) = &mapping.audience_field {
+                    for list in &catalogue.lists {
+                        for message in audience_problems(catalogue, list.id, audience) {
+                            report
+                                .problems
+                                .push(problem(AUDIENCE_GROUP_KEY.into(), message));
+                        }
+                    }
+                }
                 // The same fault on several lists is one line naming them all.
                 for (field, rule) in &mapping.profile_fields {
                     let mut faults: BTreeMap<String, Vec<ListId>> = BTreeMap::new();
@@ -195,6 +211,64 @@ pub fn check(catalogue: &Catalogue, mappings: &[Mapping]) -> CheckReport {
         }
     }
     report
+}
+
+const AUDIENCE_GROUP_KEY: &str = "audience_field.group";
+
+/// What an `audience_field` mapping finds wrong with one list: no group of that name when
+/// fields are not created, and names held by more than one group or Check Box field (what
+/// replicas that raced to create one leave behind; updates go to the lowest id).
+fn audience_problems(catalogue: &Catalogue, list: ListId, audience: &AudienceField) -> Vec<String> {
+    let groups: Vec<&FieldGroup> = catalogue
+        .groups
+        .get(&list)
+        .into_iter()
+        .flatten()
+        .filter(|group| same_name(&group.name, &audience.group))
+        .collect();
+    let mut problems = Vec::new();
+    if groups.is_empty() {
+        if !audience.create {
+            problems.push(format!(
+                "list {list} has no profile field group {:?}, and `create` is false: every event would be dead-lettered as unknown_field; create it with `listrak provision --list {list} --group {:?} --audience KEY`, or set `create = true`",
+                audience.group, audience.group
+            ));
+        }
+        return problems;
+    }
+    if groups.len() > 1 {
+        let mut ids: Vec<u32> = groups.iter().map(|group| group.id).collect();
+        ids.sort();
+        let shown: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        problems.push(format!(
+            "list {list} has {} profile field groups named {:?} (ids {}); fields are looked for in all of them and created in the lowest, {}",
+            ids.len(),
+            audience.group,
+            shown.join(", "),
+            ids[0],
+        ));
+    }
+    let mut by_name: BTreeMap<String, Vec<FieldId>> = BTreeMap::new();
+    for field in groups.iter().flat_map(|group| &group.fields) {
+        if field.is_check_box() {
+            let name = field.name.trim().to_ascii_lowercase();
+            by_name.entry(name).or_default().push(field.id);
+        }
+    }
+    for (name, mut ids) in by_name {
+        if ids.len() > 1 {
+            ids.sort();
+            let shown: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            problems.push(format!(
+                "list {list} has {} Check Box fields named {name:?} in group {:?} (ids {}): updates go to the lowest, {}; the others can be deleted",
+                ids.len(),
+                audience.group,
+                shown.join(", "),
+                ids[0]
+            ));
+        }
+    }
+    problems
 }
 
 fn field_key(field: FieldId) -> String {
@@ -310,6 +384,12 @@ fn suggestion(
     }
 }
 
+/// Whether two group or field names are one, as Listrak users write them: letter case and
+/// surrounding spaces aside.
+pub fn same_name(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
 /// Lower case, letters and digits only: "VIP Customers" and "vip_customers" compare equal.
 fn folded(name: &str) -> String {
     name.chars()
@@ -375,7 +455,7 @@ pub fn plan_provision(
     group_name: &str,
     wanted: &[(String, String)],
 ) -> Result<ProvisionPlan, ProvisionRefusal> {
-    let same = |a: &str, b: &str| a.trim().eq_ignore_ascii_case(b.trim());
+    let same = same_name;
     let matching: Vec<&FieldGroup> = groups
         .iter()
         .filter(|group| same(&group.name, group_name))
@@ -498,7 +578,65 @@ mod tests {
                     (field_id(*id), rule)
                 })
                 .collect(),
+            audience_field: None,
         }
+    }
+
+    #[test]
+    fn audience_field_mappings_report_a_missing_group_and_duplicate_fields() {
+        let every_audience = |create: bool| Mapping {
+            name: "every-audience".into(),
+            audience_key: None,
+            profile_fields: vec![],
+            audience_field: Some(AudienceField {
+                group: "Engage Audiences".into(),
+                create,
+            }),
+            ..mapping(ListSource::Id(list(1001)), &[])
+        };
+        let check_box = |id: i64, name: &str| FieldInfo {
+            id: field_id(id),
+            name: name.into(),
+            data_type: CHECK_BOX.into(),
+            max_length: Some(3),
+        };
+        let mut catalogue = Catalogue {
+            lists: vec![ListInfo {
+                id: list(1001),
+                name: "Customers".into(),
+            }],
+            groups: BTreeMap::from([(list(1001), vec![])]),
+        };
+        let report = check(&catalogue, &[every_audience(true)]);
+        assert!(report.problems.is_empty(), "{report:?}");
+        let report = check(&catalogue, &[every_audience(false)]);
+        assert_eq!(report.problems.len(), 1, "{report:?}");
+        assert_eq!(report.problems[0].key, "audience_field.group");
+        assert!(report.problems[0]
+            .message
+            .contains("no profile field group \"Engage Audiences\""));
+
+        catalogue.groups.insert(
+            list(1001),
+            vec![FieldGroup {
+                id: 20,
+                name: "Engage Audiences".into(),
+                fields: vec![
+                    check_box(305, "gold"),
+                    check_box(301, "gold"),
+                    check_box(302, "silver"),
+                ],
+            }],
+        );
+        let report = check(&catalogue, &[every_audience(false)]);
+        assert_eq!(report.problems.len(), 1, "{report:?}");
+        let message = &report.problems[0].message;
+        assert!(
+            message.contains("2 Check Box fields named \"gold\"")
+                && message.contains("ids 301, 305")
+                && message.contains("the lowest, 301"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -234,8 +234,22 @@ pub struct Mapping {
     pub list: ListSource,
     /// Tried in order; the first that holds a string is the email. Never empty.
     pub email_paths: Vec<JsonPath>,
-    /// Sorted by id; never empty.
+    /// Sorted by id; empty exactly when `audience_field` is set.
     pub profile_fields: Vec<(FieldId, FieldRule)>,
+    /// Instead of field ids: the audience key names a Check Box field in a field group.
+    pub audience_field: Option<AudienceField>,
+}
+
+/// `audience_field = { group = "...", create = true }`: one mapping for every audience. The
+/// event's audience key names a Check Box field of the list in `group`; membership decides
+/// its value as `useAudienceKey` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudienceField {
+    /// The profile field group's name, as Listrak spells it.
+    pub group: String,
+    /// Whether a missing field (and group) is created on first sight; otherwise the event
+    /// is dead-lettered as `unknown_field`.
+    pub create: bool,
 }
 
 /// The paths tried for the email when a mapping names none (Engage puts it in
@@ -646,12 +660,21 @@ impl Settings {
             }
             let paths: Vec<&str> = mapping.email_paths.iter().map(JsonPath::as_str).collect();
             let _ = writeln!(out, "email_path = {}", toml_array(&paths));
-            let fields: Vec<String> = mapping
-                .profile_fields
-                .iter()
-                .map(|(id, rule)| format!("\"{id}\" = {}", toml_str(rule.as_str())))
-                .collect();
-            let _ = writeln!(out, "profile_fields = {{ {} }}", fields.join(", "));
+            if let Some(audience) = &mapping.audience_field {
+                let _ = writeln!(
+                    out,
+                    "audience_field = {{ group = {}, create = {} }}",
+                    toml_str(&audience.group),
+                    audience.create
+                );
+            } else {
+                let fields: Vec<String> = mapping
+                    .profile_fields
+                    .iter()
+                    .map(|(id, rule)| format!("\"{id}\" = {}", toml_str(rule.as_str())))
+                    .collect();
+                let _ = writeln!(out, "profile_fields = {{ {} }}", fields.join(", "));
+            }
         }
         out
     }
@@ -1421,6 +1444,7 @@ fn mapping(node: &Node<'_>) -> Result<Mapping, ConfigError> {
         "list_id_path",
         "email_path",
         "profile_fields",
+        "audience_field",
     ])?;
     let name = match node.string("name")? {
         Some(name) if !name.trim().is_empty() => name.to_owned(),
@@ -1503,7 +1527,16 @@ fn mapping(node: &Node<'_>) -> Result<Mapping, ConfigError> {
     };
 
     let email_paths = email_paths(node)?;
-    let profile_fields = profile_fields(node)?;
+    let (profile_fields, audience_field) = match node.get("audience_field") {
+        None => (profile_fields(node)?, None),
+        Some(_) if node.get("profile_fields").is_some() => {
+            return Err(invalid(
+                node.key("audience_field"),
+                "set either `profile_fields` or `audience_field`, not both",
+            ))
+        }
+        Some(_) => (Vec::new(), Some(audience_field(node)?)),
+    };
 
     Ok(Mapping {
         name,
@@ -1513,7 +1546,24 @@ fn mapping(node: &Node<'_>) -> Result<Mapping, ConfigError> {
         list,
         email_paths,
         profile_fields,
+        audience_field,
     })
+}
+
+fn audience_field(node: &Node<'_>) -> Result<AudienceField, ConfigError> {
+    let table = node.table("audience_field")?;
+    table.only(&["group", "create"])?;
+    let group = match table.string("group")? {
+        Some(group) if !group.trim().is_empty() => group.to_owned(),
+        _ => {
+            return Err(invalid(
+                table.key("group"),
+                "is missing or empty; name the profile field group that holds one Check Box field per audience",
+            ))
+        }
+    };
+    let create = table.boolean("create")?.unwrap_or(false);
+    Ok(AudienceField { group, create })
 }
 
 /// A single path goes first and the defaults follow it; an array is exactly those paths.
@@ -1931,6 +1981,30 @@ profile_fields = { "456" = "useAudienceKey" }
     }
 
     #[test]
+    fn audience_field_mapping_names_a_group_instead_of_fields() {
+        let text = "[listrak]\nclient_id = \"id\"\nclient_secret = \"secret\"\n\
+                    [[mappings]]\nname = \"every-audience\"\nevents = [\"Audience Entered\", \"Audience Exited\"]\n\
+                    list_id = 12345\naudience_field = { group = \"Engage Audiences\", create = true }\n";
+        let settings = Settings::from_toml(text, |_| None).unwrap();
+        let mapping = &settings.mappings[0];
+        assert!(mapping.profile_fields.is_empty());
+        assert_eq!(
+            mapping.audience_field,
+            Some(AudienceField {
+                group: "Engage Audiences".into(),
+                create: true
+            })
+        );
+        let shown = settings.redacted_toml();
+        assert!(
+            shown.contains("audience_field = { group = \"Engage Audiences\", create = true }"),
+            "{shown}"
+        );
+        let again = Settings::from_toml(&shown, |_| None).unwrap();
+        assert_eq!(again.mappings, settings.mappings);
+    }
+
+    #[test]
     fn every_refused_mapping_names_its_key() {
         const BASE: &str = "[[mappings]]\nname = \"vip\"\nevents = [\"Audience Entered\"]\n";
         check_refusals(
@@ -2006,6 +2080,12 @@ profile_fields = { "456" = "useAudienceKey" }
             ("bad_path_in_email_path_array", "list_id = 1\nemail_path = [\"$.a\", \"$..b\"]\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path[1]"),
             ("empty_email_path_array", "list_id = 1\nemail_path = []\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
             ("email_path_as_number", "list_id = 1\nemail_path = 3\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
+            ("both_profile_fields_and_audience_field", "list_id = 1\nprofile_fields = { \"456\" = \"on\" }\naudience_field = { group = \"Engage Audiences\" }", "mappings[0].audience_field"),
+            ("audience_field_without_group", "list_id = 1\naudience_field = { create = true }", "mappings[0].audience_field.group"),
+            ("audience_field_with_empty_group", "list_id = 1\naudience_field = { group = \" \" }", "mappings[0].audience_field.group"),
+            ("audience_field_with_unknown_key", "list_id = 1\naudience_field = { group = \"G\", create_group = true }", "mappings[0].audience_field.create_group"),
+            ("audience_field_create_as_text", "list_id = 1\naudience_field = { group = \"G\", create = \"yes\" }", "mappings[0].audience_field.create"),
+            ("audience_field_as_text", "list_id = 1\naudience_field = \"Engage Audiences\"", "mappings[0].audience_field"),
         ];
         for (behaviour, rest, expected) in lists_and_fields {
             let (key, reason) = refusal(&format!("{BASE}{rest}"), credentials);

@@ -3,12 +3,12 @@
 //! # Layout
 //!
 //! ```text
-//!  RabbitMQ ──► decode ──► mapping ──► batch ──► deliver ──► Listrak
-//!  (broker)     bytes to    events to   per list,  requests,    (listrak)
-//!               messages    updates     contact,   retries,
-//!                                       field      bisection
-//!                                                     │
-//!                 ack / retry queue / dead letter ◄── settle
+//!  RabbitMQ ──► decode ──► mapping ──► fields ──► batch ──► deliver ──► Listrak
+//!  (broker)     bytes to    events to   audience   per list,  requests,    (listrak)
+//!               messages    updates     key to     contact,   retries,
+//!                                       field id   field      bisection
+//!                                                                │
+//!                            ack / retry queue / dead letter ◄── settle
 //! ```
 //!
 //! The decisions are pure functions (decode, mapping, batch, classify, retry, settle,
@@ -21,7 +21,11 @@
 //!   no edge (a test checks their imports).
 //! - [`decode`]: message bytes into a Segment event (a borrowed JSON tree) or a direct
 //!   update, or poison.
-//! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter.
+//! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter; an
+//!   `audience_field` mapping leaves the field to be resolved by the audience key.
+//! - [`fields`]: each list's field catalogue in memory, resolving `audience_field` mappings
+//!   (audience key → Check Box field id); misses read again at a bounded rate, missing
+//!   fields created on request, the lowest id winning among duplicates.
 //! - [`batch`]: grouping per list, merging per contact, last write wins per field; when a
 //!   batch leaves (size, bytes, `max_wait`, or input gone quiet); the order per contact (a
 //!   contact in flight is never in a second request: its newer updates wait for the answer).
@@ -33,7 +37,6 @@
 //!   multiplicative decrease) and a request rate after a 429.
 //! - [`deliver`]: one batch to Listrak: in-process retries within the batch's hold budget
 //!   (counted from its oldest message's delivery), bisection, size ceilings.
-//! - [`listrak`]: the Listrak API client and its shared OAuth token.
 //! - [`listrak`]: the Listrak API client and its shared OAuth token; the catalogue requests
 //!   (lists, profile field groups and fields).
 //! - [`catalogue`]: an account's lists and fields against the mappings (`check --listrak`),
@@ -44,8 +47,9 @@
 //!   dead letter, with the headers that say why.
 //! - [`broker`]: connection, queue topology, confirmed publishing, headers.
 //! - [`tls`]: the broker's `amqps://` settings: CA and client certificate files.
-//! - [`session`]: the loop of one broker session that drives everything: consume, batch,
-//!   dispatch, settle, publish, ack.
+//! - [`session`]: the loop of one broker session that drives everything: consume, resolve
+//!   fields (holding aside the messages that wait for Listrak), batch, dispatch, settle,
+//!   publish, ack.
 //! - [`worker`]: sessions one after another (reconnection), shutdown.
 //! - [`telemetry`]: every metric, one function per occurrence.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
@@ -70,6 +74,7 @@ pub mod demo;
 pub mod disposition;
 pub mod dlq;
 pub mod fake;
+pub mod fields;
 pub mod guard;
 pub mod http;
 pub mod listrak;

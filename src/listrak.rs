@@ -14,11 +14,13 @@ use serde::Deserialize;
 use crate::catalogue::{FieldGroup, FieldInfo, ListInfo, CHECK_BOX};
 use crate::classify::{parse_retry_after, ListrakError, Outcome};
 use crate::config::{ListrakSettings, Secret};
+use crate::fields::FieldCatalogue;
 use crate::model::{FieldId, ListId};
 use crate::telemetry::Metrics;
 
-/// The one call the pipeline makes; narrow so the pipeline runs against anything in tests.
-pub trait ListrakApi: Send + Sync + 'static {
+/// The one call the pipeline makes, and the catalogue requests that resolve `audience_field`
+/// mappings; narrow so the pipeline runs against anything in tests.
+pub trait ListrakApi: FieldCatalogue + Send + Sync + 'static {
     /// Sends one request body (a JSON array of `contacts` contacts) to one list.
     fn post_contacts(
         &self,
@@ -511,6 +513,34 @@ impl ListrakClient {
                 }
             }
         }
+    }
+}
+
+impl FieldCatalogue for ListrakClient {
+    fn field_groups(
+        &self,
+        list: ListId,
+    ) -> impl Future<Output = Result<Vec<FieldGroup>, CatalogueError>> + Send {
+        ListrakClient::field_groups(self, list)
+    }
+
+    fn create_field_group(
+        &self,
+        list: ListId,
+        name: &str,
+        position: u32,
+    ) -> impl Future<Output = Result<u32, CatalogueError>> + Send {
+        ListrakClient::create_field_group(self, list, name, position)
+    }
+
+    fn create_check_box(
+        &self,
+        list: ListId,
+        group: u32,
+        name: &str,
+        position: u32,
+    ) -> impl Future<Output = Result<FieldId, CatalogueError>> + Send {
+        ListrakClient::create_check_box(self, list, group, name, position)
     }
 }
 

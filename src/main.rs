@@ -109,14 +109,16 @@ enum ListrakCommand {
         json: bool,
     },
     /// Create a profile field group and one Check Box field per audience, those missing
-    /// only (found by name first), and print the [[mappings]] tables that use them.
+    /// only (found by name first), and print the [[mappings]] tables that use them (none
+    /// when an `audience_field` mapping of the configuration already covers the group).
     Provision {
-        /// The list id.
+        /// The list id; by default, that of the configuration's `audience_field` mapping.
         #[arg(long)]
-        list: ListId,
-        /// The profile field group's name; created when the list has none of that name.
+        list: Option<ListId>,
+        /// The profile field group's name; created when the list has none of that name. By
+        /// default, that of the configuration's `audience_field` mapping.
         #[arg(long)]
-        group: String,
+        group: Option<String>,
         /// An Engage audience key (repeatable); its field is named after it.
         #[arg(long = "audience", value_name = "KEY", required = true)]
         audiences: Vec<String>,
@@ -190,7 +192,7 @@ enum DlqCommand {
 #[derive(Args)]
 struct Filters {
     /// Dead-letter reason: invalid_json, invalid_event, rejected, list_not_found,
-    /// retries_exhausted, delivery_limit, unknown.
+    /// unknown_field, retries_exhausted, delivery_limit, unknown.
     #[arg(long, value_delimiter = ',', value_parser = dlq::filter::parse_reason)]
     reason: Vec<String>,
     /// Listrak list id.
@@ -343,7 +345,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Listrak { command } => {
             let client = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
-            listrak_command(command, &client).await
+            listrak_command(command, &client, &settings.mappings).await
         }
         Command::Publish { file } => {
             let topology = broker::Topology::of(&settings);
@@ -408,7 +410,11 @@ async fn verify_listrak(
     }
 }
 
-async fn listrak_command(command: ListrakCommand, client: &ListrakClient) -> anyhow::Result<()> {
+async fn listrak_command(
+    command: ListrakCommand,
+    client: &ListrakClient,
+    mappings: &[listrak_worker::config::Mapping],
+) -> anyhow::Result<()> {
     match command {
         ListrakCommand::Lists { json } => {
             let lists = client.lists().await?;
@@ -434,9 +440,10 @@ async fn listrak_command(command: ListrakCommand, client: &ListrakClient) -> any
             name,
             dry_run,
         } => {
+            let target = setup::provision_target(mappings, list, group)?;
             let request = ProvisionRequest {
-                list,
-                group,
+                list: target.list,
+                group: target.group,
                 audiences,
                 name,
                 dry_run,
@@ -445,7 +452,11 @@ async fn listrak_command(command: ListrakCommand, client: &ListrakClient) -> any
             // What happened goes to stderr, so that stdout is the configuration to paste.
             eprint!("{}", provisioned.summary());
             let mappings = provisioned.mappings_toml();
-            if mappings.is_empty() {
+            if let Some(mapping) = target.covered_by {
+                eprintln!(
+                    "mapping {mapping:?} (audience_field) already writes these audiences; no [[mappings]] tables to add"
+                );
+            } else if mappings.is_empty() {
                 eprintln!(
                     "dry run: nothing created; run without --dry-run for the [[mappings]] tables"
                 );

@@ -4,12 +4,12 @@
 //! "useAudienceKey", an empty email); here such a message is poison, so that it lands in
 //! the dead-letter queue where someone will see it.
 
-use crate::config::{FieldRule, ListSource, Mapping, SegmentType};
+use crate::config::{AudienceField, FieldRule, ListSource, Mapping, SegmentType};
 use crate::decode::{
     at, list_id_from_json, member, normalize_email, Inbound, Json, Poison, SegmentEvent,
     SegmentKind,
 };
-use crate::model::Update;
+use crate::model::{FieldId, ListId, Update};
 
 /// The event names Engage gives audience membership changes.
 const ENTERED: &str = "Audience Entered";
@@ -28,6 +28,46 @@ impl UnmappedAudiences for () {
     fn unmapped_audience(&self, _audience_key: &str) {}
 }
 
+/// What a message asks for: updates whose fields are known, and updates whose field an
+/// `audience_field` mapping names by the audience key, still to be resolved to an id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub updates: Vec<Update>,
+    pub unresolved: Vec<Unresolved>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.updates.is_empty() && self.unresolved.is_empty()
+    }
+}
+
+/// An update for the Check Box field named `audience_key` in the list's `group`: the field
+/// id comes from the list's catalogue (see `fields`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved {
+    /// The contact and time; its `fields` are empty until the field is resolved.
+    pub update: Update,
+    pub group: String,
+    pub audience_key: String,
+    /// "on" or "off".
+    pub value: &'static str,
+    /// Whether a missing field is created (else the message is dead-lettered).
+    pub create: bool,
+}
+
+impl Unresolved {
+    pub fn list_id(&self) -> ListId {
+        self.update.list_id
+    }
+
+    /// The update, with the field it resolved to.
+    pub fn resolved(mut self, field: FieldId) -> Update {
+        self.update.fields.push((field, self.value.to_owned()));
+        self.update
+    }
+}
+
 /// The updates a message asks for: a direct update's own, or one per matching mapping.
 /// Empty means it matched no mapping: it is acknowledged and counted as ignored, and when
 /// it is an audience event, its audience key goes to `unmapped`.
@@ -35,14 +75,14 @@ pub fn plan(
     inbound: &Inbound<'_>,
     mappings: &[Mapping],
     unmapped: &impl UnmappedAudiences,
-) -> Result<Vec<Update>, Poison> {
-    let updates = updates(inbound, mappings)?;
-    if updates.is_empty() {
+) -> Result<Plan, Poison> {
+    let plan = updates(inbound, mappings)?;
+    if plan.is_empty() {
         if let Some(key) = unmapped_audience(inbound, mappings) {
             unmapped.unmapped_audience(key);
         }
     }
-    Ok(updates)
+    Ok(plan)
 }
 
 /// The audience key of an audience event that no mapping takes; `None` for any other
@@ -58,21 +98,55 @@ pub fn unmapped_audience<'i>(inbound: &'i Inbound<'_>, mappings: &[Mapping]) -> 
     .then_some(key)
 }
 
-fn updates(inbound: &Inbound<'_>, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
+fn updates(inbound: &Inbound<'_>, mappings: &[Mapping]) -> Result<Plan, Poison> {
     match inbound {
-        Inbound::ProfileUpdate(direct) => Ok(vec![direct.update.clone()]),
+        Inbound::ProfileUpdate(direct) => Ok(Plan {
+            updates: vec![direct.update.clone()],
+            unresolved: Vec::new(),
+        }),
         // One matching mapping that cannot be applied poisons the whole message: it is
         // settled as one, so it goes to the dead-letter queue whole, with none of its
         // updates sent; once the cause is fixed, replaying it applies every mapping.
         Inbound::Segment(event) => {
             let key = audience_key(event);
-            mappings
-                .iter()
-                .filter(|mapping| matches(event, key, mapping))
-                .map(|mapping| update(event, mapping))
-                .collect()
+            let mut plan = Plan::default();
+            for mapping in mappings.iter().filter(|m| matches(event, key, m)) {
+                let update = update(event, mapping)?;
+                match &mapping.audience_field {
+                    None => plan.updates.push(update),
+                    Some(field) => plan
+                        .unresolved
+                        .push(unresolved(event, mapping, field, update)?),
+                }
+            }
+            Ok(plan)
         }
     }
+}
+
+/// The audience key names the field; membership decides its value.
+fn unresolved(
+    event: &SegmentEvent<'_>,
+    mapping: &Mapping,
+    field: &AudienceField,
+    update: Update,
+) -> Result<Unresolved, Poison> {
+    let poison = |why: String| Poison::invalid_event(format!("mapping {:?}: {why}", mapping.name));
+    let key = audience_key(event).ok_or_else(|| {
+        poison(
+            "`audience_field` names the field by the audience key, and the event has none (context.personas.computation_key or properties.audience_key)"
+                .to_owned(),
+        )
+    })?;
+    let value = member_value(event)
+        .map_err(|why| poison(format!("`audience_field` takes the membership, but {why}")))?;
+    Ok(Unresolved {
+        update,
+        group: field.group.clone(),
+        audience_key: key.to_owned(),
+        value,
+        create: field.create,
+    })
 }
 
 /// `context.personas.computation_key` (what Engage sends), else `properties.audience_key`;
@@ -237,6 +311,20 @@ mod tests {
             list: ListSource::Id(list(12345)),
             email_paths: default_email_paths(),
             profile_fields: vec![(field(456), FieldRule::UseAudienceKey)],
+            audience_field: None,
+        }
+    }
+
+    /// One mapping for every audience: the field is the audience key's in the group.
+    fn every_audience(create: bool) -> Mapping {
+        Mapping {
+            name: "every-audience".into(),
+            profile_fields: vec![],
+            audience_field: Some(AudienceField {
+                group: "Engage Audiences".into(),
+                create,
+            }),
+            ..audience_events()
         }
     }
 
@@ -278,7 +366,60 @@ mod tests {
     }
 
     fn planned(body: &Value, mappings: &[Mapping]) -> Result<Vec<Update>, Poison> {
-        plan(&inbound(body), mappings, &())
+        plan(&inbound(body), mappings, &()).map(|plan| plan.updates)
+    }
+
+    fn unresolved(body: &Value, mappings: &[Mapping]) -> Result<Vec<Unresolved>, Poison> {
+        plan(&inbound(body), mappings, &()).map(|plan| plan.unresolved)
+    }
+
+    #[test]
+    fn audience_field_mapping_leaves_the_field_to_be_resolved_by_the_audience_key() {
+        let body = track(
+            "Audience Exited",
+            json!({"context": {"personas": {"computation_key": "gold"}}, "properties": {"gold": false}}),
+        );
+        let pending = unresolved(&body, &[every_audience(true)]).unwrap();
+        assert_eq!(pending.len(), 1);
+        let pending = pending[0].clone();
+        assert_eq!(pending.group, "Engage Audiences");
+        assert_eq!(pending.audience_key, "gold");
+        assert_eq!(pending.value, "off");
+        assert!(pending.create);
+        assert!(pending.update.fields.is_empty());
+        let update = pending.resolved(field(77));
+        assert_eq!(update.fields, vec![(field(77), "off".to_owned())]);
+        assert_eq!(update.list_id, list(12345));
+        assert_eq!(update.email, "a@example.com");
+        assert_eq!(planned(&body, &[every_audience(true)]), Ok(vec![]));
+    }
+
+    #[test]
+    fn audience_field_mapping_keeps_its_audience_key_filter() {
+        let body = track(
+            "Audience Entered",
+            json!({"context": {"personas": {"computation_key": "gold"}}}),
+        );
+        let only_silver = Mapping {
+            audience_key: Some("silver".into()),
+            ..every_audience(false)
+        };
+        assert_eq!(unresolved(&body, &[only_silver]), Ok(vec![]));
+        let only_gold = Mapping {
+            audience_key: Some("gold".into()),
+            ..every_audience(false)
+        };
+        let pending = unresolved(&body, &[only_gold]).unwrap();
+        assert_eq!(pending[0].value, "on");
+        assert!(!pending[0].create);
+    }
+
+    #[test]
+    fn audience_field_event_without_an_audience_key_is_invalid_event() {
+        let body = track("Audience Entered", json!({}));
+        let poison = unresolved(&body, &[every_audience(true)]).unwrap_err();
+        assert_eq!(poison.reason, DeadLetterReason::InvalidEvent);
+        assert!(poison.detail.contains("audience key"), "{}", poison.detail);
     }
 
     fn one_update(body: &Value, mapping: Mapping) -> Result<Update, Poison> {
@@ -871,14 +1012,8 @@ mod tests {
         let Inbound::ProfileUpdate(direct) = inbound(&body) else {
             panic!("a profile_update decodes as a direct update");
         };
-        assert_eq!(
-            plan(&inbound(&body), &[], &()),
-            Ok(vec![direct.update.clone()])
-        );
-        assert_eq!(
-            plan(&inbound(&body), &[any_event()], &()),
-            Ok(vec![direct.update])
-        );
+        assert_eq!(planned(&body, &[]), Ok(vec![direct.update.clone()]));
+        assert_eq!(planned(&body, &[any_event()]), Ok(vec![direct.update]));
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub enum DeadLetterReason {
     Rejected,
     /// Listrak answered 404 for this contact alone: the list does not exist.
     ListNotFound,
+    /// An `audience_field` mapping without `create` found no field for the audience.
+    UnknownField,
     /// Systemic failures outlasted `retry.max_age`.
     RetriesExhausted,
     /// The broker's own delivery limit dead-lettered it (recognised from `x-death`).
@@ -136,11 +138,12 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 6] = [
+    pub const ALL: [DeadLetterReason; 7] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::Rejected,
         Self::ListNotFound,
+        Self::UnknownField,
         Self::RetriesExhausted,
         Self::DeliveryLimit,
     ];
@@ -151,6 +154,7 @@ impl DeadLetterReason {
             Self::InvalidEvent => "invalid_event",
             Self::Rejected => "rejected",
             Self::ListNotFound => "list_not_found",
+            Self::UnknownField => "unknown_field",
             Self::RetriesExhausted => "retries_exhausted",
             Self::DeliveryLimit => "delivery_limit",
         }

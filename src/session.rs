@@ -19,9 +19,10 @@ use crate::broker::{self, PackedProperties, Publisher, RetryHeaders, TopologyMis
 use crate::decode::decode;
 use crate::deliver::{Rejection, Verdict};
 use crate::disposition::{dispose, Disposition, Republish, Rules};
+use crate::fields::Unresolvable;
 use crate::listrak::ListrakApi;
-use crate::mapping::plan;
-use crate::model::{capped, EventTime, Update, QUOTE_LIMIT};
+use crate::mapping::{plan, Plan};
+use crate::model::{capped, DeadLetterReason, EventTime, Update, QUOTE_LIMIT};
 use crate::settle::{Acks, Ledger, Settlement};
 use crate::telemetry::AckOutcome;
 use crate::worker::{bounded, poll_queue_depths, Worker};
@@ -58,6 +59,12 @@ enum Report {
         outcome: AckOutcome,
     },
     PublishFailed(Box<Outgoing>),
+    /// The fields of a message held aside (see `Session::hold`) were resolved, or not.
+    Resolved {
+        tag: u64,
+        arrived: Instant,
+        resolved: Result<Vec<Update>, Unresolvable>,
+    },
 }
 
 /// A copy on its way to a retry queue or the dead-letter queue: everything needed to
@@ -277,7 +284,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let now = EventTime::now();
         let planned = decode(&delivery.data, now)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
-        let mut updates = match planned {
+        let mut plan = match planned {
             Err(poison) => {
                 tracing::info!(
                     delivery_tag = tag,
@@ -301,14 +308,19 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 );
                 return;
             }
-            Ok(updates) if updates.is_empty() => {
+            Ok(plan) if plan.is_empty() => {
                 self.acks.ready(tag, AckOutcome::Ignored, arrived);
                 return;
             }
-            Ok(updates) => updates,
+            Ok(plan) => plan,
         };
         let skew = self.worker.settings.batch.clock_skew;
-        if let Some(claimed) = trust_event_times(&mut updates, now, skew) {
+        let updates = plan.updates.iter_mut().chain(
+            plan.unresolved
+                .iter_mut()
+                .map(|pending| &mut pending.update),
+        );
+        if let Some(claimed) = trust_event_times(updates, now, skew) {
             metrics.future_timestamp();
             tracing::warn!(
                 delivery_tag = tag,
@@ -325,6 +337,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 properties: PackedProperties::pack(&delivery.properties),
             },
         );
+        match self.worker.fields.lookup_all(plan) {
+            Ok(updates) => self.add_updates(tag, updates, arrived),
+            Err(plan) => self.hold(tag, plan, arrived),
+        }
+    }
+
+    /// Hands a message's updates to the batcher; the message settles when each has a verdict.
+    fn add_updates(&mut self, tag: u64, updates: Vec<Update>, arrived: Instant) {
         let deliverer = &self.worker.deliverer;
         // Updates older than what was applied are recognised when their batch is sent (the
         // guard is consulted there anyway, as a newer value may be applied meanwhile).
@@ -340,6 +360,78 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
         if let Some((original, settlement)) = self.ledger.seal(tag) {
             self.settle_original(tag, original, settlement);
+        }
+    }
+
+    /// Holds a message aside while a task resolves its fields from Listrak (a catalogue read
+    /// or a field to create), so the loop goes on. The resolution is one part of the message
+    /// in the ledger, so the shutdown drain waits for it; its updates keep their arrival time,
+    /// so their hold budget counts from then.
+    fn hold(&mut self, tag: u64, plan: Plan, arrived: Instant) {
+        self.ledger.add_part(tag);
+        let fields = Arc::clone(&self.worker.fields);
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let seen = tokio::time::Instant::from_std(arrived);
+            let resolved = fields.resolve_all(plan, seen).await;
+            let _ = reports.send(Report::Resolved {
+                tag,
+                arrived,
+                resolved,
+            });
+        });
+    }
+
+    fn on_resolved(
+        &mut self,
+        tag: u64,
+        arrived: Instant,
+        resolved: Result<Vec<Update>, Unresolvable>,
+        draining: bool,
+    ) {
+        match resolved {
+            Ok(updates) => {
+                // The resolution part settles without weighing on the outcome; the updates
+                // decide it.
+                if let Some((original, settlement)) =
+                    self.ledger.settle_part(tag, &Verdict::Superseded)
+                {
+                    self.settle_original(tag, original, settlement);
+                    return;
+                }
+                self.add_updates(tag, updates, arrived);
+                if draining {
+                    for batch in self.batcher.flush_all() {
+                        self.dispatch(batch);
+                    }
+                }
+            }
+            Err(why) => {
+                let verdict = match &why {
+                    Unresolvable::UnknownField { list, .. } => Verdict::DeadLetter(Rejection {
+                        reason: DeadLetterReason::UnknownField,
+                        status: None,
+                        error: String::new(),
+                        message: why.to_string(),
+                        list_id: Some(*list),
+                    }),
+                    Unresolvable::Catalogue(error) if error.is_not_found() => {
+                        Verdict::DeadLetter(Rejection {
+                            reason: DeadLetterReason::ListNotFound,
+                            status: Some(404),
+                            error: String::new(),
+                            message: error.to_string(),
+                            list_id: None,
+                        })
+                    }
+                    Unresolvable::Catalogue(_) => Verdict::Retry,
+                };
+                tracing::info!(delivery_tag = tag, error = %why, "a message's profile field could not be resolved");
+                self.ledger.settle_part(tag, &verdict);
+                if let Some((original, settlement)) = self.ledger.seal(tag) {
+                    self.settle_original(tag, original, settlement);
+                }
+            }
         }
     }
 
@@ -370,6 +462,16 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match report {
             Report::Delivered { batch, verdicts } => {
                 self.delivering -= 1;
+                for (contact, verdict) in batch.contacts.iter().zip(&verdicts) {
+                    if let Verdict::DeadLetter(rejection) = verdict {
+                        if rejection.status == Some(400) {
+                            let fields = contact.fields.iter().map(|value| value.field);
+                            self.worker
+                                .fields
+                                .refused(batch.list_id, &rejection.message, fields);
+                        }
+                    }
+                }
                 for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
                     for &tag in &contact.messages {
                         if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict)
@@ -392,6 +494,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     }
                 }
             }
+            Report::Resolved {
+                tag,
+                arrived,
+                resolved,
+            } => self.on_resolved(tag, arrived, resolved, draining),
             Report::Published { tag, outcome } => {
                 self.publishing -= 1;
                 self.acks.ready(tag, outcome, Instant::now());
@@ -598,10 +705,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 }
 
 /// Replaces event times more than `skew` ahead of `now` by `now`; returns the first such time.
-fn trust_event_times(updates: &mut [Update], now: EventTime, skew: Duration) -> Option<EventTime> {
+fn trust_event_times<'u>(
+    updates: impl IntoIterator<Item = &'u mut Update>,
+    now: EventTime,
+    skew: Duration,
+) -> Option<EventTime> {
     let mut claimed = None;
     for update in updates
-        .iter_mut()
+        .into_iter()
         .filter(|u| u.timestamp.is_ahead_of(now, skew))
     {
         claimed.get_or_insert(update.timestamp);

@@ -5,9 +5,10 @@
 use std::fmt::Write as _;
 
 use crate::catalogue::{
-    self, Catalogue, CheckReport, FieldGroup, ListInfo, Presence, ProvisionPlan, ProvisionRefusal,
+    self, same_name, Catalogue, CheckReport, FieldGroup, ListInfo, Presence, ProvisionPlan,
+    ProvisionRefusal,
 };
-use crate::config::{toml_str, Mapping};
+use crate::config::{toml_str, AudienceField, ListSource, Mapping};
 use crate::listrak::{CatalogueError, ListrakClient};
 use crate::model::{FieldId, ListId};
 
@@ -176,6 +177,77 @@ pub fn fields_table(groups: &[FieldGroup]) -> String {
         out.push_str("(no profile field groups)\n");
     }
     out
+}
+
+/// Where `listrak provision` creates fields, when `--list` or `--group` is left out: from the
+/// configuration's `audience_field` mapping. Also names the mapping that already writes the
+/// provisioned audiences, so no per-audience tables need printing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionTarget {
+    pub list: ListId,
+    pub group: String,
+    /// The `audience_field` mapping that covers this list and group, if any.
+    pub covered_by: Option<String>,
+}
+
+/// `--list` and `--group` as given, each missing one taken from the one `audience_field`
+/// mapping with a fixed list that fits the other (refused, naming the option, when there
+/// is none or more than one).
+pub fn provision_target(
+    mappings: &[Mapping],
+    list: Option<ListId>,
+    group: Option<String>,
+) -> Result<ProvisionTarget, SetupError> {
+    let candidates: Vec<(&Mapping, ListId, &AudienceField)> = mappings
+        .iter()
+        .filter_map(|mapping| {
+            let field = mapping.audience_field.as_ref()?;
+            let ListSource::Id(id) = mapping.list else {
+                return None;
+            };
+            Some((mapping, id, field))
+        })
+        .filter(|(_, id, field)| {
+            list.is_none_or(|list| list == *id)
+                && group
+                    .as_deref()
+                    .is_none_or(|group| same_name(group, &field.group))
+        })
+        .collect();
+    let (list, group) = match (list, group) {
+        (Some(list), Some(group)) => (list, group),
+        (list, group) => {
+            let missing = if list.is_none() { "--list" } else { "--group" };
+            match candidates.as_slice() {
+                [(_, id, field)] => (
+                    list.unwrap_or(*id),
+                    group.unwrap_or_else(|| field.group.clone()),
+                ),
+                [] => {
+                    return Err(SetupError::Usage(format!(
+                        "give {missing}: no `audience_field` mapping with a fixed list_id fits what was given"
+                    )))
+                }
+                several => {
+                    let names: Vec<String> =
+                        several.iter().map(|(m, _, _)| format!("{:?}", m.name)).collect();
+                    return Err(SetupError::Usage(format!(
+                        "give {missing}: the `audience_field` mappings {} differ",
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+    };
+    let covered_by = candidates
+        .iter()
+        .find(|(_, id, field)| *id == list && same_name(&field.group, &group))
+        .map(|(mapping, _, _)| mapping.name.clone());
+    Ok(ProvisionTarget {
+        list,
+        group,
+        covered_by,
+    })
 }
 
 /// What `listrak provision` is asked for.
@@ -390,6 +462,35 @@ mod tests {
             name: name.map(str::to_owned),
             dry_run: false,
         }
+    }
+
+    #[test]
+    fn provision_takes_list_and_group_from_the_audience_field_mapping() {
+        let text = "[listrak]\nclient_id = \"id\"\nclient_secret = \"secret\"\n\
+                    [[mappings]]\nname = \"every-audience\"\nevents = [\"Audience Entered\"]\n\
+                    list_id = 1001\naudience_field = { group = \"Engage Audiences\" }\n\
+                    [[mappings]]\nname = \"vip\"\nevents = [\"Audience Entered\"]\n\
+                    list_id = 2002\nprofile_fields = { \"9\" = \"on\" }\n";
+        let mappings = crate::config::Settings::from_toml(text, |_| None)
+            .unwrap()
+            .mappings;
+        let list = |id| ListId::new(id).unwrap();
+        let target = provision_target(&mappings, None, None).unwrap();
+        assert_eq!(
+            target,
+            ProvisionTarget {
+                list: list(1001),
+                group: "Engage Audiences".into(),
+                covered_by: Some("every-audience".into()),
+            }
+        );
+        let elsewhere =
+            provision_target(&mappings, Some(list(2002)), Some("Engage Audiences".into())).unwrap();
+        assert_eq!(elsewhere.covered_by, None);
+        let refused = provision_target(&mappings, Some(list(2002)), None).unwrap_err();
+        assert!(refused.to_string().contains("give --group"), "{refused}");
+        let refused = provision_target(&[], None, Some("G".into())).unwrap_err();
+        assert!(refused.to_string().contains("give --list"), "{refused}");
     }
 
     #[test]

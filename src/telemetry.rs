@@ -57,6 +57,8 @@ struct Inner {
     future_timestamps: IntCounter,
     publish_failures: IntCounter,
     prefetch: IntGauge,
+    fields_created: IntCounter,
+    catalogue_reads: IntCounter,
     unmapped_audience_events: IntCounterVec,
     /// The audience keys labelled by name so far, at most [`MAX_UNMAPPED_AUDIENCE_KEYS`].
     unmapped_audience_keys: Mutex<HashSet<String>>,
@@ -210,6 +212,15 @@ impl Metrics {
             "Messages the broker may have delivered and not yet acknowledged (basic.qos).",
         );
 
+        let fields_created = counter(
+            "listrak_fields_created_total",
+            "Check Box profile fields created for an audience by an `audience_field` mapping with `create = true`.",
+        );
+        let catalogue_reads = counter(
+            "listrak_catalogue_reads_total",
+            "Reads of a list's profile field groups and fields, to resolve `audience_field` mappings.",
+        );
+
         let unmapped_audience_events = counter_vec(
             "listrak_unmapped_audience_events_total",
             "Audience events no mapping takes (acknowledged as ignored), by audience key; keys past the first 100 count as \"other\".",
@@ -257,6 +268,8 @@ impl Metrics {
                 future_timestamps,
                 publish_failures,
                 prefetch,
+                fields_created,
+                catalogue_reads,
                 unmapped_audience_events,
                 unmapped_audience_keys: Mutex::new(HashSet::new()),
             }),
@@ -300,6 +313,16 @@ impl Metrics {
 
     pub fn publish_failed(&self) {
         self.inner.publish_failures.inc();
+    }
+
+    /// An `audience_field` mapping created a Check Box field.
+    pub fn field_created(&self) {
+        self.inner.fields_created.inc();
+    }
+
+    /// A list's field catalogue was read to resolve an `audience_field` mapping.
+    pub fn catalogue_read(&self) {
+        self.inner.catalogue_reads.inc();
     }
 
     pub fn prefetch_window(&self, window: u16) {
@@ -472,6 +495,8 @@ mod tests {
             "listrak_queue_messages",
             "listrak_build_info",
             "listrak_unmapped_audience_events_total",
+            "listrak_fields_created_total",
+            "listrak_catalogue_reads_total",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
         }

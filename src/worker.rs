@@ -12,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Topology};
 use crate::concurrency::AdaptiveConcurrency;
-use crate::config::Settings;
+use crate::config::{ListSource, Settings};
 use crate::deliver::{Deliverer, SizeCeilings};
+use crate::fields::Fields;
 use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
+use crate::model::ListId;
 use crate::session::{Session, SessionError};
 use crate::telemetry::Metrics;
 
@@ -49,6 +51,7 @@ pub async fn run<A: ListrakApi>(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let worker = Worker::new(settings, api, metrics, health, stop.clone());
+    worker.preload_fields();
     let trigger = async {
         shutdown.await;
         tracing::info!("shutdown requested: no new messages; sending what is batched");
@@ -65,6 +68,8 @@ pub(crate) struct Worker<A> {
     pub(crate) settings: Arc<Settings>,
     pub(crate) topology: Topology,
     pub(crate) deliverer: Arc<Deliverer<A>>,
+    /// The field catalogues `audience_field` mappings resolve against, kept across sessions.
+    pub(crate) fields: Arc<Fields<A>>,
     pub(crate) metrics: Metrics,
     pub(crate) health: Health,
     pub(crate) stop: CancellationToken,
@@ -79,6 +84,7 @@ impl<A: ListrakApi> Worker<A> {
         stop: CancellationToken,
     ) -> Self {
         let topology = Topology::of(&settings);
+        let fields = Arc::new(Fields::new(Arc::clone(&api), metrics.clone()));
         let deliverer = Arc::new(Deliverer {
             api,
             concurrency: AdaptiveConcurrency::new(settings.listrak.max_concurrency.get(), {
@@ -95,9 +101,31 @@ impl<A: ListrakApi> Worker<A> {
             settings: Arc::new(settings),
             topology,
             deliverer,
+            fields,
             metrics,
             health,
             stop,
+        }
+    }
+
+    /// Reads, in the background, the field catalogues of the lists `audience_field`
+    /// mappings name, so the first events find their fields in memory.
+    fn preload_fields(&self) {
+        let mut lists: Vec<ListId> = self
+            .settings
+            .mappings
+            .iter()
+            .filter(|mapping| mapping.audience_field.is_some())
+            .filter_map(|mapping| match mapping.list {
+                ListSource::Id(list) => Some(list),
+                ListSource::Path(_) => None,
+            })
+            .collect();
+        lists.sort();
+        lists.dedup();
+        for list in lists {
+            let fields = Arc::clone(&self.fields);
+            tokio::spawn(async move { fields.preload(list).await });
         }
     }
 

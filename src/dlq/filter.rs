@@ -240,6 +240,7 @@ mod tests {
     fn reasons_are_checked_so_a_typo_matches_nothing_by_accident() {
         assert_eq!(parse_reason("rejected"), Ok("rejected".into()));
         assert_eq!(parse_reason("delivery_limit"), Ok("delivery_limit".into()));
+        assert_eq!(parse_reason("unknown_field"), Ok("unknown_field".into()));
         assert_eq!(parse_reason("unknown"), Ok("unknown".into()));
         assert_eq!(parse_reason("broker_expired"), Ok("broker_expired".into()));
         let refused = parse_reason("rejcted").unwrap_err();

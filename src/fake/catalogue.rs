@@ -300,6 +300,15 @@ impl Catalogue {
         Some(self.last_id)
     }
 
+    /// Removes a field, as someone deleting it in Listrak would; whether it was there.
+    pub fn delete_field(&mut self, list: u32, field: u32) -> bool {
+        self.lists.get_mut(&list).is_some_and(|list| {
+            list.groups
+                .values_mut()
+                .any(|group| group.fields.remove(&field).is_some())
+        })
+    }
+
     /// The whole catalogue in the seed's shape, for `GET /_fake/catalogue` and tests.
     pub fn snapshot(&self) -> CatalogueSeed {
         CatalogueSeed {

@@ -266,6 +266,14 @@ impl FakeHandle {
         self.shared.lock().catalogue().snapshot()
     }
 
+    /// Deletes a profile field, as someone could in Listrak's console; whether it existed.
+    pub fn delete_field(&self, list_id: u32, field_id: u32) -> bool {
+        self.shared
+            .lock()
+            .catalogue_mut()
+            .delete_field(list_id, field_id)
+    }
+
     /// Every SegmentationField request, in arrival order, whatever it was answered.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests().to_vec()

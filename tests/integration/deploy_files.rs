@@ -79,7 +79,8 @@ fn every_compose_sample_event_is_applied_but_the_one_unmapped_audience() {
         let inbound = decode(line.as_bytes(), EventTime::now())
             .unwrap_or_else(|poison| panic!("line {}: {poison:?}", number + 1));
         let planned = plan(&inbound, &settings.mappings, &())
-            .unwrap_or_else(|poison| panic!("line {}: {poison:?}", number + 1));
+            .unwrap_or_else(|poison| panic!("line {}: {poison:?}", number + 1))
+            .updates;
         if planned.is_empty() {
             ignored.push(number + 1);
         }

@@ -1,6 +1,7 @@
 //! Tests against the real local RabbitMQ and listrak-fake over loopback. One binary, so the
 //! crate links once; each test uses queues of its own and deletes them.
 
+mod audience;
 mod cli;
 mod deploy_files;
 mod dlq;

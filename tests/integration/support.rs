@@ -61,6 +61,8 @@ pub struct Knobs {
     pub http_listen: String,
     /// `listrak.verify_at_start`.
     pub verify_at_start: bool,
+    /// The `[[mappings]]` tables, when not the demo's.
+    pub mappings: Option<String>,
 }
 
 impl Default for Knobs {
@@ -81,6 +83,7 @@ impl Default for Knobs {
             single_active_consumer: false,
             http_listen: "127.0.0.1:0".to_owned(),
             verify_at_start: false,
+            mappings: None,
         }
     }
 }
@@ -122,7 +125,8 @@ grace = "{grace}"
 
 [superseded]
 capacity = {superseded_capacity}
-{MAPPINGS_TOML}"#,
+{mappings}"#,
+        mappings = knobs.mappings.as_deref().unwrap_or(MAPPINGS_TOML),
         amqp = knobs.worker_amqp_url.clone().unwrap_or_else(amqp_url),
         tls = knobs
             .amqp_tls
