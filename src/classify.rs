@@ -42,7 +42,7 @@ impl Outcome {
     }
 }
 
-/// What to do about an outcome (the failure table in the README's "Delivery semantics").
+/// What to do about an outcome (the failure table in `docs/design.md`, "Delivery semantics").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     /// Accepted: settle every contact as applied.
