@@ -56,13 +56,14 @@
 //! - [`publish`], [`progress`]: the `publish` command.
 //! - [`dlq`]: the `dlq` commands: stats, peek, replay, export and purge of dead letters.
 //! - [`allocator`]: mimalloc, set to give freed memory back at once.
-//! - [`demo`], [`sample`]: the `demo` command and the sample traffic it shares with tests.
-//! - [`bench`]: `listrak-bench`, the benchmark against a bare consumer.
-//! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
+//!
+//! Everything above runs in production. [`tools`] holds what runs beside it, never imported
+//! by the modules above: the demo (its command stays in the main binary), the sample traffic
+//! it shares with the tests, the benchmark (`listrak-bench`) and the Listrak stand-in
+//! (`listrak-fake`).
 
 pub mod allocator;
 pub mod batch;
-pub mod bench;
 pub mod broker;
 pub mod catalogue;
 pub mod classify;
@@ -70,10 +71,8 @@ pub mod concurrency;
 pub mod config;
 pub mod decode;
 pub mod deliver;
-pub mod demo;
 pub mod disposition;
 pub mod dlq;
-pub mod fake;
 pub mod fields;
 pub mod guard;
 pub mod http;
@@ -85,12 +84,12 @@ pub mod publish;
 pub mod retry;
 #[cfg(test)]
 mod robustness;
-pub mod sample;
 pub mod session;
 pub mod settle;
 pub mod setup;
 pub mod telemetry;
 pub mod tls;
+pub mod tools;
 pub mod worker;
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
@@ -136,6 +135,37 @@ mod layers {
         "session",
         "deliver",
     ];
+
+    /// What runs in production; `tools` (the demo, the sample traffic, the benchmark, the
+    /// stand-in) runs beside it.
+    const PRODUCTION: [(&str, &str); 14] = [
+        ("session", include_str!("session.rs")),
+        ("worker", include_str!("worker.rs")),
+        ("deliver", include_str!("deliver.rs")),
+        ("disposition", include_str!("disposition.rs")),
+        ("fields", include_str!("fields.rs")),
+        ("broker", include_str!("broker.rs")),
+        ("listrak", include_str!("listrak.rs")),
+        ("http", include_str!("http.rs")),
+        ("telemetry", include_str!("telemetry.rs")),
+        ("config", include_str!("config.rs")),
+        ("catalogue", include_str!("catalogue.rs")),
+        ("setup", include_str!("setup.rs")),
+        ("publish", include_str!("publish.rs")),
+        ("dlq", include_str!("dlq/mod.rs")),
+    ];
+
+    #[test]
+    fn production_modules_never_import_the_tools() {
+        for (module, source) in PURE.iter().chain(&PRODUCTION) {
+            // Tests may use the sample traffic: look at the code before them.
+            let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+            assert!(
+                !code.contains("crate::tools"),
+                "{module} imports the development tools"
+            );
+        }
+    }
 
     #[test]
     fn pure_stages_import_neither_the_edges_nor_the_driver() {

@@ -14,8 +14,9 @@ use listrak_worker::listrak::ListrakClient;
 use listrak_worker::model::ListId;
 use listrak_worker::setup::{self, ProblemsFound, ProvisionRequest, SetupError};
 use listrak_worker::telemetry::Metrics;
+use listrak_worker::tools::demo;
 use listrak_worker::worker::Health;
-use listrak_worker::{allocator, broker, demo, http, publish, shutdown_signal};
+use listrak_worker::{allocator, broker, http, publish, shutdown_signal};
 
 // Every message is allocated by lapin's I/O thread and freed on the worker's: glibc's
 // allocator takes a lock for each such free, mimalloc does not.

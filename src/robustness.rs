@@ -19,7 +19,7 @@ const NOW: EventTime = EventTime(1_700_000_000_000_000);
 fn mappings() -> Settings {
     let text = format!(
         "[listrak]\nclient_id = \"c\"\nclient_secret = \"s\"\n{}",
-        crate::sample::MAPPINGS_TOML
+        crate::tools::sample::MAPPINGS_TOML
     );
     Settings::from_toml(&text, |_| None).expect("the sample configuration loads")
 }

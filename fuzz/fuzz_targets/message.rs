@@ -12,7 +12,7 @@ use listrak_worker::model::EventTime;
 static SETTINGS: LazyLock<Settings> = LazyLock::new(|| {
     let text = format!(
         "[listrak]\nclient_id = \"c\"\nclient_secret = \"s\"\n{}",
-        listrak_worker::sample::MAPPINGS_TOML
+        listrak_worker::tools::sample::MAPPINGS_TOML
     );
     Settings::from_toml(&text, |_| None).expect("the sample configuration loads")
 });

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use listrak_worker::bench::{self, BenchOptions, Report, Setting};
+use listrak_worker::tools::bench::{self, BenchOptions, Report, Setting};
 
 #[derive(Parser)]
 #[command(

@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
-use listrak_worker::fake::{CatalogueSeed, FakeOptions, SeedField, SeedGroup, SeedList};
-use listrak_worker::sample::{track, BASE_MICROS};
+use listrak_worker::tools::fake::{CatalogueSeed, FakeOptions, SeedField, SeedGroup, SeedList};
+use listrak_worker::tools::sample::{track, BASE_MICROS};
 
 use crate::support::{counter_total, wait_until, Harness, Knobs, WorkerProcess};
 

@@ -109,13 +109,13 @@ fn an_unknown_command_is_a_usage_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_auth_obtains_a_token_and_says_why_when_it_cannot() {
-    let fake = listrak_worker::fake::FakeServer::start(
+    let fake = listrak_worker::tools::fake::FakeServer::start(
         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        listrak_worker::fake::FakeOptions::default(),
+        listrak_worker::tools::fake::FakeOptions::default(),
     )
     .await
     .unwrap();
-    let credentials = listrak_worker::fake::FakeOptions::default();
+    let credentials = listrak_worker::tools::fake::FakeOptions::default();
     let path = write_config("auth", VALID);
     let run = |secret: String| {
         let mut command = worker();

@@ -10,10 +10,10 @@ use lapin::BasicProperties;
 
 use listrak_worker::broker::{self, int_header, text_header};
 use listrak_worker::dlq::{stats, DeadLetters, Filter, ReplayOptions};
-use listrak_worker::fake::Faults;
 use listrak_worker::model::EventTime;
 use listrak_worker::publish::{event_properties, publish_file};
-use listrak_worker::sample::{email, track, BASE_MICROS};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{email, track, BASE_MICROS};
 
 use crate::support::{settings_text, wait_until, DeadLetter, Harness, Knobs};
 

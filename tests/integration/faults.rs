@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use listrak_worker::fake::Faults;
-use listrak_worker::sample::{self, email, track, TrafficShape, BASE_MICROS};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{self, email, track, TrafficShape, BASE_MICROS};
 
 use crate::support::{profile_update, report_fault, Harness, Knobs, Relay};
 

@@ -8,8 +8,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
-use listrak_worker::fake::Faults;
-use listrak_worker::sample::{email, track, BASE_MICROS};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{email, track, BASE_MICROS};
 
 use crate::support::{profile_update, Harness, Knobs};
 
@@ -46,7 +46,7 @@ async fn logs_never_show_the_secret_and_mask_emails_at_info_and_above() {
     let info_and_above = Captured::default();
     let worker_only = tracing_subscriber::filter::filter_fn(|meta| {
         meta.target().starts_with("listrak_worker")
-            && !meta.target().starts_with("listrak_worker::fake")
+            && !meta.target().starts_with("listrak_worker::tools::fake")
     });
     let subscriber = tracing_subscriber::registry()
         .with(
@@ -120,7 +120,7 @@ async fn logs_never_show_the_secret_and_mask_emails_at_info_and_above() {
         "the test saw the worker's logs: {all}"
     );
     assert!(all.contains("effective settings"));
-    let secret = listrak_worker::fake::FakeOptions::default().client_secret;
+    let secret = listrak_worker::tools::fake::FakeOptions::default().client_secret;
     assert!(
         !all.contains(&secret),
         "the client secret never appears, even in debug logs"

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use listrak_worker::fake::Faults;
 use listrak_worker::http;
-use listrak_worker::sample::{self, TrafficShape};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{self, TrafficShape};
 
 use crate::support::{Harness, Knobs};
 

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use listrak_worker::fake::Faults;
-use listrak_worker::sample::{self, email, track, TrafficShape, BASE_MICROS};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{self, email, track, TrafficShape, BASE_MICROS};
 
 use crate::support::{counts, scrape, Harness, Knobs};
 

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use listrak_worker::fake::Faults;
-use listrak_worker::sample::{self, TrafficShape};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{self, TrafficShape};
 
 use crate::support::{Harness, Knobs, WorkerProcess};
 

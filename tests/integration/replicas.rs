@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
-use listrak_worker::fake::Faults;
-use listrak_worker::sample::{self, Traffic, TrafficShape};
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{self, Traffic, TrafficShape};
 
 use crate::support::{self, Harness, Knobs, WorkerProcess};
 

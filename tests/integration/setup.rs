@@ -8,10 +8,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use listrak_worker::config::Settings;
-use listrak_worker::fake::{
+use listrak_worker::tools::fake::{
     CatalogueSeed, FakeOptions, FakeServer, SeedField, SeedGroup, SeedList,
 };
-use listrak_worker::sample::{track, BASE_MICROS};
+use listrak_worker::tools::sample::{track, BASE_MICROS};
 
 use crate::support::{Harness, Knobs, WorkerProcess};
 

@@ -15,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use listrak_worker::broker::{self, as_text, Topology};
 use listrak_worker::config::{AmqpSettings, Secret, Settings};
-use listrak_worker::fake::{FakeOptions, FakeServer, Faults};
 use listrak_worker::listrak::ListrakClient;
 use listrak_worker::publish::event_properties;
-use listrak_worker::sample::MAPPINGS_TOML;
 use listrak_worker::telemetry::Metrics;
+use listrak_worker::tools::fake::{FakeOptions, FakeServer, Faults};
+use listrak_worker::tools::sample::MAPPINGS_TOML;
 use listrak_worker::worker::{self, Health};
 
 pub fn amqp_url() -> String {

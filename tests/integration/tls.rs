@@ -24,10 +24,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use listrak_worker::broker;
 use listrak_worker::config::Settings;
-use listrak_worker::fake::Faults;
 use listrak_worker::listrak::{install_crypto_provider, ListrakClient};
-use listrak_worker::sample::{self, TrafficShape};
 use listrak_worker::telemetry::Metrics;
+use listrak_worker::tools::fake::Faults;
+use listrak_worker::tools::sample::{self, TrafficShape};
 
 use crate::support::{amqp_url, settings_text, unique_queue, Harness, Knobs};
 

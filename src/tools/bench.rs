@@ -19,9 +19,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::broker::{self, wait_confirm, Publisher, Topology};
-use crate::fake::{FakeOptions, FakeServer, Faults};
 use crate::model::EventTime;
 use crate::publish::event_properties;
+use crate::tools::fake::{FakeOptions, FakeServer, Faults};
 
 /// One setting a backlog is drained in: how many lists, and how long Listrak takes to
 /// answer a request.

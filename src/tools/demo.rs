@@ -10,13 +10,13 @@ use anyhow::Context;
 
 use crate::broker::{self, Topology};
 use crate::config::Settings;
-use crate::fake::{CatalogueSeed, FakeOptions, FakeServer, SeedField, SeedGroup};
 use crate::listrak::ListrakClient;
 use crate::model::{DeadLetterReason, FieldId, ListId};
 use crate::publish::publish_lines;
-use crate::sample::{self, TrafficShape, MAPPINGS_TOML};
 use crate::setup::{self, ProvisionRequest};
 use crate::telemetry::{AckOutcome, Metrics};
+use crate::tools::fake::{CatalogueSeed, FakeOptions, FakeServer, SeedField, SeedGroup};
+use crate::tools::sample::{self, TrafficShape, MAPPINGS_TOML};
 use crate::worker::{self, Health};
 
 use crate::config::DEFAULT_AMQP_URL;

@@ -1,0 +1,11 @@
+//! What runs beside the worker, not in it: nothing in production imports these.
+//!
+//! - [`demo`]: the `demo` command, the whole pipeline on this machine.
+//! - [`sample`]: the demo's Engage traffic and mappings, shared with the tests.
+//! - [`bench`](mod@bench): `listrak-bench`, the worker against a bare consumer.
+//! - [`fake`]: `listrak-fake`, a strict stand-in for Listrak with fault injection.
+
+pub mod bench;
+pub mod demo;
+pub mod fake;
+pub mod sample;
