@@ -40,15 +40,6 @@ pub enum Inbound<'a> {
     ProfileUpdate(DirectUpdate),
 }
 
-impl Inbound<'_> {
-    pub fn message_id(&self) -> Option<&str> {
-        match self {
-            Inbound::Segment(event) => event.message_id.as_deref(),
-            Inbound::ProfileUpdate(direct) => direct.message_id.as_deref(),
-        }
-    }
-}
-
 /// A Segment `track` or `identify` event, as Engage sends it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentEvent<'a> {
