@@ -369,15 +369,11 @@ impl Batcher {
     }
 
     /// The request for `batch` has its answer, whatever it was: its contacts' parked updates
-    /// join the open batches. Returns the batches that became full.
-    pub fn answered(
-        &mut self,
-        batch: &Batch,
-        now: Instant,
-        max_bytes: impl Fn(ListId) -> usize,
-    ) -> Vec<Batch> {
+    /// join the open batch of its list (`max_bytes`: the list's byte ceiling, as for
+    /// `add_with_ceiling`). Returns the batches that became full.
+    pub fn answered(&mut self, batch: &Batch, now: Instant, max_bytes: usize) -> Vec<Batch> {
         let mut added = Added::default();
-        let max_bytes = max_bytes(batch.list_id).min(self.limits.max_bytes);
+        let max_bytes = max_bytes.min(self.limits.max_bytes);
         for contact in &batch.contacts {
             let partition = partition_of(batch.list_id, &contact.email);
             match self.in_flight.get_mut(&partition) {
@@ -526,7 +522,14 @@ impl Batcher {
             .collect()
     }
 
+    /// Some contact waits for an earlier request of its own to be answered. Asked on every
+    /// turn of the session loop: O(1), where `parked` counts.
+    pub fn any_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
     /// Contacts waiting for an earlier request of theirs to be answered.
+    #[cfg(test)]
     pub fn parked(&self) -> usize {
         self.parked.values().map(Vec::len).sum()
     }

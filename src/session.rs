@@ -203,7 +203,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             // Contacts waiting for an answer join the open batches when it comes: the input
             // is not over until they have.
             let quiet = lingering
-                .filter(|_| self.batcher.parked() == 0)
+                .filter(|_| !self.batcher.any_parked())
                 .filter(|_| self.delivering == 0 || !self.window_full())
                 .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
             let flush_at = lingering.map(tokio::time::Instant::from_std);
@@ -480,10 +480,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         }
                     }
                 }
-                let ceilings = &self.worker.deliverer.ceilings;
-                let ready = self.batcher.answered(&batch, Instant::now(), |list| {
-                    ceilings.get(list).unwrap_or(usize::MAX)
-                });
+                let ceiling = self.worker.deliverer.ceilings.get(batch.list_id);
+                let ready =
+                    self.batcher
+                        .answered(&batch, Instant::now(), ceiling.unwrap_or(usize::MAX));
                 for batch in ready {
                     self.dispatch(batch);
                 }

@@ -255,7 +255,7 @@ fn answer_in_order(
 ) {
     let mut line = std::collections::VecDeque::from(leaving);
     while let Some(batch) = line.pop_front() {
-        line.extend(batcher.answered(&batch, now, |_| usize::MAX));
+        line.extend(batcher.answered(&batch, now, usize::MAX));
         sent.push(batch);
     }
 }
@@ -283,7 +283,7 @@ fn a_contact_in_flight_waits_for_its_answer_and_others_go_ahead() {
         "a second request of the same list leaves while the first is unanswered"
     );
 
-    let released = batcher.answered(&first.flushed[0], now, |_| usize::MAX);
+    let released = batcher.answered(&first.flushed[0], now, usize::MAX);
     assert!(released.is_empty());
     assert_eq!(batcher.parked(), 0);
     let last = batcher.flush_all();
@@ -300,7 +300,7 @@ fn a_parked_contact_brings_its_age_to_the_open_batch() {
     let first = batcher.add(2, update(LIST_A, "b@x.io", FIELD, "on", 10), start);
     batcher.add(3, update(LIST_A, "a@x.io", FIELD, "off", 20), start);
     assert_eq!(batcher.next_deadline(), None, "nothing open: a is parked");
-    batcher.answered(&first.flushed[0], later, |_| usize::MAX);
+    batcher.answered(&first.flushed[0], later, usize::MAX);
     assert_eq!(
         batcher.next_deadline(),
         Some(start + Duration::from_secs(1)),
@@ -447,7 +447,7 @@ proptest! {
                             applied.insert(key, (time, value));
                         }
                     }
-                    let released = batcher.answered(&batch, now, |_| usize::MAX);
+                    let released = batcher.answered(&batch, now, usize::MAX);
                     send(released, &mut in_flight, &applied);
                 }
             }
