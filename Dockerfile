@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# listrak-worker and listrak-fake in one image:
+# The production image carries listrak-worker alone (the last stage, built by default):
 #   docker build -t listrak-worker .
 #   docker run --rm listrak-worker listrak-worker check --config /etc/listrak-worker/config.toml
+# The demo stack (docker-compose.yml) builds the `demo` stage, which adds listrak-fake, the
+# stand-in for Listrak's API. The benchmark is built in neither.
 # The image runs `listrak-worker run`; mount the configuration at
 # /etc/listrak-worker/config.toml and pass credentials as AMQP_URL, LISTRAK_CLIENT_ID and
 # LISTRAK_CLIENT_SECRET.
@@ -19,17 +21,17 @@ RUN mkdir -p src/bin \
     && echo 'fn main() {}' > src/bin/listrak-fake.rs \
     && echo 'fn main() {}' > src/bin/listrak-bench.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked --bins \
+    && cargo build --release --locked --bin listrak-worker --bin listrak-fake \
     && rm -rf src
 
 COPY src ./src
 # COPY keeps the sources' modification times, which may be older than the stand-ins'
 # build: touch them so cargo rebuilds the crate itself.
 RUN find src -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked --bins \
+    && cargo build --release --locked --bin listrak-worker --bin listrak-fake \
     && install -D -m 0755 -t /out target/release/listrak-worker target/release/listrak-fake
 
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim AS runtime
 # ca-certificates: Listrak's API is HTTPS. curl: the HEALTHCHECK below and Compose's
 # health checks. It is the simplest probe that is robust: a shell /dev/tcp probe would
 # have to parse HTTP by hand, and a probe mode in the worker would add an HTTP client mode
@@ -43,7 +45,6 @@ RUN apt-get update \
     && groupadd --system --gid 10001 listrak \
     && useradd --system --uid 10001 --gid listrak --no-create-home --shell /usr/sbin/nologin listrak
 
-COPY --from=builder /out/listrak-worker /out/listrak-fake /usr/local/bin/
 COPY config/example.toml /etc/listrak-worker/example.toml
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
@@ -58,3 +59,9 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:9464/healthz"]
 CMD ["listrak-worker", "run"]
+
+FROM runtime AS demo
+COPY --from=builder /out/listrak-worker /out/listrak-fake /usr/local/bin/
+
+FROM runtime AS worker
+COPY --from=builder /out/listrak-worker /usr/local/bin/

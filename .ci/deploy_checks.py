@@ -104,6 +104,10 @@ def compose(path):
             context = build if isinstance(build, str) else build.get("context", ".")
             if not (root / context).is_dir():
                 problem(f"{name}: build context {context} does not exist")
+            target = None if isinstance(build, str) else build.get("target")
+            stage = rf"^FROM\s+\S+\s+AS\s+{re.escape(target or '')}\s*$"
+            if target and not re.search(stage, dockerfile.read_text(), re.M | re.I):
+                problem(f"{name}: builds the Dockerfile stage {target}, which it does not have")
         for volume in service.get("volumes", []):
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
             if source and source.startswith("."):
@@ -256,6 +260,13 @@ def dockerfile(path, manifest):
             problem(f"no stand-in for {target} before the sources are copied: cargo cannot resolve the targets")
     if Path(".cargo/config.toml").exists() and "COPY .cargo" not in dependency_layer:
         problem(".cargo/config.toml is not copied before the first build")
+    # The stage built by default is the production image: the worker and nothing else.
+    production = re.split(r"^FROM\s", text, flags=re.M)[-1]
+    for tool in ("listrak-fake", "listrak-bench"):
+        if re.search(rf"/{tool}\b", production):
+            problem(f"the production stage (the last) carries {tool}")
+    if "/out/listrak-worker" not in production:
+        problem("the production stage (the last) does not carry listrak-worker")
     finish(path)
 
 
