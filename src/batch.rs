@@ -165,32 +165,41 @@ impl Batch {
     pub fn oldest(&self) -> Option<Instant> {
         self.contacts.iter().map(|c| c.since).min()
     }
+}
 
-    /// The body's length, as the batcher counts it (tests compare it with the encoding).
-    #[cfg(test)]
-    pub fn encoded_len(&self) -> usize {
-        body_len(&self.contacts)
+/// A request body as it is sent: `[`, one JSON object per contact, `]`. Its length is
+/// what `Contact::encoded_len` predicts, which is how batches stay under `max_bytes`.
+pub struct RequestBody {
+    bytes: Vec<u8>,
+    contacts: usize,
+}
+
+impl RequestBody {
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut body = Vec::with_capacity(bytes);
+        body.push(b'[');
+        RequestBody {
+            bytes: body,
+            contacts: 0,
+        }
     }
 
-    /// The request body as one piece, for tests: requests are encoded by `deliver`, which
-    /// leaves out superseded fields, with the same `encode_contact`.
-    #[cfg(test)]
-    pub fn encode(contacts: &[Contact]) -> Vec<u8> {
-        let mut body = Vec::with_capacity(body_len(contacts));
-        body.push(b'[');
-        for (i, contact) in contacts.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            encode_contact(&mut body, &contact.email, &contact.fields);
+    /// Appends one contact with the given fields (those of its entry still worth sending).
+    pub fn push<'a>(&mut self, email: &str, fields: impl IntoIterator<Item = &'a FieldValue>) {
+        if self.contacts > 0 {
+            self.bytes.push(b',');
         }
-        body.push(b']');
-        body
+        encode_contact(&mut self.bytes, email, fields);
+        self.contacts += 1;
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.bytes.push(b']');
+        self.bytes
     }
 }
 
-/// Appends one contact's JSON object to a request body.
-pub fn encode_contact<'a>(
+fn encode_contact<'a>(
     body: &mut Vec<u8>,
     email: &str,
     fields: impl IntoIterator<Item = &'a FieldValue>,

@@ -174,7 +174,8 @@ pub fn check(catalogue: &Catalogue, mappings: &[Mapping]) -> CheckReport {
                     report.unchecked.push(problem(
                         "list_id_path".into(),
                         format!(
-                            "not checked: the list comes from each event, and the account has {} lists (checked up to {MAX_LISTS_FOR_LIST_PATH})",
+                            "not checked: the list comes from each event, and the account has {} \
+                             lists (checked up to {MAX_LISTS_FOR_LIST_PATH})",
                             catalogue.lists.len()
                         ),
                     ));
@@ -230,7 +231,9 @@ fn audience_problems(catalogue: &Catalogue, list: ListId, audience: &AudienceFie
     if groups.is_empty() {
         if !audience.create {
             problems.push(format!(
-                "list {list} has no profile field group {:?}, and `create` is false: every event would be dead-lettered as unknown_field; create it with `listrak provision --list {list} --group {:?} --audience KEY`, or set `create = true`",
+                "list {list} has no profile field group {:?}, and `create` is false: every event \
+                 would be dead-lettered as unknown_field; create it with `listrak provision --list \
+                 {list} --group {:?} --audience KEY`, or set `create = true`",
                 audience.group, audience.group
             ));
         }
@@ -241,7 +244,8 @@ fn audience_problems(catalogue: &Catalogue, list: ListId, audience: &AudienceFie
         ids.sort();
         let shown: Vec<String> = ids.iter().map(ToString::to_string).collect();
         problems.push(format!(
-            "list {list} has {} profile field groups named {:?} (ids {}); fields are looked for in all of them and created in the lowest, {}",
+            "list {list} has {} profile field groups named {:?} (ids {}); fields are looked for in \
+             all of them and created in the lowest, {}",
             ids.len(),
             audience.group,
             shown.join(", "),
@@ -260,7 +264,8 @@ fn audience_problems(catalogue: &Catalogue, list: ListId, audience: &AudienceFie
             ids.sort();
             let shown: Vec<String> = ids.iter().map(ToString::to_string).collect();
             problems.push(format!(
-                "list {list} has {} Check Box fields named {name:?} in group {:?} (ids {}): updates go to the lowest, {}; the others can be deleted",
+                "list {list} has {} Check Box fields named {name:?} in group {:?} (ids {}): \
+                 updates go to the lowest, {}; the others can be deleted",
                 ids.len(),
                 audience.group,
                 shown.join(", "),
@@ -434,7 +439,11 @@ pub struct ProvisionPlan {
 /// Why provisioning cannot go ahead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProvisionRefusal {
-    #[error("a field named {name:?} already exists in group {group:?} as field {id}, but it is a {data_type} field, not a Check Box: rename or remove it in Listrak, or choose another name with --name")]
+    #[error(
+        "a field named {name:?} already exists in group {group:?} as field {id}, but it is a \
+             {data_type} field, not a Check Box: rename or remove it in Listrak, or choose another \
+             name with --name"
+    )]
     NotACheckBox {
         name: String,
         group: String,
@@ -663,20 +672,25 @@ mod tests {
                 mapping(on_list(1001), &[(999, "useAudienceKey")]),
                 vec![(
                     "profile_fields.\"999\"",
-                    "field 999 is not a profile field of list 1001; did you mean field 101 (\"vip_customers\", CheckBox)?",
+                    "field 999 is not a profile field of list 1001; did you mean field 101 \
+                     (\"vip_customers\", CheckBox)?",
                 )],
             ),
             (
                 "a field of another list",
                 mapping(on_list(1001), &[(201, "on")]),
-                vec![("profile_fields.\"201\"", "is not a profile field of list 1001")],
+                vec![(
+                    "profile_fields.\"201\"",
+                    "is not a profile field of list 1001",
+                )],
             ),
             (
                 "on sent to a Text field",
                 mapping(on_list(1001), &[(102, "on")]),
                 vec![(
                     "profile_fields.\"102\"",
-                    "\"on\" is written to field 102 (\"Favourite colour\"), a Text field; on and off need a Check Box field; did you mean field 101",
+                    "\"on\" is written to field 102 (\"Favourite colour\"), a Text field; on and \
+                     off need a Check Box field; did you mean field 101",
                 )],
             ),
             (
@@ -689,7 +703,8 @@ mod tests {
                 mapping(on_list(1001), &[(101, "yes please")]),
                 vec![(
                     "profile_fields.\"101\"",
-                    "\"yes please\" is written to field 101 (\"vip_customers\"), a Check Box field, which holds only \"on\" or \"off\"",
+                    "\"yes please\" is written to field 101 (\"vip_customers\"), a Check Box \
+                     field, which holds only \"on\" or \"off\"",
                 )],
             ),
             (
@@ -697,7 +712,8 @@ mod tests {
                 mapping(on_list(1001), &[(102, "ultramarine blue")]),
                 vec![(
                     "profile_fields.\"102\"",
-                    "\"ultramarine blue\" has 16 characters; field 102 (\"Favourite colour\") holds at most 10",
+                    "\"ultramarine blue\" has 16 characters; field 102 (\"Favourite colour\") \
+                     holds at most 10",
                 )],
             ),
             (
@@ -708,7 +724,8 @@ mod tests {
                 ),
                 vec![(
                     "profile_fields.\"101\"",
-                    "on list 2002: field 101 is not a profile field of that list; did you mean field 201",
+                    "on list 2002: field 101 is not a profile field of that list; did you mean \
+                     field 201",
                 )],
             ),
         ];

@@ -170,7 +170,8 @@ fn profile_update(object: &JsonObject<'_>, received_at: EventTime) -> Result<Dir
         None => return Err(Poison::invalid_event("`list_id` is missing")),
         Some(value) => list_id_from_json(value).ok_or_else(|| {
             Poison::invalid_event(format!(
-                "`list_id` must be a positive 32-bit integer (a number or a numeric string), found {}",
+                "`list_id` must be a positive 32-bit integer (a number or a numeric string), found \
+                 {}",
                 excerpt_value(value)
             ))
         })?,

@@ -11,7 +11,7 @@ use futures_util::future::{join, BoxFuture, FutureExt};
 use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{encode_contact, Batch, Contact, FieldValue};
+use crate::batch::{Batch, Contact, FieldValue, RequestBody};
 use crate::classify::{classify, Class, ListrakError, Outcome};
 use crate::concurrency::{AdaptiveConcurrency, Signal};
 use crate::guard::SupersededGuard;
@@ -48,7 +48,11 @@ impl SizeCeilings {
         self.any.store(true, Ordering::Release);
         let ceiling = ceilings.entry(list).or_insert(usize::MAX);
         if max_bytes_that_passed < *ceiling {
-            tracing::info!(list_id = %list, bytes = max_bytes_that_passed, "Listrak refused larger bodies for this list; later batches stay under this size");
+            tracing::info!(
+                list_id = %list,
+                bytes = max_bytes_that_passed,
+                "Listrak refused larger bodies for this list; later batches stay under this size"
+            );
             *ceiling = max_bytes_that_passed;
         }
     }
@@ -83,7 +87,11 @@ impl<A: ListrakApi> Deliverer<A> {
             Ok(verdicts) => verdicts,
             Err(_) => {
                 self.metrics.delivery_panicked();
-                tracing::error!(list_id = %batch.list_id, contacts = batch.contacts.len(), "delivering a batch failed unexpectedly; its messages go to the retry queues");
+                tracing::error!(
+                    list_id = %batch.list_id,
+                    contacts = batch.contacts.len(),
+                    "delivering a batch failed unexpectedly; its messages go to the retry queues"
+                );
                 vec![Verdict::Retry; batch.contacts.len()]
             }
         }
@@ -128,7 +136,12 @@ impl<A: ListrakApi> Deliverer<A> {
                 }
                 let body_len = body.len();
                 if Instant::now() >= attempt.deadline {
-                    tracing::warn!(list_id = %attempt.list, contacts = sent.len(), "the batch's hold budget was spent before it could be sent; moving it to the retry queues");
+                    tracing::warn!(
+                        list_id = %attempt.list,
+                        contacts = sent.len(),
+                        "the batch's hold budget was spent before it could be sent; moving it to \
+                         the retry queues"
+                    );
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;
                 }
@@ -138,7 +151,12 @@ impl<A: ListrakApi> Deliverer<A> {
                     tokio::time::timeout_at(attempt.deadline.into(), self.concurrency.acquire())
                         .await;
                 let Ok(permit) = acquired else {
-                    tracing::warn!(list_id = %attempt.list, contacts = sent.len(), "the batch's hold budget ran out before a request slot was free; moving it to the retry queues");
+                    tracing::warn!(
+                        list_id = %attempt.list,
+                        contacts = sent.len(),
+                        "the batch's hold budget ran out before a request slot was free; moving it \
+                         to the retry queues"
+                    );
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;
                 };
@@ -178,11 +196,21 @@ impl<A: ListrakApi> Deliverer<A> {
                         };
                         self.metrics.retried(if class == Class::Auth { "auth" } else { "systemic" });
                         let Some(delay) = backoff.next_delay(retry_after) else {
-                            tracing::warn!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak kept failing; moving the batch to the retry queues");
+                            tracing::warn!(
+                                list_id = %attempt.list,
+                                contacts = sent.len(),
+                                status = %outcome.status_label(),
+                                "Listrak kept failing; moving the batch to the retry queues"
+                            );
                             verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                             return verdicts;
                         };
-                        tracing::debug!(list_id = %attempt.list, status = %outcome.status_label(), ?delay, "retrying batch");
+                        tracing::debug!(
+                            list_id = %attempt.list,
+                            status = %outcome.status_label(),
+                            ?delay,
+                            "retrying batch"
+                        );
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = self.shutdown.cancelled() => {
@@ -202,7 +230,13 @@ impl<A: ListrakApi> Deliverer<A> {
                         // and resend the rest, instead of halving blindly.
                         if status == 400 {
                             if let Some(guilty) = named_contact(attempt, &sent, &error) {
-                                tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[guilty].email), error = %capped(&error.error, QUOTE_LIMIT), "Listrak refused a contact it named; dead-lettering its messages, resending the rest");
+                                tracing::info!(
+                                    list_id = %attempt.list,
+                                    email = %mask_email(&attempt.contacts[guilty].email),
+                                    error = %capped(&error.error, QUOTE_LIMIT),
+                                    "Listrak refused a contact it named; dead-lettering its \
+                                     messages, resending the rest"
+                                );
                                 verdicts.push((guilty, rejection(attempt.list, &outcome)));
                                 indexes = sent.into_iter().filter(|&i| i != guilty).collect();
                                 continue;
@@ -233,9 +267,20 @@ impl<A: ListrakApi> Deliverer<A> {
                     Class::Permanent => {
                         let verdict = rejection(attempt.list, &outcome);
                         if let [only] = sent.as_slice() {
-                            tracing::info!(list_id = %attempt.list, email = %mask_email(&attempt.contacts[*only].email), status = %outcome.status_label(), error = %capped(&listrak_error(&outcome).error, QUOTE_LIMIT), "Listrak refused a contact; dead-lettering its messages");
+                            tracing::info!(
+                                list_id = %attempt.list,
+                                email = %mask_email(&attempt.contacts[*only].email),
+                                status = %outcome.status_label(),
+                                error = %capped(&listrak_error(&outcome).error, QUOTE_LIMIT),
+                                "Listrak refused a contact; dead-lettering its messages"
+                            );
                         } else {
-                            tracing::info!(list_id = %attempt.list, contacts = sent.len(), status = %outcome.status_label(), "Listrak refused the request; dead-lettering its messages");
+                            tracing::info!(
+                                list_id = %attempt.list,
+                                contacts = sent.len(),
+                                status = %outcome.status_label(),
+                                "Listrak refused the request; dead-lettering its messages"
+                            );
                         }
                         verdicts.extend(sent.into_iter().map(|i| (i, verdict.clone())));
                         return verdicts;
@@ -277,8 +322,7 @@ impl<A: ListrakApi> Deliverer<A> {
         indexes: &mut Vec<usize>,
         verdicts: &mut Vec<(usize, Verdict)>,
     ) -> (Bytes, Vec<usize>) {
-        let mut body = Vec::with_capacity(64 + indexes.len() * 128);
-        body.push(b'[');
+        let mut body = RequestBody::with_capacity(64 + indexes.len() * 128);
         let mut sent = Vec::with_capacity(indexes.len());
         let mut current: Vec<&FieldValue> = Vec::new();
         for &index in indexes.iter() {
@@ -293,15 +337,11 @@ impl<A: ListrakApi> Deliverer<A> {
                 verdicts.push((index, Verdict::Superseded));
                 continue;
             }
-            if !sent.is_empty() {
-                body.push(b',');
-            }
-            encode_contact(&mut body, &contact.email, current.iter().copied());
+            body.push(&contact.email, current.iter().copied());
             sent.push(index);
         }
-        body.push(b']');
         indexes.clone_from(&sent);
-        (Bytes::from(body), sent)
+        (Bytes::from(body.finish()), sent)
     }
 
     fn applied(&self, attempt: &Attempt<'_>, sent: &[usize]) {
@@ -360,8 +400,8 @@ fn rejection(list: ListId, outcome: &Outcome) -> Verdict {
             DeadLetterReason::Rejected
         },
         status,
-        error: error.error,
-        message: error.message,
+        error: Some(error.error).filter(|code| !code.is_empty()),
+        message: Some(error.message).filter(|message| !message.is_empty()),
         list_id: Some(list),
     })
 }

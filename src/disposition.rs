@@ -77,12 +77,12 @@ pub fn dispose(
                     let rejection = Rejection {
                         reason: DeadLetterReason::RetriesExhausted,
                         status: None,
-                        error: String::new(),
-                        message: format!(
+                        error: None,
+                        message: Some(format!(
                             "still failing after {} retries over {}",
                             previous.attempts,
                             humantime::format_duration(rules.max_age)
-                        ),
+                        )),
                         list_id: None,
                     };
                     dead_letter(rejection, previous, now, rules)
@@ -128,13 +128,11 @@ fn dead_letter(
         headers.push((broker::STATUS, int_header(i64::from(status))));
     }
     // Both quote what Listrak or the producer sent: any length.
-    if !rejection.error.is_empty() {
-        let error = capped(&rejection.error, QUOTE_LIMIT);
-        headers.push((broker::ERROR, text_header(error)));
+    if let Some(error) = &rejection.error {
+        headers.push((broker::ERROR, text_header(capped(error, QUOTE_LIMIT))));
     }
-    if !rejection.message.is_empty() {
-        let message = capped(&rejection.message, QUOTE_LIMIT);
-        headers.push((broker::MESSAGE, text_header(message)));
+    if let Some(message) = &rejection.message {
+        headers.push((broker::MESSAGE, text_header(capped(message, QUOTE_LIMIT))));
     }
     if let Some(list) = rejection.list_id {
         headers.push((broker::LIST_ID, int_header(i64::from(list.get()))));
@@ -199,8 +197,8 @@ mod tests {
         let rejected = Rejection {
             reason: DeadLetterReason::Rejected,
             status: Some(400),
-            error: "ERROR_INVALID_PARAMETER".into(),
-            message: "bad email".into(),
+            error: Some("ERROR_INVALID_PARAMETER".into()),
+            message: Some("bad email".into()),
             list_id: ListId::new(7),
         };
         // (settlement, earlier failures, exchange and routing key or ack, outcome, attempts)
@@ -294,8 +292,8 @@ mod tests {
         let rejection = Rejection {
             reason: DeadLetterReason::Rejected,
             status: Some(400),
-            error: "ERROR_INVALID_PARAMETER".into(),
-            message: "bad email".into(),
+            error: Some("ERROR_INVALID_PARAMETER".into()),
+            message: Some("bad email".into()),
             list_id: ListId::new(7),
         };
         let disposition = decide(Settlement::DeadLetter(rejection), RetryHeaders::default());
@@ -324,8 +322,8 @@ mod tests {
         let rejection = Rejection {
             reason: DeadLetterReason::InvalidEvent,
             status: None,
-            error: "E".repeat(5000),
-            message: "é".repeat(5000),
+            error: Some("E".repeat(5000)),
+            message: Some("é".repeat(5000)),
             list_id: None,
         };
         let disposition = decide(Settlement::DeadLetter(rejection), RetryHeaders::default());

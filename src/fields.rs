@@ -99,7 +99,12 @@ pub enum Resolution {
 pub enum Unresolvable {
     /// No such field, and the mapping does not create it (or a field of another type holds
     /// the name): the message is dead-lettered as `unknown_field`.
-    #[error("list {list} has no Check Box field {name:?} in the profile field group {group:?}; create it (`listrak provision --audience {name}`) or set `create = true` in the mapping (a field of that name and another type is never replaced), then replay the dead letters with `dlq replay --reason unknown_field`")]
+    #[error(
+        "list {list} has no Check Box field {name:?} in the profile field group {group:?}; \
+             create it (`listrak provision --audience {name}`) or set `create = true` in the \
+             mapping (a field of that name and another type is never replaced), then replay the \
+             dead letters with `dlq replay --reason unknown_field`"
+    )]
     UnknownField {
         list: ListId,
         group: String,
@@ -236,7 +241,12 @@ impl<C: FieldCatalogue> Fields<C> {
             return;
         }
         if let Err(error) = self.read(list, &state).await {
-            tracing::warn!(list_id = %list, %error, "could not read the list's profile fields; reading them again at the first event that needs them");
+            tracing::warn!(
+                list_id = %list,
+                %error,
+                "could not read the list's profile fields; reading them again at the first event \
+                 that needs them"
+            );
         }
     }
 
@@ -251,7 +261,12 @@ impl<C: FieldCatalogue> Fields<C> {
     ) -> bool {
         let named = fields.any(|field| names(message, field) && self.holds(list, field));
         if named {
-            tracing::info!(list_id = %list, message, "Listrak refused a field of this list's catalogue; reading it again on the next miss");
+            tracing::info!(
+                list_id = %list,
+                message,
+                "Listrak refused a field of this list's catalogue; reading it again on the next \
+                 miss"
+            );
             self.forget(list);
         }
         named
@@ -346,7 +361,12 @@ impl<C: FieldCatalogue> Fields<C> {
                     .catalogue
                     .create_field_group(list, group, position)
                     .await?;
-                tracing::info!(list_id = %list, group, group_id = created, "created a profile field group");
+                tracing::info!(
+                    list_id = %list,
+                    group,
+                    group_id = created,
+                    "created a profile field group"
+                );
                 // Another replica may have created one too: the lowest id is the group.
                 let groups = self.read(list, state).await?;
                 find_group(&groups, group).unwrap_or(created)
@@ -362,7 +382,13 @@ impl<C: FieldCatalogue> Fields<C> {
             .create_check_box(list, group_id, name, position)
             .await?;
         self.metrics.field_created();
-        tracing::info!(list_id = %list, group, field = name, field_id = %created, "created a Check Box profile field");
+        tracing::info!(
+            list_id = %list,
+            group,
+            field = name,
+            field_id = %created,
+            "created a Check Box profile field"
+        );
         // Another replica may have created one too: every one of them takes the lowest id.
         let groups = self.read(list, state).await?;
         Ok(find(&groups, group, name).unwrap_or(created))

@@ -396,7 +396,10 @@ async fn verify_listrak(
             tracing::error!(%problem, "a mapping does not match the Listrak account");
         }
         for unchecked in &report.unchecked {
-            tracing::warn!(%unchecked, "a mapping could not be checked against the Listrak account");
+            tracing::warn!(
+                %unchecked,
+                "a mapping could not be checked against the Listrak account"
+            );
         }
         if !report.problems.is_empty() {
             eprint!("{text}");
@@ -455,7 +458,8 @@ async fn listrak_command(
             let mappings = provisioned.mappings_toml();
             if let Some(mapping) = target.covered_by {
                 eprintln!(
-                    "mapping {mapping:?} (audience_field) already writes these audiences; no [[mappings]] tables to add"
+                    "mapping {mapping:?} (audience_field) already writes these audiences; no \
+                     [[mappings]] tables to add"
                 );
             } else if mappings.is_empty() {
                 eprintln!(

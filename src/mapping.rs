@@ -134,7 +134,8 @@ fn unresolved(
     let poison = |why: String| Poison::invalid_event(format!("mapping {:?}: {why}", mapping.name));
     let key = audience_key(event).ok_or_else(|| {
         poison(
-            "`audience_field` names the field by the audience key, and the event has none (context.personas.computation_key or properties.audience_key)"
+            "`audience_field` names the field by the audience key, and the event has none \
+             (context.personas.computation_key or properties.audience_key)"
                 .to_owned(),
         )
     })?;
@@ -242,10 +243,12 @@ fn member_value(event: &SegmentEvent<'_>) -> Result<&'static str, String> {
         SegmentKind::Track { event: name } if name == EXITED => Ok("off"),
         _ => Err(match (key, &event.kind) {
             (None, _) => format!(
-                "the event has no audience key (context.personas.computation_key or properties.audience_key) and is not named {ENTERED:?} or {EXITED:?}"
+                "the event has no audience key (context.personas.computation_key or \
+                 properties.audience_key) and is not named {ENTERED:?} or {EXITED:?}"
             ),
             (Some(key), SegmentKind::Track { .. }) => format!(
-                "properties.{key} is not a boolean and the event is not named {ENTERED:?} or {EXITED:?}"
+                "properties.{key} is not a boolean and the event is not named {ENTERED:?} or \
+                 {EXITED:?}"
             ),
             (Some(key), SegmentKind::Identify) => {
                 format!("neither traits.{key} nor context.traits.{key} is a boolean")

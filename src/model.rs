@@ -205,9 +205,12 @@ impl AckOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub reason: DeadLetterReason,
+    /// The HTTP status of Listrak's answer, when there was one.
     pub status: Option<u16>,
-    pub error: String,
-    pub message: String,
+    /// Listrak's error code (`ERROR_INVALID_PARAMETER`), when it gave one.
+    pub error: Option<String>,
+    /// Listrak's message, or what the worker says of the message it could not apply.
+    pub message: Option<String>,
     pub list_id: Option<ListId>,
 }
 

@@ -100,7 +100,8 @@ proptest! {
     fn any_configuration_text_loads_or_is_refused(
         text in prop_oneof![
             ".{0,200}",
-            "\\[(amqp|batch|retry|listrak|shutdown)\\]\n[a-z_]{1,16} = (\"[0-9]{1,25}[a-z]{0,2}\"|[0-9-]{1,25}|true|\\[\\])",
+            "\\[(amqp|batch|retry|listrak|shutdown)\\]\n[a-z_]{1,16} = \
+             (\"[0-9]{1,25}[a-z]{0,2}\"|[0-9-]{1,25}|true|\\[\\])",
         ],
     ) {
         let _ = Settings::from_toml(&text, |_| None);

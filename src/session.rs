@@ -109,7 +109,10 @@ pub(crate) enum SessionError {
     Broker(#[from] lapin::Error),
     #[error("the broker ended the consumer")]
     ConsumerEnded,
-    #[error("could not hand a message to the retry or dead-letter queue after {PUBLISH_ATTEMPTS} attempts; the broker will deliver it again")]
+    #[error(
+        "could not hand a message to the retry or dead-letter queue after {PUBLISH_ATTEMPTS} \
+             attempts; the broker will deliver it again"
+    )]
     PublishFailed,
     /// Not a session failure: no later session can succeed either.
     #[error(transparent)]
@@ -231,7 +234,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     draining_until = Some(tokio::time::Instant::now() + self.worker.settings.shutdown.grace);
                 }
                 _ = async { tokio::time::sleep_until(draining_until.expect("guarded")).await }, if draining_until.is_some() => {
-                    tracing::warn!(unsettled = self.ledger.len(), "grace period over; unsettled messages stay in the queue");
+                    tracing::warn!(
+                        unsettled = self.ledger.len(),
+                        "grace period over; unsettled messages stay in the queue"
+                    );
                     self.send_acks(true).await?;
                     return Ok(());
                 }
@@ -296,8 +302,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 let rejection = Rejection {
                     reason: poison.reason,
                     status: None,
-                    error: String::new(),
-                    message: poison.detail,
+                    error: None,
+                    message: Some(poison.detail),
                     list_id: None,
                 };
                 self.settle(
@@ -326,7 +332,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 delivery_tag = tag,
                 message_id = %message_id(&delivery.properties),
                 claimed = %claimed.to_rfc3339(),
-                "the event time is more than batch.clock_skew ahead of this worker's clock; last write wins uses the time of receipt instead"
+                "the event time is more than batch.clock_skew ahead of this worker's clock; last \
+                 write wins uses the time of receipt instead"
             );
         }
 
@@ -411,22 +418,26 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     Unresolvable::UnknownField { list, .. } => Verdict::DeadLetter(Rejection {
                         reason: DeadLetterReason::UnknownField,
                         status: None,
-                        error: String::new(),
-                        message: why.to_string(),
+                        error: None,
+                        message: Some(why.to_string()),
                         list_id: Some(*list),
                     }),
                     Unresolvable::Catalogue(error) if error.is_not_found() => {
                         Verdict::DeadLetter(Rejection {
                             reason: DeadLetterReason::ListNotFound,
                             status: Some(404),
-                            error: String::new(),
-                            message: error.to_string(),
+                            error: None,
+                            message: Some(error.to_string()),
                             list_id: None,
                         })
                     }
                     Unresolvable::Catalogue(_) => Verdict::Retry,
                 };
-                tracing::info!(delivery_tag = tag, error = %why, "a message's profile field could not be resolved");
+                tracing::info!(
+                    delivery_tag = tag,
+                    error = %why,
+                    "a message's profile field could not be resolved"
+                );
                 self.ledger.settle_part(tag, &verdict);
                 if let Some((original, settlement)) = self.ledger.seal(tag) {
                     self.settle_original(tag, original, settlement);
@@ -463,13 +474,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Report::Delivered { batch, verdicts } => {
                 self.delivering -= 1;
                 for (contact, verdict) in batch.contacts.iter().zip(&verdicts) {
-                    if let Verdict::DeadLetter(rejection) = verdict {
-                        if rejection.status == Some(400) {
-                            let fields = contact.fields.iter().map(|value| value.field);
-                            self.worker
-                                .fields
-                                .refused(batch.list_id, &rejection.message, fields);
-                        }
+                    if let Verdict::DeadLetter(Rejection {
+                        status: Some(400),
+                        message: Some(message),
+                        ..
+                    }) = verdict
+                    {
+                        let fields = contact.fields.iter().map(|value| value.field);
+                        self.worker.fields.refused(batch.list_id, message, fields);
                     }
                 }
                 for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
@@ -616,7 +628,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, exchange = %copy.exchange, routing_key = %copy.routing_key, attempt = publish.attempts + 1, "publish failed; trying again on a new channel");
+                    tracing::warn!(
+                        %error,
+                        exchange = %copy.exchange,
+                        routing_key = %copy.routing_key,
+                        attempt = publish.attempts + 1,
+                        "publish failed; trying again on a new channel"
+                    );
                     Report::PublishFailed(publish)
                 }
             };

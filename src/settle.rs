@@ -311,8 +311,8 @@ mod tests {
         Rejection {
             reason: DeadLetterReason::Rejected,
             status: Some(400),
-            error: "ERROR_INVALID_PARAMETER".into(),
-            message: "bad".into(),
+            error: Some("ERROR_INVALID_PARAMETER".into()),
+            message: Some("bad".into()),
             list_id: None,
         }
     }
@@ -467,7 +467,8 @@ mod tests {
             let mut acked: Vec<u64> = Vec::new();
             let apply = |commands: Vec<AckCommand>, acked: &mut Vec<u64>, settled: &[u64]| {
                 for command in commands {
-                    prop_assert!(!acked.contains(&command.tag), "names tag {} acked before", command.tag);
+                    prop_assert!(!acked.contains(&command.tag), "names tag {} acked \
+                         before", command.tag);
                     let covered: Vec<u64> = if command.multiple {
                         (1..=command.tag).filter(|t| !acked.contains(t)).collect()
                     } else {

@@ -225,12 +225,15 @@ pub fn provision_target(
                 ),
                 [] => {
                     return Err(SetupError::Usage(format!(
-                        "give {missing}: no `audience_field` mapping with a fixed list_id fits what was given"
+                        "give {missing}: no `audience_field` mapping with a fixed list_id fits \
+                         what was given"
                     )))
                 }
                 several => {
-                    let names: Vec<String> =
-                        several.iter().map(|(m, _, _)| format!("{:?}", m.name)).collect();
+                    let names: Vec<String> = several
+                        .iter()
+                        .map(|(m, _, _)| format!("{:?}", m.name))
+                        .collect();
                     return Err(SetupError::Usage(format!(
                         "give {missing}: the `audience_field` mappings {} differ",
                         names.join(", ")
@@ -281,7 +284,8 @@ impl ProvisionRequest {
         }
         match &self.name {
             Some(_) if self.audiences.len() > 1 => usage(format!(
-                "--name names one field, but {} audiences were given; leave --name out to name each field after its audience key",
+                "--name names one field, but {} audiences were given; leave --name out to name \
+                 each field after its audience key",
                 self.audiences.len()
             )),
             Some(name) if name.trim().is_empty() => usage("--name is empty".into()),

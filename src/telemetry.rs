@@ -111,12 +111,14 @@ impl Metrics {
         );
         let retries = counter_vec(
             "listrak_retries_total",
-            "Failed requests that will be sent again, in process or later through the retry queues, by failure class.",
+            "Failed requests that will be sent again, in process or later through the retry \
+             queues, by failure class.",
             "class",
         );
         let requests = counter_vec(
             "listrak_requests_total",
-            "SegmentationField requests sent to Listrak, by HTTP status (or timeout, connection_error, no_token).",
+            "SegmentationField requests sent to Listrak, by HTTP status (or timeout, \
+             connection_error, no_token).",
             "status",
         );
         let request_duration = histogram(
@@ -193,19 +195,23 @@ impl Metrics {
             .set(1);
         let acks_refused = counter(
             "listrak_acks_refused_total",
-            "Acknowledgements the broker no longer accepted (the channel was gone); those messages come again.",
+            "Acknowledgements the broker no longer accepted (the channel was gone); those messages \
+             come again.",
         );
         let future_timestamps = counter(
             "listrak_future_timestamps_total",
-            "Messages with an event time too far ahead of the worker's clock to trust for last write wins (the time of receipt was used).",
+            "Messages with an event time too far ahead of the worker's clock to trust for last \
+             write wins (the time of receipt was used).",
         );
         let delivery_panics = counter(
             "listrak_delivery_panics_total",
-            "Batch deliveries that ended in a bug (a panic); their messages went to the retry queues.",
+            "Batch deliveries that ended in a bug (a panic); their messages went to the retry \
+             queues.",
         );
         let publish_failures = counter(
             "listrak_publish_failures_total",
-            "Publishes to a retry or dead-letter queue that failed and were tried again on a new channel.",
+            "Publishes to a retry or dead-letter queue that failed and were tried again on a new \
+             channel.",
         );
         let prefetch = int_gauge(
             "listrak_prefetch_window",
@@ -214,16 +220,19 @@ impl Metrics {
 
         let fields_created = counter(
             "listrak_fields_created_total",
-            "Check Box profile fields created for an audience by an `audience_field` mapping with `create = true`.",
+            "Check Box profile fields created for an audience by an `audience_field` mapping with \
+             `create = true`.",
         );
         let catalogue_reads = counter(
             "listrak_catalogue_reads_total",
-            "Reads of a list's profile field groups and fields, to resolve `audience_field` mappings.",
+            "Reads of a list's profile field groups and fields, to resolve `audience_field` \
+             mappings.",
         );
 
         let unmapped_audience_events = counter_vec(
             "listrak_unmapped_audience_events_total",
-            "Audience events no mapping takes (acknowledged as ignored), by audience key; keys past the first 100 count as \"other\".",
+            "Audience events no mapping takes (acknowledged as ignored), by audience key; keys \
+             past the first 100 count as \"other\".",
             "audience_key",
         );
 

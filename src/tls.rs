@@ -117,7 +117,8 @@ pub fn read_client_identity(
     // The parser's own message is left out: it could quote a line of the key.
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
         IdentityError::Key(format!(
-            "{} holds no PEM private key (PKCS#8 \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\")",
+            "{} holds no PEM private key (PKCS#8 \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC \
+             PRIVATE KEY\")",
             key_path.display()
         ))
     })?;

@@ -317,3 +317,75 @@ async fn a_contact_superseded_by_an_applied_newer_value_is_not_sent() {
     );
     assert_eq!(d.api.requests.lock().unwrap()[0].1, 2);
 }
+
+proptest::proptest! {
+    /// The size check runs on the encoder that builds real requests: every batch the
+    /// batcher lets out, encoded as `deliver` sends it, is valid JSON of its contacts and
+    /// stays under `max_bytes` (a lone contact larger than that is sent alone).
+    #[test]
+    fn every_request_body_is_the_json_of_its_batch_and_fits_max_bytes(
+        updates in proptest::collection::vec(
+            (0u8..12, 1u32..2_000_000, "(?s).{0,40}", proptest::num::i64::ANY),
+            1..120,
+        ),
+        max_bytes in 200usize..4_000,
+    ) {
+        let now = Instant::now();
+        let mut batcher = crate::batch::Batcher::new(crate::batch::BatchLimits {
+            max_contacts: 25,
+            max_bytes,
+            max_wait: Duration::from_secs(1),
+        });
+        let mut batches = Vec::new();
+        for (seq, (who, field, value, micros)) in updates.into_iter().enumerate() {
+            let update = crate::model::Update {
+                list_id: ListId::new(9).unwrap(),
+                email: format!("\"p{who}\"\u{e9}@x.io"),
+                fields: vec![(FieldId::new(field.into()).unwrap(), value)],
+                timestamp: EventTime(micros),
+            };
+            batches.extend(batcher.add(seq as u64, update, now).flushed);
+            // Answer every batch, so that the contacts parked behind it may leave too.
+            loop {
+                batches.extend(batcher.flush_all());
+                if batches.is_empty() {
+                    break;
+                }
+                for batch in std::mem::take(&mut batches) {
+                    check_body(&batch, max_bytes)?;
+                    batches.extend(batcher.answered(&batch, now, max_bytes));
+                }
+            }
+        }
+    }
+}
+
+fn check_body(batch: &Batch, max_bytes: usize) -> Result<(), proptest::test_runner::TestCaseError> {
+    let deliverer = deliverer(MemoryListrak::default(), Duration::from_secs(1));
+    let attempt = Attempt {
+        list: batch.list_id,
+        contacts: &batch.contacts,
+        deadline: Instant::now(),
+    };
+    let mut indexes: Vec<usize> = (0..batch.contacts.len()).collect();
+    let (body, sent) = deliverer.encode_current(&attempt, &mut indexes, &mut Vec::new());
+    proptest::prop_assert_eq!(sent.len(), batch.contacts.len());
+    proptest::prop_assert!(body.len() <= max_bytes || batch.contacts.len() == 1);
+    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let expected: Vec<serde_json::Value> = batch
+        .contacts
+        .iter()
+        .map(|contact| {
+            let fields: Vec<serde_json::Value> = contact
+                .fields
+                .iter()
+                .map(
+                    |f| serde_json::json!({"segmentationFieldId": f.field.get(), "value": f.value}),
+                )
+                .collect();
+            serde_json::json!({"emailAddress": contact.email, "segmentationFieldValues": fields})
+        })
+        .collect();
+    proptest::prop_assert_eq!(parsed, serde_json::Value::Array(expected));
+    Ok(())
+}

@@ -56,7 +56,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum DlqError {
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error("queue {queue:?} does not exist on this broker: check amqp.queue and the vhost of amqp.url (the worker declares its queues when it starts)")]
+    #[error(
+        "queue {queue:?} does not exist on this broker: check amqp.queue and the vhost of \
+             amqp.url (the worker declares its queues when it starts)"
+    )]
     NoQueue { queue: String },
     #[error("the broker stopped the walk over {queue:?}: {reason}{hint}")]
     Walk {

@@ -47,7 +47,8 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
         // At least one an hour: the pause between two messages must fit any clock.
         Ok(n) if n.is_finite() && n / per >= 1.0 / 3600.0 && n / per <= 1e6 => Ok(n / per),
         _ => Err(format!(
-            "{text:?} is not a rate from 1/h to 1000000/s; expected messages per second such as 50 or 50/s"
+            "{text:?} is not a rate from 1/h to 1000000/s; expected messages per second such as 50 \
+             or 50/s"
         )),
     }
 }

@@ -249,7 +249,8 @@ fn moved_back(f: &mut fmt::Formatter<'_>, count: u64) -> fmt::Result {
     if count > 0 {
         write!(
             f,
-            " ({count} that did not match moved, in order, behind the dead letters that arrived meanwhile)"
+            " ({count} that did not match moved, in order, behind the dead letters that arrived \
+             meanwhile)"
         )?;
     }
     Ok(())
@@ -268,7 +269,8 @@ impl fmt::Display for ReplaySummary {
         if self.dry_run {
             write!(
                 f,
-                "dry run: {} of {} dead letters would be replayed to queue {:?}; nothing was changed",
+                "dry run: {} of {} dead letters would be replayed to queue {:?}; nothing was \
+                 changed",
                 w.matched, w.present, self.target
             )?;
         } else {
@@ -323,7 +325,8 @@ impl fmt::Display for PurgeSummary {
         } else {
             write!(
                 f,
-                "would delete {} of {} dead letters from {:?}; nothing was deleted (add --yes to delete them)",
+                "would delete {} of {} dead letters from {:?}; nothing was deleted (add --yes to \
+                 delete them)",
                 self.walked.matched, self.walked.present, self.dead
             )?;
         }

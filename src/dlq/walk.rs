@@ -104,7 +104,8 @@ impl<'c> Walk<'c> {
             tracing::warn!(
                 queue,
                 consumers,
-                "other consumers are attached to the queue; the messages they take are not part of this walk"
+                "other consumers are attached to the queue; the messages they take are not part of \
+                 this walk"
             );
         }
         let mut walk = Self {
@@ -178,7 +179,8 @@ impl<'c> Walk<'c> {
                             queue = self.queue,
                             expected = self.bound,
                             walked = self.taken,
-                            "the queue ran out before the walk reached the messages counted at its start; something else consumed from it"
+                            "the queue ran out before the walk reached the messages counted at its \
+                             start; something else consumed from it"
                         );
                         self.bound = self.taken;
                     }

@@ -190,7 +190,9 @@ listen = "{listen}"
     );
     for list in 0..lists {
         text.push_str(&format!(
-            "\n[[mappings]]\nname = \"bench-{list}\"\nevents = [\"Audience Entered\", \"Audience Exited\"]\naudience_key = \"bench_audience_{list}\"\nlist_id = {}\nprofile_fields = {{ \"100\" = \"useAudienceKey\" }}\n",
+            "\n[[mappings]]\nname = \"bench-{list}\"\nevents = [\"Audience Entered\", \"Audience \
+             Exited\"]\naudience_key = \"bench_audience_{list}\"\nlist_id = {}\nprofile_fields = \
+             {{ \"100\" = \"useAudienceKey\" }}\n",
             1000 + list
         ));
     }

@@ -201,7 +201,10 @@ impl FakeServer {
             Ok(Ok(Err(err))) => tracing::warn!(%err, "listrak-fake stopped with an error"),
             Ok(Err(err)) => tracing::warn!(%err, "listrak-fake task failed"),
             Err(_) => {
-                tracing::warn!(grace = ?SHUTDOWN_GRACE, "listrak-fake did not stop in time; aborting");
+                tracing::warn!(
+                    grace = ?SHUTDOWN_GRACE,
+                    "listrak-fake did not stop in time; aborting"
+                );
                 task.abort();
             }
         }

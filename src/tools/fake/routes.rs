@@ -182,7 +182,12 @@ async fn segmentation_field(
             )
         }
         Err(refusal) => {
-            tracing::debug!(list = %list, status = refusal.status.as_u16(), error = refusal.error, "SegmentationField refused");
+            tracing::debug!(
+                list = %list,
+                status = refusal.status.as_u16(),
+                error = refusal.error,
+                "SegmentationField refused"
+            );
             refused(refusal)
         }
     }
@@ -229,7 +234,8 @@ fn group_not_found() -> Refusal {
     Refusal::new(
         StatusCode::NOT_FOUND,
         answer::UNABLE_TO_LOCATE_RESOURCE,
-        "Unable to locate a resource associated with the listId and segmentationFieldGroupId supplied.",
+        "Unable to locate a resource associated with the listId and segmentationFieldGroupId \
+         supplied.",
     )
 }
 
