@@ -230,11 +230,11 @@ impl TopologyMismatch {
         let message = if said.contains("x-single-active-consumer") {
             let wanted = topology.single_active_consumer;
             format!(
-                "the queue {:?} exists {} a single active consumer, but amqp.single_active_consumer = {wanted}, \
-                 and RabbitMQ cannot change the arguments of an existing queue: set \
-                 amqp.single_active_consumer = {} to match the queue, or recreate the queue (move its \
-                 messages elsewhere, delete it, and start the worker, which declares it again) \
-                 (RabbitMQ: {said})",
+                "the queue {:?} exists {} a single active consumer, but \
+                 amqp.single_active_consumer = {wanted}, and RabbitMQ cannot change the arguments \
+                 of an existing queue: set amqp.single_active_consumer = {} to match the queue, or \
+                 recreate the queue (move its messages elsewhere, delete it, and start the worker, \
+                 which declares it again) (RabbitMQ: {said})",
                 topology.queue,
                 if wanted { "without" } else { "with" },
                 !wanted,

@@ -446,7 +446,10 @@ pub(crate) mod tests {
 
     #[test]
     fn a_member_written_twice_counts_with_its_last_value() {
-        let body = r#"{"type":"identify","type":"track","event":"Audience Exited","event":"Audience Entered"}"#;
+        let body = concat!(
+            r#"{"type":"identify","type":"track","event":"Audience Exited","#,
+            r#""event":"Audience Entered"}"#
+        );
         match decode(body.as_bytes(), RECEIVED).unwrap() {
             Inbound::Segment(event) => assert_eq!(
                 event.kind,
@@ -456,7 +459,10 @@ pub(crate) mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        let body = r#"{"type":"profile_update","list_id":1,"email":"a@example.com","fields":{"456":"on","7":"x","456":"off"}}"#;
+        let body = concat!(
+            r#"{"type":"profile_update","list_id":1,"email":"a@example.com","fields":{"456":"on","#,
+            r#""7":"x","456":"off"}}"#
+        );
         match decode(body.as_bytes(), RECEIVED).unwrap() {
             Inbound::ProfileUpdate(direct) => assert_eq!(
                 direct.update.fields,
@@ -471,7 +477,10 @@ pub(crate) mod tests {
 
     #[test]
     fn escaped_strings_are_read_unescaped() {
-        let body = r#"{"type":"track","event":"Audience\u0020Entered","context":{"traits":{"email":"a\u0040example.com"}}}"#;
+        let body = concat!(
+            r#"{"type":"track","event":"Audience\u0020Entered","#,
+            r#""context":{"traits":{"email":"a\u0040example.com"}}}"#
+        );
         let Inbound::Segment(event) = decode(body.as_bytes(), RECEIVED).unwrap() else {
             panic!("a Segment event")
         };
@@ -706,7 +715,10 @@ pub(crate) mod tests {
     #[test]
     fn profile_update_takes_a_numeric_string_list_id_and_defaults_its_time() {
         let decoded = direct(&json!({
-            "type": "profile_update", "list_id": "123", "email": "a@example.com", "fields": {"1": "on"}
+            "type": "profile_update",
+            "list_id": "123",
+            "email": "a@example.com",
+            "fields": {"1": "on"}
         }));
         assert_eq!(decoded.update.list_id, list(123));
         assert_eq!(decoded.update.timestamp, RECEIVED);
@@ -716,7 +728,10 @@ pub(crate) mod tests {
     #[test]
     fn bad_profile_updates_are_invalid_event_naming_the_field() {
         let valid = json!({
-            "type": "profile_update", "list_id": 123, "email": "a@example.com", "fields": {"456": "on"}
+            "type": "profile_update",
+            "list_id": 123,
+            "email": "a@example.com",
+            "fields": {"456": "on"}
         });
         let cases = [
             (

@@ -18,7 +18,7 @@ use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
 use crate::model::{capped, DeadLetterReason, EventTime, ListId, QUOTE_LIMIT};
 use crate::retry::InProcessBackoff;
-use crate::telemetry::{mask_email, Metrics};
+use crate::telemetry::{mask_email, Metrics, RetryClass};
 
 pub use crate::model::{Rejection, Verdict};
 
@@ -86,12 +86,8 @@ impl<A: ListrakApi> Deliverer<A> {
         match AssertUnwindSafe(self.deliver(batch)).catch_unwind().await {
             Ok(verdicts) => verdicts,
             Err(_) => {
-                self.metrics.delivery_panicked();
-                tracing::error!(
-                    list_id = %batch.list_id,
-                    contacts = batch.contacts.len(),
-                    "delivering a batch failed unexpectedly; its messages go to the retry queues"
-                );
+                self.metrics
+                    .delivery_panicked(batch.list_id, batch.contacts.len());
                 vec![Verdict::Retry; batch.contacts.len()]
             }
         }
@@ -160,10 +156,7 @@ impl<A: ListrakApi> Deliverer<A> {
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;
                 };
-                let outcome = self
-                    .api
-                    .post_contacts(attempt.list, body, sent.len())
-                    .await;
+                let outcome = self.api.post_contacts(attempt.list, body, sent.len()).await;
                 let class = classify(&outcome, sent.len());
                 permit.record(match class {
                     Class::Ok => Signal::Healthy,
@@ -194,7 +187,11 @@ impl<A: ListrakApi> Deliverer<A> {
                             }
                             _ => None,
                         };
-                        self.metrics.retried(if class == Class::Auth { "auth" } else { "systemic" });
+                        self.metrics.retried(if class == Class::Auth {
+                            RetryClass::Auth
+                        } else {
+                            RetryClass::Systemic
+                        });
                         let Some(delay) = backoff.next_delay(retry_after) else {
                             tracing::warn!(
                                 list_id = %attempt.list,
@@ -220,7 +217,7 @@ impl<A: ListrakApi> Deliverer<A> {
                         }
                     }
                     Class::Ambiguous => {
-                        self.metrics.retried("ambiguous");
+                        self.metrics.retried(RetryClass::Ambiguous);
                         let status = match &outcome {
                             Outcome::Answered { status, .. } => *status,
                             _ => 0,
@@ -246,19 +243,24 @@ impl<A: ListrakApi> Deliverer<A> {
                             // One contact alone tells a missing list from a body too large.
                             let (probe, rest) = sent.split_at(1);
                             let probed = self.send(attempt, probe.to_vec(), None).await;
-                            let list_missing = matches!(
-                                probed.first(),
-                                Some((_, Verdict::DeadLetter(r))) if r.reason == DeadLetterReason::ListNotFound
-                            );
-                            verdicts.extend(probed);
-                            if list_missing {
-                                let probe_error = verdicts.last().map(|(_, v)| v.clone());
-                                if let Some(Verdict::DeadLetter(rejection)) = probe_error {
-                                    verdicts.extend(rest.iter().map(|&i| (i, Verdict::DeadLetter(rejection.clone()))));
+                            let missing_list = match probed.first() {
+                                Some((_, verdict @ Verdict::DeadLetter(rejection)))
+                                    if rejection.reason == DeadLetterReason::ListNotFound =>
+                                {
+                                    Some(verdict.clone())
                                 }
-                                return verdicts;
+                                _ => None,
+                            };
+                            verdicts.extend(probed);
+                            let rest = rest.to_vec();
+                            match missing_list {
+                                Some(verdict) => {
+                                    verdicts.extend(rest.into_iter().map(|i| (i, verdict.clone())))
+                                }
+                                None => {
+                                    verdicts.extend(self.split(attempt, rest, Some(body_len)).await)
+                                }
                             }
-                            verdicts.extend(self.split(attempt, rest.to_vec(), Some(body_len)).await);
                             return verdicts;
                         }
                         verdicts.extend(self.split(attempt, sent, None).await);

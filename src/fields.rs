@@ -381,14 +381,7 @@ impl<C: FieldCatalogue> Fields<C> {
             .catalogue
             .create_check_box(list, group_id, name, position)
             .await?;
-        self.metrics.field_created();
-        tracing::info!(
-            list_id = %list,
-            group,
-            field = name,
-            field_id = %created,
-            "created a Check Box profile field"
-        );
+        self.metrics.field_created(list, group, name, created);
         // Another replica may have created one too: every one of them takes the lowest id.
         let groups = self.read(list, state).await?;
         Ok(find(&groups, group, name).unwrap_or(created))

@@ -16,7 +16,7 @@ use crate::classify::{parse_retry_after, ListrakError, Outcome};
 use crate::config::{ListrakSettings, Secret};
 use crate::fields::FieldCatalogue;
 use crate::model::{FieldId, ListId};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RetryClass};
 
 /// The one call the pipeline makes, and the catalogue requests that resolve `audience_field`
 /// mappings; narrow so the pipeline runs against anything in tests.
@@ -257,7 +257,7 @@ impl ListrakApi for ListrakClient {
             match outcome {
                 Outcome::Answered { status: 401, .. } if !refreshed => {
                     refreshed = true;
-                    self.metrics.retried("auth");
+                    self.metrics.retried(RetryClass::Auth);
                     self.invalidate(token.generation).await;
                 }
                 outcome => return outcome,

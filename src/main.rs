@@ -37,7 +37,13 @@ struct Cli {
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// The async runtime: one thread, or one per core.
-    #[arg(long, global = true, env = "LISTRAK_WORKER_RUNTIME", value_enum, default_value_t = Runtime::CurrentThread)]
+    #[arg(
+        long,
+        global = true,
+        env = "LISTRAK_WORKER_RUNTIME",
+        value_enum,
+        default_value_t = Runtime::CurrentThread
+    )]
     runtime: Runtime,
     #[command(subcommand)]
     command: Command,
@@ -87,7 +93,11 @@ enum Command {
     /// Run the whole pipeline on this machine against an in-process Listrak stand-in.
     Demo {
         /// How many events to generate (at most a million).
-        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        #[arg(
+            long,
+            default_value_t = 3000,
+            value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+        )]
         events: u32,
     },
 }

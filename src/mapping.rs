@@ -380,7 +380,10 @@ mod tests {
     fn audience_field_mapping_leaves_the_field_to_be_resolved_by_the_audience_key() {
         let body = track(
             "Audience Exited",
-            json!({"context": {"personas": {"computation_key": "gold"}}, "properties": {"gold": false}}),
+            json!({
+                "context": {"personas": {"computation_key": "gold"}},
+                "properties": {"gold": false}
+            }),
         );
         let pending = unresolved(&body, &[every_audience(true)]).unwrap();
         assert_eq!(pending.len(), 1);
@@ -507,7 +510,9 @@ mod tests {
                     "Custom",
                     with(
                         engage("vip"),
-                        json!({"properties": {"audience_key": "other", "vip": false, "other": true}}),
+                        json!({
+                            "properties": {"audience_key": "other", "vip": false, "other": true}
+                        }),
                     ),
                 ),
                 Some("off"),
@@ -839,17 +844,20 @@ mod tests {
             (
                 "context_traits_email_comes_first",
                 any_event(),
-                with(
-                    json!({"context": {"traits": {"email": "c@example.com"}}, "traits": {"email": "t@example.com"}, "properties": {"email": "p@example.com"}}),
-                ),
+                with(json!({
+                    "context": {"traits": {"email": "c@example.com"}},
+                    "traits": {"email": "t@example.com"},
+                    "properties": {"email": "p@example.com"}
+                })),
                 Ok("c@example.com"),
             ),
             (
                 "traits_email_comes_next",
                 any_event(),
-                with(
-                    json!({"traits": {"email": "t@example.com"}, "properties": {"email": "p@example.com"}}),
-                ),
+                with(json!({
+                    "traits": {"email": "t@example.com"},
+                    "properties": {"email": "p@example.com"}
+                })),
                 Ok("t@example.com"),
             ),
             (
@@ -861,17 +869,19 @@ mod tests {
             (
                 "path_holding_a_number_is_skipped",
                 any_event(),
-                with(
-                    json!({"context": {"traits": {"email": 5}}, "traits": {"email": "t@example.com"}}),
-                ),
+                with(json!({
+                    "context": {"traits": {"email": 5}},
+                    "traits": {"email": "t@example.com"}
+                })),
                 Ok("t@example.com"),
             ),
             (
                 "path_holding_null_is_skipped",
                 any_event(),
-                with(
-                    json!({"context": {"traits": {"email": null}}, "properties": {"email": "p@example.com"}}),
-                ),
+                with(json!({
+                    "context": {"traits": {"email": null}},
+                    "properties": {"email": "p@example.com"}
+                })),
                 Ok("p@example.com"),
             ),
             (
@@ -883,9 +893,10 @@ mod tests {
             (
                 "implausible_email_is_invalid_even_when_a_later_path_is_good",
                 any_event(),
-                with(
-                    json!({"context": {"traits": {"email": "not-an-email"}}, "traits": {"email": "t@example.com"}}),
-                ),
+                with(json!({
+                    "context": {"traits": {"email": "not-an-email"}},
+                    "traits": {"email": "t@example.com"}
+                })),
                 Err("the email at $.context.traits.email is not a plausible address"),
             ),
             (
@@ -1028,7 +1039,10 @@ mod tests {
         let cases = [
             (
                 "computation_key_first",
-                json!({"context": {"personas": {"computation_key": "a"}}, "properties": {"audience_key": "b"}}),
+                json!({
+                    "context": {"personas": {"computation_key": "a"}},
+                    "properties": {"audience_key": "b"}
+                }),
                 Some("a"),
             ),
             (
@@ -1038,7 +1052,10 @@ mod tests {
             ),
             (
                 "empty_computation_key_is_no_key",
-                json!({"context": {"personas": {"computation_key": ""}}, "properties": {"audience_key": "b"}}),
+                json!({
+                    "context": {"personas": {"computation_key": ""}},
+                    "properties": {"audience_key": "b"}
+                }),
                 Some("b"),
             ),
             (
@@ -1074,7 +1091,10 @@ mod tests {
         let engage = |key: &str| {
             track(
                 "Audience Entered",
-                json!({"context": {"personas": {"computation_key": key}}, "properties": {key: true}}),
+                json!({
+                    "context": {"personas": {"computation_key": key}},
+                    "properties": {key: true}
+                }),
             )
         };
         let cases = [

@@ -29,9 +29,21 @@ fn jsonish() -> impl Strategy<Value = Vec<u8>> {
     let piece = prop_oneof![
         Just(&br#"{"type":"track","event":"Audience Entered","#[..]),
         Just(&br#""properties":{"audience_key":"vip_customers","vip_customers":true},"#[..]),
-        Just(&br#""context":{"traits":{"email":"a@example.com"},"personas":{"computation_key":"vip_customers"}},"#[..]),
+        Just(
+            concat!(
+                r#""context":{"traits":{"email":"a@example.com"},"#,
+                r#""personas":{"computation_key":"vip_customers"}},"#
+            )
+            .as_bytes()
+        ),
         Just(&br#""timestamp":"9999-12-31T23:59:59Z","#[..]),
-        Just(&br#"{"type":"profile_update","list_id":123,"email":"b@example.com","fields":{"456":"on"}"#[..]),
+        Just(
+            concat!(
+                r#"{"type":"profile_update","list_id":123,"#,
+                r#""email":"b@example.com","fields":{"456":"on"}"#
+            )
+            .as_bytes()
+        ),
         Just(&br#""list_id":99999999999999999999,"#[..]),
         Just(&br#"}"#[..]),
         Just(&br#"]"#[..]),

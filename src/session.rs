@@ -231,9 +231,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     for batch in self.batcher.flush_all() {
                         self.dispatch(batch);
                     }
-                    draining_until = Some(tokio::time::Instant::now() + self.worker.settings.shutdown.grace);
+                    let grace = self.worker.settings.shutdown.grace;
+                    draining_until = Some(tokio::time::Instant::now() + grace);
                 }
-                _ = async { tokio::time::sleep_until(draining_until.expect("guarded")).await }, if draining_until.is_some() => {
+                _ = sleep_until_if_any(draining_until) => {
                     tracing::warn!(
                         unsettled = self.ledger.len(),
                         "grace period over; unsettled messages stay in the queue"
@@ -252,12 +253,12 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(SessionError::ConsumerEnded),
                 },
-                _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
+                _ = sleep_until_if_any(flush_at) => {
                     for batch in self.batcher.flush_due(Instant::now()) {
                         self.dispatch(batch);
                     }
                 }
-                _ = async { tokio::time::sleep_until(quiet_at.expect("guarded")).await }, if quiet_at.is_some() => {
+                _ = sleep_until_if_any(quiet_at) => {
                     if self.nothing_more_coming().await {
                         for batch in self.batcher.flush_idle() {
                             self.dispatch(batch);
@@ -327,14 +328,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 .map(|pending| &mut pending.update),
         );
         if let Some(claimed) = trust_event_times(updates, now, skew) {
-            metrics.future_timestamp();
-            tracing::warn!(
-                delivery_tag = tag,
-                message_id = %message_id(&delivery.properties),
-                claimed = %claimed.to_rfc3339(),
-                "the event time is more than batch.clock_skew ahead of this worker's clock; last \
-                 write wins uses the time of receipt instead"
-            );
+            let message_id = message_id(&delivery.properties);
+            metrics.future_timestamp(tag, message_id, &claimed.to_rfc3339());
         }
 
         self.ledger.open(
@@ -517,7 +512,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Report::PublishFailed(mut failed) => {
                 self.publishing -= 1;
-                self.worker.metrics.publish_failed();
                 failed.attempts += 1;
                 if failed.attempts >= PUBLISH_ATTEMPTS {
                     return Err(SessionError::PublishFailed);
@@ -628,13 +622,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(
-                        %error,
-                        exchange = %copy.exchange,
-                        routing_key = %copy.routing_key,
-                        attempt = publish.attempts + 1,
-                        "publish failed; trying again on a new channel"
-                    );
+                    let attempt = publish.attempts + 1;
+                    metrics.publish_failed(&error, &copy.exchange, &copy.routing_key, attempt);
                     Report::PublishFailed(publish)
                 }
             };
@@ -719,6 +708,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Some(error) => Err(error.into()),
             None => Ok(()),
         }
+    }
+}
+
+/// Sleeps until `at`; without a time, never wakes (a `select!` branch that stays idle).
+async fn sleep_until_if_any(at: Option<impl Into<tokio::time::Instant>>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

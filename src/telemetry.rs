@@ -1,4 +1,5 @@
-//! Telemetry: every metric the worker exposes, and one function per occurrence that counts it.
+//! Telemetry: every metric the worker exposes, and one function per occurrence that counts it
+//! (and logs it, where the occurrence is logged), so the two never drift apart.
 //!
 //! Labels come from small fixed sets (outcome, reason, class, status, trigger, queue role);
 //! never an email address or an unbounded id. The one label taken from events, the audience
@@ -16,7 +17,7 @@ use prometheus::{
 
 use crate::batch::FlushTrigger;
 use crate::mapping::UnmappedAudiences;
-use crate::model::DeadLetterReason;
+use crate::model::{DeadLetterReason, FieldId, ListId};
 
 /// How many audience keys `listrak_unmapped_audience_events_total` labels by name: enough for
 /// every audience of a workspace, few enough that a producer sending a fresh key per event
@@ -27,6 +28,48 @@ pub const MAX_UNMAPPED_AUDIENCE_KEYS: usize = 100;
 pub const OTHER_AUDIENCE_KEYS: &str = "other";
 
 pub use crate::model::AckOutcome;
+
+/// Why a failed request is sent again: the `class` label of `listrak_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Listrak or the network failed (5xx, 429, timeout, connection).
+    Systemic,
+    /// The token was refused: it is renewed and the request sent again.
+    Auth,
+    /// A refusal that may concern one contact or the body's size: the request is split.
+    Ambiguous,
+}
+
+impl RetryClass {
+    pub const ALL: [RetryClass; 3] = [Self::Systemic, Self::Auth, Self::Ambiguous];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Systemic => "systemic",
+            Self::Auth => "auth",
+            Self::Ambiguous => "ambiguous",
+        }
+    }
+}
+
+/// The worker's queues, as the `queue` label of `listrak_queue_messages` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueRole {
+    Main,
+    /// Every retry queue together.
+    Retry,
+    Dead,
+}
+
+impl QueueRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Retry => "retry",
+            Self::Dead => "dead",
+        }
+    }
+}
 
 /// The worker's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -243,8 +286,8 @@ impl Metrics {
         for reason in DeadLetterReason::ALL {
             dead_letters.with_label_values(&[reason.as_str()]);
         }
-        for class in ["systemic", "auth", "ambiguous"] {
-            retries.with_label_values(&[class]);
+        for class in RetryClass::ALL {
+            retries.with_label_values(&[class.as_str()]);
         }
         for result in ["success", "failure"] {
             token_refreshes.with_label_values(&[result]);
@@ -312,21 +355,56 @@ impl Metrics {
             .inc();
     }
 
-    pub fn future_timestamp(&self) {
+    /// A message's event time was more than `batch.clock_skew` ahead of this worker's clock.
+    pub fn future_timestamp(&self, delivery_tag: u64, message_id: &str, claimed: &str) {
         self.inner.future_timestamps.inc();
+        tracing::warn!(
+            delivery_tag,
+            message_id,
+            claimed,
+            "the event time is more than batch.clock_skew ahead of this worker's clock; last \
+             write wins uses the time of receipt instead"
+        );
     }
 
-    pub fn delivery_panicked(&self) {
+    /// Delivering a batch panicked (a bug); its messages go to the retry queues.
+    pub fn delivery_panicked(&self, list: ListId, contacts: usize) {
         self.inner.delivery_panics.inc();
+        tracing::error!(
+            list_id = %list,
+            contacts,
+            "delivering a batch failed unexpectedly; its messages go to the retry queues"
+        );
     }
 
-    pub fn publish_failed(&self) {
+    /// A retry or dead-letter copy was not confirmed by the broker; it is published again.
+    pub fn publish_failed(
+        &self,
+        error: &dyn std::fmt::Display,
+        exchange: &str,
+        routing_key: &str,
+        attempt: u32,
+    ) {
         self.inner.publish_failures.inc();
+        tracing::warn!(
+            %error,
+            exchange,
+            routing_key,
+            attempt,
+            "publish failed; trying again on a new channel"
+        );
     }
 
     /// An `audience_field` mapping created a Check Box field.
-    pub fn field_created(&self) {
+    pub fn field_created(&self, list: ListId, group: &str, field: &str, field_id: FieldId) {
         self.inner.fields_created.inc();
+        tracing::info!(
+            list_id = %list,
+            group,
+            field,
+            field_id = %field_id,
+            "created a Check Box profile field"
+        );
     }
 
     /// A list's field catalogue was read to resolve an `audience_field` mapping.
@@ -338,8 +416,11 @@ impl Metrics {
         self.inner.prefetch.set(i64::from(window));
     }
 
-    pub fn retried(&self, class: &str) {
-        self.inner.retries.with_label_values(&[class]).inc();
+    pub fn retried(&self, class: RetryClass) {
+        self.inner
+            .retries
+            .with_label_values(&[class.as_str()])
+            .inc();
     }
 
     pub fn request_answered(&self, status: &str, duration: Duration, contacts: usize) {
@@ -386,10 +467,10 @@ impl Metrics {
         self.inner.amqp_reconnects.inc();
     }
 
-    pub fn queue_depth(&self, role: &str, messages: u32) {
+    pub fn queue_depth(&self, role: QueueRole, messages: u32) {
         self.inner
             .queue_messages
-            .with_label_values(&[role])
+            .with_label_values(&[role.as_str()])
             .set(i64::from(messages));
     }
 
@@ -481,7 +562,7 @@ mod tests {
     fn every_metric_of_the_contract_is_exposed_with_help() {
         let metrics = Metrics::new(1000);
         metrics.request_answered("201", Duration::from_millis(30), 10);
-        metrics.queue_depth("main", 3);
+        metrics.queue_depth(QueueRole::Main, 3);
         // Labelled by what events carry, so it shows once one was counted.
         metrics.unmapped_audience("high_spenders");
         let text = metrics.render();

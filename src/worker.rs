@@ -19,7 +19,7 @@ use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
 use crate::model::ListId;
 use crate::session::{Session, SessionError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, QueueRole};
 
 pub use crate::model::Health;
 
@@ -208,16 +208,16 @@ pub(crate) async fn poll_queue_depths(channel: Channel, topology: Topology, metr
     };
     loop {
         if let Ok(main) = depth(topology.queue.clone()).await {
-            metrics.queue_depth("main", main);
+            metrics.queue_depth(QueueRole::Main, main);
         }
         if let Ok(dead) = depth(topology.dead.clone()).await {
-            metrics.queue_depth("dead", dead);
+            metrics.queue_depth(QueueRole::Dead, dead);
         }
         let mut retry = 0;
         for (name, _) in &topology.retries {
             retry += depth(name.clone()).await.unwrap_or(0);
         }
-        metrics.queue_depth("retry", retry);
+        metrics.queue_depth(QueueRole::Retry, retry);
         tokio::time::sleep(QUEUE_POLL).await;
     }
 }

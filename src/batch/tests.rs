@@ -365,7 +365,11 @@ proptest! {
         let mut applied: BTreeMap<(u32, String, u32), (i64, String)> = BTreeMap::new();
         let mut newest: BTreeMap<(u32, String, u32), (i64, String)> = BTreeMap::new();
 
-        fn send(batches: Vec<Batch>, in_flight: &mut Vec<InFlight>, applied: &BTreeMap<(u32, String, u32), (i64, String)>) {
+        fn send(
+            batches: Vec<Batch>,
+            in_flight: &mut Vec<InFlight>,
+            applied: &BTreeMap<(u32, String, u32), (i64, String)>,
+        ) {
             for batch in batches {
                 let mut sent = Vec::new();
                 for contact in &batch.contacts {
@@ -380,7 +384,11 @@ proptest! {
             }
         }
 
-        let arrive = |batcher: &mut Batcher, update: Update, originals: &mut Vec<Update>, parts: &mut Vec<usize>, settled: &mut Vec<usize>| {
+        let arrive = |batcher: &mut Batcher,
+                      update: Update,
+                      originals: &mut Vec<Update>,
+                      parts: &mut Vec<usize>,
+                      settled: &mut Vec<usize>| {
             let key = originals.len() as u64;
             originals.push(update.clone());
             parts.push(0);
@@ -398,7 +406,8 @@ proptest! {
                 Some(step) => step,
                 None if !retried.is_empty() => {
                     let update = retried.remove(0);
-                    let flushed = arrive(&mut batcher, update, &mut originals, &mut parts, &mut settled);
+                    let flushed =
+                        arrive(&mut batcher, update, &mut originals, &mut parts, &mut settled);
                     send(flushed, &mut in_flight, &applied);
                     continue;
                 }
@@ -413,12 +422,14 @@ proptest! {
                 Step::Arrive(list, who, field, micros, on) => {
                     // Unique times: which of two equal times wins is another test's subject.
                     let at = micros * 1000 + originals.len() as i64;
-                    let update = update(list + 1, &format!("p{who}@x.io"), field, if on { "on" } else { "off" }, at);
+                    let value = if on { "on" } else { "off" };
+                    let update = update(list + 1, &format!("p{who}@x.io"), field, value, at);
                     let key = (list + 1, update.email.clone(), field);
                     if newest.get(&key).is_none_or(|(t, _)| *t < at) {
                         newest.insert(key, (at, update.fields[0].1.clone()));
                     }
-                    let flushed = arrive(&mut batcher, update, &mut originals, &mut parts, &mut settled);
+                    let flushed =
+                        arrive(&mut batcher, update, &mut originals, &mut parts, &mut settled);
                     send(flushed, &mut in_flight, &applied);
                 }
                 Step::Flush => {
@@ -475,7 +486,10 @@ proptest! {
     /// per field (what the superseded guard does) gives last-write-wins over all updates.
     #[test]
     fn grouping_loses_nothing_and_sends_last_write_wins(
-        updates in prop::collection::vec((0u32..3, 0usize..6, 1u32..4, 0i64..20, any::<bool>()), 1..200),
+        updates in prop::collection::vec(
+            (0u32..3, 0usize..6, 1u32..4, 0i64..20, any::<bool>()),
+            1..200,
+        ),
         max_contacts in 1usize..8,
         max_bytes in 120usize..600,
     ) {
@@ -487,10 +501,13 @@ proptest! {
         for (seq, (list, who, field, micros, on)) in updates.iter().enumerate() {
             let email = format!("p{who}@x.io");
             let value = if *on { "on" } else { "off" };
-            let added = batcher.add(seq as u64, update(list + 1, &email, *field, value, *micros), now);
+            let update = update(list + 1, &email, *field, value, *micros);
+            let added = batcher.add(seq as u64, update, now);
             parts += usize::from(added.new_part);
             answer_in_order(&mut batcher, added.flushed, now, &mut batches);
-            let entry = expected.entry((list + 1, email, *field)).or_insert((i64::MIN, 0, String::new()));
+            let entry = expected
+                .entry((list + 1, email, *field))
+                .or_insert((i64::MIN, 0, String::new()));
             if (*micros, seq) >= (entry.0, entry.1) {
                 *entry = (*micros, seq, value.to_string());
             }
@@ -523,7 +540,8 @@ proptest! {
         }
         prop_assert_eq!(occurrences, parts);
         prop_assert_eq!(seen.len(), updates.len());
-        let expected: BTreeMap<_, _> = expected.into_iter().map(|(k, (t, _, v))| (k, (t, v))).collect();
+        let expected: BTreeMap<_, _> =
+            expected.into_iter().map(|(k, (t, _, v))| (k, (t, v))).collect();
         prop_assert_eq!(applied, expected);
     }
 }

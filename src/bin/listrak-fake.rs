@@ -12,8 +12,9 @@ use listrak_worker::tools::fake::{CatalogueSeed, FakeOptions, FakeServer, Faults
 /// A strict stand-in for Listrak's token, SegmentationField, list and profile field
 /// endpoints, with faults on demand.
 ///
-/// State and records: GET /_fake/contacts, GET /_fake/catalogue, GET /_fake/requests. Faults while running:
-/// GET /_fake/faults, PUT (replace all) or PATCH (change some). Start over: POST /_fake/reset.
+/// State and records: GET /_fake/contacts, GET /_fake/catalogue, GET /_fake/requests. Faults
+/// while running: GET /_fake/faults, PUT (replace all) or PATCH (change some). Start over:
+/// POST /_fake/reset.
 #[derive(Debug, Parser)]
 #[command(name = "listrak-fake", version)]
 struct Args {
@@ -23,7 +24,8 @@ struct Args {
     /// Client id tokens are issued for [env: LISTRAK_CLIENT_ID] [default: fake-client-id].
     #[arg(long)]
     client_id: Option<String>,
-    /// Client secret tokens are issued for [env: LISTRAK_CLIENT_SECRET] [default: fake-client-secret].
+    /// Client secret tokens are issued for [env: LISTRAK_CLIENT_SECRET]
+    /// [default: fake-client-secret].
     #[arg(long)]
     client_secret: Option<String>,
     /// Delay added before every SegmentationField answer, e.g. 50ms.

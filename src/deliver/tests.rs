@@ -243,7 +243,11 @@ async fn an_unknown_list_is_told_from_a_size_limit_with_one_probe() {
     let d = deliverer(api, Duration::from_secs(1));
     let verdicts = d.deliver(&batch(9, 100)).await;
     assert_eq!(dead_lettered(&verdicts).len(), 100);
-    assert!(verdicts.iter().all(|v| matches!(v, Verdict::DeadLetter(r) if r.reason == DeadLetterReason::ListNotFound && r.list_id == ListId::new(9))));
+    assert!(verdicts.iter().all(|v| matches!(
+        v,
+        Verdict::DeadLetter(r)
+            if r.reason == DeadLetterReason::ListNotFound && r.list_id == ListId::new(9)
+    )));
     assert_eq!(d.api.requests.lock().unwrap().len(), 2);
 }
 

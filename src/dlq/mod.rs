@@ -389,7 +389,9 @@ impl<'a> DeadLetters<'a> {
                         let at = pace.as_mut().map(|pace| pace.slot(Instant::now()));
                         match at {
                             // Its turn is later: wait for it, settling confirms meanwhile.
-                            Some(at) if at > Instant::now() => waiting = Some((ticket, delivery, at.into())),
+                            Some(at) if at > Instant::now() => {
+                                waiting = Some((ticket, delivery, at.into()));
+                            }
                             _ => mover.replay(ticket, delivery).await,
                         }
                     }

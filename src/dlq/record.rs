@@ -2,8 +2,10 @@
 //!
 //! ```json
 //! {"body":"{\"type\":\"track\",...}",
-//!  "properties":{"content_type":"application/json","delivery_mode":2,"message_id":"m-1","timestamp":1767225600},
-//!  "headers":{"x-listrak-reason":"rejected","x-listrak-status":400,"x-death":[{"count":1,"time":{"$timestamp":1767225600}}]}}
+//!  "properties":{"content_type":"application/json","delivery_mode":2,"message_id":"m-1",
+//!                "timestamp":1767225600},
+//!  "headers":{"x-listrak-reason":"rejected","x-listrak-status":400,
+//!             "x-death":[{"count":1,"time":{"$timestamp":1767225600}}]}}
 //! ```
 //!
 //! The body is the exact bytes: a JSON string when they are UTF-8, else `body_base64`.

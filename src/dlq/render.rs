@@ -367,9 +367,12 @@ mod tests {
         assert_eq!(
             table,
             "q.dead: 3 dead letters\n\
-             REASON        LIST   STATUS  ERROR                    COUNT  OLDEST                NEWEST\n\
-             rejected      12345  400     ERROR_INVALID_PARAMETER      2  2026-01-01T00:00:00Z  2026-01-01T01:00:00Z\n\
-             invalid_json  -      -       -                            1  2026-01-01T00:00:00Z  2026-01-01T00:00:00Z\n\
+             REASON        LIST   STATUS  ERROR                    COUNT  OLDEST                \
+             NEWEST\n\
+             rejected      12345  400     ERROR_INVALID_PARAMETER      2  2026-01-01T00:00:00Z  \
+             2026-01-01T01:00:00Z\n\
+             invalid_json  -      -       -                            1  2026-01-01T00:00:00Z  \
+             2026-01-01T00:00:00Z\n\
              total                                                     3\n"
         );
         let value = stats_json(&stats, "q.dead", &walked);

@@ -144,7 +144,11 @@ fn engage_event(index: usize, list: usize, person: usize, entered: bool, at: Eve
         "properties": { "audience_key": audience, audience.clone(): entered },
         "context": {
             "traits": { "email": format!("person{person}@example.com") },
-            "personas": { "computation_key": audience, "computation_class": "audience", "space_id": "spa_bench" }
+            "personas": {
+                "computation_key": audience,
+                "computation_class": "audience",
+                "space_id": "spa_bench"
+            }
         }
     }))
     .expect("JSON")

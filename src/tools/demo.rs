@@ -150,7 +150,8 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         anyhow::bail!(
             "RabbitMQ is not reachable at {} ({error}).\n\
              Start it, then run the demo again:\n  \
-             Debian/Ubuntu: sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached\n  \
+             Debian/Ubuntu: sudo apt-get install -y rabbitmq-server && \
+             sudo rabbitmq-server -detached\n  \
              Docker:        docker run -d -p 5672:5672 rabbitmq:3.13\n\
              or point AMQP_URL at a running broker.",
             settings.amqp.redacted_url()

@@ -255,7 +255,11 @@ pub fn track(
         "properties": { "audience_key": audience, audience: member },
         "context": {
             "traits": { "email": email },
-            "personas": { "computation_key": audience, "computation_class": "audience", "space_id": "spa_sample" }
+            "personas": {
+                "computation_key": audience,
+                "computation_class": "audience",
+                "space_id": "spa_sample"
+            }
         }
     }))
     .expect("JSON")
@@ -269,7 +273,11 @@ pub fn identify(audience: &str, member: bool, email: &str, index: usize, micros:
         "userId": format!("user-{email}"),
         "traits": { "email": email, audience: member },
         "context": {
-            "personas": { "computation_key": audience, "computation_class": "audience", "space_id": "spa_sample" }
+            "personas": {
+                "computation_key": audience,
+                "computation_class": "audience",
+                "space_id": "spa_sample"
+            }
         }
     }))
     .expect("JSON")

@@ -134,7 +134,8 @@ async fn cli(h: &Harness, name: &str, mappings: &str, args: &[&str]) -> Output {
     std::fs::write(
         &config,
         format!(
-            "[listrak]\nclient_id = \"{}\"\nclient_secret = \"{}\"\napi_url = \"{}\"\nauth_url = \"{}\"\n{mappings}",
+            "[listrak]\nclient_id = \"{}\"\nclient_secret = \"{}\"\napi_url = \"{}\"\nauth_url = \
+             \"{}\"\n{mappings}",
             options.client_id,
             options.client_secret,
             h.fake.api_url(),

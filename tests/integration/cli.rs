@@ -69,7 +69,8 @@ fn a_bad_configuration_is_refused_with_exit_2_naming_the_key() {
         ),
         (
             format!(
-                "[amqp]\nurl = \"amqps://rabbit.internal/%2f\"\n[amqp.tls]\nca_file = \"/nonexistent/ca.pem\"\n{VALID}"
+                "[amqp]\nurl = \"amqps://rabbit.internal/%2f\"\n[amqp.tls]\nca_file = \
+                 \"/nonexistent/ca.pem\"\n{VALID}"
             ),
             "amqp.tls.ca_file",
         ),

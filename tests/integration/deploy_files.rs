@@ -64,7 +64,8 @@ fn kubernetes_waits_longer_than_the_worker_drains() {
         // Closing the channel and connection after the drain takes a moment too.
         assert!(
             grace + Duration::from_secs(10) <= kubelet_waits,
-            "{path}: shutdown.grace {grace:?} leaves too little of terminationGracePeriodSeconds {kubelet_waits:?}"
+            "{path}: shutdown.grace {grace:?} leaves too little of terminationGracePeriodSeconds \
+             {kubelet_waits:?}"
         );
     }
 }

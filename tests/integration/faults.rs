@@ -189,8 +189,7 @@ async fn a_429_storm_lowers_the_concurrency_which_comes_back_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queues_and_applies_everything(
-) {
+async fn an_outage_longer_than_in_process_goes_through_the_retry_queues_and_applies_everything() {
     let traffic = traffic(600);
     let mut h = Harness::new(
         "outage",
@@ -225,7 +224,11 @@ async fn an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queu
     for (queue, _) in &h.topology.retries {
         assert_eq!(h.depth(queue).await, 0, "{queue} drained");
     }
-    report_fault(&h, "an_outage_longer_than_the_in_process_budget_goes_through_the_retry_queues_and_applies_everything", started);
+    report_fault(
+        &h,
+        "an_outage_longer_than_in_process_goes_through_the_retry_queues_and_applies_everything",
+        started,
+    );
     h.finish().await;
 }
 

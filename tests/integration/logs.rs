@@ -110,7 +110,11 @@ async fn logs_never_show_the_secret_and_mask_emails_at_info_and_above() {
     )])
     .await;
     h.wait_acked(4, Duration::from_secs(30)).await;
-    tracing::debug!(target: "listrak_worker::settings", settings = ?h.settings, "effective settings");
+    tracing::debug!(
+        target: "listrak_worker::settings",
+        settings = ?h.settings,
+        "effective settings"
+    );
     h.finish().await;
 
     let all = everything.text();

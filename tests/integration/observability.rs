@@ -281,7 +281,10 @@ async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String, String)
 
 #[test]
 fn selectors_are_read_with_their_matchers_through_functions_and_line_breaks() {
-    let expr = "histogram_quantile(0.95, sum without (instance) (rate(listrak_event_lag_seconds_bucket{job=\"w\", le!=\"1\"}[15m])))\n/ ignoring (reason) group_left\nlistrak_dead_letters_total {reason=~\"a|b\"} > 0 and not_listrak_metric";
+    let expr = "histogram_quantile(0.95, sum without (instance) \
+                (rate(listrak_event_lag_seconds_bucket{job=\"w\", le!=\"1\"}[15m])))\n/ ignoring \
+                (reason) group_left\nlistrak_dead_letters_total {reason=~\"a|b\"} > 0 and \
+                not_listrak_metric";
     assert_eq!(
         selectors(expr),
         [
@@ -310,7 +313,8 @@ fn selectors_are_read_with_their_matchers_through_functions_and_line_breaks() {
             },
         ]
     );
-    let rules = "rules:\n  - alert: A\n    expr: |\n      up\n      == 0\n    for: 5m\n  - alert: B\n    expr: listrak_x > 1\n";
+    let rules = "rules:\n  - alert: A\n    expr: |\n      up\n      == 0\n    for: 5m\n  - alert: \
+                 B\n    expr: listrak_x > 1\n";
     assert_eq!(rule_exprs(rules), ["up\n== 0", "listrak_x > 1"]);
 }
 

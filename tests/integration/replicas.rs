@@ -5,7 +5,8 @@
 //! The traffic gives every (list, contact, field) a single event. Replicas keep no order
 //! between them: two events for the same field, taken by two workers, reach Listrak in
 //! whichever order their batches happen to be sent, so with repeated fields the final state
-//! of a multi-worker run may rightly differ from a single worker's (docs/design.md, "Several replicas", says so).
+//! of a multi-worker run may rightly differ from a single worker's (docs/design.md, "Several
+//! replicas", says so).
 //! With one event per field, the final state does not depend on the order of application,
 //! and any difference from one worker's result is a lost or wrongly applied update.
 

@@ -205,15 +205,25 @@ profile_fields = { "101" = "on" }
         .collect();
     assert_eq!(problems.len(), 3, "{stdout}");
     assert!(
-        problems[0].contains(r#"mapping "wrong-field": profile_fields."109": field 109 is not a profile field of list 1001; did you mean field 101 ("vip_customers", CheckBox)?"#),
+        problems[0].contains(concat!(
+            r#"mapping "wrong-field": profile_fields."109": "#,
+            r#"field 109 is not a profile field of list 1001; "#,
+            r#"did you mean field 101 ("vip_customers", CheckBox)?"#
+        )),
         "{stdout}"
     );
     assert!(
-        problems[1].contains(r#"mapping "text-to-check-box": profile_fields."101": "gold" is written to field 101 ("vip_customers"), a Check Box field"#),
+        problems[1].contains(concat!(
+            r#"mapping "text-to-check-box": profile_fields."101": "#,
+            r#""gold" is written to field 101 ("vip_customers"), a Check Box field"#
+        )),
         "{stdout}"
     );
     assert!(
-        problems[2].contains(r#"mapping "missing-list": list_id: list 999 does not exist; the account has 1001 (Customers), 2002 (Newsletter)"#),
+        problems[2].contains(concat!(
+            r#"mapping "missing-list": list_id: list 999 does not exist; "#,
+            r#"the account has 1001 (Customers), 2002 (Newsletter)"#
+        )),
         "{stdout}"
     );
     assert!(text(&output.stderr).contains("3 problem(s)"));
@@ -467,7 +477,10 @@ async fn verify_at_start_refuses_to_run_on_a_problem_with_exit_2() {
         WorkerProcess::run_to_exit(&h, "verify", &knobs, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(r#"mapping "cart-abandoners-on-the-second-list": profile_fields."201": field 201 is not a profile field of list 2002"#),
+        stderr.contains(concat!(
+            r#"mapping "cart-abandoners-on-the-second-list": profile_fields."201": "#,
+            r#"field 201 is not a profile field of list 2002"#
+        )),
         "{stderr}"
     );
     h.finish().await;

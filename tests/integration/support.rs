@@ -710,10 +710,14 @@ pub fn report_fault(h: &Harness, fault: &str, started: Instant) {
     let statuses = h.fake.status_counts();
     let requests: usize = statuses.values().sum();
     println!(
-        "fault report: {fault}: {requests} requests {statuses:?}, retries systemic {} auth {} ambiguous {}, retry-queue round trips {}, settled in {:.1}s",
-        h.metrics.sample("listrak_retries_total", &[("class", "systemic")]),
-        h.metrics.sample("listrak_retries_total", &[("class", "auth")]),
-        h.metrics.sample("listrak_retries_total", &[("class", "ambiguous")]),
+        "fault report: {fault}: {requests} requests {statuses:?}, retries systemic {} auth {} \
+         ambiguous {}, retry-queue round trips {}, settled in {:.1}s",
+        h.metrics
+            .sample("listrak_retries_total", &[("class", "systemic")]),
+        h.metrics
+            .sample("listrak_retries_total", &[("class", "auth")]),
+        h.metrics
+            .sample("listrak_retries_total", &[("class", "ambiguous")]),
         h.acked_as("retry_scheduled"),
         started.elapsed().as_secs_f64()
     );

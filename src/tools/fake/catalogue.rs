@@ -353,7 +353,8 @@ mod tests {
         serde_json::from_str(
             r#"{"lists":[{"listId":1001,"listName":"Customers","groups":[
                 {"segmentationFieldGroupId":5,"segmentationFieldGroupName":"Engage Audiences",
-                 "fields":[{"segmentationFieldId":101,"segmentationFieldName":"vip_customers","dataType":"CheckBox","maxLength":3}]}]},
+                 "fields":[{"segmentationFieldId":101,"segmentationFieldName":"vip_customers",
+                            "dataType":"CheckBox","maxLength":3}]}]},
                {"listId":2002}]}"#,
         )
         .unwrap()

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// What goes wrong when the fake answers SegmentationField requests; the default is nothing.
 ///
-/// As JSON (`GET`, `PUT`, `PATCH /_fake/faults`) durations are humantime strings such as `"50ms"`, and
-/// unknown keys are refused so that a misspelt fault cannot be silently ignored.
+/// As JSON (`GET`, `PUT`, `PATCH /_fake/faults`) durations are humantime strings such as
+/// `"50ms"`, and unknown keys are refused so that a misspelt fault cannot be silently ignored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {

@@ -41,10 +41,11 @@
 //! | answer | status | `error` |
 //! |---|---|---|
 //! | token endpoint, wrong client id or secret | 401 | `ERROR_INVALID_CREDENTIALS` |
-//! | token endpoint, not a form / no or other grant type / missing id or secret | 400 | `ERROR_UNSUPPORTED_CONTENT_TYPE` / `ERROR_INVALID_PARAMETER` |
+//! | token endpoint, not a form | 400 | `ERROR_UNSUPPORTED_CONTENT_TYPE` |
+//! | token endpoint, no or other grant type, no id or secret | 400 | `ERROR_INVALID_PARAMETER` |
 //! | missing, unknown or expired token | 401 | `ERROR_UNAUTHORIZED` |
 //! | injected outage or random error | 503 | `ERROR_UNHANDLED_EXCEPTION` |
-//! | injected throttle | 429 | `ERROR_TOO_MANY_REQUESTS` (not a Listrak code: Listrak documents no 429) |
+//! | injected throttle | 429 | `ERROR_TOO_MANY_REQUESTS` (Listrak documents no 429) |
 //! | `listId` not a positive int32 | 400 | `ERROR_INVALID_PARAMETER` |
 //! | `Content-Type` not `application/json` | 415 | `ERROR_UNSUPPORTED_CONTENT_TYPE` |
 //! | unknown list, or body over `max_body_bytes` | 404 | `ERROR_UNABLE_TO_LOCATE_RESOURCE` |
@@ -52,9 +53,10 @@
 //! | body breaks the schema (message names the place) | 400 | `ERROR_INVALID_PARAMETER` |
 //! | one contact gives the same field twice | 400 | `ERROR_SEGMENTATION_FIELD_DEFINED_TWICE` |
 //! | a contact's email is in `reject_emails` (message names it) | 400 | `ERROR_INVALID_PARAMETER` |
-//! | with a catalogue: a list it does not hold / a field id its list does not have | 404 / 400 | `ERROR_UNABLE_TO_LOCATE_RESOURCE` / `ERROR_INVALID_PARAMETER` |
+//! | with a catalogue: a list it does not hold | 404 | `ERROR_UNABLE_TO_LOCATE_RESOURCE` |
+//! | with a catalogue: a field id its list does not have | 400 | `ERROR_INVALID_PARAMETER` |
 //! | catalogue: unknown list or group | 404 | `ERROR_UNABLE_TO_LOCATE_RESOURCE` |
-//! | catalogue creation: a missing or wrong property, an unknown `dataType` | 400 | `ERROR_INVALID_PARAMETER` |
+//! | creation: bad or missing property, unknown `dataType` | 400 | `ERROR_INVALID_PARAMETER` |
 //! | unknown route / method | 404 / 405 | `ERROR_UNKNOWN_ROUTE` / `ERROR_UNSUPPORTED_METHOD` |
 
 mod answer;

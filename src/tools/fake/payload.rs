@@ -1,4 +1,5 @@
-//! Reading what clients send, strictly per Listrak's spec: the SegmentationField body, the token form, ids and headers.
+//! Reading what clients send, strictly per Listrak's spec: the SegmentationField body, the token
+//! form, ids and headers.
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -337,8 +338,16 @@ mod tests {
     #[test]
     fn the_direct_reading_agrees_with_the_generic_one_and_leaves_every_fault_to_it() {
         let valid = [
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":456,"value":"on"},{"segmentationFieldId":789,"value":""}]}]"#,
-            r#"[{"segmentationFieldValues":[{"value":"off","segmentationFieldId":1,"x":null}],"emailAddress":"b@example.com","extra":[1]}]"#,
+            concat!(
+                r#"[{"emailAddress":"a@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":456,"value":"on"},"#,
+                r#"{"segmentationFieldId":789,"value":""}]}]"#
+            ),
+            concat!(
+                r#"[{"segmentationFieldValues":"#,
+                r#"[{"value":"off","segmentationFieldId":1,"x":null}],"#,
+                r#""emailAddress":"b@example.com","extra":[1]}]"#
+            ),
         ];
         for body in valid {
             let direct = well_formed(body.as_bytes()).expect(body);
@@ -349,15 +358,40 @@ mod tests {
             "[]",
             "{}",
             "not json",
-            r#"[{"emailAddress":"not an address","segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#,
+            concat!(
+                r#"[{"emailAddress":"not an address","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#
+            ),
             r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[]}]"#,
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":0,"value":"on"}]}]"#,
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":2147483648,"value":"on"}]}]"#,
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":1.0,"value":"on"}]}]"#,
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"},{"segmentationFieldId":1,"value":"off"}]}]"#,
-            r#"[{"emailAddress":"a@example.com","emailAddress":"b@example.com","segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#,
-            r#"[{"emailAddress":null,"segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#,
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":1,"value":true}]}]"#,
+            concat!(
+                r#"[{"emailAddress":"a@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":0,"value":"on"}]}]"#
+            ),
+            concat!(
+                r#"[{"emailAddress":"a@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":2147483648,"value":"on"}]}]"#
+            ),
+            concat!(
+                r#"[{"emailAddress":"a@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":1.0,"value":"on"}]}]"#
+            ),
+            concat!(
+                r#"[{"emailAddress":"a@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"},"#,
+                r#"{"segmentationFieldId":1,"value":"off"}]}]"#
+            ),
+            concat!(
+                r#"[{"emailAddress":"a@example.com","emailAddress":"b@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#
+            ),
+            concat!(
+                r#"[{"emailAddress":null,"segmentationFieldValues":[{"segmentationFieldId":1,"#,
+                r#""value":"on"}]}]"#
+            ),
+            concat!(
+                r#"[{"emailAddress":"a@example.com","#,
+                r#""segmentationFieldValues":[{"segmentationFieldId":1,"value":true}]}]"#
+            ),
         ];
         for body in faulty {
             assert!(well_formed(body.as_bytes()).is_none(), "{body}");
@@ -367,8 +401,12 @@ mod tests {
     #[test]
     fn a_valid_body_yields_every_contact_and_field_in_order() {
         let payload = Payload::read(
-            br#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":456,"value":"on"},{"segmentationFieldId":789,"value":""}]},
-                 {"emailAddress":"b@example.com","segmentationFieldValues":[{"segmentationFieldId":456,"value":"off"}],"extra":1}]"#,
+            br#"[{"emailAddress":"a@example.com",
+                  "segmentationFieldValues":[{"segmentationFieldId":456,"value":"on"},
+                                             {"segmentationFieldId":789,"value":""}]},
+                 {"emailAddress":"b@example.com",
+                  "segmentationFieldValues":[{"segmentationFieldId":456,"value":"off"}],
+                  "extra":1}]"#,
         );
         assert_eq!(payload.contacts, Some(2));
         assert_eq!(payload.emails, ["a@example.com", "b@example.com"]);
@@ -404,11 +442,17 @@ mod tests {
                 "[0].emailAddress: the property is required",
             ),
             (
-                r#"[{"emailAddress":null,"segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":null,"segmentationFieldValues":[{"segmentationFieldId":1,"#,
+                    r#""value":"on"}]}]"#
+                ),
                 "[0].emailAddress: expected a string, found null",
             ),
             (
-                r#"[{"emailAddress":"not-an-email","segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"not-an-email","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#
+                ),
                 "\"not-an-email\" is not an email address",
             ),
             (
@@ -428,31 +472,53 @@ mod tests {
                 "segmentationFieldValues[0].segmentationFieldId: the property is required",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":0,"value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":0,"value":"on"}]}]"#
+                ),
                 "0 is not a positive 32-bit integer",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":-4,"value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":-4,"value":"on"}]}]"#
+                ),
                 "-4 is not a positive 32-bit integer",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":2147483648,"value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":2147483648,"#,
+                    r#""value":"on"}]}]"#
+                ),
                 "2147483648 is not a positive 32-bit integer",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":1.5,"value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":1.5,"value":"on"}]}]"#
+                ),
                 "1.5 is not a positive 32-bit integer",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":"456","value":"on"}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":"456","value":"on"}]}]"#
+                ),
                 "segmentationFieldId: expected an integer, found a string",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":456}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":456}]}]"#
+                ),
                 "[0].value: the property is required",
             ),
             (
-                r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":456,"value":true}]}]"#,
+                concat!(
+                    r#"[{"emailAddress":"a@example.com","#,
+                    r#""segmentationFieldValues":[{"segmentationFieldId":456,"value":true}]}]"#
+                ),
                 "[0].value: expected a string, found a boolean",
             ),
         ];
@@ -476,9 +542,11 @@ mod tests {
 
     #[test]
     fn one_field_twice_for_one_contact_is_refused() {
-        let refusal = refusal(
-            r#"[{"emailAddress":"a@example.com","segmentationFieldValues":[{"segmentationFieldId":4,"value":"on"},{"segmentationFieldId":4,"value":"off"}]}]"#,
-        );
+        let refusal = refusal(concat!(
+            r#"[{"emailAddress":"a@example.com","#,
+            r#""segmentationFieldValues":[{"segmentationFieldId":4,"value":"on"},"#,
+            r#"{"segmentationFieldId":4,"value":"off"}]}]"#
+        ));
         assert_eq!(refusal.error, answer::SEGMENTATION_FIELD_DEFINED_TWICE);
         assert!(
             refusal.message.contains("segmentationFieldId 4"),

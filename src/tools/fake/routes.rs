@@ -1,4 +1,5 @@
-//! The fake's HTTP surface: Listrak's token and SegmentationField endpoints, and `/_fake/*` controls.
+//! The fake's HTTP surface: Listrak's token and SegmentationField endpoints, and `/_fake/*`
+//! controls.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! What the fake remembers (tokens, contacts, recorded requests) and how one SegmentationField request is decided.
+//! What the fake remembers (tokens, contacts, recorded requests) and how one SegmentationField
+//! request is decided.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -306,7 +307,8 @@ impl State {
                 .find(|(_, (field, _))| !self.catalogue.has_field(list_id, *field))?;
             Some(Refusal::invalid(
                 &format!(
-                    "contactSegmentationFieldValues[{index}].segmentationFieldValues[{position}].segmentationFieldId"
+                    "contactSegmentationFieldValues[{index}].segmentationFieldValues[{position}]\
+                     .segmentationFieldId"
                 ),
                 format!("{field} is not a profile field of list {list_id}"),
             ))
@@ -350,7 +352,8 @@ mod tests {
 
     fn body(email: &str, field: u32, value: &str) -> String {
         format!(
-            r#"[{{"emailAddress":"{email}","segmentationFieldValues":[{{"segmentationFieldId":{field},"value":"{value}"}}]}}]"#
+            "[{{\"emailAddress\":\"{email}\",\"segmentationFieldValues\":\
+             [{{\"segmentationFieldId\":{field},\"value\":\"{value}\"}}]}}]"
         )
     }
 
@@ -429,8 +432,10 @@ mod tests {
             reject_emails: ["bad@example.com".into()].into(),
             ..Faults::default()
         });
-        let body = r#"[{"emailAddress":"good@example.com","segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]},
-                       {"emailAddress":"BAD@example.com","segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#;
+        let body = r#"[{"emailAddress":"good@example.com",
+                        "segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]},
+                       {"emailAddress":"BAD@example.com",
+                        "segmentationFieldValues":[{"segmentationFieldId":1,"value":"on"}]}]"#;
         let refusal = state
             .decide(request("7", body, start), |_| false)
             .answer

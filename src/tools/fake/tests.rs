@@ -212,7 +212,11 @@ async fn requests_without_a_known_token_get_401_and_are_recorded() {
         assert_eq!(refused.status, 401);
         assert_eq!(
             refused.body,
-            json!({"status":401,"error":"ERROR_UNAUTHORIZED","message":"Authorization was denied for this request."})
+            json!({
+                "status":401,
+                "error":"ERROR_UNAUTHORIZED",
+                "message":"Authorization was denied for this request."
+            })
         );
     }
     let recorded = fake.requests();
@@ -294,19 +298,39 @@ async fn bodies_that_break_the_spec_get_400_naming_what_is_wrong() {
             "emailAddress",
         ),
         (
-            json!([{"emailAddress": "a@example.com", "segmentationFieldValues": [{"segmentationFieldId": 1, "value": 1}]}]),
+            json!([
+                {
+                    "emailAddress": "a@example.com",
+                    "segmentationFieldValues": [{"segmentationFieldId": 1, "value": 1}]
+                }
+            ]),
             "value",
         ),
         (
-            json!([{"emailAddress": "a@example.com", "segmentationFieldValues": [{"segmentationFieldId": 0, "value": "on"}]}]),
+            json!([
+                {
+                    "emailAddress": "a@example.com",
+                    "segmentationFieldValues": [{"segmentationFieldId": 0, "value": "on"}]
+                }
+            ]),
             "segmentationFieldId",
         ),
         (
-            json!([{"emailAddress": "a@example.com", "segmentationFieldValues": [{"segmentationFieldId": -3, "value": "on"}]}]),
+            json!([
+                {
+                    "emailAddress": "a@example.com",
+                    "segmentationFieldValues": [{"segmentationFieldId": -3, "value": "on"}]
+                }
+            ]),
             "segmentationFieldId",
         ),
         (
-            json!([{"emailAddress": "nobody", "segmentationFieldValues": [{"segmentationFieldId": 1, "value": "on"}]}]),
+            json!([
+                {
+                    "emailAddress": "nobody",
+                    "segmentationFieldValues": [{"segmentationFieldId": 1, "value": "on"}]
+                }
+            ]),
             "emailAddress",
         ),
     ];
@@ -407,7 +431,11 @@ async fn an_unknown_list_gets_404() {
     let refused = send(&fake, &token, "404", &one("a@example.com", 1, "on")).await;
     assert_eq!(
         refused.body,
-        json!({"status":404,"error":"ERROR_UNABLE_TO_LOCATE_RESOURCE","message":"Unable to locate a resource associated with the listId supplied."})
+        json!({
+            "status":404,
+            "error":"ERROR_UNABLE_TO_LOCATE_RESOURCE",
+            "message":"Unable to locate a resource associated with the listId supplied."
+        })
     );
     assert_eq!(
         send(&fake, &token, "405", &one("a@example.com", 1, "on"))
@@ -780,7 +808,12 @@ async fn groups_and_fields_created_through_the_api_are_listed_in_listraks_envelo
         Some(&token),
         reqwest::Method::POST,
         &format!("List/1001/SegmentationFieldGroup/{group_id}/SegmentationField"),
-        Some(json!({"segmentationFieldName": "vip_customers", "dataType": "CheckBox", "maxLength": 3, "position": 1})),
+        Some(json!({
+            "segmentationFieldName": "vip_customers",
+            "dataType": "CheckBox",
+            "maxLength": 3,
+            "position": 1
+        })),
     )
     .await;
     assert_eq!(field.status, 201, "{}", field.body);
@@ -903,7 +936,12 @@ async fn catalogue_requests_are_checked_as_strictly_as_updates() {
         Some(&token),
         reqwest::Method::POST,
         &path,
-        Some(json!({"segmentationFieldName": "f", "dataType": "Boolean", "maxLength": 3, "position": 1})),
+        Some(json!({
+            "segmentationFieldName": "f",
+            "dataType": "Boolean",
+            "maxLength": 3,
+            "position": 1
+        })),
     )
     .await;
     assert_eq!(bad_type.status, 400);
