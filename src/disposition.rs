@@ -7,11 +7,10 @@ use std::time::Duration;
 use lapin::types::AMQPValue;
 
 use crate::broker::{self, int_header, text_header, RetryHeaders, Topology};
-use crate::deliver::Rejection;
-use crate::model::{capped, DeadLetterReason, EventTime, QUOTE_LIMIT};
+
+use crate::model::{capped, AckOutcome, DeadLetterReason, EventTime, Rejection, QUOTE_LIMIT};
 use crate::retry::{plan_retry, RetryPlan};
 use crate::settle::Settlement;
-use crate::telemetry::AckOutcome;
 
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq)]

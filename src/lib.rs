@@ -11,9 +11,9 @@
 //!                            ack / retry queue / dead letter ◄── settle
 //! ```
 //!
-//! The decisions are pure functions (decode, mapping, batch, classify, retry, settle,
-//! disposition); the I/O sits around them (broker, listrak, http), and `session` drives the
-//! whole.
+//! The decisions are pure functions (decode, mapping, batch, guard, classify, retry,
+//! concurrency, settle; disposition adds the broker's header names and queue names to them);
+//! the I/O sits around them (broker, listrak, http), and `session` drives the whole.
 //!
 //! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
 //! - [`model`]: list and field ids, event times, updates, dead-letter reasons; the vocabulary

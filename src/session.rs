@@ -17,14 +17,14 @@ use tracing::Instrument;
 use crate::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
 use crate::broker::{self, PackedProperties, Publisher, RetryHeaders, TopologyMismatch};
 use crate::decode::decode;
-use crate::deliver::{Rejection, Verdict};
 use crate::disposition::{dispose, Disposition, Republish, Rules};
 use crate::fields::Unresolvable;
 use crate::listrak::ListrakApi;
 use crate::mapping::{plan, Plan};
-use crate::model::{capped, DeadLetterReason, EventTime, Update, QUOTE_LIMIT};
+use crate::model::{
+    capped, AckOutcome, DeadLetterReason, EventTime, Rejection, Update, Verdict, QUOTE_LIMIT,
+};
 use crate::settle::{Acks, Ledger, Settlement};
-use crate::telemetry::AckOutcome;
 use crate::worker::{bounded, poll_queue_depths, Worker};
 
 /// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
