@@ -22,7 +22,8 @@
 //! - [`decode`]: message bytes into a Segment event (a borrowed JSON tree) or a direct
 //!   update, or poison.
 //! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter; an
-//!   `audience_field` mapping leaves the field to be resolved by the audience key.
+//!   `audience_field` mapping leaves the field to be resolved by the audience key. The
+//!   mapping rules (`[[mappings]]`) and their JSON paths are defined here; `config` reads them.
 //! - [`fields`]: each list's field catalogue in memory, resolving `audience_field` mappings
 //!   (audience key → Check Box field id); misses read again at a bounded rate, missing
 //!   fields created on request, the lowest id winning among duplicates.
@@ -115,9 +116,11 @@ pub async fn shutdown_signal() {
 mod layers {
     /// The stages whose decisions are pure: they import neither the edges (the broker,
     /// Listrak, the HTTP server, the metrics) nor the driver (the session loop, delivery).
-    const PURE: [(&str, &str); 9] = [
+    const PURE: [(&str, &str); 11] = [
         ("decode", include_str!("decode.rs")),
         ("mapping", include_str!("mapping.rs")),
+        ("mapping", include_str!("mapping/rules.rs")),
+        ("mapping", include_str!("mapping/json_path.rs")),
         ("batch", include_str!("batch.rs")),
         ("guard", include_str!("guard.rs")),
         ("classify", include_str!("classify.rs")),
