@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{AudienceField, FieldRule, ListSource, Mapping};
+use crate::mapping::{AudienceField, FieldRule, ListSource, Mapping};
 use crate::model::{FieldId, ListId};
 
 /// Listrak's data type for a field that holds `on` or `off`.
@@ -510,7 +510,7 @@ pub fn plan_provision(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{default_email_paths, JsonPath, SegmentType};
+    use crate::mapping::{default_email_paths, JsonPath, SegmentType};
 
     fn list(id: i64) -> ListId {
         ListId::new(id).unwrap()

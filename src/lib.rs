@@ -15,14 +15,17 @@
 //! concurrency, settle; disposition adds the broker's header names and queue names to them);
 //! the I/O sits around them (broker, listrak, http), and `session` drives the whole.
 //!
-//! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
+//! - [`config`]: the TOML file and environment, validated once into [`config::Settings`];
+//!   `src/config/` holds its parts (the defaults, the walk over the file, the environment,
+//!   secrets, one reader per section, `[amqp.tls]`, `[[mappings]]`, the redacted printout).
 //! - [`model`]: list and field ids, event times, updates, dead-letter reasons; the vocabulary
 //!   the stages share (verdicts, rejections, ack outcomes, readiness), so the pure stages need
 //!   no edge (a test checks their imports).
 //! - [`decode`]: message bytes into a Segment event (a borrowed JSON tree) or a direct
 //!   update, or poison.
 //! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter; an
-//!   `audience_field` mapping leaves the field to be resolved by the audience key.
+//!   `audience_field` mapping leaves the field to be resolved by the audience key. The
+//!   mapping rules (`[[mappings]]`) and their JSON paths are defined here; `config` reads them.
 //! - [`fields`]: each list's field catalogue in memory, resolving `audience_field` mappings
 //!   (audience key → Check Box field id); misses read again at a bounded rate, missing
 //!   fields created on request, the lowest id winning among duplicates.
@@ -115,9 +118,11 @@ pub async fn shutdown_signal() {
 mod layers {
     /// The stages whose decisions are pure: they import neither the edges (the broker,
     /// Listrak, the HTTP server, the metrics) nor the driver (the session loop, delivery).
-    const PURE: [(&str, &str); 9] = [
+    const PURE: [(&str, &str); 11] = [
         ("decode", include_str!("decode.rs")),
         ("mapping", include_str!("mapping.rs")),
+        ("mapping", include_str!("mapping/rules.rs")),
+        ("mapping", include_str!("mapping/json_path.rs")),
         ("batch", include_str!("batch.rs")),
         ("guard", include_str!("guard.rs")),
         ("classify", include_str!("classify.rs")),
@@ -138,7 +143,7 @@ mod layers {
 
     /// What runs in production; `tools` (the demo, the sample traffic, the benchmark, the
     /// stand-in) runs beside it.
-    const PRODUCTION: [(&str, &str); 14] = [
+    const PRODUCTION: [(&str, &str); 23] = [
         ("session", include_str!("session.rs")),
         ("worker", include_str!("worker.rs")),
         ("deliver", include_str!("deliver.rs")),
@@ -149,6 +154,15 @@ mod layers {
         ("http", include_str!("http.rs")),
         ("telemetry", include_str!("telemetry.rs")),
         ("config", include_str!("config.rs")),
+        ("config", include_str!("config/broker_tls.rs")),
+        ("config", include_str!("config/defaults.rs")),
+        ("config", include_str!("config/document.rs")),
+        ("config", include_str!("config/environment.rs")),
+        ("config", include_str!("config/mappings.rs")),
+        ("config", include_str!("config/print.rs")),
+        ("config", include_str!("config/secret.rs")),
+        ("config", include_str!("config/sections.rs")),
+        ("config", include_str!("config/urls.rs")),
         ("catalogue", include_str!("catalogue.rs")),
         ("setup", include_str!("setup.rs")),
         ("publish", include_str!("publish.rs")),

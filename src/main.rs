@@ -427,7 +427,7 @@ async fn verify_listrak(
 async fn listrak_command(
     command: ListrakCommand,
     client: &ListrakClient,
-    mappings: &[listrak_worker::config::Mapping],
+    mappings: &[listrak_worker::mapping::Mapping],
 ) -> anyhow::Result<()> {
     match command {
         ListrakCommand::Lists { json } => {

@@ -4,7 +4,15 @@
 //! "useAudienceKey", an empty email); here such a message is poison, so that it lands in
 //! the dead-letter queue where someone will see it.
 
-use crate::config::{AudienceField, FieldRule, ListSource, Mapping, SegmentType};
+mod json_path;
+mod rules;
+
+pub use json_path::JsonPath;
+pub use rules::{
+    default_email_paths, AudienceField, FieldRule, ListSource, Mapping, SegmentType,
+    DEFAULT_EMAIL_PATHS,
+};
+
 use crate::decode::{
     at, list_id_from_json, member, normalize_email, Inbound, Json, Poison, SegmentEvent,
     SegmentKind,
@@ -271,7 +279,7 @@ fn membership_flag(event: &SegmentEvent<'_>, key: &str) -> Option<bool> {
     }
 }
 
-fn joined(paths: &[crate::config::JsonPath]) -> String {
+fn joined(paths: &[JsonPath]) -> String {
     paths
         .iter()
         .map(ToString::to_string)
@@ -282,7 +290,6 @@ fn joined(paths: &[crate::config::JsonPath]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{default_email_paths, JsonPath};
     use crate::model::{DeadLetterReason, EventTime, FieldId, ListId};
     use serde_json::{json, Value};
 

@@ -8,8 +8,9 @@ use crate::catalogue::{
     self, same_name, Catalogue, CheckReport, FieldGroup, ListInfo, Presence, ProvisionPlan,
     ProvisionRefusal,
 };
-use crate::config::{toml_str, AudienceField, ListSource, Mapping};
+use crate::config::toml_str;
 use crate::listrak::{CatalogueError, ListrakClient};
+use crate::mapping::{AudienceField, ListSource, Mapping};
 use crate::model::{FieldId, ListId};
 
 /// Why a setup command failed; [`SetupError::is_usage`] tells bad input (exit 2) from a

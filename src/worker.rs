@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Topology};
 use crate::concurrency::AdaptiveConcurrency;
-use crate::config::{ListSource, Settings};
+use crate::config::Settings;
 use crate::deliver::{Deliverer, SizeCeilings};
 use crate::fields::Fields;
 use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
+use crate::mapping::ListSource;
 use crate::model::ListId;
 use crate::session::{Session, SessionError};
 use crate::telemetry::{Metrics, QueueRole};

@@ -117,7 +117,7 @@ async fn provision_audiences(
         }
     }
     for mapping in &mut settings.mappings {
-        let crate::config::ListSource::Id(list) = mapping.list else {
+        let crate::mapping::ListSource::Id(list) = mapping.list else {
             continue;
         };
         for (field, _) in &mut mapping.profile_fields {

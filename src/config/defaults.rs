@@ -1,0 +1,81 @@
+//! Every default value, and the limits the values are held to.
+
+use std::time::Duration;
+
+/// The broker a fresh RabbitMQ install answers on; the demo, the benchmark and the tests
+/// use it too.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(super) const DEFAULT_EXCHANGE: &str = "listrak.audience";
+pub(super) const DEFAULT_QUEUE: &str = "listrak.audience";
+/// What the held messages may take when no `amqp.memory_budget` is set: the worker then
+/// peaks at about 83 MiB, inside a 128 MiB container. In a container with a smaller memory
+/// limit, the limit less `PROCESS_HEADROOM`.
+pub(super) const DEFAULT_MEMORY_BUDGET: u64 = 72 << 20;
+/// What the process takes besides its messages in hand (measured at about 11 MiB), with
+/// room for the allocator and the broker client's buffers.
+const PROCESS_HEADROOM: u64 = 48 << 20;
+pub(super) const MIN_MEMORY_BUDGET: i64 = 4 << 20;
+pub(super) const MAX_MEMORY_BUDGET: i64 = 1 << 40;
+/// What one message in hand costs, measured with Engage events of about 400 bytes (peak RSS
+/// over window sizes): its body, its packed properties, its ledger and ack entries, its
+/// contact entry in a batch, and the broker client's buffers while a burst is read.
+pub const HELD_MESSAGE_BYTES: u64 = 1536;
+pub(super) const DEFAULT_API_URL: &str = "https://api.listrak.com/email/v1";
+pub(super) const DEFAULT_AUTH_URL: &str = "https://auth.listrak.com/OAuth2/Token";
+pub(super) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_MAX_CONCURRENCY: i64 = 32;
+pub(super) const DEFAULT_MAX_CONTACTS: i64 = 1000;
+pub(super) const DEFAULT_MAX_BYTES: i64 = 1_000_000;
+pub(super) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
+pub(super) const DEFAULT_SCHEDULE: [Duration; 5] = [
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+    Duration::from_secs(600),
+    Duration::from_secs(3600),
+    Duration::from_secs(4 * 3600),
+];
+pub(super) const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+pub(super) const DEFAULT_IN_PROCESS: Duration = Duration::from_secs(120);
+pub(super) const DEFAULT_LISTEN: &str = "0.0.0.0:9464";
+pub(super) const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_SUPERSEDED_CAPACITY: i64 = 200_000;
+pub(super) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// The longest duration any key takes.
+pub(super) const MAX_ANY_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// A retry queue's `x-message-ttl` is a 32-bit count of milliseconds in RabbitMQ.
+pub(super) const MAX_RETRY_STEP: Duration = Duration::from_millis(u32::MAX as u64);
+pub(super) const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const MAX_GRACE: Duration = Duration::from_secs(3600);
+pub(super) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// RabbitMQ cancels a consumer that holds a delivery unacknowledged for 30 minutes (its
+/// `consumer_timeout`); retrying in process must end well before that.
+pub(super) const MAX_IN_PROCESS: Duration = Duration::from_secs(25 * 60);
+/// A request body must hold at least one contact with a few fields.
+pub(super) const MIN_MAX_BYTES: i64 = 1024;
+/// AMQP short strings are at most 255 bytes; the retry and dead queues append to the name.
+pub(super) const MAX_QUEUE_NAME_BYTES: usize = 200;
+
+/// The default budget, or less in a container whose memory limit leaves less room.
+pub(super) fn default_memory_budget() -> u64 {
+    match container_memory_limit() {
+        Some(limit) => limit
+            .saturating_sub(PROCESS_HEADROOM)
+            .clamp(MIN_MEMORY_BUDGET as u64, DEFAULT_MEMORY_BUDGET),
+        None => DEFAULT_MEMORY_BUDGET,
+    }
+}
+
+/// The cgroup's memory limit (v2, then v1), if one is set.
+fn container_memory_limit() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| std::fs::read_to_string(path).ok())
+    // "max" (v2) or a page-rounded i64::MAX (v1) mean no limit.
+    .and_then(|text| text.trim().parse::<u64>().ok())
+    .filter(|&limit| limit < 1 << 50)
+}
