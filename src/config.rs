@@ -254,7 +254,8 @@ impl Settings {
             return Err(invalid(
                 batch_node.key("max_wait"),
                 format!(
-                    "is {}; with retry.in_process ({}) it must stay under 25m, since RabbitMQ gives up on a consumer that holds a message for 30m",
+                    "is {}; with retry.in_process ({}) it must stay under 25m, since RabbitMQ \
+                     gives up on a consumer that holds a message for 30m",
                     humantime::format_duration(batch.max_wait),
                     humantime::format_duration(retry.in_process)
                 ),
@@ -265,7 +266,8 @@ impl Settings {
                 return Err(invalid(
                     amqp_node.key("prefetch"),
                     format!(
-                        "is {prefetch}, smaller than batch.max_contacts ({}): the prefetch must hold at least one full batch",
+                        "is {prefetch}, smaller than batch.max_contacts ({}): the prefetch must \
+                         hold at least one full batch",
                         batch.max_contacts
                     ),
                 ));

@@ -28,7 +28,8 @@ pub(super) fn broker_tls(
         return Err(invalid(
             node.path.clone(),
             format!(
-                "is set, but amqp.url{from} is amqp://, which is not encrypted: use amqps:// (RabbitMQ listens for TLS on 5671 by default), or remove [amqp.tls]"
+                "is set, but amqp.url{from} is amqp://, which is not encrypted: use amqps:// \
+                 (RabbitMQ listens for TLS on 5671 by default), or remove [amqp.tls]"
             ),
         ));
     }
@@ -130,7 +131,8 @@ mod tests {
 
     fn amqps_with(tls_keys: &str) -> String {
         format!(
-            "[amqp]\nurl = \"amqps://worker:pw@rabbit.internal:5671/%2f\"\n[amqp.tls]\n{tls_keys}\n{MAPPING}"
+            "[amqp]\nurl = \
+             \"amqps://worker:pw@rabbit.internal:5671/%2f\"\n[amqp.tls]\n{tls_keys}\n{MAPPING}"
         )
     }
 
@@ -258,7 +260,8 @@ mod tests {
             (
                 "tls_settings_with_a_plain_url",
                 format!(
-                    "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[amqp.tls]\nca_file = {ca}\n{MAPPING}"
+                    "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[amqp.tls]\nca_file \
+                     = {ca}\n{MAPPING}"
                 ),
                 "amqp.tls",
                 "not encrypted",

@@ -175,15 +175,15 @@ fn mapping(node: &Node<'_>) -> Result<Mapping, ConfigError> {
 fn audience_field(node: &Node<'_>) -> Result<AudienceField, ConfigError> {
     let table = node.table("audience_field")?;
     table.only(&["group", "create"])?;
-    let group = match table.string("group")? {
-        Some(group) if !group.trim().is_empty() => group.to_owned(),
-        _ => {
-            return Err(invalid(
+    let group =
+        match table.string("group")? {
+            Some(group) if !group.trim().is_empty() => group.to_owned(),
+            _ => return Err(invalid(
                 table.key("group"),
-                "is missing or empty; name the profile field group that holds one Check Box field per audience",
-            ))
-        }
-    };
+                "is missing or empty; name the profile field group that holds one Check Box field \
+                 per audience",
+            )),
+        };
     let create = table.boolean("create")?.unwrap_or(false);
     Ok(AudienceField { group, create })
 }
@@ -232,7 +232,8 @@ fn profile_fields(node: &Node<'_>) -> Result<Vec<(FieldId, FieldRule)>, ConfigEr
     let Some(table) = fields.table.filter(|table| !table.is_empty()) else {
         return Err(invalid(
             node.key("profile_fields"),
-            "is missing or empty; map at least one profile field id to a value, as in { \"456\" = \"on\" }",
+            "is missing or empty; map at least one profile field id to a value, as in { \"456\" = \
+             \"on\" }",
         ));
     };
     let mut rules = BTreeMap::new();
@@ -246,7 +247,8 @@ fn profile_fields(node: &Node<'_>) -> Result<Vec<(FieldId, FieldRule)>, ConfigEr
             .ok_or_else(|| {
                 invalid(
                     &key,
-                    "is not a profile field id: a positive 32-bit integer written plainly, such as \"456\"",
+                    "is not a profile field id: a positive 32-bit integer written plainly, such as \
+                     \"456\"",
                 )
             })?;
         let toml::Value::String(text) = value else {
@@ -282,8 +284,10 @@ mod tests {
     #[test]
     fn audience_field_mapping_names_a_group_instead_of_fields() {
         let text = "[listrak]\nclient_id = \"id\"\nclient_secret = \"secret\"\n\
-                    [[mappings]]\nname = \"every-audience\"\nevents = [\"Audience Entered\", \"Audience Exited\"]\n\
-                    list_id = 12345\naudience_field = { group = \"Engage Audiences\", create = true }\n";
+                    [[mappings]]\nname = \"every-audience\"\n\
+                    events = [\"Audience Entered\", \"Audience Exited\"]\n\
+                    list_id = 12345\n\
+                    audience_field = { group = \"Engage Audiences\", create = true }\n";
         let settings = Settings::from_toml(text, |_| None).unwrap();
         let mapping = &settings.mappings[0];
         assert!(mapping.profile_fields.is_empty());
@@ -309,82 +313,215 @@ mod tests {
         check_refusals(
             &[
                 refused("no_mappings", "", "mappings"),
-                refused("mappings_as_a_single_table", "[mappings]\nname = \"vip\"", "mappings"),
+                refused(
+                    "mappings_as_a_single_table",
+                    "[mappings]\nname = \"vip\"",
+                    "mappings",
+                ),
                 refused(
                     "unknown_mapping_key",
-                    "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 1\nlists = [1]\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 1\nlists = \
+                     [1]\nprofile_fields = { \"456\" = \"on\" }",
                     "mappings[0].lists",
                 ),
                 refused(
                     "mapping_without_name",
-                    "[[mappings]]\nevents = [\"E\"]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nevents = [\"E\"]\nlist_id = 1\nprofile_fields = { \"456\" = \
+                     \"on\" }",
                     "mappings[0].name",
                 ),
                 Refused {
                     behaviour: "duplicate_mapping_names",
-                    toml: "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }\n\
-                           [[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 2\nprofile_fields = { \"456\" = \"on\" }",
+                    toml: "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 1\n\
+                           profile_fields = { \"456\" = \"on\" }\n\
+                           [[mappings]]\nname = \"vip\"\nevents = [\"E\"]\nlist_id = 2\n\
+                           profile_fields = { \"456\" = \"on\" }",
                     key: "mappings[1].name",
                     reason_mentions: "mappings[0]",
                 },
                 refused(
                     "mapping_with_neither_events_nor_types",
-                    "[[mappings]]\nname = \"vip\"\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nname = \"vip\"\nlist_id = 1\nprofile_fields = { \"456\" = \
+                     \"on\" }",
                     "mappings[0].events",
                 ),
                 refused(
                     "mapping_with_empty_events_and_no_types",
-                    "[[mappings]]\nname = \"vip\"\nevents = []\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nname = \"vip\"\nevents = []\nlist_id = 1\nprofile_fields = { \
+                     \"456\" = \"on\" }",
                     "mappings[0].events",
                 ),
                 refused(
                     "event_name_that_is_not_a_string",
-                    "[[mappings]]\nname = \"vip\"\nevents = [1]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nname = \"vip\"\nevents = [1]\nlist_id = 1\nprofile_fields = { \
+                     \"456\" = \"on\" }",
                     "mappings[0].events[0]",
                 ),
                 refused(
                     "type_other_than_track_or_identify",
-                    "[[mappings]]\nname = \"vip\"\ntypes = [\"identify\", \"page\"]\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nname = \"vip\"\ntypes = [\"identify\", \"page\"]\nlist_id = \
+                     1\nprofile_fields = { \"456\" = \"on\" }",
                     "mappings[0].types[1]",
                 ),
                 refused(
                     "empty_audience_key",
-                    "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\naudience_key = \"\"\nlist_id = 1\nprofile_fields = { \"456\" = \"on\" }",
+                    "[[mappings]]\nname = \"vip\"\nevents = [\"E\"]\naudience_key = \"\"\nlist_id \
+                     = 1\nprofile_fields = { \"456\" = \"on\" }",
                     "mappings[0].audience_key",
                 ),
             ],
             false,
         );
         let lists_and_fields: &[(&str, &str, &str)] = &[
-            ("zero_list_id", "list_id = 0\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
-            ("negative_list_id", "list_id = -5\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
-            ("list_id_over_int32", "list_id = 2147483648\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
-            ("list_id_as_text", "list_id = \"12345\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
-            ("fractional_list_id", "list_id = 1.5\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
-            ("both_list_id_and_path", "list_id = 1\nlist_id_path = \"$.properties.list_id\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id_path"),
-            ("neither_list_id_nor_path", "profile_fields = { \"456\" = \"on\" }", "mappings[0].list_id"),
-            ("list_id_path_without_dollar", "list_id_path = \"properties.list_id\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].list_id_path"),
-            ("field_id_that_is_a_word", "list_id = 1\nprofile_fields = { \"abc\" = \"on\" }", "mappings[0].profile_fields.\"abc\""),
-            ("field_id_zero", "list_id = 1\nprofile_fields = { \"0\" = \"on\" }", "mappings[0].profile_fields.\"0\""),
-            ("negative_field_id", "list_id = 1\nprofile_fields = { \"-4\" = \"on\" }", "mappings[0].profile_fields.\"-4\""),
-            ("field_id_over_int32", "list_id = 1\nprofile_fields = { \"2147483648\" = \"on\" }", "mappings[0].profile_fields.\"2147483648\""),
-            ("field_id_with_leading_zero", "list_id = 1\nprofile_fields = { \"0456\" = \"on\" }", "mappings[0].profile_fields.\"0456\""),
-            ("field_id_with_spaces", "list_id = 1\nprofile_fields = { \" 456\" = \"on\" }", "mappings[0].profile_fields.\" 456\""),
-            ("field_value_that_is_a_boolean", "list_id = 1\nprofile_fields = { \"456\" = true }", "mappings[0].profile_fields.\"456\""),
-            ("empty_field_value", "list_id = 1\nprofile_fields = { \"456\" = \"\" }", "mappings[0].profile_fields.\"456\""),
-            ("misspelt_use_audience_key", "list_id = 1\nprofile_fields = { \"456\" = \"useaudiencekey\" }", "mappings[0].profile_fields.\"456\""),
-            ("empty_profile_fields", "list_id = 1\nprofile_fields = {}", "mappings[0].profile_fields"),
-            ("missing_profile_fields", "list_id = 1", "mappings[0].profile_fields"),
-            ("email_path_without_dollar", "list_id = 1\nemail_path = \"context.email\"\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
-            ("bad_path_in_email_path_array", "list_id = 1\nemail_path = [\"$.a\", \"$..b\"]\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path[1]"),
-            ("empty_email_path_array", "list_id = 1\nemail_path = []\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
-            ("email_path_as_number", "list_id = 1\nemail_path = 3\nprofile_fields = { \"456\" = \"on\" }", "mappings[0].email_path"),
-            ("both_profile_fields_and_audience_field", "list_id = 1\nprofile_fields = { \"456\" = \"on\" }\naudience_field = { group = \"Engage Audiences\" }", "mappings[0].audience_field"),
-            ("audience_field_without_group", "list_id = 1\naudience_field = { create = true }", "mappings[0].audience_field.group"),
-            ("audience_field_with_empty_group", "list_id = 1\naudience_field = { group = \" \" }", "mappings[0].audience_field.group"),
-            ("audience_field_with_unknown_key", "list_id = 1\naudience_field = { group = \"G\", create_group = true }", "mappings[0].audience_field.create_group"),
-            ("audience_field_create_as_text", "list_id = 1\naudience_field = { group = \"G\", create = \"yes\" }", "mappings[0].audience_field.create"),
-            ("audience_field_as_text", "list_id = 1\naudience_field = \"Engage Audiences\"", "mappings[0].audience_field"),
+            (
+                "zero_list_id",
+                "list_id = 0\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id",
+            ),
+            (
+                "negative_list_id",
+                "list_id = -5\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id",
+            ),
+            (
+                "list_id_over_int32",
+                "list_id = 2147483648\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id",
+            ),
+            (
+                "list_id_as_text",
+                "list_id = \"12345\"\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id",
+            ),
+            (
+                "fractional_list_id",
+                "list_id = 1.5\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id",
+            ),
+            (
+                "both_list_id_and_path",
+                "list_id = 1\nlist_id_path = \"$.properties.list_id\"\nprofile_fields = { \"456\" \
+                 = \"on\" }",
+                "mappings[0].list_id_path",
+            ),
+            (
+                "neither_list_id_nor_path",
+                "profile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id",
+            ),
+            (
+                "list_id_path_without_dollar",
+                "list_id_path = \"properties.list_id\"\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].list_id_path",
+            ),
+            (
+                "field_id_that_is_a_word",
+                "list_id = 1\nprofile_fields = { \"abc\" = \"on\" }",
+                "mappings[0].profile_fields.\"abc\"",
+            ),
+            (
+                "field_id_zero",
+                "list_id = 1\nprofile_fields = { \"0\" = \"on\" }",
+                "mappings[0].profile_fields.\"0\"",
+            ),
+            (
+                "negative_field_id",
+                "list_id = 1\nprofile_fields = { \"-4\" = \"on\" }",
+                "mappings[0].profile_fields.\"-4\"",
+            ),
+            (
+                "field_id_over_int32",
+                "list_id = 1\nprofile_fields = { \"2147483648\" = \"on\" }",
+                "mappings[0].profile_fields.\"2147483648\"",
+            ),
+            (
+                "field_id_with_leading_zero",
+                "list_id = 1\nprofile_fields = { \"0456\" = \"on\" }",
+                "mappings[0].profile_fields.\"0456\"",
+            ),
+            (
+                "field_id_with_spaces",
+                "list_id = 1\nprofile_fields = { \" 456\" = \"on\" }",
+                "mappings[0].profile_fields.\" 456\"",
+            ),
+            (
+                "field_value_that_is_a_boolean",
+                "list_id = 1\nprofile_fields = { \"456\" = true }",
+                "mappings[0].profile_fields.\"456\"",
+            ),
+            (
+                "empty_field_value",
+                "list_id = 1\nprofile_fields = { \"456\" = \"\" }",
+                "mappings[0].profile_fields.\"456\"",
+            ),
+            (
+                "misspelt_use_audience_key",
+                "list_id = 1\nprofile_fields = { \"456\" = \"useaudiencekey\" }",
+                "mappings[0].profile_fields.\"456\"",
+            ),
+            (
+                "empty_profile_fields",
+                "list_id = 1\nprofile_fields = {}",
+                "mappings[0].profile_fields",
+            ),
+            (
+                "missing_profile_fields",
+                "list_id = 1",
+                "mappings[0].profile_fields",
+            ),
+            (
+                "email_path_without_dollar",
+                "list_id = 1\nemail_path = \"context.email\"\nprofile_fields = { \"456\" = \"on\" \
+                 }",
+                "mappings[0].email_path",
+            ),
+            (
+                "bad_path_in_email_path_array",
+                "list_id = 1\nemail_path = [\"$.a\", \"$..b\"]\nprofile_fields = { \"456\" = \
+                 \"on\" }",
+                "mappings[0].email_path[1]",
+            ),
+            (
+                "empty_email_path_array",
+                "list_id = 1\nemail_path = []\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].email_path",
+            ),
+            (
+                "email_path_as_number",
+                "list_id = 1\nemail_path = 3\nprofile_fields = { \"456\" = \"on\" }",
+                "mappings[0].email_path",
+            ),
+            (
+                "both_profile_fields_and_audience_field",
+                "list_id = 1\nprofile_fields = { \"456\" = \"on\" }\naudience_field = { group = \
+                 \"Engage Audiences\" }",
+                "mappings[0].audience_field",
+            ),
+            (
+                "audience_field_without_group",
+                "list_id = 1\naudience_field = { create = true }",
+                "mappings[0].audience_field.group",
+            ),
+            (
+                "audience_field_with_empty_group",
+                "list_id = 1\naudience_field = { group = \" \" }",
+                "mappings[0].audience_field.group",
+            ),
+            (
+                "audience_field_with_unknown_key",
+                "list_id = 1\naudience_field = { group = \"G\", create_group = true }",
+                "mappings[0].audience_field.create_group",
+            ),
+            (
+                "audience_field_create_as_text",
+                "list_id = 1\naudience_field = { group = \"G\", create = \"yes\" }",
+                "mappings[0].audience_field.create",
+            ),
+            (
+                "audience_field_as_text",
+                "list_id = 1\naudience_field = \"Engage Audiences\"",
+                "mappings[0].audience_field",
+            ),
         ];
         for (behaviour, rest, expected) in lists_and_fields {
             let (key, reason) = refusal(&format!("{BASE}{rest}"), credentials);
@@ -396,7 +533,8 @@ mod tests {
     fn email_path_forms() {
         let paths = |email_path: &str| -> Vec<String> {
             let text = format!(
-                "[[mappings]]\nname = \"m\"\nevents = [\"E\"]\nlist_id = 1\n{email_path}\nprofile_fields = {{ \"1\" = \"on\" }}"
+                "[[mappings]]\nname = \"m\"\nevents = [\"E\"]\nlist_id = \
+                 1\n{email_path}\nprofile_fields = {{ \"1\" = \"on\" }}"
             );
             accepted(&text).mappings[0]
                 .email_paths
@@ -456,8 +594,10 @@ mod tests {
     #[test]
     fn profile_fields_are_sorted_by_numeric_id_and_keep_literals_as_written() {
         let settings = accepted(
-            "[[mappings]]\nname = \"m\"\ntypes = [\"track\"]\nlist_id_path = \"$.properties.list_id\"\n\
-             profile_fields = { \"789\" = \"off\", \"1000\" = \"Gold tier\", \"456\" = \"useAudienceKey\", \"5\" = \"on\" }",
+            "[[mappings]]\nname = \"m\"\ntypes = [\"track\"]\n\
+             list_id_path = \"$.properties.list_id\"\n\
+             profile_fields = { \"789\" = \"off\", \"1000\" = \"Gold tier\", \
+             \"456\" = \"useAudienceKey\", \"5\" = \"on\" }",
         );
         let mapping = &settings.mappings[0];
         let field = |id: i64| FieldId::new(id).unwrap();

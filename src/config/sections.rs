@@ -72,7 +72,8 @@ fn amqp_name(node: &Node<'_>, name: &str, default: &str) -> Result<String, Confi
         ))
     } else if value.len() > MAX_QUEUE_NAME_BYTES {
         Some(format!(
-            "is {} bytes long; at most {MAX_QUEUE_NAME_BYTES}, so that the retry and dead-letter names fit AMQP's 255",
+            "is {} bytes long; at most {MAX_QUEUE_NAME_BYTES}, so that the retry and dead-letter \
+             names fit AMQP's 255",
             value.len()
         ))
     } else {
@@ -190,7 +191,8 @@ pub(super) fn retry_settings(node: &Node<'_>) -> Result<RetrySettings, ConfigErr
         return Err(invalid(
             node.key("in_process"),
             format!(
-                "is {}; it must be under 25m, since RabbitMQ gives up on a consumer that holds a message for 30m",
+                "is {}; it must be under 25m, since RabbitMQ gives up on a consumer that holds a \
+                 message for 30m",
                 humantime::format_duration(in_process)
             ),
         ));
