@@ -1,12 +1,12 @@
 //! The `dlq` commands: inspect, replay, export and purge the dead-letter queue.
 //!
-//! Every command walks the dead-letter queue ([`walk`]): it handles at most the messages
+//! Every command walks the dead-letter queue (`walk`): it handles at most the messages
 //! present when it started, in queue order, each once, and never loses one.
 //!
 //! - `stats`, `peek`, dry runs, `export` and `purge` without `--yes` only look: the messages
 //!   go back to the queue, in their order.
 //! - `replay`, `purge --yes` and `export --remove` settle each message in walk order
-//!   ([`mover`]): a matching one is replayed to the main queue (confirmed, then acked),
+//!   (`mover`): a matching one is replayed to the main queue (confirmed, then acked),
 //!   deleted, or exported (acked once its line is synced to disk); one that does not match
 //!   moves, unchanged, to the back of the dead-letter queue (confirmed, then acked). A crash
 //!   at any moment leaves every message somewhere, at worst twice, never nowhere.
