@@ -171,26 +171,22 @@ impl Batch {
 /// what `Contact::encoded_len` predicts, which is how batches stay under `max_bytes`.
 pub struct RequestBody {
     bytes: Vec<u8>,
-    contacts: usize,
 }
 
 impl RequestBody {
     pub fn with_capacity(bytes: usize) -> Self {
         let mut body = Vec::with_capacity(bytes);
         body.push(b'[');
-        RequestBody {
-            bytes: body,
-            contacts: 0,
-        }
+        RequestBody { bytes: body }
     }
 
     /// Appends one contact with the given fields (those of its entry still worth sending).
     pub fn push<'a>(&mut self, email: &str, fields: impl IntoIterator<Item = &'a FieldValue>) {
-        if self.contacts > 0 {
+        // Past the opening `[`, a contact is already written.
+        if self.bytes.len() > 1 {
             self.bytes.push(b',');
         }
         encode_contact(&mut self.bytes, email, fields);
-        self.contacts += 1;
     }
 
     pub fn finish(mut self) -> Vec<u8> {
@@ -453,8 +449,13 @@ impl Batcher {
             open.bytes += 1;
         }
         open.bytes += contact.encoded_len();
-        // A parked contact brings its age along: the batch leaves by its `max_wait`.
-        open.opened_at = open.opened_at.min(contact.since);
+        // A parked contact brings its age along: the batch leaves by its `max_wait`. The first
+        // contact sets it: the empty batch left behind by a flush is not older than it.
+        open.opened_at = if open.contacts.is_empty() {
+            contact.since
+        } else {
+            open.opened_at.min(contact.since)
+        };
         open.by_email
             .insert(contact.email.clone(), open.contacts.len());
         open.contacts.push(contact);

@@ -221,6 +221,22 @@ fn a_partial_batch_leaves_after_max_wait() {
 }
 
 #[test]
+fn a_batch_opened_after_a_flush_waits_its_own_max_wait() {
+    let start = Instant::now();
+    let later = start + Duration::from_millis(900);
+    let mut batcher = Batcher::new(limits(2, 10_000));
+    batcher.add(1, update(LIST_A, "a@x.io", FIELD, "on", 1), start);
+    let full = batcher.add(2, update(LIST_A, "b@x.io", FIELD, "on", 1), start);
+    assert_eq!(full.flushed.len(), 1);
+    batcher.add(3, update(LIST_A, "c@x.io", FIELD, "on", 1), later);
+    assert_eq!(
+        batcher.next_deadline(),
+        Some(later + Duration::from_secs(1)),
+        "the batch opened by c counts from c's arrival, not from the flush before it"
+    );
+}
+
+#[test]
 fn the_encoded_body_is_the_json_listrak_expects() {
     let contacts = vec![Contact {
         email: "q\"uote@x.io".into(),
