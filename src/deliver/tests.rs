@@ -340,7 +340,8 @@ proptest::proptest! {
             max_bytes,
             max_wait: Duration::from_secs(1),
         });
-        let mut batches = Vec::new();
+        let deliverer = deliverer(MemoryListrak::default(), Duration::from_secs(1));
+        let mut in_flight = std::collections::VecDeque::new();
         for (seq, (who, field, value, micros)) in updates.into_iter().enumerate() {
             let update = crate::model::Update {
                 list_id: ListId::new(9).unwrap(),
@@ -348,24 +349,30 @@ proptest::proptest! {
                 fields: vec![(FieldId::new(field.into()).unwrap(), value)],
                 timestamp: EventTime(micros),
             };
-            batches.extend(batcher.add(seq as u64, update, now).flushed);
-            // Answer every batch, so that the contacts parked behind it may leave too.
-            loop {
-                batches.extend(batcher.flush_all());
-                if batches.is_empty() {
-                    break;
-                }
-                for batch in std::mem::take(&mut batches) {
-                    check_body(&batch, max_bytes)?;
-                    batches.extend(batcher.answered(&batch, now, max_bytes));
-                }
+            in_flight.extend(batcher.add(seq as u64, update, now).flushed);
+            // Two requests stay unanswered, so that contacts park behind them meanwhile.
+            while in_flight.len() > 2 {
+                let batch = in_flight.pop_front().expect("more than two");
+                check_body(&deliverer, &batch, max_bytes)?;
+                in_flight.extend(batcher.answered(&batch, now, max_bytes));
             }
+        }
+        loop {
+            in_flight.extend(batcher.flush_all());
+            let Some(batch) = in_flight.pop_front() else {
+                break;
+            };
+            check_body(&deliverer, &batch, max_bytes)?;
+            in_flight.extend(batcher.answered(&batch, now, max_bytes));
         }
     }
 }
 
-fn check_body(batch: &Batch, max_bytes: usize) -> Result<(), proptest::test_runner::TestCaseError> {
-    let deliverer = deliverer(MemoryListrak::default(), Duration::from_secs(1));
+fn check_body(
+    deliverer: &Deliverer<MemoryListrak>,
+    batch: &Batch,
+    max_bytes: usize,
+) -> Result<(), proptest::test_runner::TestCaseError> {
     let attempt = Attempt {
         list: batch.list_id,
         contacts: &batch.contacts,
