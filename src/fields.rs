@@ -74,9 +74,14 @@ pub fn taken_by_another_type(groups: &[FieldGroup], group: &str, name: &str) -> 
         .any(|field| same_name(&field.name, name) && !field.is_check_box())
 }
 
-/// The group named `name`: the lowest id among groups of that name.
+/// The group named `name` (compared as `same_name` does: case and surrounding spaces aside):
+/// the lowest id among groups of that name.
 pub fn find_group(groups: &[FieldGroup], name: &str) -> Option<u32> {
-    groups.iter().filter(|g| g.name == name).map(|g| g.id).min()
+    groups
+        .iter()
+        .filter(|g| same_name(&g.name, name))
+        .map(|g| g.id)
+        .min()
 }
 
 /// Whether `message` names `field` as a number of its own (not inside a longer one).
@@ -528,6 +533,8 @@ mod tests {
         assert_eq!(find(&groups, "engage audiences", "SILVER"), Some(id(12)));
         assert_eq!(find(&groups, "Engage Audiences", "bronze"), None);
         assert_eq!(find_group(&groups, "Engage Audiences"), Some(3));
+        // As `find` does: a group spelt with other case is the same group, not a new one.
+        assert_eq!(find_group(&groups, " engage AUDIENCES"), Some(3));
         assert_eq!(find_group(&groups, "Missing"), None);
     }
 
