@@ -322,6 +322,19 @@ impl Publisher {
     }
 }
 
+/// A queue's ready messages and its consumers, asked with a passive declare: the queue must
+/// exist (RabbitMQ closes the channel with 404 otherwise), and nothing is created.
+pub async fn queue_counts(channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok((declared.message_count(), declared.consumer_count()))
+}
+
 pub async fn wait_confirm(confirm: lapin::PublisherConfirm) -> Result<(), PublishError> {
     let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
         .await
@@ -566,7 +579,6 @@ mod tests {
     use super::*;
     use crate::disposition::Republish;
     use crate::model::DeadLetterReason;
-    use crate::telemetry::AckOutcome;
 
     fn copy(dead_letter: Option<DeadLetterReason>) -> Republish {
         Republish {
@@ -574,7 +586,6 @@ mod tests {
             routing_key: "q".into(),
             headers: vec![(ATTEMPTS, int_header(1))],
             dead_letter,
-            outcome: AckOutcome::RetryScheduled,
         }
     }
 

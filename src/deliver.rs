@@ -16,11 +16,9 @@ use crate::classify::{classify, Class, ListrakError, Outcome};
 use crate::concurrency::{AdaptiveConcurrency, Signal};
 use crate::guard::SupersededGuard;
 use crate::listrak::ListrakApi;
-use crate::model::{capped, DeadLetterReason, EventTime, ListId, QUOTE_LIMIT};
+use crate::model::{capped, DeadLetterReason, EventTime, ListId, Rejection, Verdict, QUOTE_LIMIT};
 use crate::retry::InProcessBackoff;
 use crate::telemetry::{mask_email, Metrics, RetryClass};
-
-pub use crate::model::{Rejection, Verdict};
 
 /// The smallest body size that Listrak refused with a size-404, per list, learned by
 /// bisection; later batches for the list stay under it.
@@ -173,7 +171,7 @@ impl<A: ListrakApi> Deliverer<A> {
                         self.applied(attempt, &sent);
                         if let Some(refused) = parent_refused_size {
                             if body_len < refused {
-                                attempt_ceiling(&self.ceilings, attempt.list, body_len);
+                                self.ceilings.learn(attempt.list, body_len);
                             }
                         }
                         verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Applied)));
@@ -360,10 +358,6 @@ impl<A: ListrakApi> Deliverer<A> {
             }
         }
     }
-}
-
-fn attempt_ceiling(ceilings: &SizeCeilings, list: ListId, passed: usize) {
-    ceilings.learn(list, passed);
 }
 
 fn listrak_error(outcome: &Outcome) -> ListrakError {

@@ -30,8 +30,16 @@ pub struct Republish {
     pub headers: Vec<(&'static str, AMQPValue)>,
     /// Set for dead letters: the reason they are counted under once confirmed.
     pub dead_letter: Option<DeadLetterReason>,
+}
+
+impl Republish {
     /// How the original is counted once the copy is confirmed.
-    pub outcome: AckOutcome,
+    pub fn outcome(&self) -> AckOutcome {
+        match self.dead_letter {
+            Some(_) => AckOutcome::DeadLettered,
+            None => AckOutcome::RetryScheduled,
+        }
+    }
 }
 
 /// The retry settings and queue names a disposition needs.
@@ -101,7 +109,6 @@ pub fn dispose(
                         (broker::LAST_FAILED_AT, text_header(now.to_rfc3339())),
                     ],
                     dead_letter: None,
-                    outcome: AckOutcome::RetryScheduled,
                 }),
             }
         }
@@ -141,7 +148,6 @@ fn dead_letter(
         routing_key: rules.topology.queue.clone(),
         headers,
         dead_letter: Some(rejection.reason),
-        outcome: AckOutcome::DeadLettered,
     })
 }
 
@@ -260,7 +266,7 @@ mod tests {
                 (Disposition::Republish(copy), Some((exchange, routing_key))) => {
                     assert_eq!(copy.exchange, exchange, "{row}");
                     assert_eq!(copy.routing_key, routing_key, "{row}");
-                    assert_eq!(copy.outcome, outcome, "{row}");
+                    assert_eq!(copy.outcome(), outcome, "{row}");
                     assert_eq!(
                         header(&disposition, broker::ATTEMPTS),
                         Some(&int_header(attempts)),

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::StreamExt;
 use lapin::message::Delivery;
-use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
 use crate::broker::{self, PublishError, Topology};
@@ -42,7 +41,7 @@ pub use filter::Filter;
 pub use letter::Facts;
 use mover::{Moved, Mover};
 pub use stats::Stats;
-use walk::{Ticket, Walk, PASSIVE};
+use walk::{Ticket, Walk};
 
 /// Messages read ahead of the one being handled.
 const PREFETCH: u16 = 2000;
@@ -125,11 +124,8 @@ pub async fn connect(amqp: &AmqpSettings) -> Result<Connection, DlqError> {
 
 /// Messages ready in a queue, and its consumers; the queue must exist.
 async fn queue_depth(channel: &Channel, queue: &str) -> Result<(u32, u32), DlqError> {
-    match channel
-        .queue_declare(queue.into(), PASSIVE, FieldTable::default())
-        .await
-    {
-        Ok(declared) => Ok((declared.message_count(), declared.consumer_count())),
+    match broker::queue_counts(channel, queue).await {
+        Ok(counts) => Ok(counts),
         Err(error) => match error.kind() {
             lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404 => Err(DlqError::NoQueue {
                 queue: queue.to_string(),

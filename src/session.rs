@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
@@ -468,18 +466,16 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match report {
             Report::Delivered { batch, verdicts } => {
                 self.delivering -= 1;
-                for (contact, verdict) in batch.contacts.iter().zip(&verdicts) {
+                for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
                     if let Verdict::DeadLetter(Rejection {
                         status: Some(400),
                         message: Some(message),
                         ..
-                    }) = verdict
+                    }) = &verdict
                     {
                         let fields = contact.fields.iter().map(|value| value.field);
                         self.worker.fields.refused(batch.list_id, message, fields);
                     }
-                }
-                for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
                     for &tag in &contact.messages {
                         if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict)
                         {
@@ -618,7 +614,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     }
                     Report::Published {
                         tag: publish.tag,
-                        outcome: copy.outcome,
+                        outcome: copy.outcome(),
                     }
                 }
                 Err(error) => {
@@ -640,20 +636,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             return self.delivering == 0;
         }
         // Short: the session loop waits for the answer, with acks and reports queued behind it.
-        let declared = tokio::time::timeout(
+        let counted = tokio::time::timeout(
             QUIET_CHECK_TIMEOUT,
-            self.channel.queue_declare(
-                self.worker.settings.amqp.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
+            broker::queue_counts(&self.channel, &self.worker.settings.amqp.queue),
         )
         .await;
-        match declared {
-            Ok(Ok(queue)) => queue.message_count() == 0,
+        match counted {
+            Ok(Ok((ready, _))) => ready == 0,
             // Cannot tell: an early partial batch is the lesser harm.
             _ => true,
         }

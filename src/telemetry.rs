@@ -274,8 +274,11 @@ impl Metrics {
 
         let unmapped_audience_events = counter_vec(
             "listrak_unmapped_audience_events_total",
-            "Audience events no mapping takes (acknowledged as ignored), by audience key; keys \
-             past the first 100 count as \"other\".",
+            &format!(
+                "Audience events no mapping takes (acknowledged as ignored), by audience key; \
+                 keys past the first {MAX_UNMAPPED_AUDIENCE_KEYS} count as \
+                 \"{OTHER_AUDIENCE_KEYS}\"."
+            ),
             "audience_key",
         );
 

@@ -5,8 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 
@@ -194,29 +192,25 @@ impl<A: ListrakApi> Worker<A> {
 
 /// Polls the depth of the main, retry and dead-letter queues into `listrak_queue_messages`.
 pub(crate) async fn poll_queue_depths(channel: Channel, topology: Topology, metrics: Metrics) {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let depth = |name: String| {
+    let depth = |name: &str| {
         let channel = channel.clone();
+        let name = name.to_owned();
         async move {
-            channel
-                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            broker::queue_counts(&channel, &name)
                 .await
-                .map(|q| q.message_count())
+                .map(|(ready, _)| ready)
         }
     };
     loop {
-        if let Ok(main) = depth(topology.queue.clone()).await {
+        if let Ok(main) = depth(&topology.queue).await {
             metrics.queue_depth(QueueRole::Main, main);
         }
-        if let Ok(dead) = depth(topology.dead.clone()).await {
+        if let Ok(dead) = depth(&topology.dead).await {
             metrics.queue_depth(QueueRole::Dead, dead);
         }
         let mut retry = 0;
         for (name, _) in &topology.retries {
-            retry += depth(name.clone()).await.unwrap_or(0);
+            retry += depth(name).await.unwrap_or(0);
         }
         metrics.queue_depth(QueueRole::Retry, retry);
         tokio::time::sleep(QUEUE_POLL).await;

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use futures_util::stream::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 
@@ -277,12 +277,3 @@ impl<'c> Walk<'c> {
         Ok(())
     }
 }
-
-/// Options for a passive declare: asks about a queue without creating it.
-pub(super) const PASSIVE: QueueDeclareOptions = QueueDeclareOptions {
-    passive: true,
-    durable: false,
-    exclusive: false,
-    auto_delete: false,
-    nowait: false,
-};
