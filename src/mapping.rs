@@ -85,25 +85,16 @@ pub fn plan(
     unmapped: &impl UnmappedAudiences,
 ) -> Result<Plan, Poison> {
     let plan = updates(inbound, mappings)?;
-    if plan.is_empty() {
-        if let Some(key) = unmapped_audience(inbound, mappings) {
-            unmapped.unmapped_audience(key);
-        }
+    // Every mapping that takes an event adds an update to the plan: an empty plan for an
+    // audience event means no mapping takes its audience.
+    let unmapped_key = match inbound {
+        Inbound::Segment(event) if plan.is_empty() => audience_key(event),
+        _ => None,
+    };
+    if let Some(key) = unmapped_key {
+        unmapped.unmapped_audience(key);
     }
     Ok(plan)
-}
-
-/// The audience key of an audience event that no mapping takes; `None` for any other
-/// message (a direct update, an event without an audience key, one a mapping takes).
-pub fn unmapped_audience<'i>(inbound: &'i Inbound<'_>, mappings: &[Mapping]) -> Option<&'i str> {
-    let Inbound::Segment(event) = inbound else {
-        return None;
-    };
-    let key = audience_key(event)?;
-    (!mappings
-        .iter()
-        .any(|mapping| matches(event, Some(key), mapping)))
-    .then_some(key)
 }
 
 fn updates(inbound: &Inbound<'_>, mappings: &[Mapping]) -> Result<Plan, Poison> {
