@@ -306,8 +306,10 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Run => {
             let metrics = Metrics::new(settings.batch.max_contacts.get());
+            // One client, so one token, for the check at start and the work after it.
+            let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
             if settings.listrak.verify_at_start {
-                verify_listrak(&settings, &metrics, true).await?;
+                verify_listrak(&settings, &api, true).await?;
             }
             let health = Health::default();
             let listener = tokio::net::TcpListener::bind(settings.http.listen)
@@ -326,7 +328,6 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 health.clone(),
                 stop_http.clone().cancelled_owned(),
             ));
-            let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
             let result =
                 listrak_worker::worker::run(settings, api, metrics, health, shutdown_signal())
                     .await;
@@ -338,19 +339,21 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Check { auth, listrak } => {
             print!("{}", settings.redacted_toml());
-            if auth {
+            if auth || listrak {
                 let client = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
-                let lifetime = client
-                    .authenticate()
-                    .await
-                    .map_err(|reason| anyhow::anyhow!("authentication failed: {reason}"))?;
-                println!(
-                    "# authentication: ok, token valid for about {}s",
-                    lifetime.as_secs()
-                );
-            }
-            if listrak {
-                verify_listrak(&settings, &Metrics::new(1), false).await?;
+                if auth {
+                    let lifetime = client
+                        .authenticate()
+                        .await
+                        .map_err(|reason| anyhow::anyhow!("authentication failed: {reason}"))?;
+                    println!(
+                        "# authentication: ok, token valid for about {}s",
+                        lifetime.as_secs()
+                    );
+                }
+                if listrak {
+                    verify_listrak(&settings, &client, false).await?;
+                }
             }
             Ok(())
         }
@@ -393,11 +396,10 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
 /// start, to stdout for `check`) and make an error that exits 2.
 async fn verify_listrak(
     settings: &Settings,
-    metrics: &Metrics,
+    client: &ListrakClient,
     at_start: bool,
 ) -> anyhow::Result<()> {
-    let client = ListrakClient::new(&settings.listrak, metrics.clone())?;
-    let report = setup::verify(&client, &settings.mappings)
+    let report = setup::verify(client, &settings.mappings)
         .await
         .map_err(|error| anyhow::anyhow!("cannot check the mappings against Listrak: {error}"))?;
     let text = setup::report_text(&report, settings.mappings.len());
