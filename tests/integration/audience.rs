@@ -3,14 +3,14 @@
 //! `unknown_field` otherwise, and replicas that race to create one field converging on it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
 use listrak_worker::tools::fake::{CatalogueSeed, FakeOptions, SeedField, SeedGroup, SeedList};
 use listrak_worker::tools::sample::{track, BASE_MICROS};
 
-use crate::support::{counter_total, wait_until, Harness, Knobs, WorkerProcess};
+use crate::support::{counter_total, wait_until, Harness, Knobs, ListrakConfig, WorkerProcess};
 
 const LIST: u32 = 1001;
 const GROUP: &str = "Engage Audiences";
@@ -124,36 +124,11 @@ fn field_count(h: &Harness) -> usize {
 }
 
 /// Runs the worker binary with `args` and a configuration for the harness's fake holding
-/// `mappings`, off the runtime's thread (which keeps serving the in-process fake).
+/// `mappings`.
 async fn cli(h: &Harness, name: &str, mappings: &str, args: &[&str]) -> Output {
-    let config = std::env::temp_dir().join(format!(
-        "listrak-worker-audience-{name}-{}.toml",
-        std::process::id()
-    ));
-    let options = FakeOptions::default();
-    std::fs::write(
-        &config,
-        format!(
-            "[listrak]\nclient_id = \"{}\"\nclient_secret = \"{}\"\napi_url = \"{}\"\nauth_url = \
-             \"{}\"\n{mappings}",
-            options.client_id,
-            options.client_secret,
-            h.fake.api_url(),
-            h.fake.auth_url()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
-    command
-        .args(args)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn");
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+    ListrakConfig::new(&h.fake, &format!("audience-{name}"), mappings)
+        .run(args)
         .await
-        .unwrap();
-    let _ = std::fs::remove_file(&config);
-    output
 }
 
 fn assert_values(h: &Harness, field: u32, expected: &BTreeMap<String, &'static str>) {

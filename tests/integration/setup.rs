@@ -3,8 +3,6 @@
 //! provisioned mappings end to end.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use listrak_worker::config::Settings;
@@ -13,7 +11,7 @@ use listrak_worker::tools::fake::{
 };
 use listrak_worker::tools::sample::{track, BASE_MICROS};
 
-use crate::support::{Harness, Knobs, WorkerProcess};
+use crate::support::{Harness, Knobs, ListrakConfig, WorkerProcess};
 
 /// List 1001 with a group holding a Check Box and a short Text field; list 2002 empty.
 fn catalogue() -> CatalogueSeed {
@@ -63,45 +61,6 @@ async fn fake_with_catalogue() -> FakeServer {
     .expect("listrak-fake starts")
 }
 
-/// A configuration for the fake with `mappings`, in a file of its own.
-fn config(fake: &FakeServer, name: &str, mappings: &str) -> PathBuf {
-    let options = FakeOptions::default();
-    let text = format!(
-        r#"
-[listrak]
-client_id = "{}"
-client_secret = "{}"
-api_url = "{}"
-auth_url = "{}"
-request_timeout = "5s"
-
-{mappings}"#,
-        options.client_id,
-        options.client_secret,
-        fake.api_url(),
-        fake.auth_url()
-    );
-    let path = std::env::temp_dir().join(format!(
-        "listrak-worker-setup-{name}-{}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Runs the worker binary off the runtime's thread, which keeps serving the in-process fake.
-async fn worker(config: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
-    command
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn");
-    tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap()
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -119,15 +78,15 @@ profile_fields = { "101" = "useAudienceKey", "102" = "blue" }
 async fn lists_and_fields_show_what_listrak_holds_as_tables_and_json() {
     let fake = fake_with_catalogue().await;
     // No mappings yet: looking at the account comes before writing them.
-    let path = config(&fake, "look", "");
+    let config = ListrakConfig::new(&fake, "setup-look", "");
 
-    let lists = worker(&path, &["listrak", "lists"]).await;
+    let lists = config.run(&["listrak", "lists"]).await;
     assert!(lists.status.success(), "{}", text(&lists.stderr));
     let stdout = text(&lists.stdout);
     assert!(stdout.contains("1001  Customers"), "{stdout}");
     assert!(stdout.contains("2002  Newsletter"), "{stdout}");
 
-    let fields = worker(&path, &["listrak", "fields", "--list", "1001"]).await;
+    let fields = config.run(&["listrak", "fields", "--list", "1001"]).await;
     assert!(fields.status.success(), "{}", text(&fields.stderr));
     let stdout = text(&fields.stdout);
     let rows: Vec<Vec<&str>> = stdout
@@ -149,7 +108,9 @@ async fn lists_and_fields_show_what_listrak_holds_as_tables_and_json() {
         ["Preferences (10)", "102", "Favourite colour", "Text", "12"]
     );
 
-    let json = worker(&path, &["listrak", "fields", "--list", "1001", "--json"]).await;
+    let json = config
+        .run(&["listrak", "fields", "--list", "1001", "--json"])
+        .await;
     assert!(json.status.success(), "{}", text(&json.stderr));
     let answer: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(answer["list"], 1001);
@@ -157,7 +118,7 @@ async fn lists_and_fields_show_what_listrak_holds_as_tables_and_json() {
     assert_eq!(answer["groups"][0]["fields"][1]["data_type"], "Text");
     assert_eq!(answer["groups"][0]["fields"][1]["max_length"], 12);
 
-    let missing = worker(&path, &["listrak", "fields", "--list", "999"]).await;
+    let missing = config.run(&["listrak", "fields", "--list", "999"]).await;
     assert_eq!(missing.status.code(), Some(2));
     assert!(
         text(&missing.stderr).contains("list 999 does not exist"),
@@ -190,8 +151,8 @@ events = ["Audience Entered"]
 list_id = 999
 profile_fields = { "101" = "on" }
 "#;
-    let path = config(&fake, "faulty", faulty);
-    let output = worker(&path, &["check", "--listrak"]).await;
+    let config = ListrakConfig::new(&fake, "setup-faulty", faulty);
+    let output = config.run(&["check", "--listrak"]).await;
     let stdout = text(&output.stdout);
     assert_eq!(
         output.status.code(),
@@ -228,8 +189,8 @@ profile_fields = { "101" = "on" }
     );
     assert!(text(&output.stderr).contains("3 problem(s)"));
 
-    let correct = config(&fake, "correct", VIP_MAPPING);
-    let output = worker(&correct, &["check", "--listrak"]).await;
+    let correct = ListrakConfig::new(&fake, "setup-correct", VIP_MAPPING);
+    let output = correct.run(&["check", "--listrak"]).await;
     assert!(
         output.status.success(),
         "{}{}",
@@ -269,9 +230,9 @@ async fn provision_creates_each_field_once_and_its_mappings_land_on_those_fields
         Knobs::default(),
     )
     .await;
-    let path = config(&h.fake, "provision", VIP_MAPPING);
+    let config = ListrakConfig::new(&h.fake, "setup-provision", VIP_MAPPING);
 
-    let dry = worker(&path, &provision_args(&["--dry-run"])).await;
+    let dry = config.run(&provision_args(&["--dry-run"])).await;
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     assert!(text(&dry.stderr).contains("group \"Engage Audiences\" would create"));
     assert_eq!(text(&dry.stdout), "", "a dry run prints no mappings");
@@ -280,9 +241,9 @@ async fn provision_creates_each_field_once_and_its_mappings_land_on_those_fields
         "a dry run creates nothing"
     );
 
-    let first = worker(&path, &provision_args(&[])).await;
+    let first = config.run(&provision_args(&[])).await;
     assert!(first.status.success(), "{}", text(&first.stderr));
-    let second = worker(&path, &provision_args(&[])).await;
+    let second = config.run(&provision_args(&[])).await;
     assert!(second.status.success(), "{}", text(&second.stderr));
     assert_eq!(
         text(&first.stdout),
@@ -311,15 +272,15 @@ async fn provision_creates_each_field_once_and_its_mappings_land_on_those_fields
 
     // The printed tables, pasted into the configuration, pass the check and run.
     let printed = text(&first.stdout);
-    let pasted = config(&h.fake, "pasted", &printed);
-    let check = worker(&pasted, &["check", "--listrak"]).await;
+    let pasted = ListrakConfig::new(&h.fake, "setup-pasted", &printed);
+    let check = pasted.run(&["check", "--listrak"]).await;
     assert!(
         check.status.success(),
         "{}{}",
         text(&check.stdout),
         text(&check.stderr)
     );
-    let parsed = Settings::load(Some(&pasted), |_| None).unwrap();
+    let parsed = Settings::load(Some(pasted.path()), |_| None).unwrap();
     h.settings.mappings = parsed.mappings;
     h.start_worker();
     let field = |name: &str| {
@@ -489,7 +450,7 @@ async fn verify_at_start_refuses_to_run_on_a_problem_with_exit_2() {
 #[tokio::test]
 async fn provision_refuses_bad_requests_with_exit_2_and_creates_nothing() {
     let fake = fake_with_catalogue().await;
-    let path = config(&fake, "refused", VIP_MAPPING);
+    let config = ListrakConfig::new(&fake, "setup-refused", VIP_MAPPING);
     let cases: [(&[&str], &str); 3] = [
         (
             &[
@@ -525,7 +486,7 @@ async fn provision_refuses_bad_requests_with_exit_2_and_creates_nothing() {
     for (args, expected) in cases {
         let mut command = vec!["listrak", "provision"];
         command.extend_from_slice(args);
-        let output = worker(&path, &command).await;
+        let output = config.run(&command).await;
         assert_eq!(
             output.status.code(),
             Some(2),
@@ -541,7 +502,7 @@ async fn provision_refuses_bad_requests_with_exit_2_and_creates_nothing() {
     }
     assert_eq!(fake.catalogue(), catalogue(), "nothing was created");
 
-    let lists = worker(&path, &["listrak", "lists", "--json"]).await;
+    let lists = config.run(&["listrak", "lists", "--json"]).await;
     let lists: serde_json::Value = serde_json::from_slice(&lists.stdout).unwrap();
     assert_eq!(
         lists,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -721,4 +721,61 @@ pub fn report_fault(h: &Harness, fault: &str, started: Instant) {
         h.acked_as("retry_scheduled"),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A configuration holding only `[listrak]` for `fake` and `mappings`, which is what the
+/// `check` and `listrak` commands need; the file is removed when this is dropped.
+pub struct ListrakConfig {
+    path: PathBuf,
+}
+
+impl ListrakConfig {
+    pub fn new(fake: &FakeServer, name: &str, mappings: &str) -> Self {
+        let options = FakeOptions::default();
+        let text = format!(
+            r#"
+[listrak]
+client_id = "{}"
+client_secret = "{}"
+api_url = "{}"
+auth_url = "{}"
+request_timeout = "5s"
+
+{mappings}"#,
+            options.client_id,
+            options.client_secret,
+            fake.api_url(),
+            fake.auth_url()
+        );
+        let path = std::env::temp_dir().join(format!(
+            "listrak-worker-cli-{name}-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        ListrakConfig { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs the worker binary with `args` and this configuration, off the runtime's thread
+    /// (which keeps serving an in-process fake).
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&self.path)
+            .env("RUST_LOG", "warn");
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for ListrakConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
