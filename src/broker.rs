@@ -16,8 +16,7 @@ use crate::model::EventTime;
 use crate::retry::retry_queue_name;
 use crate::tls::BrokerTls;
 
-/// How long a publisher confirm may take before the publish counts as failed.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+pub use crate::config::CONFIRM_TIMEOUT;
 
 /// The safety net against a message that crashes the worker every time it is delivered.
 pub const DELIVERY_LIMIT: i64 = 20;
@@ -364,6 +363,11 @@ pub const ERROR: &str = "x-listrak-error";
 pub const MESSAGE: &str = "x-listrak-message";
 pub const LIST_ID: &str = "x-listrak-list-id";
 pub const REPLAYS: &str = "x-listrak-replays";
+/// The event time the worker used for the message (RFC 3339, microseconds): every copy
+/// carries it, and a later delivery uses it, so a message's event time never changes.
+pub const EVENT_TIME: &str = "x-listrak-event-time";
+/// The prefix of the worker's own headers; a producer's headers with it are not copied.
+pub const OWN_PREFIX: &str = "x-listrak-";
 
 impl RetryHeaders {
     pub fn read(properties: &BasicProperties) -> Self {
@@ -444,8 +448,44 @@ pub fn republished(
     properties: &BasicProperties,
     copy: &crate::disposition::Republish,
 ) -> BasicProperties {
-    let properties = with_headers(properties, copy.headers.iter().cloned());
+    let properties = with_headers(
+        &without_foreign_own_headers(properties),
+        copy.headers.iter().cloned(),
+    );
     within_frame(publishable(&properties, copy.dead_letter.is_none()))
+}
+
+/// The worker's headers a copy carries over from the message it copies; the others with the
+/// worker's prefix are written anew for each copy (attempts, failure times, reason) or are
+/// not the worker's at all (a producer's), and are dropped.
+const CARRIED_OVER: [&str; 4] = [EVENT_TIME, REPLAYS, ORIGINAL_USER_ID, HEADERS_DROPPED];
+/// The most bytes a carried-over header may take: each is a number, a time or a user name.
+const CARRIED_OVER_BYTES: usize = 256;
+
+/// The properties without the headers of the worker's prefix that a copy does not carry over,
+/// nor those too large to be the worker's: a producer cannot grow a copy's header frame
+/// through them.
+fn without_foreign_own_headers(properties: &BasicProperties) -> BasicProperties {
+    let Some(table) = properties.headers() else {
+        return properties.clone();
+    };
+    let mut kept = FieldTable::default();
+    for (key, value) in table.inner() {
+        let own = key.as_str().starts_with(OWN_PREFIX);
+        if !own || (CARRIED_OVER.contains(&key.as_str()) && small(value)) {
+            kept.insert(key.clone(), value.clone());
+        }
+    }
+    properties.clone().with_headers(kept)
+}
+
+fn small(value: &AMQPValue) -> bool {
+    match value {
+        AMQPValue::LongString(text) => text.as_bytes().len() <= CARRIED_OVER_BYTES,
+        AMQPValue::ShortString(text) => text.as_str().len() <= CARRIED_OVER_BYTES,
+        AMQPValue::FieldTable(_) | AMQPValue::FieldArray(_) | AMQPValue::ByteArray(_) => false,
+        _ => true,
+    }
 }
 
 /// The properties without what would make the broker refuse or drop a copy published by
@@ -509,7 +549,7 @@ fn within_frame(properties: BasicProperties) -> BasicProperties {
         .map(|t| t.inner().clone())
         .unwrap_or_default()
     {
-        if key.as_str().starts_with("x-listrak-") {
+        if key.as_str().starts_with(OWN_PREFIX) {
             table.insert(key, value);
         } else {
             dropped += 1;
@@ -640,6 +680,34 @@ mod tests {
         let kept = republished_ok(&small);
         assert_eq!(header(&kept, "x-small"), Some(&int_header(1)));
         assert_eq!(header(&kept, HEADERS_DROPPED), None);
+    }
+
+    #[test]
+    fn a_copy_drops_the_producers_headers_of_the_workers_prefix_and_keeps_what_it_carries() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-listrak-forged".into(), text_header("x".repeat(200_000)));
+        headers.insert(REASON.into(), text_header("rejected"));
+        headers.insert(STATUS.into(), int_header(400));
+        headers.insert(
+            EVENT_TIME.into(),
+            text_header("2024-05-01T12:00:00.000001Z"),
+        );
+        headers.insert(REPLAYS.into(), int_header(2));
+        headers.insert(ORIGINAL_USER_ID.into(), text_header("x".repeat(10_000)));
+        headers.insert("x-producer".into(), text_header("kept"));
+        let original = BasicProperties::default().with_headers(headers);
+        let copied = republished(&original, &copy(None));
+        assert!(PackedProperties::pack(&copied).len() < 1024);
+        for gone in ["x-listrak-forged", REASON, STATUS, ORIGINAL_USER_ID] {
+            assert_eq!(header(&copied, gone), None, "{gone}");
+        }
+        assert_eq!(
+            header(&copied, EVENT_TIME),
+            Some(&text_header("2024-05-01T12:00:00.000001Z"))
+        );
+        assert_eq!(header(&copied, REPLAYS), Some(&int_header(2)));
+        assert_eq!(header(&copied, ATTEMPTS), Some(&int_header(1)));
+        assert_eq!(header(&copied, "x-producer"), Some(&text_header("kept")));
     }
 
     fn republished_ok(properties: &BasicProperties) -> BasicProperties {

@@ -10,7 +10,9 @@
 //! second, grows by a small share every second without a 429, and is cut again at the next.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::unpoisoned::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -111,19 +113,19 @@ impl AdaptiveConcurrency {
     }
 
     pub fn limit(&self) -> usize {
-        self.state.lock().expect("limit lock").limit as usize
+        self.state.lock().limit as usize
     }
 
     /// The request rate in force since the last 429, if any.
     pub fn rate(&self) -> Option<f64> {
-        self.state.lock().expect("limit lock").rate
+        self.state.lock().rate
     }
 
     pub async fn acquire(self: &Arc<Self>) -> Permit {
         loop {
             let notified = self.released.notified();
             let wait_for_rate = {
-                let mut state = self.state.lock().expect("limit lock");
+                let mut state = self.state.lock();
                 let limit = state.limit as usize;
                 let now = Instant::now();
                 if state.in_flight >= limit {
@@ -151,7 +153,7 @@ impl AdaptiveConcurrency {
     }
 
     fn observe(&self, signal: Signal, saturated: bool, rtt: Duration) {
-        let mut state = self.state.lock().expect("limit lock");
+        let mut state = self.state.lock();
         let now = Instant::now();
         let rtt = rtt.as_secs_f64();
         let baseline = state.rtt.unwrap_or(rtt);
@@ -227,7 +229,7 @@ impl AdaptiveConcurrency {
     }
 
     fn release(&self) {
-        self.state.lock().expect("limit lock").in_flight -= 1;
+        self.state.lock().in_flight -= 1;
         self.released.notify_waiters();
     }
 }

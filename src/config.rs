@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use crate::mapping::Mapping;
 use crate::tls::BrokerTls;
+pub use defaults::CONFIRM_TIMEOUT;
 use defaults::MAX_IN_PROCESS;
 use document::Node;
 use mappings::mappings;
@@ -117,6 +118,8 @@ pub struct ListrakSettings {
     /// Check every mapping against the account's lists and fields before consuming, and
     /// refuse to start on a problem (as `check --listrak` does).
     pub verify_at_start: bool,
+    /// The most profile fields `create = true` creates per list in 24 hours.
+    pub field_creation_budget: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,15 +252,32 @@ impl Settings {
             _ => mappings(&root)?,
         };
 
-        // A message waits for its batch, then for in-process retries, all before its ack.
-        if batch.max_wait + retry.in_process >= MAX_IN_PROCESS {
+        // A message waits for its batch, then for in-process retries, then for the answer
+        // of the last request it started, and for a publisher confirm, all before its ack.
+        let hold = batch.max_wait + retry.in_process + listrak.request_timeout + CONFIRM_TIMEOUT;
+        if hold >= MAX_IN_PROCESS {
+            let parts = [
+                ("batch.max_wait", batch.max_wait),
+                ("retry.in_process", retry.in_process),
+                ("listrak.request_timeout", listrak.request_timeout),
+            ];
+            let (largest, _) = parts
+                .iter()
+                .max_by_key(|(_, duration)| *duration)
+                .expect("three parts");
+            let listed: Vec<String> = parts
+                .iter()
+                .map(|(key, duration)| format!("{key} = {}", humantime::format_duration(*duration)))
+                .collect();
             return Err(invalid(
-                batch_node.key("max_wait"),
+                (*largest).to_owned(),
                 format!(
-                    "is {}; with retry.in_process ({}) it must stay under 25m, since RabbitMQ \
-                     gives up on a consumer that holds a message for 30m",
-                    humantime::format_duration(batch.max_wait),
-                    humantime::format_duration(retry.in_process)
+                    "makes a message's hold time too long: {} and a publisher confirm ({}s) add \
+                     up to {}, and they must stay under 25m, since RabbitMQ gives up on a \
+                     consumer that holds a message for 30m; shorten one of them",
+                    listed.join(", "),
+                    CONFIRM_TIMEOUT.as_secs(),
+                    humantime::format_duration(hold)
                 ),
             ));
         }

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::unpoisoned::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,15 +36,11 @@ impl SizeCeilings {
         if !self.any.load(Ordering::Acquire) {
             return None;
         }
-        self.ceilings
-            .lock()
-            .expect("ceilings lock")
-            .get(&list)
-            .copied()
+        self.ceilings.lock().get(&list).copied()
     }
 
     fn learn(&self, list: ListId, max_bytes_that_passed: usize) {
-        let mut ceilings = self.ceilings.lock().expect("ceilings lock");
+        let mut ceilings = self.ceilings.lock();
         self.any.store(true, Ordering::Release);
         let ceiling = ceilings.entry(list).or_insert(usize::MAX);
         if max_bytes_that_passed < *ceiling {
@@ -68,13 +66,19 @@ pub struct Deliverer<A> {
     /// queues. Counted from the arrival, not from the first request, so batches that waited
     /// behind a failing one do not each start a budget of their own.
     pub hold_budget: Duration,
+    /// `listrak.request_timeout`: a request started within the hold budget may take this
+    /// long, its token included; then the batch goes to the retry queues.
+    pub request_timeout: Duration,
     pub shutdown: CancellationToken,
 }
 
 struct Attempt<'a> {
     list: ListId,
     contacts: &'a [Contact],
+    /// The last moment a request may start.
     deadline: Instant,
+    /// The last moment a request may still be answered (token, slot and answer included).
+    answer_deadline: Instant,
 }
 
 impl<A: ListrakApi> Deliverer<A> {
@@ -94,12 +98,14 @@ impl<A: ListrakApi> Deliverer<A> {
     /// Sends the batch; the verdicts are in the order of `batch.contacts`.
     pub async fn deliver(&self, batch: &Batch) -> Vec<Verdict> {
         let oldest = batch.oldest().unwrap_or_else(Instant::now);
+        let deadline = oldest
+            .checked_add(self.hold_budget)
+            .unwrap_or_else(|| Instant::now() + self.hold_budget);
         let attempt = Attempt {
             list: batch.list_id,
             contacts: &batch.contacts,
-            deadline: oldest
-                .checked_add(self.hold_budget)
-                .unwrap_or_else(|| Instant::now() + self.hold_budget),
+            deadline,
+            answer_deadline: deadline + self.request_timeout,
         };
         let all: Vec<usize> = (0..batch.contacts.len()).collect();
         let mut verdicts = vec![Verdict::Abandoned; batch.contacts.len()];
@@ -154,7 +160,14 @@ impl<A: ListrakApi> Deliverer<A> {
                     verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
                     return verdicts;
                 };
-                let outcome = self.api.post_contacts(attempt.list, body, sent.len()).await;
+                // The token and the answer spend the budget too: a token endpoint or an
+                // answer that hangs cannot hold the batch past it.
+                let outcome = tokio::time::timeout_at(
+                    attempt.answer_deadline.into(),
+                    self.api.post_contacts(attempt.list, body, sent.len()),
+                )
+                .await
+                .unwrap_or(Outcome::Timeout);
                 let class = classify(&outcome, sent.len());
                 permit.record(match class {
                     Class::Ok => Signal::Healthy,

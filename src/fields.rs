@@ -2,16 +2,25 @@
 //! catalogue held in memory; missing fields (and their group) created when asked.
 //!
 //! A hit costs no request: the session looks a field up synchronously ([`Fields::lookup`]).
-//! A miss is resolved in a task ([`Fields::resolve`]): the list's catalogue is read again, at
-//! most once per [`REFRESH_EVERY`] per list, and one read answers every miss noticed before it.
+//! A miss is resolved in a task ([`Fields::resolve_all`]), within the message's hold budget:
+//! the list's catalogue is read again, at most once per [`REFRESH_EVERY`] per list, and one
+//! read answers every miss noticed before it. A read or creation that fails for Listrak's
+//! reasons (5xx, 429, timeouts) is tried again after a growing pause shared by every waiter
+//! of the list ([`FAILED_READ_PAUSE_FIRST`] up to [`FAILED_READ_PAUSE_MAX`]), so an outage
+//! costs a few requests a second whatever the number of waiters; the message goes to the
+//! retry queues when its budget is spent. Creations are limited per list and 24 hours
+//! ([`Fields::new`]'s budget).
 //! Several replicas may create the same field at once; each lists the group again after
 //! creating and takes the lowest id among the Check Box fields of that name, so all of them
 //! converge on one field.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use tokio::time::Instant;
 
@@ -19,10 +28,21 @@ use crate::catalogue::{same_name, FieldGroup};
 use crate::listrak::CatalogueError;
 use crate::mapping::Plan;
 use crate::model::{FieldId, ListId, Update};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Task};
+use crate::unpoisoned::Mutex;
 
 /// The least time between two reads of one list's catalogue.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(3);
+/// The pause after a failed read or creation; it doubles with every failure in a row.
+pub const FAILED_READ_PAUSE_FIRST: Duration = Duration::from_millis(250);
+pub const FAILED_READ_PAUSE_MAX: Duration = Duration::from_secs(4);
+/// The most refused creations remembered per list (see `Known::refused`).
+const MAX_REFUSED_NAMES: usize = 1000;
+/// The window the creation budget counts over.
+pub const CREATION_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// The longest audience key taken as a field name. Listrak documents no limit; Engage's keys
+/// are a few dozen characters, and anything longer is a producer's bug, not an audience.
+pub const MAX_FIELD_NAME_CHARS: usize = 100;
 
 /// The catalogue requests the resolver makes; narrow so it is tested without HTTP.
 pub trait FieldCatalogue: Send + Sync + 'static {
@@ -92,11 +112,32 @@ fn names(message: &str, field: FieldId) -> bool {
 }
 
 /// What a resolution found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
     Field(FieldId),
     /// No such field after a read made since the miss, and `create` was not asked.
     Unknown,
+    /// No such field, and it may not be created: the budget is spent, or the name cannot be a
+    /// field's.
+    NotCreated(NotCreated),
+}
+
+/// Why a missing field was not created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotCreated {
+    /// `budget` fields were created in this list in the last 24 hours.
+    BudgetSpent { budget: usize },
+    /// The audience key is empty, too long, or holds control characters.
+    InvalidName,
+}
+
+impl NotCreated {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::BudgetSpent { .. } => "budget",
+            Self::InvalidName => "invalid_name",
+        }
+    }
 }
 
 /// Why a message's fields could not all be resolved.
@@ -115,9 +156,45 @@ pub enum Unresolvable {
         group: String,
         name: String,
     },
+    /// `create = true`, but the creation budget of the list is spent.
+    #[error(
+        "list {list} has no Check Box field {name:?} in the profile field group {group:?}, and \
+             {budget} fields were created in this list in the last 24 hours, the most \
+             `listrak.field_creation_budget` allows; if these audiences are real, raise the \
+             budget (or create the fields with `listrak provision`), then replay the dead \
+             letters with `dlq replay --reason unknown_field` (they also apply once the 24 \
+             hours have passed)"
+    )]
+    BudgetSpent {
+        list: ListId,
+        group: String,
+        name: String,
+        budget: usize,
+    },
+    /// The audience key cannot name a Listrak field; no request is made for it.
+    #[error(
+        "the audience key {name:?} cannot be the name of a profile field in list {list} (empty, \
+             over {MAX_FIELD_NAME_CHARS} characters, or with control characters); fix the \
+             producer, then replay the dead letters with `dlq replay --reason unknown_field`"
+    )]
+    InvalidName { list: ListId, name: String },
     /// Reading or extending the catalogue failed.
     #[error(transparent)]
     Catalogue(#[from] CatalogueError),
+    /// The message's hold budget was spent waiting (for a read, a creation, or the turn of
+    /// the list): it goes to the retry queues.
+    #[error("the list's profile fields could not be resolved within the message's hold budget")]
+    OutOfTime,
+    /// A bug: the resolution panicked. The message goes to the retry queues.
+    #[error("resolving the message's profile fields panicked")]
+    Panicked,
+}
+
+/// Whether `name` can be a Listrak field's name.
+pub fn valid_field_name(name: &str) -> bool {
+    !name.trim().is_empty()
+        && name.chars().count() <= MAX_FIELD_NAME_CHARS
+        && !name.chars().any(char::is_control)
 }
 
 /// What is known of one list.
@@ -128,6 +205,37 @@ struct Known {
     read_at: Option<Instant>,
     /// Listrak refused a field id of this list: what is held may be wrong.
     stale: bool,
+    /// The last failed read or creation and how many failed in a row: the next request
+    /// waits for the pause this implies, whoever makes it.
+    failed: Option<(Instant, u32)>,
+    /// When each field created in the last [`CREATION_WINDOW`] was created, oldest first.
+    created: VecDeque<Instant>,
+    /// The last creation Listrak refused for good, by field name (as `same_name` compares):
+    /// when, and why. It answers every miss for that name noticed before it, without asking
+    /// again.
+    refused: HashMap<String, (Instant, CatalogueError)>,
+}
+
+impl Known {
+    /// When the next request may start after failures, if failures ask for a pause.
+    fn pause_until(&self) -> Option<Instant> {
+        self.failed.map(|(at, streak)| {
+            let doublings = streak.saturating_sub(1).min(16);
+            let pause = FAILED_READ_PAUSE_FIRST.saturating_mul(1 << doublings);
+            at + pause.min(FAILED_READ_PAUSE_MAX)
+        })
+    }
+
+    fn creations_in_window(&mut self, now: Instant) -> usize {
+        while self
+            .created
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= CREATION_WINDOW)
+        {
+            self.created.pop_front();
+        }
+        self.created.len()
+    }
 }
 
 struct ListState {
@@ -142,25 +250,45 @@ pub struct Fields<C> {
     catalogue: Arc<C>,
     metrics: Metrics,
     refresh_every: Duration,
+    /// The most fields created per list in [`CREATION_WINDOW`].
+    creation_budget: usize,
     lists: Mutex<HashMap<ListId, Arc<ListState>>>,
 }
 
-impl<C: FieldCatalogue> Fields<C> {
-    pub fn new(catalogue: Arc<C>, metrics: Metrics) -> Self {
-        Self::with_refresh(catalogue, metrics, REFRESH_EVERY)
+/// Whether a catalogue failure is Listrak's passing fault (tried again within the budget,
+/// then the retry queues), as the update path's classes have it.
+pub fn is_systemic(error: &CatalogueError) -> bool {
+    match error {
+        CatalogueError::NoToken(_)
+        | CatalogueError::Transport { .. }
+        | CatalogueError::Unexpected { .. } => true,
+        CatalogueError::Refused { status, .. } => {
+            matches!(status, 401 | 403 | 408 | 423 | 429) || (*status >= 500 && *status != 501)
+        }
     }
+}
 
-    pub fn with_refresh(catalogue: Arc<C>, metrics: Metrics, refresh_every: Duration) -> Self {
+impl<C: FieldCatalogue> Fields<C> {
+    /// `creation_budget`: the most fields `create = true` creates per list in 24 hours.
+    pub fn new(catalogue: Arc<C>, metrics: Metrics, creation_budget: usize) -> Self {
         Self {
             catalogue,
             metrics,
-            refresh_every,
+            refresh_every: REFRESH_EVERY,
+            creation_budget,
             lists: Mutex::new(HashMap::new()),
         }
     }
 
+    pub fn with_refresh(catalogue: Arc<C>, metrics: Metrics, refresh_every: Duration) -> Self {
+        Self {
+            refresh_every,
+            ..Self::new(catalogue, metrics, 100)
+        }
+    }
+
     fn state(&self, list: ListId) -> Arc<ListState> {
-        let mut lists = self.lists.lock().expect("fields lock");
+        let mut lists = self.lists.lock();
         Arc::clone(lists.entry(list).or_insert_with(|| {
             Arc::new(ListState {
                 known: Mutex::new(Known::default()),
@@ -172,9 +300,9 @@ impl<C: FieldCatalogue> Fields<C> {
     /// The field from what is held, without a request; `None` is a miss (not read yet, no
     /// such field, or forgotten), for [`Fields::resolve`].
     pub fn lookup(&self, list: ListId, group: &str, name: &str) -> Option<FieldId> {
-        let lists = self.lists.lock().expect("fields lock");
+        let lists = self.lists.lock();
         let state = lists.get(&list)?;
-        let known = state.known.lock().expect("fields lock");
+        let known = state.known.lock();
         find(&known.groups, group, name)
     }
 
@@ -196,12 +324,27 @@ impl<C: FieldCatalogue> Fields<C> {
     }
 
     /// Every update of the plan, its fields resolved as [`Fields::resolve`] does, for a
-    /// message that arrived at `seen`.
+    /// message that arrived at `seen`, by `deadline` (its hold budget): past it, the wait
+    /// ends with [`Unresolvable::OutOfTime`]. A panic (a bug) ends it with
+    /// [`Unresolvable::Panicked`], counted.
     pub async fn resolve_all(
         &self,
         plan: Plan,
         seen: Instant,
+        deadline: Instant,
     ) -> Result<Vec<Update>, Unresolvable> {
+        let resolving = AssertUnwindSafe(self.resolve_within(plan, seen)).catch_unwind();
+        match tokio::time::timeout_at(deadline, resolving).await {
+            Ok(Ok(resolved)) => resolved,
+            Ok(Err(_)) => {
+                self.metrics.task_panicked(Task::Resolve);
+                Err(Unresolvable::Panicked)
+            }
+            Err(_) => Err(Unresolvable::OutOfTime),
+        }
+    }
+
+    async fn resolve_within(&self, plan: Plan, seen: Instant) -> Result<Vec<Update>, Unresolvable> {
         let mut updates = plan.updates;
         for unresolved in plan.unresolved {
             let list = unresolved.list_id();
@@ -214,14 +357,24 @@ impl<C: FieldCatalogue> Fields<C> {
                     seen,
                 )
                 .await?;
+            let group = unresolved.group.clone();
+            let name = unresolved.audience_key.clone();
             match resolution {
                 Resolution::Field(field) => updates.push(unresolved.resolved(field)),
                 Resolution::Unknown => {
-                    return Err(Unresolvable::UnknownField {
-                        list,
-                        group: unresolved.group,
-                        name: unresolved.audience_key,
-                    })
+                    return Err(Unresolvable::UnknownField { list, group, name })
+                }
+                Resolution::NotCreated(why) => {
+                    self.metrics.field_not_created(list, &name, why.as_str());
+                    return Err(match why {
+                        NotCreated::BudgetSpent { budget } => Unresolvable::BudgetSpent {
+                            list,
+                            group,
+                            name,
+                            budget,
+                        },
+                        NotCreated::InvalidName => Unresolvable::InvalidName { list, name },
+                    });
                 }
             }
         }
@@ -232,7 +385,7 @@ impl<C: FieldCatalogue> Fields<C> {
     /// read): what is held is dropped, and the next miss reads the list again.
     pub fn forget(&self, list: ListId) {
         let state = self.state(list);
-        let mut known = state.known.lock().expect("fields lock");
+        let mut known = state.known.lock();
         known.groups.clear();
         known.stale = true;
     }
@@ -242,10 +395,17 @@ impl<C: FieldCatalogue> Fields<C> {
     pub async fn preload(&self, list: ListId) {
         let state = self.state(list);
         let _turn = state.turn.lock().await;
-        if state.known.lock().expect("fields lock").read_at.is_some() {
+        if state.known.lock().read_at.is_some() {
             return;
         }
-        if let Err(error) = self.read(list, &state).await {
+        let read = AssertUnwindSafe(self.read(list, &state))
+            .catch_unwind()
+            .await;
+        let Ok(read) = read else {
+            self.metrics.task_panicked(Task::Resolve);
+            return;
+        };
+        if let Err(error) = read {
             tracing::warn!(
                 list_id = %list,
                 %error,
@@ -279,9 +439,9 @@ impl<C: FieldCatalogue> Fields<C> {
 
     /// Whether `field` is in what is held of `list`'s catalogue.
     pub fn holds(&self, list: ListId, field: FieldId) -> bool {
-        let lists = self.lists.lock().expect("fields lock");
+        let lists = self.lists.lock();
         lists.get(&list).is_some_and(|state| {
-            let known = state.known.lock().expect("fields lock");
+            let known = state.known.lock();
             known
                 .groups
                 .iter()
@@ -292,8 +452,32 @@ impl<C: FieldCatalogue> Fields<C> {
 
     /// The field for a miss noticed at `seen`: from a read made after `seen` (waiting for the
     /// list's next allowed read if need be), then, with `create`, by creating it (and its
-    /// group).
+    /// group), within the creation budget. A failure of Listrak's (see [`is_systemic`]) is
+    /// tried again after the list's pause, until the caller's deadline; any other is the
+    /// answer.
     pub async fn resolve(
+        &self,
+        list: ListId,
+        group: &str,
+        name: &str,
+        create: bool,
+        seen: Instant,
+    ) -> Result<Resolution, CatalogueError> {
+        loop {
+            match self.try_resolve(list, group, name, create, seen).await {
+                Err(error) if is_systemic(&error) => {
+                    tracing::debug!(
+                        list_id = %list,
+                        %error,
+                        "the list's profile fields could not be read or extended; trying again"
+                    );
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn try_resolve(
         &self,
         list: ListId,
         group: &str,
@@ -303,19 +487,26 @@ impl<C: FieldCatalogue> Fields<C> {
     ) -> Result<Resolution, CatalogueError> {
         let state = self.state(list);
         let _turn = state.turn.lock().await;
-        let (found, read_at, stale) = {
-            let known = state.known.lock().expect("fields lock");
-            (find(&known.groups, group, name), known.read_at, known.stale)
+        let (found, read_at, stale, pause_until) = {
+            let known = state.known.lock();
+            (
+                find(&known.groups, group, name),
+                known.read_at,
+                known.stale,
+                known.pause_until(),
+            )
         };
         if let Some(field) = found {
             return Ok(Resolution::Field(field));
         }
         let read_since_seen = read_at.is_some_and(|at| at >= seen) && !stale;
         if !read_since_seen {
-            let allowed_at = read_at.map_or_else(Instant::now, |at| at + self.refresh_every);
+            let refresh_at = read_at.map_or_else(Instant::now, |at| at + self.refresh_every);
+            let allowed_at = pause_until.map_or(refresh_at, |pause| pause.max(refresh_at));
             let loaded = read_at.is_some() && !stale;
-            // Creating does not wait for a read: it lists the group again afterwards anyway.
-            if !(create && loaded && allowed_at > Instant::now()) {
+            // Creating does not wait for a read (it lists the group again afterwards anyway),
+            // unless failures ask for a pause.
+            if !(create && loaded && pause_until.is_none() && allowed_at > Instant::now()) {
                 tokio::time::sleep_until(allowed_at).await;
                 let groups = self.read(list, &state).await?;
                 if let Some(field) = find(&groups, group, name) {
@@ -324,15 +515,50 @@ impl<C: FieldCatalogue> Fields<C> {
             }
         }
         let taken = {
-            let known = state.known.lock().expect("fields lock");
+            let known = state.known.lock();
             taken_by_another_type(&known.groups, group, name)
         };
         if !create || taken {
             return Ok(Resolution::Unknown);
         }
-        self.create(list, &state, group, name)
-            .await
-            .map(Resolution::Field)
+        if !valid_field_name(name) {
+            return Ok(Resolution::NotCreated(NotCreated::InvalidName));
+        }
+        let spent = state.known.lock().creations_in_window(Instant::now()) >= self.creation_budget;
+        if spent {
+            return Ok(Resolution::NotCreated(NotCreated::BudgetSpent {
+                budget: self.creation_budget,
+            }));
+        }
+        let key = name.trim().to_lowercase();
+        let refused = state.known.lock().refused.get(&key).cloned();
+        if let Some((at, error)) = refused.filter(|(at, _)| *at >= seen) {
+            tracing::debug!(list_id = %list, ?at, "a creation refused since the miss answers it");
+            return Err(error);
+        }
+        let pause = state.known.lock().pause_until();
+        if let Some(pause) = pause {
+            tokio::time::sleep_until(pause).await;
+        }
+        counts_as_failed_until_answered(&state);
+        let created = self.create(list, &state, group, name).await;
+        let mut known = state.known.lock();
+        match &created {
+            Ok(_) => {
+                known.failed = None;
+                known.refused.remove(&key);
+            }
+            Err(error) if !is_systemic(error) => {
+                // Bounded: a producer inventing names cannot grow it past what it refuses.
+                if known.refused.len() >= MAX_REFUSED_NAMES {
+                    known.refused.clear();
+                }
+                known.refused.insert(key, (Instant::now(), error.clone()));
+            }
+            Err(_) => {}
+        }
+        drop(known);
+        created.map(Resolution::Field)
     }
 
     async fn read(
@@ -342,11 +568,13 @@ impl<C: FieldCatalogue> Fields<C> {
     ) -> Result<Vec<FieldGroup>, CatalogueError> {
         let started = Instant::now();
         self.metrics.catalogue_read();
+        counts_as_failed_until_answered(state);
         let groups = self.catalogue.field_groups(list).await?;
-        let mut known = state.known.lock().expect("fields lock");
+        let mut known = state.known.lock();
         known.groups = groups.clone();
         known.read_at = Some(started);
         known.stale = false;
+        known.failed = None;
         Ok(groups)
     }
 
@@ -357,7 +585,7 @@ impl<C: FieldCatalogue> Fields<C> {
         group: &str,
         name: &str,
     ) -> Result<FieldId, CatalogueError> {
-        let groups = state.known.lock().expect("fields lock").groups.clone();
+        let groups = state.known.lock().groups.clone();
         let group_id = match find_group(&groups, group) {
             Some(id) => id,
             None => {
@@ -382,6 +610,8 @@ impl<C: FieldCatalogue> Fields<C> {
             .find(|g| g.id == group_id)
             .map_or(0, |g| g.fields.len());
         let position = u32::try_from(in_group + 1).unwrap_or(u32::MAX);
+        // Counted when asked for: a creation whose answer is lost may still have happened.
+        state.known.lock().created.push_back(Instant::now());
         let created = self
             .catalogue
             .create_check_box(list, group_id, name, position)
@@ -391,6 +621,17 @@ impl<C: FieldCatalogue> Fields<C> {
         let groups = self.read(list, state).await?;
         Ok(find(&groups, group, name).unwrap_or(created))
     }
+}
+
+/// Until it is answered, a request counts as one more failure in a row: one given up at a
+/// waiter's deadline (or failing) makes the next waiter pause too, instead of each waiter
+/// starting a request of its own.
+fn counts_as_failed_until_answered(state: &ListState) {
+    let mut known = state.known.lock();
+    known.failed = Some((
+        Instant::now(),
+        known.failed.map_or(1, |(_, streak)| streak + 1),
+    ));
 }
 
 #[cfg(test)]
@@ -427,6 +668,10 @@ mod tests {
         /// How often each request yields before it is answered, in turn: other requests
         /// (another replica's) run meanwhile.
         pauses: Mutex<Vec<u8>>,
+        /// While set, every request answers this status.
+        failing: Mutex<Option<u16>>,
+        /// Waits this long before answering a read (on the test's clock).
+        read_latency: Mutex<Duration>,
     }
 
     impl Memory {
@@ -438,12 +683,24 @@ mod tests {
             }
         }
 
+        fn fail(&self) -> Result<(), CatalogueError> {
+            match *self.failing.lock() {
+                Some(status) => Err(CatalogueError::Refused {
+                    request: "a catalogue request".into(),
+                    status,
+                    error: "ERROR".into(),
+                    message: format!("answered {status}"),
+                }),
+                None => Ok(()),
+            }
+        }
+
         fn reads(&self) -> u32 {
             self.reads.load(Ordering::SeqCst)
         }
 
         async fn pause(&self) {
-            let turns = self.pauses.lock().unwrap().pop().unwrap_or(0);
+            let turns = self.pauses.lock().pop().unwrap_or(0);
             for _ in 0..turns {
                 tokio::task::yield_now().await;
             }
@@ -454,7 +711,10 @@ mod tests {
         async fn field_groups(&self, _list: ListId) -> Result<Vec<FieldGroup>, CatalogueError> {
             self.pause().await;
             self.reads.fetch_add(1, Ordering::SeqCst);
-            Ok(self.groups.lock().unwrap().clone())
+            let latency = *self.read_latency.lock();
+            tokio::time::sleep(latency).await;
+            self.fail()?;
+            Ok(self.groups.lock().clone())
         }
 
         async fn create_field_group(
@@ -464,8 +724,9 @@ mod tests {
             _position: u32,
         ) -> Result<u32, CatalogueError> {
             self.pause().await;
+            self.fail()?;
             let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-            self.groups.lock().unwrap().push(FieldGroup {
+            self.groups.lock().push(FieldGroup {
                 id,
                 name: name.into(),
                 fields: vec![],
@@ -481,8 +742,9 @@ mod tests {
             _position: u32,
         ) -> Result<FieldId, CatalogueError> {
             self.pause().await;
+            self.fail()?;
             let ours = self.next_id.fetch_add(1, Ordering::SeqCst);
-            let mut groups = self.groups.lock().unwrap();
+            let mut groups = self.groups.lock();
             let group = groups.iter_mut().find(|g| g.id == group).unwrap();
             group.fields.push(field(ours, name));
             if self.rival_first {
@@ -583,9 +845,7 @@ mod tests {
         assert_eq!(memory.reads(), 1);
         // A miss seen after it waits for the next allowed read, which finds a field made
         // meanwhile.
-        memory.groups.lock().unwrap()[0]
-            .fields
-            .push(field(9, "gold"));
+        memory.groups.lock()[0].fields.push(field(9, "gold"));
         let later = Instant::now();
         assert_eq!(
             fields
@@ -612,7 +872,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(gold, again);
-        let groups = memory.groups.lock().unwrap().clone();
+        let groups = memory.groups.lock().clone();
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].fields.len(), 1);
         assert_eq!(Resolution::Field(groups[0].fields[0].id), gold);
@@ -646,7 +906,7 @@ mod tests {
             let (name, found) = task.await.unwrap();
             resolved.entry(name).or_default().push(found);
         }
-        let groups = memory.groups.lock().unwrap().clone();
+        let groups = memory.groups.lock().clone();
         assert_eq!(groups.len(), 1, "one group");
         assert_eq!(groups[0].fields.len(), audiences.len(), "one field each");
         for (name, found) in resolved {
@@ -670,7 +930,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(found, Resolution::Unknown);
-        assert_eq!(memory.groups.lock().unwrap()[0].fields.len(), 1);
+        assert_eq!(memory.groups.lock()[0].fields.len(), 1);
     }
 
     #[tokio::test]
@@ -732,7 +992,7 @@ mod tests {
             .await
             .unwrap();
         assert!(fields.holds(list(), id(7)));
-        memory.groups.lock().unwrap()[0].fields = vec![field(11, "gold")];
+        memory.groups.lock()[0].fields = vec![field(11, "gold")];
         fields.forget(list());
         assert_eq!(fields.lookup(list(), "Engage Audiences", "gold"), None);
         let found = fields
@@ -762,8 +1022,8 @@ mod tests {
                 ..Memory::with(if group_exists { engage(vec![]) } else { vec![] })
             });
             let replicas = [
-                Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10))),
-                Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10))),
+                Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10), 100)),
+                Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10), 100)),
             ];
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -787,7 +1047,7 @@ mod tests {
                 });
                 futures_util::future::join_all(calls).await
             });
-            let groups = memory.groups.lock().unwrap().clone();
+            let groups = memory.groups.lock().clone();
             for (name, found) in resolved {
                 let lowest = find(&groups, "Engage Audiences", name).unwrap();
                 proptest::prop_assert_eq!(found, Resolution::Field(lowest), "{}", name);
@@ -799,5 +1059,237 @@ mod tests {
                 proptest::prop_assert!(copies <= 2, "{} created {} times", name, copies);
             }
         }
+    }
+
+    fn plan_for(audience: &str) -> Plan {
+        use crate::mapping::Unresolved;
+        use crate::model::{EventTime, Update};
+        Plan {
+            updates: vec![],
+            unresolved: vec![Unresolved {
+                update: Update {
+                    list_id: list(),
+                    email: "a@example.com".into(),
+                    fields: vec![],
+                    timestamp: EventTime(1),
+                },
+                group: "Engage Audiences".into(),
+                audience_key: audience.into(),
+                value: "on",
+                create: true,
+            }],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_its_budget_of_creations_a_list_creates_no_field_and_says_why() {
+        let memory = Arc::new(Memory::with(engage(vec![])));
+        let fields = Fields::new(Arc::clone(&memory), Metrics::new(10), 3);
+        for index in 0..3 {
+            let audience = format!("audience_{index}");
+            let resolved = fields
+                .resolve_all(plan_for(&audience), Instant::now(), far())
+                .await;
+            assert!(resolved.is_ok(), "{resolved:?}");
+        }
+        let refused = fields
+            .resolve_all(plan_for("audience_3"), Instant::now(), far())
+            .await;
+        let Err(why @ Unresolvable::BudgetSpent { budget: 3, .. }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            why.to_string().contains("listrak.field_creation_budget"),
+            "{why}"
+        );
+        assert_eq!(memory.groups.lock()[0].fields.len(), 3);
+        assert_eq!(
+            fields
+                .metrics
+                .sample("listrak_fields_not_created_total", &[("reason", "budget")]),
+            1.0
+        );
+        // A field that exists is still found, and the budget comes back after 24 hours.
+        assert!(fields
+            .resolve_all(plan_for("audience_1"), Instant::now(), far())
+            .await
+            .is_ok());
+        tokio::time::advance(CREATION_WINDOW).await;
+        assert!(fields
+            .resolve_all(plan_for("audience_3"), Instant::now(), far())
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_audience_key_that_cannot_be_a_field_name_is_refused_without_a_request() {
+        let memory = Arc::new(Memory::with(engage(vec![])));
+        let fields = Fields::new(Arc::clone(&memory), Metrics::new(10), 100);
+        fields.preload(list()).await;
+        let reads = memory.reads();
+        for name in [
+            "",
+            "  ",
+            "bad\u{7}key",
+            &"x".repeat(MAX_FIELD_NAME_CHARS + 1),
+        ] {
+            // The miss is noticed before the last read: no new read is needed.
+            let refused = fields
+                .resolve_all(
+                    plan_for(name),
+                    Instant::now() - Duration::from_secs(1),
+                    far(),
+                )
+                .await;
+            assert!(
+                matches!(refused, Err(Unresolvable::InvalidName { .. })),
+                "{name:?}: {refused:?}"
+            );
+        }
+        assert_eq!(memory.reads(), reads);
+        assert!(memory.groups.lock()[0].fields.is_empty());
+        assert!(valid_field_name(&"x".repeat(MAX_FIELD_NAME_CHARS)));
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_catalogue_is_read_a_few_times_a_second_however_many_wait() {
+        let memory = Arc::new(Memory::with(engage(vec![])));
+        *memory.failing.lock() = Some(503);
+        let fields = Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10), 100));
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(10);
+        let waiters: Vec<_> = (0..200)
+            .map(|index| {
+                let fields = Arc::clone(&fields);
+                tokio::spawn(async move {
+                    let audience = format!("audience_{}", index % 20);
+                    fields
+                        .resolve_all(plan_for(&audience), started, deadline)
+                        .await
+                })
+            })
+            .collect();
+        for waiter in waiters {
+            let resolved = waiter.await.unwrap();
+            assert!(
+                matches!(resolved, Err(Unresolvable::OutOfTime)),
+                "every waiter is answered at its deadline: {resolved:?}"
+            );
+        }
+        assert_eq!(
+            Instant::now(),
+            deadline,
+            "no waiter is held past its deadline"
+        );
+        let reads = memory.reads();
+        assert!(
+            (3..=10).contains(&reads),
+            "{reads} reads in 10 s for 200 waiters"
+        );
+        // Once Listrak answers again, the next miss is resolved by one read and a creation.
+        *memory.failing.lock() = None;
+        let resolved = fields
+            .resolve_all(plan_for("audience_1"), Instant::now(), far())
+            .await;
+        assert!(resolved.is_ok(), "{resolved:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_catalogue_holds_no_message_past_its_deadline() {
+        let memory = Arc::new(Memory::with(engage(vec![])));
+        *memory.read_latency.lock() = Duration::from_secs(30);
+        let fields = Arc::new(Fields::new(Arc::clone(&memory), Metrics::new(10), 100));
+        let started = Instant::now();
+        let waiters: Vec<_> = (0..50u64)
+            .map(|index| {
+                let fields = Arc::clone(&fields);
+                let deadline = started + Duration::from_millis(1200 + index * 10);
+                tokio::spawn(async move {
+                    let resolved = fields
+                        .resolve_all(plan_for("gold"), started, deadline)
+                        .await;
+                    (resolved, deadline, Instant::now())
+                })
+            })
+            .collect();
+        for waiter in waiters {
+            let (resolved, deadline, answered) = waiter.await.unwrap();
+            assert!(
+                matches!(resolved, Err(Unresolvable::OutOfTime)),
+                "{resolved:?}"
+            );
+            assert_eq!(answered, deadline);
+        }
+        let reads = memory.reads();
+        assert!(
+            reads <= 3,
+            "{reads} reads for 50 waiters on a catalogue that hangs"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_creation_refused_for_good_is_the_answer_not_a_retry() {
+        let memory = Arc::new(Memory::with(engage(vec![])));
+        let fields = Fields::new(Arc::clone(&memory), Metrics::new(10), 100);
+        fields.preload(list()).await;
+        *memory.failing.lock() = Some(400);
+        let refused = fields
+            .resolve_all(plan_for("gold"), Instant::now(), far())
+            .await;
+        let Err(Unresolvable::Catalogue(error)) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(!is_systemic(&error));
+        assert!(error.to_string().contains("answered 400"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resolution_that_panics_is_counted_and_answered() {
+        struct Panicking;
+        impl FieldCatalogue for Panicking {
+            async fn field_groups(&self, _: ListId) -> Result<Vec<FieldGroup>, CatalogueError> {
+                panic!("a bug in a catalogue read")
+            }
+            async fn create_field_group(
+                &self,
+                _: ListId,
+                _: &str,
+                _: u32,
+            ) -> Result<u32, CatalogueError> {
+                unreachable!()
+            }
+            async fn create_check_box(
+                &self,
+                _: ListId,
+                _: u32,
+                _: &str,
+                _: u32,
+            ) -> Result<FieldId, CatalogueError> {
+                unreachable!()
+            }
+        }
+        let fields = Fields::new(Arc::new(Panicking), Metrics::new(10), 100);
+        let resolved = fields
+            .resolve_all(plan_for("gold"), Instant::now(), far())
+            .await;
+        assert!(
+            matches!(resolved, Err(Unresolvable::Panicked)),
+            "{resolved:?}"
+        );
+        assert_eq!(
+            fields
+                .metrics
+                .sample("listrak_task_panics_total", &[("task", "resolve")]),
+            1.0
+        );
+        // The list's state survived: the next resolution panics again, it does not hang.
+        let again = fields
+            .resolve_all(plan_for("gold"), Instant::now(), far())
+            .await;
+        assert!(matches!(again, Err(Unresolvable::Panicked)), "{again:?}");
     }
 }

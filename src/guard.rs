@@ -8,8 +8,8 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
 
+use crate::unpoisoned::Mutex;
 use rustc_hash::{FxBuildHasher, FxHashMap};
-use std::sync::Mutex;
 
 use crate::model::{EventTime, FieldId, ListId};
 
@@ -56,7 +56,7 @@ impl SupersededGuard {
         if self.capacity == 0 {
             return false;
         }
-        let inner = self.inner.lock().expect("guard lock");
+        let inner = self.inner.lock();
         inner
             .newest
             .get(&key(list, email, field))
@@ -69,7 +69,7 @@ impl SupersededGuard {
             return;
         }
         let key = key(list, email, field);
-        let mut inner = self.inner.lock().expect("guard lock");
+        let mut inner = self.inner.lock();
         let newest = inner.newest.entry(key).or_insert(time);
         if *newest > time {
             return;
@@ -87,7 +87,7 @@ impl SupersededGuard {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("guard lock").newest.len()
+        self.inner.lock().newest.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -93,6 +93,7 @@ pub mod setup;
 pub mod telemetry;
 pub mod tls;
 pub mod tools;
+pub mod unpoisoned;
 pub mod worker;
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -267,7 +267,7 @@ impl ListrakApi for ListrakClient {
 }
 
 /// Why a catalogue request (lists, field groups, fields) failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CatalogueError {
     #[error("no Listrak token: {0}")]
     NoToken(String),

@@ -83,6 +83,13 @@ impl EventTime {
         Self(chrono::Utc::now().timestamp_micros())
     }
 
+    /// As [`EventTime::to_rfc3339`], to the microsecond: what the worker compares.
+    pub fn to_rfc3339_micros(self) -> String {
+        chrono::DateTime::from_timestamp_micros(self.0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+            .unwrap_or_default()
+    }
+
     pub fn to_rfc3339(self) -> String {
         chrono::DateTime::from_timestamp_micros(self.0)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))

@@ -1,6 +1,7 @@
 //! One broker session: consume → decode → map → batch → deliver → settle, on one channel,
 //! until shutdown or until the connection fails (the worker then starts a new one).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,16 +14,20 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
-use crate::broker::{self, PackedProperties, Publisher, RetryHeaders, TopologyMismatch};
+use crate::broker::{
+    self, text_header, PackedProperties, Publisher, RetryHeaders, TopologyMismatch,
+};
 use crate::decode::decode;
 use crate::disposition::{dispose, Disposition, Republish, Rules};
-use crate::fields::Unresolvable;
-use crate::listrak::ListrakApi;
+use crate::fields::{self, Unresolvable};
+use crate::listrak::{CatalogueError, ListrakApi};
 use crate::mapping::{plan, Plan};
 use crate::model::{
-    capped, AckOutcome, DeadLetterReason, EventTime, Rejection, Update, Verdict, QUOTE_LIMIT,
+    capped, AckOutcome, DeadLetterReason, EventTime, ListId, Rejection, Update, Verdict,
+    QUOTE_LIMIT,
 };
 use crate::settle::{Acks, Ledger, Settlement};
+use crate::telemetry::Task;
 use crate::worker::{bounded, poll_queue_depths, Worker};
 
 /// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
@@ -44,6 +49,8 @@ const PUBLISH_RETRY_FIRST: Duration = Duration::from_millis(200);
 struct Original {
     body: Vec<u8>,
     properties: PackedProperties,
+    /// The event time its updates carry, for the copies it may become.
+    event_time: EventTime,
 }
 
 /// What the spawned tasks report back to the session loop.
@@ -287,7 +294,21 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let tag = delivery.delivery_tag;
         self.acks.delivered(tag);
         let now = EventTime::now();
-        let planned = decode(&delivery.data, now)
+        // What an earlier delivery used, else the producer's AMQP timestamp, else now (this
+        // is the first receipt: a copy carries the time on).
+        let carried = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(broker::EVENT_TIME))
+            .and_then(broker::as_time);
+        let stamped = delivery
+            .properties
+            .timestamp()
+            .and_then(|seconds| i64::try_from(seconds).ok()?.checked_mul(1_000_000))
+            .map(EventTime);
+        let received = carried.or(stamped).unwrap_or(now);
+        let planned = decode(&delivery.data, received)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
         let mut plan = match planned {
             Err(poison) => {
@@ -310,6 +331,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     delivery.data,
                     &delivery.properties,
                     Settlement::DeadLetter(rejection),
+                    None,
                 );
                 return;
             }
@@ -325,16 +347,28 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 .iter_mut()
                 .map(|pending| &mut pending.update),
         );
+        let mut updates: Vec<&mut Update> = updates.collect();
+        if let Some(carried) = carried {
+            for update in updates.iter_mut() {
+                update.timestamp = carried;
+            }
+        }
         if let Some(claimed) = trust_event_times(updates, now, skew) {
             let message_id = message_id(&delivery.properties);
             metrics.future_timestamp(tag, message_id, &claimed.to_rfc3339());
         }
+        let event_time = plan
+            .updates
+            .first()
+            .or(plan.unresolved.first().map(|pending| &pending.update))
+            .map_or(received, |update| update.timestamp);
 
         self.ledger.open(
             tag,
             Original {
                 body: delivery.data,
                 properties: PackedProperties::pack(&delivery.properties),
+                event_time,
             },
         );
         match self.worker.fields.lookup_all(plan) {
@@ -371,9 +405,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         self.ledger.add_part(tag);
         let fields = Arc::clone(&self.worker.fields);
         let reports = self.reports.clone();
+        // Past the moment its batch could still start a request, waiting is pointless: the
+        // message goes to the retry queues instead.
+        let deadline = arrived + self.worker.deliverer.hold_budget;
         tokio::spawn(async move {
             let seen = tokio::time::Instant::from_std(arrived);
-            let resolved = fields.resolve_all(plan, seen).await;
+            let deadline = tokio::time::Instant::from_std(deadline);
+            let resolved = fields.resolve_all(plan, seen, deadline).await;
             let _ = reports.send(Report::Resolved {
                 tag,
                 arrived,
@@ -407,25 +445,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 }
             }
             Err(why) => {
-                let verdict = match &why {
-                    Unresolvable::UnknownField { list, .. } => Verdict::DeadLetter(Rejection {
-                        reason: DeadLetterReason::UnknownField,
-                        status: None,
-                        error: None,
-                        message: Some(why.to_string()),
-                        list_id: Some(*list),
-                    }),
-                    Unresolvable::Catalogue(error) if error.is_not_found() => {
-                        Verdict::DeadLetter(Rejection {
-                            reason: DeadLetterReason::ListNotFound,
-                            status: Some(404),
-                            error: None,
-                            message: Some(error.to_string()),
-                            list_id: None,
-                        })
-                    }
-                    Unresolvable::Catalogue(_) => Verdict::Retry,
-                };
+                let verdict = unresolved_verdict(&why);
                 tracing::info!(
                     delivery_tag = tag,
                     error = %why,
@@ -549,19 +569,21 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Settlement::Abandon => {}
             settlement => {
                 let properties = original.properties.unpack();
-                self.settle(tag, original.body, &properties, settlement);
+                let event_time = Some(original.event_time);
+                self.settle(tag, original.body, &properties, settlement, event_time);
             }
         }
     }
 
     /// Acks, leaves, or publishes a copy to a retry queue or the dead-letter queue, as
-    /// `disposition` decides.
+    /// `disposition` decides; a copy carries the event time its updates used.
     fn settle(
         &mut self,
         tag: u64,
         body: Vec<u8>,
         properties: &BasicProperties,
         settlement: Settlement,
+        event_time: Option<EventTime>,
     ) {
         let settings = &self.worker.settings;
         let rules = Rules {
@@ -574,7 +596,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match dispose(settlement, previous, EventTime::now(), &rules) {
             Disposition::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
             Disposition::Leave => {}
-            Disposition::Republish(copy) => {
+            Disposition::Republish(mut copy) => {
+                if let Some(time) = event_time {
+                    copy.headers
+                        .push((broker::EVENT_TIME, text_header(time.to_rfc3339_micros())));
+                }
                 let properties = broker::republished(properties, &copy);
                 let publish = Box::new(Outgoing {
                     tag,
@@ -599,16 +625,17 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let copy = &publish.copy;
-            let result = publisher
-                .publish(
-                    &copy.exchange,
-                    &copy.routing_key,
-                    &publish.body,
-                    publish.properties.clone(),
-                )
-                .await;
+            let publishing = publisher.publish(
+                &copy.exchange,
+                &copy.routing_key,
+                &publish.body,
+                publish.properties.clone(),
+            );
+            // A panic (a bug) is a failed publish: the copy is published again, or the
+            // session ends and the broker delivers the message again.
+            let result = AssertUnwindSafe(publishing).catch_unwind().await;
             let report = match result {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     if let Some(reason) = copy.dead_letter {
                         metrics.dead_lettered(reason);
                     }
@@ -617,9 +644,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         outcome: copy.outcome(),
                     }
                 }
-                Err(error) => {
+                Ok(Err(error)) => {
                     let attempt = publish.attempts + 1;
                     metrics.publish_failed(&error, &copy.exchange, &copy.routing_key, attempt);
+                    Report::PublishFailed(publish)
+                }
+                Err(_) => {
+                    metrics.task_panicked(Task::Publish);
                     Report::PublishFailed(publish)
                 }
             };
@@ -696,6 +727,54 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match refused {
             Some(error) => Err(error.into()),
             None => Ok(()),
+        }
+    }
+}
+
+/// What becomes of a message whose fields could not be resolved: the update path's classes.
+fn unresolved_verdict(why: &Unresolvable) -> Verdict {
+    let unknown_field = |list: ListId, status, error, message| {
+        Verdict::DeadLetter(Rejection {
+            reason: DeadLetterReason::UnknownField,
+            status,
+            error,
+            message: Some(message),
+            list_id: Some(list),
+        })
+    };
+    match why {
+        Unresolvable::UnknownField { list, .. }
+        | Unresolvable::BudgetSpent { list, .. }
+        | Unresolvable::InvalidName { list, .. } => {
+            unknown_field(*list, None, None, why.to_string())
+        }
+        Unresolvable::Catalogue(error) if error.is_not_found() => Verdict::DeadLetter(Rejection {
+            reason: DeadLetterReason::ListNotFound,
+            status: Some(404),
+            error: None,
+            message: Some(error.to_string()),
+            list_id: None,
+        }),
+        Unresolvable::Catalogue(error) if !fields::is_systemic(error) => match error {
+            CatalogueError::Refused {
+                status,
+                error: code,
+                ..
+            } => Verdict::DeadLetter(Rejection {
+                reason: DeadLetterReason::UnknownField,
+                status: Some(*status),
+                error: Some(code.clone()).filter(|code| !code.is_empty()),
+                message: Some(format!(
+                    "{error}; the audience's field could not be created, so its events were \
+                     dead-lettered; replay them with `dlq replay --reason unknown_field` once \
+                     the field exists"
+                )),
+                list_id: None,
+            }),
+            _ => Verdict::Retry,
+        },
+        Unresolvable::Catalogue(_) | Unresolvable::OutOfTime | Unresolvable::Panicked => {
+            Verdict::Retry
         }
     }
 }

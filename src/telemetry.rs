@@ -52,6 +52,33 @@ impl RetryClass {
     }
 }
 
+/// The spawned tasks whose panics are caught, as the `task` label of
+/// `listrak_task_panics_total` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Sending one batch to Listrak.
+    Delivery,
+    /// Resolving a message's `audience_field` fields from the list's catalogue.
+    Resolve,
+    /// Publishing a copy to a retry queue or the dead-letter queue.
+    Publish,
+    /// Appending to the applied log.
+    Append,
+}
+
+impl Task {
+    pub const ALL: [Task; 4] = [Self::Delivery, Self::Resolve, Self::Publish, Self::Append];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivery => "delivery",
+            Self::Resolve => "resolve",
+            Self::Publish => "publish",
+            Self::Append => "append",
+        }
+    }
+}
+
 /// The worker's queues, as the `queue` label of `listrak_queue_messages` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueRole {
@@ -96,7 +123,8 @@ struct Inner {
     amqp_reconnects: IntCounter,
     queue_messages: IntGaugeVec,
     acks_refused: IntCounter,
-    delivery_panics: IntCounter,
+    task_panics: IntCounterVec,
+    fields_not_created: IntCounterVec,
     future_timestamps: IntCounter,
     publish_failures: IntCounter,
     prefetch: IntGauge,
@@ -246,10 +274,19 @@ impl Metrics {
             "Messages with an event time too far ahead of the worker's clock to trust for last \
              write wins (the time of receipt was used).",
         );
-        let delivery_panics = counter(
-            "listrak_delivery_panics_total",
-            "Batch deliveries that ended in a bug (a panic); their messages went to the retry \
-             queues.",
+        let task_panics = counter_vec(
+            "listrak_task_panics_total",
+            "Spawned tasks that ended in a bug (a panic), by task (delivery, resolve, publish, \
+             append); the messages they held went to the retry queues or are published again.",
+            "task",
+        );
+        let fields_not_created = counter_vec(
+            "listrak_fields_not_created_total",
+            "Missing audience fields that `create = true` did not create, by reason: budget (the \
+             list's `listrak.field_creation_budget` for 24 hours is spent) or invalid_name (the \
+             audience key cannot be a field name); their events are dead-lettered as \
+             unknown_field.",
+            "reason",
         );
         let publish_failures = counter(
             "listrak_publish_failures_total",
@@ -292,6 +329,12 @@ impl Metrics {
         for class in RetryClass::ALL {
             retries.with_label_values(&[class.as_str()]);
         }
+        for task in Task::ALL {
+            task_panics.with_label_values(&[task.as_str()]);
+        }
+        for reason in ["budget", "invalid_name"] {
+            fields_not_created.with_label_values(&[reason]);
+        }
         for result in ["success", "failure"] {
             token_refreshes.with_label_values(&[result]);
         }
@@ -319,7 +362,8 @@ impl Metrics {
                 amqp_reconnects,
                 queue_messages,
                 acks_refused,
-                delivery_panics,
+                task_panics,
+                fields_not_created,
                 future_timestamps,
                 publish_failures,
                 prefetch,
@@ -372,7 +416,10 @@ impl Metrics {
 
     /// Delivering a batch panicked (a bug); its messages go to the retry queues.
     pub fn delivery_panicked(&self, list: ListId, contacts: usize) {
-        self.inner.delivery_panics.inc();
+        self.inner
+            .task_panics
+            .with_label_values(&[Task::Delivery.as_str()])
+            .inc();
         tracing::error!(
             list_id = %list,
             contacts,
@@ -407,6 +454,33 @@ impl Metrics {
             field,
             field_id = %field_id,
             "created a Check Box profile field"
+        );
+    }
+
+    /// A spawned task other than a delivery panicked (a bug); what it held is retried.
+    pub fn task_panicked(&self, task: Task) {
+        self.inner
+            .task_panics
+            .with_label_values(&[task.as_str()])
+            .inc();
+        tracing::error!(
+            task = task.as_str(),
+            "a task failed unexpectedly (a bug); the messages it held are retried"
+        );
+    }
+
+    /// A missing audience field was not created (`reason`: budget or invalid_name).
+    pub fn field_not_created(&self, list: ListId, audience_key: &str, reason: &'static str) {
+        self.inner
+            .fields_not_created
+            .with_label_values(&[reason])
+            .inc();
+        tracing::warn!(
+            list_id = %list,
+            audience_key = %crate::model::capped(audience_key, 100),
+            reason,
+            "a missing audience field was not created; its events are dead-lettered as \
+             unknown_field"
         );
     }
 
@@ -590,6 +664,8 @@ mod tests {
             "listrak_unmapped_audience_events_total",
             "listrak_fields_created_total",
             "listrak_catalogue_reads_total",
+            "listrak_task_panics_total",
+            "listrak_fields_not_created_total",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
         }

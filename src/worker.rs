@@ -83,7 +83,11 @@ impl<A: ListrakApi> Worker<A> {
         stop: CancellationToken,
     ) -> Self {
         let topology = Topology::of(&settings);
-        let fields = Arc::new(Fields::new(Arc::clone(&api), metrics.clone()));
+        let fields = Arc::new(Fields::new(
+            Arc::clone(&api),
+            metrics.clone(),
+            settings.listrak.field_creation_budget,
+        ));
         let deliverer = Arc::new(Deliverer {
             api,
             concurrency: AdaptiveConcurrency::new(settings.listrak.max_concurrency.get(), {
@@ -94,6 +98,7 @@ impl<A: ListrakApi> Worker<A> {
             ceilings: Arc::new(SizeCeilings::default()),
             metrics: metrics.clone(),
             hold_budget: settings.batch.max_wait + settings.retry.in_process,
+            request_timeout: settings.listrak.request_timeout,
             shutdown: stop.clone(),
         });
         Self {

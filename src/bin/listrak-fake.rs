@@ -58,6 +58,18 @@ struct Args {
     /// Answer this list id with 503 (repeatable).
     #[arg(long = "failing-list", value_name = "LIST_ID", value_parser = list_id)]
     failing_lists: Vec<u32>,
+    /// Wait this long before every catalogue answer (lists, field groups, fields), e.g. 30s.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    catalogue_latency: Duration,
+    /// Answer every catalogue request 503 for this long after start, e.g. 2m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    catalogue_outage: Option<Duration>,
+    /// Answer this share (0..1) of catalogue requests 503 at random.
+    #[arg(long, value_parser = share, default_value_t = 0.0)]
+    catalogue_error_rate: f64,
+    /// Refuse every creation of a profile field or group with 400.
+    #[arg(long)]
+    refuse_creations: bool,
     /// Lists, profile field groups and fields to start with, from a JSON file:
     /// {"lists":[{"listId":1001,"listName":"Customers","groups":[{"segmentationFieldGroupId":1,
     /// "segmentationFieldGroupName":"Engage Audiences","fields":[{"segmentationFieldId":101,
@@ -136,6 +148,10 @@ impl Args {
                 reject_emails: self.reject_emails.into_iter().collect(),
                 unknown_lists: self.unknown_lists.into_iter().collect(),
                 failing_lists: self.failing_lists.into_iter().collect(),
+                catalogue_latency: self.catalogue_latency,
+                catalogue_outage_for: self.catalogue_outage,
+                catalogue_error_rate: self.catalogue_error_rate,
+                refuse_creations: self.refuse_creations,
             },
             catalogue,
         })

@@ -50,8 +50,17 @@ pub(super) const MAX_GRACE: Duration = Duration::from_secs(3600);
 pub(super) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// RabbitMQ cancels a consumer that holds a delivery unacknowledged for 30 minutes (its
-/// `consumer_timeout`); retrying in process must end well before that.
+/// default `consumer_timeout`); a message's whole hold (`batch.max_wait` +
+/// `retry.in_process` + `listrak.request_timeout` + a publisher confirm) must end well
+/// before that: 5 minutes of margin for a slow broker and the ack's own way.
 pub(super) const MAX_IN_PROCESS: Duration = Duration::from_secs(25 * 60);
+/// How long a publisher confirm may take before the publish counts as failed; a message's
+/// hold time may include one.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+/// The most fields `create = true` creates per list in 24 hours: a large Engage space holds
+/// about 125 audiences, created over days.
+pub(super) const DEFAULT_FIELD_CREATION_BUDGET: i64 = 100;
+pub(super) const MAX_FIELD_CREATION_BUDGET: i64 = 100_000;
 /// A request body must hold at least one contact with a few fields.
 pub(super) const MIN_MAX_BYTES: i64 = 1024;
 /// AMQP short strings are at most 255 bytes; the retry and dead queues append to the name.

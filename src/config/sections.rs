@@ -5,11 +5,12 @@ use std::num::NonZeroUsize;
 use super::broker_tls::broker_tls;
 use super::defaults::{
     default_memory_budget, DEFAULT_AMQP_URL, DEFAULT_API_URL, DEFAULT_AUTH_URL, DEFAULT_CLOCK_SKEW,
-    DEFAULT_EXCHANGE, DEFAULT_GRACE, DEFAULT_IN_PROCESS, DEFAULT_LISTEN, DEFAULT_MAX_AGE,
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_CONTACTS, DEFAULT_MAX_WAIT,
-    DEFAULT_QUEUE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SCHEDULE, DEFAULT_SUPERSEDED_CAPACITY,
-    MAX_CLOCK_SKEW, MAX_GRACE, MAX_IN_PROCESS, MAX_MEMORY_BUDGET, MAX_QUEUE_NAME_BYTES,
-    MAX_REQUEST_TIMEOUT, MAX_RETRY_STEP, MIN_MAX_BYTES, MIN_MEMORY_BUDGET,
+    DEFAULT_EXCHANGE, DEFAULT_FIELD_CREATION_BUDGET, DEFAULT_GRACE, DEFAULT_IN_PROCESS,
+    DEFAULT_LISTEN, DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_CONTACTS, DEFAULT_MAX_WAIT, DEFAULT_QUEUE, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SCHEDULE, DEFAULT_SUPERSEDED_CAPACITY, MAX_CLOCK_SKEW, MAX_FIELD_CREATION_BUDGET,
+    MAX_GRACE, MAX_IN_PROCESS, MAX_MEMORY_BUDGET, MAX_QUEUE_NAME_BYTES, MAX_REQUEST_TIMEOUT,
+    MAX_RETRY_STEP, MIN_MAX_BYTES, MIN_MEMORY_BUDGET,
 };
 use super::document::{at_most, parse_duration, Node};
 use super::environment::{
@@ -97,6 +98,7 @@ pub(super) fn listrak_settings(
         "request_timeout",
         "max_concurrency",
         "verify_at_start",
+        "field_creation_budget",
     ])?;
     let client_id =
         Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
@@ -124,6 +126,12 @@ pub(super) fn listrak_settings(
         i64::from(u32::MAX),
     )?;
     let verify_at_start = node.boolean("verify_at_start")?.unwrap_or(false);
+    let field_creation_budget = node.bounded(
+        "field_creation_budget",
+        DEFAULT_FIELD_CREATION_BUDGET,
+        0,
+        MAX_FIELD_CREATION_BUDGET,
+    )?;
     Ok(ListrakSettings {
         client_id,
         client_secret: Secret(client_secret),
@@ -132,6 +140,8 @@ pub(super) fn listrak_settings(
         request_timeout,
         max_concurrency: nonzero(max_concurrency),
         verify_at_start,
+        field_creation_budget: usize::try_from(field_creation_budget)
+            .expect("bounded to be non-negative"),
     })
 }
 

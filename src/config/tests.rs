@@ -129,6 +129,18 @@ fn every_refused_setting_names_its_key() {
                 "[batch]\nmax_wait = \"24m\"",
                 "batch.max_wait",
             ),
+            Refused {
+                behaviour: "request_timeout_that_with_the_other_waits_reaches_the_consumer_timeout",
+                toml: "[listrak]\nrequest_timeout = \"10m\"\n[retry]\nin_process = \"9m\"\n\
+                       [batch]\nmax_wait = \"6m\"",
+                key: "listrak.request_timeout",
+                reason_mentions: "retry.in_process = 9m",
+            },
+            refused(
+                "negative_field_creation_budget",
+                "[listrak]\nfield_creation_budget = -1",
+                "listrak.field_creation_budget",
+            ),
             refused(
                 "zero_request_timeout",
                 "[listrak]\nrequest_timeout = \"0ms\"",
@@ -392,6 +404,7 @@ fn defaults_fill_every_unset_key() {
     assert_eq!(settings.http.listen, "0.0.0.0:9464".parse().unwrap());
     assert_eq!(settings.shutdown.grace, Duration::from_secs(30));
     assert_eq!(settings.superseded.capacity, 200_000);
+    assert_eq!(settings.listrak.field_creation_budget, 100);
 }
 
 #[test]

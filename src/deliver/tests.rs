@@ -94,10 +94,7 @@ impl ListrakApi for MemoryListrak {
             Outcome::Answered { status, .. } => *status,
             _ => 0,
         };
-        self.requests
-            .lock()
-            .unwrap()
-            .push((list.get(), contacts, status));
+        self.requests.lock().push((list.get(), contacts, status));
         outcome
     }
 }
@@ -130,6 +127,7 @@ fn deliverer(api: MemoryListrak, hold_budget: Duration) -> Deliverer<MemoryListr
         ceilings: Arc::new(SizeCeilings::default()),
         metrics,
         hold_budget,
+        request_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
     }
 }
@@ -152,7 +150,11 @@ async fn a_delivery_that_panics_sends_its_whole_batch_to_the_retry_queues() {
     let d = deliverer(api, Duration::from_secs(1));
     let verdicts = d.deliver_or_retry(&batch(1, 20)).await;
     assert_eq!(verdicts, vec![Verdict::Retry; 20]);
-    assert_eq!(d.metrics.sample("listrak_delivery_panics_total", &[]), 1.0);
+    assert_eq!(
+        d.metrics
+            .sample("listrak_task_panics_total", &[("task", "delivery")]),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -178,10 +180,10 @@ async fn the_hold_budget_counts_from_the_oldest_arrival_not_from_the_first_reque
     let spent = batch(1, 10);
     let mut late = spent.clone();
     late.contacts[0].since = Instant::now() - Duration::from_secs(3);
-    let before = d.api.requests.lock().unwrap().len();
+    let before = d.api.requests.lock().len();
     assert_eq!(d.deliver(&late).await, vec![Verdict::Retry; 10]);
     assert_eq!(
-        d.api.requests.lock().unwrap().len(),
+        d.api.requests.lock().len(),
         before,
         "a batch whose budget is spent is not sent"
     );
@@ -192,7 +194,7 @@ async fn an_accepted_batch_applies_every_contact_in_one_request() {
     let d = deliverer(MemoryListrak::default(), Duration::from_secs(1));
     let verdicts = d.deliver(&batch(1, 50)).await;
     assert!(verdicts.iter().all(|v| *v == Verdict::Applied));
-    assert_eq!(d.api.requests.lock().unwrap().len(), 1);
+    assert_eq!(d.api.requests.lock().len(), 1);
 }
 
 #[tokio::test]
@@ -215,7 +217,7 @@ async fn bisection_dead_letters_only_the_rejected_contacts() {
         verdicts.iter().filter(|v| **v == Verdict::Applied).count(),
         997
     );
-    let requests = d.api.requests.lock().unwrap().len();
+    let requests = d.api.requests.lock().len();
     assert!(requests <= 70, "{requests} requests");
 }
 
@@ -231,7 +233,7 @@ async fn a_rejection_that_names_the_contact_costs_one_request_per_bad_contact() 
     let d = deliverer(api, Duration::from_secs(1));
     let verdicts = d.deliver(&batch(1, 1000)).await;
     assert_eq!(dead_lettered(&verdicts), [3, 500, 998]);
-    assert_eq!(d.api.requests.lock().unwrap().len(), 4);
+    assert_eq!(d.api.requests.lock().len(), 4);
 }
 
 #[tokio::test]
@@ -248,7 +250,7 @@ async fn an_unknown_list_is_told_from_a_size_limit_with_one_probe() {
         Verdict::DeadLetter(r)
             if r.reason == DeadLetterReason::ListNotFound && r.list_id == ListId::new(9)
     )));
-    assert_eq!(d.api.requests.lock().unwrap().len(), 2);
+    assert_eq!(d.api.requests.lock().len(), 2);
 }
 
 #[tokio::test]
@@ -277,7 +279,7 @@ async fn systemic_failures_are_retried_in_process_then_handed_to_the_retry_queue
         .await
         .iter()
         .all(|v| *v == Verdict::Applied));
-    assert_eq!(d.api.requests.lock().unwrap().len(), 3);
+    assert_eq!(d.api.requests.lock().len(), 3);
     let retried = |d: &Deliverer<MemoryListrak>| {
         d.metrics
             .sample("listrak_retries_total", &[("class", "systemic")])
@@ -295,7 +297,7 @@ async fn systemic_failures_are_retried_in_process_then_handed_to_the_retry_queue
         "{verdicts:?}"
     );
     assert!(dead_lettered(&verdicts).is_empty());
-    let failed = d.api.requests.lock().unwrap().len();
+    let failed = d.api.requests.lock().len();
     assert!(failed > 1, "retried in process first ({failed} requests)");
     assert_eq!(
         retried(&d),
@@ -319,7 +321,7 @@ async fn a_contact_superseded_by_an_applied_newer_value_is_not_sent() {
         verdicts,
         [Verdict::Applied, Verdict::Superseded, Verdict::Applied]
     );
-    assert_eq!(d.api.requests.lock().unwrap()[0].1, 2);
+    assert_eq!(d.api.requests.lock()[0].1, 2);
 }
 
 proptest::proptest! {
@@ -377,6 +379,7 @@ fn check_body(
         list: batch.list_id,
         contacts: &batch.contacts,
         deadline: Instant::now(),
+        answer_deadline: Instant::now(),
     };
     let mut indexes: Vec<usize> = (0..batch.contacts.len()).collect();
     let (body, sent) = deliverer.encode_current(&attempt, &mut indexes, &mut Vec::new());

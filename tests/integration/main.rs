@@ -2,6 +2,7 @@
 //! crate links once; each test uses queues of its own and deletes them.
 
 mod audience;
+mod catalogue_faults;
 mod cli;
 mod deploy_files;
 mod dlq;

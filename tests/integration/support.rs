@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use listrak_worker::broker::{self, as_text, Topology};
 use listrak_worker::config::{AmqpSettings, Secret, Settings};
-use listrak_worker::listrak::ListrakClient;
+use listrak_worker::listrak::{ListrakApi, ListrakClient};
 use listrak_worker::publish::event_properties;
 use listrak_worker::telemetry::Metrics;
 use listrak_worker::tools::fake::{FakeOptions, FakeServer, Faults};
@@ -63,6 +63,8 @@ pub struct Knobs {
     pub verify_at_start: bool,
     /// The `[[mappings]]` tables, when not the demo's.
     pub mappings: Option<String>,
+    /// `listrak.field_creation_budget`.
+    pub field_creation_budget: usize,
 }
 
 impl Default for Knobs {
@@ -84,6 +86,7 @@ impl Default for Knobs {
             http_listen: "127.0.0.1:0".to_owned(),
             verify_at_start: false,
             mappings: None,
+            field_creation_budget: 100,
         }
     }
 }
@@ -107,6 +110,7 @@ auth_url = "{auth_url}"
 request_timeout = "{request_timeout}"
 max_concurrency = {max_concurrency}
 verify_at_start = {verify_at_start}
+field_creation_budget = {field_creation_budget}
 
 [batch]
 max_contacts = {max_contacts}
@@ -141,6 +145,7 @@ capacity = {superseded_capacity}
         request_timeout = knobs.request_timeout,
         max_concurrency = knobs.max_concurrency,
         verify_at_start = knobs.verify_at_start,
+        field_creation_budget = knobs.field_creation_budget,
         max_contacts = knobs.max_contacts,
         max_wait = knobs.max_wait,
         schedule = knobs.schedule,
@@ -234,10 +239,15 @@ impl Harness {
 
     /// Starts the worker in this process (fresh metrics each time).
     pub fn start_worker(&mut self) {
-        assert!(self.worker.is_none(), "one worker at a time");
-        let stop = CancellationToken::new();
         let api =
             Arc::new(ListrakClient::new(&self.settings.listrak, self.metrics.clone()).unwrap());
+        self.start_worker_with(api);
+    }
+
+    /// Starts the worker in this process with `api` in place of the Listrak client.
+    pub fn start_worker_with<A: ListrakApi>(&mut self, api: Arc<A>) {
+        assert!(self.worker.is_none(), "one worker at a time");
+        let stop = CancellationToken::new();
         let task = tokio::spawn(worker::run(
             self.settings.clone(),
             api,

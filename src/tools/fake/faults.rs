@@ -38,6 +38,19 @@ pub struct Faults {
     pub unknown_lists: BTreeSet<u32>,
     /// These list ids answer 503, as if Listrak failed for them alone.
     pub failing_lists: BTreeSet<u32>,
+    /// Added before every catalogue answer (lists, profile field groups and fields, reads
+    /// and creations).
+    #[serde(with = "duration_text")]
+    pub catalogue_latency: Duration,
+    /// When set, every catalogue request answers 503 for this long from the moment the
+    /// faults are set. Read back, it is the time the outage has left.
+    #[serde(with = "optional_duration_text")]
+    pub catalogue_outage_for: Option<Duration>,
+    /// Share (0..=1) of catalogue requests answered 503 at random.
+    pub catalogue_error_rate: f64,
+    /// Every creation of a profile field or group is refused with 400, as Listrak refuses a
+    /// name it does not take.
+    pub refuse_creations: bool,
 }
 
 /// Listrak's tokens live 900 seconds.
@@ -56,6 +69,10 @@ impl Default for Faults {
             reject_emails: BTreeSet::new(),
             unknown_lists: BTreeSet::new(),
             failing_lists: BTreeSet::new(),
+            catalogue_latency: Duration::ZERO,
+            catalogue_outage_for: None,
+            catalogue_error_rate: 0.0,
+            refuse_creations: false,
         }
     }
 }
@@ -68,6 +85,12 @@ impl Faults {
             return Err(format!(
                 "error_rate must be between 0 and 1, not {}",
                 self.error_rate
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.catalogue_error_rate) {
+            return Err(format!(
+                "catalogue_error_rate must be between 0 and 1, not {}",
+                self.catalogue_error_rate
             ));
         }
         if let Some(rate) = self.throttle_rps {
@@ -95,6 +118,7 @@ pub struct FaultState {
     /// Kept with `outage_for` cleared: the outage lives in `outage_until`.
     faults: Faults,
     outage_until: Option<Instant>,
+    catalogue_outage_until: Option<Instant>,
     /// Lower-cased once here so each request only does a set lookup per contact.
     rejected_emails: HashSet<String>,
     /// Empty until throttling first applies, and again whenever the rate changes.
@@ -106,6 +130,7 @@ impl FaultState {
         let mut state = Self {
             faults: Faults::default(),
             outage_until: None,
+            catalogue_outage_until: None,
             rejected_emails: HashSet::new(),
             bucket: None,
         };
@@ -115,6 +140,10 @@ impl FaultState {
 
     pub fn set(&mut self, mut faults: Faults, now: Instant) {
         self.outage_until = faults.outage_for.take().map(|outage| now + outage);
+        self.catalogue_outage_until = faults
+            .catalogue_outage_for
+            .take()
+            .map(|outage| now + outage);
         self.rejected_emails = faults
             .reject_emails
             .iter()
@@ -132,6 +161,10 @@ impl FaultState {
         Faults {
             outage_for: self
                 .outage_until
+                .and_then(|until| until.checked_duration_since(now))
+                .filter(|left| !left.is_zero()),
+            catalogue_outage_for: self
+                .catalogue_outage_until
                 .and_then(|until| until.checked_duration_since(now))
                 .filter(|left| !left.is_zero()),
             ..self.faults.clone()
@@ -156,6 +189,22 @@ impl FaultState {
             }
         }
         let error_rate = self.faults.error_rate;
+        if error_rate > 0.0 && draw(error_rate.min(1.0)) {
+            return Some(Injected::RandomError);
+        }
+        None
+    }
+
+    /// Catalogue outage, then random catalogue error; `draw(p)` as for [`FaultState::inject`].
+    pub fn inject_catalogue(
+        &self,
+        now: Instant,
+        draw: impl FnOnce(f64) -> bool,
+    ) -> Option<Injected> {
+        if self.catalogue_outage_until.is_some_and(|until| now < until) {
+            return Some(Injected::Outage);
+        }
+        let error_rate = self.faults.catalogue_error_rate;
         if error_rate > 0.0 && draw(error_rate.min(1.0)) {
             return Some(Injected::RandomError);
         }

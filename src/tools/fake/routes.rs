@@ -240,6 +240,19 @@ fn group_not_found() -> Refusal {
     )
 }
 
+/// The catalogue faults in force: waits their latency, then answers their refusal, if any.
+async fn catalogue_fault(shared: &Shared, creation: bool) -> Result<(), Refusal> {
+    let (latency, refusal) = shared
+        .lock()
+        .catalogue_fault(Instant::now(), creation, |share| {
+            rand::rng().random_bool(share)
+        });
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    refusal.map_or(Ok(()), Err)
+}
+
 /// Checks shared by every catalogue request: the token, then the ids in the path.
 fn admitted(
     shared: &Shared,
@@ -333,6 +346,9 @@ fn answered(result: Result<Response, Refusal>) -> Response {
 }
 
 async fn list_collection(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(refusal) = catalogue_fault(&shared, false).await {
+        return refused(refusal);
+    }
     answered(
         admitted(&shared, &headers, &[]).map(|_| collection(shared.lock().catalogue().lists())),
     )
@@ -343,6 +359,9 @@ async fn group_collection(
     Path(list): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(refusal) = catalogue_fault(&shared, false).await {
+        return refused(refusal);
+    }
     answered(
         admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
             let groups = shared.lock().catalogue().groups(ids[0]);
@@ -357,6 +376,9 @@ async fn create_group(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(refusal) = catalogue_fault(&shared, true).await {
+        return refused(refusal);
+    }
     answered(
         admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
             let object = creation_body(&headers, &body)?;
@@ -378,6 +400,9 @@ async fn field_collection(
     Path((list, group)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(refusal) = catalogue_fault(&shared, false).await {
+        return refused(refusal);
+    }
     let segments = [
         ("listId", list.as_str()),
         ("segmentationFieldGroupId", group.as_str()),
@@ -394,6 +419,9 @@ async fn create_field(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(refusal) = catalogue_fault(&shared, true).await {
+        return refused(refusal);
+    }
     let segments = [
         ("listId", list.as_str()),
         ("segmentationFieldGroupId", group.as_str()),

@@ -116,6 +116,29 @@ impl State {
         self.faults.current(now)
     }
 
+    /// What the catalogue faults do to a catalogue request arriving at `now`: how long to
+    /// wait before answering, and the refusal to answer with, if any. `creation` for a
+    /// request that creates a field or a group.
+    pub fn catalogue_fault(
+        &self,
+        now: Instant,
+        creation: bool,
+        draw: impl FnOnce(f64) -> bool,
+    ) -> (Duration, Option<Refusal>) {
+        let faults = self.faults.faults();
+        let refusal = match self.faults.inject_catalogue(now, draw) {
+            Some(injected) => Some(injected_refusal(injected, faults.retry_after)),
+            None if creation && faults.refuse_creations => Some(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                answer::INVALID_PARAMETER,
+                "An invalid value was supplied for segmentationFieldName: the name is not \
+                 accepted (injected refusal).",
+            )),
+            None => None,
+        };
+        (faults.catalogue_latency, refusal)
+    }
+
     pub fn set_faults(&mut self, faults: Faults, now: Instant) {
         self.faults.set(faults, now);
     }
@@ -216,27 +239,7 @@ impl State {
             return Some(Refusal::unauthorized());
         }
         if let Some(injected) = self.faults.inject(incoming.arrived, draw) {
-            let (status, error, message) = match injected {
-                Injected::Outage => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    answer::UNHANDLED_EXCEPTION,
-                    "The service is unavailable (injected outage).",
-                ),
-                Injected::RandomError => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    answer::UNHANDLED_EXCEPTION,
-                    "The service is unavailable (injected error).",
-                ),
-                Injected::Throttled => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    answer::TOO_MANY_REQUESTS,
-                    "Too many requests; slow down (injected throttle).",
-                ),
-            };
-            return Some(Refusal {
-                retry_after: self.faults.faults().retry_after,
-                ..Refusal::new(status, error, message)
-            });
+            return Some(injected_refusal(injected, self.faults.faults().retry_after));
         }
         let Some(list_id) = list_id else {
             return Some(Refusal::invalid(
@@ -323,6 +326,31 @@ impl State {
             let fields = list.entry(contact.email.to_lowercase()).or_default();
             fields.extend(contact.fields);
         }
+    }
+}
+
+/// The answer an injected fault gives.
+fn injected_refusal(injected: Injected, retry_after: Option<Duration>) -> Refusal {
+    let (status, error, message) = match injected {
+        Injected::Outage => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            answer::UNHANDLED_EXCEPTION,
+            "The service is unavailable (injected outage).",
+        ),
+        Injected::RandomError => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            answer::UNHANDLED_EXCEPTION,
+            "The service is unavailable (injected error).",
+        ),
+        Injected::Throttled => (
+            StatusCode::TOO_MANY_REQUESTS,
+            answer::TOO_MANY_REQUESTS,
+            "Too many requests; slow down (injected throttle).",
+        ),
+    };
+    Refusal {
+        retry_after,
+        ..Refusal::new(status, error, message)
     }
 }
 
@@ -488,3 +516,4 @@ mod tests {
             .is_ok());
     }
 }
+
