@@ -32,6 +32,11 @@ pub struct Topology {
     pub retries: Vec<(String, Duration)>,
     /// The main queue is declared with `x-single-active-consumer`.
     pub single_active_consumer: bool,
+    /// `<queue>.applied`: the applied log, a stream.
+    pub applied: String,
+    /// The applied log's `x-max-age` and `x-max-length-bytes`.
+    pub applied_max_age: Duration,
+    pub applied_max_bytes: u64,
 }
 
 impl Topology {
@@ -49,6 +54,9 @@ impl Topology {
             dead: format!("{queue}.dead"),
             retries,
             single_active_consumer: false,
+            applied: format!("{queue}.applied"),
+            applied_max_age: Duration::from_secs(7 * 24 * 3600),
+            applied_max_bytes: 4_000_000_000,
         }
     }
 
@@ -57,6 +65,8 @@ impl Topology {
     pub fn of(settings: &Settings) -> Self {
         Self {
             single_active_consumer: settings.amqp.single_active_consumer,
+            applied_max_age: settings.applied_log.max_age,
+            applied_max_bytes: settings.applied_log.max_bytes,
             ..Self::new(
                 &settings.amqp.exchange,
                 &settings.amqp.queue,
@@ -137,6 +147,20 @@ impl Topology {
             )
             .await?;
 
+        let mut applied_args = FieldTable::default();
+        applied_args.insert("x-queue-type".into(), string("stream"));
+        applied_args.insert(
+            "x-max-age".into(),
+            string(&format!("{}s", self.applied_max_age.as_secs().max(1))),
+        );
+        applied_args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(self.applied_max_bytes).unwrap_or(i64::MAX)),
+        );
+        channel
+            .queue_declare(self.applied.as_str().into(), queue_options, applied_args)
+            .await?;
+
         for (name, delay) in &self.retries {
             let mut args = FieldTable::default();
             args.insert(
@@ -156,7 +180,7 @@ impl Topology {
     /// Deletes every queue and exchange (for the demo and tests, never for a deployment).
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-        let mut queues = vec![self.queue.clone(), self.dead.clone()];
+        let mut queues = vec![self.queue.clone(), self.dead.clone(), self.applied.clone()];
         queues.extend(self.retries.iter().map(|(name, _)| name.clone()));
         for queue in queues {
             channel
@@ -226,7 +250,15 @@ impl TopologyMismatch {
             return None;
         }
         let said = refusal.get_message().as_str();
-        let message = if said.contains("x-single-active-consumer") {
+        let message = if said.contains("x-max-age") || said.contains("x-max-length-bytes") {
+            format!(
+                "the applied log {:?} exists with another retention than applied_log.max_age \
+                 and applied_log.max_bytes ask for, and RabbitMQ cannot change the arguments of \
+                 an existing stream: set applied_log.max_age and applied_log.max_bytes to the \
+                 stream's, or delete the stream (the guard then starts empty) (RabbitMQ: {said})",
+                topology.applied,
+            )
+        } else if said.contains("x-single-active-consumer") {
             let wanted = topology.single_active_consumer;
             format!(
                 "the queue {:?} exists {} a single active consumer, but \

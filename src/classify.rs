@@ -21,6 +21,8 @@ pub enum Outcome {
         status: u16,
         retry_after: Option<Duration>,
         error: Option<ListrakError>,
+        /// The `resourceId` of a 201: the import Listrak started.
+        resource_id: Option<String>,
     },
     /// No answer within `listrak.request_timeout`.
     Timeout,
@@ -116,6 +118,7 @@ mod tests {
             status,
             retry_after: None,
             error: None,
+            resource_id: None,
         }
     }
 
@@ -172,6 +175,7 @@ mod tests {
             status: 429,
             retry_after: parse_retry_after(" 7 ", at("2015-10-21T07:28:00Z")),
             error: None,
+            resource_id: None,
         };
         assert_eq!(
             classify(&outcome, 5),

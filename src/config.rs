@@ -42,8 +42,8 @@ use document::Node;
 use mappings::mappings;
 use secret::redact_url_password;
 use sections::{
-    amqp_settings, batch_settings, http_settings, listrak_settings, retry_settings,
-    shutdown_settings, superseded_settings,
+    amqp_settings, applied_log_settings, batch_settings, http_settings, listrak_settings,
+    retry_settings, shutdown_settings, superseded_settings,
 };
 
 pub use defaults::{DEFAULT_AMQP_URL, HELD_MESSAGE_BYTES};
@@ -61,6 +61,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub shutdown: ShutdownSettings,
     pub superseded: SupersededSettings,
+    pub applied_log: AppliedLogSettings,
     /// In file order; every one that matches an event produces an update.
     pub mappings: Vec<Mapping>,
 }
@@ -164,6 +165,17 @@ pub struct SupersededSettings {
     pub capacity: usize,
 }
 
+/// The applied log: a RabbitMQ stream of what Listrak accepted, that every worker reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedLogSettings {
+    /// The stream's `x-max-age`: how far back the log, and so the guard, reaches.
+    pub max_age: Duration,
+    /// The stream's `x-max-length-bytes`.
+    pub max_bytes: u64,
+    /// How many keys with an older copy outstanding the guard watches at most.
+    pub watch_capacity: usize,
+}
+
 /// Why the configuration was refused. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -236,6 +248,7 @@ impl Settings {
             "http",
             "shutdown",
             "superseded",
+            "applied_log",
             "mappings",
         ])?;
         let amqp_node = root.table("amqp")?;
@@ -247,6 +260,7 @@ impl Settings {
         let http = http_settings(&root.table("http")?)?;
         let shutdown = shutdown_settings(&root.table("shutdown")?)?;
         let superseded = superseded_settings(&root.table("superseded")?)?;
+        let applied_log = applied_log_settings(&root.table("applied_log")?)?;
         let mappings = match (needed, root.get("mappings")) {
             (MappingsNeeded::Optional, None) => Vec::new(),
             _ => mappings(&root)?,
@@ -302,6 +316,7 @@ impl Settings {
             http,
             shutdown,
             superseded,
+            applied_log,
             mappings,
         })
     }

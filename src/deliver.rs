@@ -79,24 +79,43 @@ struct Attempt<'a> {
     deadline: Instant,
     /// The last moment a request may still be answered (token, slot and answer included).
     answer_deadline: Instant,
+    /// Listrak's `resourceId` of each request it accepted, for the applied log.
+    resource_ids: Mutex<Vec<String>>,
+}
+
+/// A batch's verdicts (in the order of its contacts) and the `resourceId`s of the requests
+/// Listrak accepted.
+pub struct Delivered {
+    pub verdicts: Vec<Verdict>,
+    pub resource_ids: Vec<String>,
 }
 
 impl<A: ListrakApi> Deliverer<A> {
     /// Sends the batch; the verdicts are in the order of `batch.contacts`. A delivery that
     /// panics (a bug) sends its messages to the retry queues instead of holding them.
-    pub async fn deliver_or_retry(&self, batch: &Batch) -> Vec<Verdict> {
-        match AssertUnwindSafe(self.deliver(batch)).catch_unwind().await {
-            Ok(verdicts) => verdicts,
+    pub async fn deliver_or_retry(&self, batch: &Batch) -> Delivered {
+        match AssertUnwindSafe(self.deliver_recorded(batch))
+            .catch_unwind()
+            .await
+        {
+            Ok(delivered) => delivered,
             Err(_) => {
                 self.metrics
                     .delivery_panicked(batch.list_id, batch.contacts.len());
-                vec![Verdict::Retry; batch.contacts.len()]
+                Delivered {
+                    verdicts: vec![Verdict::Retry; batch.contacts.len()],
+                    resource_ids: Vec::new(),
+                }
             }
         }
     }
 
     /// Sends the batch; the verdicts are in the order of `batch.contacts`.
     pub async fn deliver(&self, batch: &Batch) -> Vec<Verdict> {
+        self.deliver_recorded(batch).await.verdicts
+    }
+
+    async fn deliver_recorded(&self, batch: &Batch) -> Delivered {
         let oldest = batch.oldest().unwrap_or_else(Instant::now);
         let deadline = oldest
             .checked_add(self.hold_budget)
@@ -106,13 +125,18 @@ impl<A: ListrakApi> Deliverer<A> {
             contacts: &batch.contacts,
             deadline,
             answer_deadline: deadline + self.request_timeout,
+            resource_ids: Mutex::new(Vec::new()),
         };
         let all: Vec<usize> = (0..batch.contacts.len()).collect();
         let mut verdicts = vec![Verdict::Abandoned; batch.contacts.len()];
         for (index, verdict) in self.send(&attempt, all, None).await {
             verdicts[index] = verdict;
         }
-        verdicts
+        let resource_ids = std::mem::take(&mut *attempt.resource_ids.lock());
+        Delivered {
+            verdicts,
+            resource_ids,
+        }
     }
 
     /// Sends the contacts at `indexes` as one request (retrying it while the failure is
@@ -181,6 +205,13 @@ impl<A: ListrakApi> Deliverer<A> {
                 });
                 match class {
                     Class::Ok => {
+                        if let Outcome::Answered {
+                            resource_id: Some(id),
+                            ..
+                        } = &outcome
+                        {
+                            attempt.resource_ids.lock().push(id.clone());
+                        }
                         self.applied(attempt, &sent);
                         if let Some(refused) = parent_refused_size {
                             if body_len < refused {

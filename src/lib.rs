@@ -66,6 +66,7 @@
 //! (`listrak-fake`).
 
 pub mod allocator;
+pub mod applied_log;
 pub mod batch;
 pub mod broker;
 pub mod catalogue;

@@ -232,6 +232,11 @@ impl ListrakClient {
                         error: (status >= 400)
                             .then(|| serde_json::from_slice::<ListrakError>(&body).ok())
                             .flatten(),
+                        resource_id: (200..300)
+                            .contains(&status)
+                            .then(|| serde_json::from_slice::<ResourceCreated>(&body).ok())
+                            .flatten()
+                            .map(|created| created.resource_id),
                     },
                 }
             }

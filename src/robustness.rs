@@ -104,6 +104,7 @@ proptest! {
             status,
             retry_after: parse_retry_after(&retry_after, chrono::Utc::now()),
             error: serde_json::from_slice::<ListrakError>(&body).ok(),
+            resource_id: None,
         };
         let _ = classify(&outcome, contacts);
     }

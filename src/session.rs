@@ -13,11 +13,13 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::applied_log::{self, ReadFrom, Record};
 use crate::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
 use crate::broker::{
     self, text_header, PackedProperties, Publisher, RetryHeaders, TopologyMismatch,
 };
 use crate::decode::decode;
+use crate::deliver::Delivered;
 use crate::disposition::{dispose, Disposition, Republish, Rules};
 use crate::fields::{self, Unresolvable};
 use crate::listrak::{CatalogueError, ListrakApi};
@@ -55,10 +57,17 @@ struct Original {
 
 /// What the spawned tasks report back to the session loop.
 enum Report {
+    /// Listrak answered every contact of a batch (its record is not appended yet).
     Delivered {
+        batch: Batch,
+        delivered: Delivered,
+    },
+    /// A batch's record is in the applied log (or it needed none): its verdicts stand.
+    Appended {
         batch: Batch,
         verdicts: Vec<Verdict>,
     },
+    AppendFailed(Box<Appending>),
     Published {
         tag: u64,
         outcome: AckOutcome,
@@ -70,6 +79,15 @@ enum Report {
         arrived: Instant,
         resolved: Result<Vec<Update>, Unresolvable>,
     },
+}
+
+/// A batch's record on its way to the applied log: its messages settle once it is confirmed.
+struct Appending {
+    batch: Batch,
+    verdicts: Vec<Verdict>,
+    record: Vec<u8>,
+    generation: u64,
+    attempts: u32,
 }
 
 /// A copy on its way to a retry queue or the dead-letter queue: everything needed to
@@ -148,6 +166,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             worker.topology.clone(),
             worker.metrics.clone(),
         ));
+        let Some(following) = read_applied_log(worker, connection, &publisher).await? else {
+            poller.abort();
+            return Ok(());
+        };
         let consumer_tag = format!("listrak-worker-{}", std::process::id());
         let mut consumer = channel
             .basic_consume(
@@ -186,6 +208,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             .drive(&mut consumer, &consumer_tag, &mut inbox)
             .await;
         poller.abort();
+        following.abort();
 
         if result.is_ok() {
             bounded(session.channel.close(200, "shutdown".into())).await;
@@ -219,7 +242,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             tokio::select! {
                 biased;
                 Some(report) = inbox.recv() => {
-                    let batch_settled = matches!(report, Report::Delivered { .. });
+                    let batch_settled = matches!(report, Report::Appended { .. });
                     self.on_report(report, draining_until.is_some()).await?;
                     // A batch's answer frees a share of the prefetch window: hand it back to
                     // the broker now rather than at the next tick.
@@ -475,8 +498,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let reports = self.reports.clone();
         tokio::spawn(
             async move {
-                let verdicts = deliverer.deliver_or_retry(&batch).await;
-                let _ = reports.send(Report::Delivered { batch, verdicts });
+                let delivered = deliverer.deliver_or_retry(&batch).await;
+                let _ = reports.send(Report::Delivered { batch, delivered });
             }
             .instrument(span),
         );
@@ -484,7 +507,19 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     async fn on_report(&mut self, report: Report, draining: bool) -> Result<(), SessionError> {
         match report {
-            Report::Delivered { batch, verdicts } => {
+            Report::Delivered { batch, delivered } => self.append(batch, delivered),
+            Report::AppendFailed(mut failed) => {
+                failed.attempts += 1;
+                if failed.attempts >= PUBLISH_ATTEMPTS {
+                    return Err(SessionError::PublishFailed);
+                }
+                if failed.generation == self.publisher_generation {
+                    self.replace_publisher().await?;
+                }
+                let delay = PUBLISH_RETRY_FIRST * 2u32.pow(failed.attempts - 1);
+                self.spawn_append(failed, delay);
+            }
+            Report::Appended { batch, verdicts } => {
                 self.delivering -= 1;
                 for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
                     if let Verdict::DeadLetter(Rejection {
@@ -540,6 +575,70 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
         }
         Ok(())
+    }
+
+    /// Appends what a delivered batch applied (and which of its contacts have copies out) to
+    /// the applied log; its messages settle once the broker confirms the record.
+    fn append(&mut self, batch: Batch, delivered: Delivered) {
+        let Delivered {
+            verdicts,
+            resource_ids,
+        } = delivered;
+        let ledger = &self.ledger;
+        let record =
+            Record::of_delivery(&batch, &verdicts, resource_ids, EventTime::now(), |tag| {
+                ledger
+                    .get(tag)
+                    .and_then(|original| original.properties.unpack().message_id().clone())
+                    .map(|id| id.to_string())
+            });
+        let Some(record) = record else {
+            let _ = self.reports.send(Report::Appended { batch, verdicts });
+            return;
+        };
+        // What this process knows at once; the log tells the other replicas.
+        record.feed(&self.worker.deliverer.guard);
+        let applied = record.a.len();
+        let bytes = record.encode();
+        self.worker
+            .metrics
+            .applied_log_appended(bytes.len(), applied);
+        let appending = Box::new(Appending {
+            batch,
+            verdicts,
+            record: bytes,
+            generation: self.publisher_generation,
+            attempts: 0,
+        });
+        self.spawn_append(appending, Duration::ZERO);
+    }
+
+    fn spawn_append(&mut self, mut appending: Box<Appending>, delay: Duration) {
+        appending.generation = self.publisher_generation;
+        let publisher = self.publisher.clone();
+        let topology = self.worker.topology.clone();
+        let reports = self.reports.clone();
+        let metrics = self.worker.metrics.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let appended = applied_log::append(&publisher, &topology, &appending.record);
+            let report = match AssertUnwindSafe(appended).catch_unwind().await {
+                Ok(Ok(())) => Report::Appended {
+                    batch: appending.batch,
+                    verdicts: appending.verdicts,
+                },
+                Ok(Err(error)) => {
+                    let attempt = appending.attempts + 1;
+                    metrics.publish_failed(&error, "", &topology.applied, attempt);
+                    Report::AppendFailed(appending)
+                }
+                Err(_) => {
+                    metrics.task_panicked(Task::Append);
+                    Report::AppendFailed(appending)
+                }
+            };
+            let _ = reports.send(report);
+        });
     }
 
     /// A failed publish usually means the publisher channel is gone (the broker closed it
@@ -727,6 +826,63 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         match refused {
             Some(error) => Err(error.into()),
             None => Ok(()),
+        }
+    }
+}
+
+/// Reads the applied log into the guard before anything is sent (from its horizon the first
+/// time, from where the last session stopped after), and tails it from then on. `None` when
+/// shutdown came first.
+async fn read_applied_log<A: ListrakApi>(
+    worker: &Worker<A>,
+    connection: &Connection,
+    publisher: &Publisher,
+) -> Result<Option<tokio::task::AbortHandle>, SessionError> {
+    let offset = worker.log_offset.load(std::sync::atomic::Ordering::Acquire);
+    let from = if offset >= 0 {
+        ReadFrom::Offset(offset)
+    } else {
+        ReadFrom::Age(worker.settings.applied_log.max_age)
+    };
+    let started = Instant::now();
+    let following = applied_log::follow(
+        connection,
+        publisher,
+        &worker.topology,
+        Arc::clone(&worker.deliverer.guard),
+        worker.metrics.clone(),
+        from,
+        Arc::clone(&worker.log_offset),
+    )
+    .await
+    .map_err(|error| match error {
+        broker::PublishError::Broker(error) => SessionError::Broker(error),
+        _ => SessionError::PublishFailed,
+    })?;
+    let abort = following.task.abort_handle();
+    tokio::select! {
+        read = following.synced => match read {
+            Ok(records) => {
+                let guard = &worker.deliverer.guard;
+                let now = EventTime::now();
+                worker.metrics.guard(guard.len(), guard.horizon(now));
+                tracing::info!(
+                    records,
+                    keys = guard.len(),
+                    watched = guard.watched(),
+                    elapsed = ?started.elapsed(),
+                    "read the applied log"
+                );
+                Ok(Some(abort))
+            }
+            Err(_) => {
+                abort.abort();
+                Err(SessionError::ConsumerEnded)
+            }
+        },
+        _ = worker.stop.cancelled() => {
+            abort.abort();
+            Ok(None)
         }
     }
 }

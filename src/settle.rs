@@ -66,6 +66,11 @@ impl<T> Ledger<T> {
         );
     }
 
+    /// The message held for `tag`, if it is still on its way.
+    pub fn get(&self, tag: u64) -> Option<&T> {
+        self.pending.get(&tag).map(|pending| &pending.original)
+    }
+
     /// One more contact entry carries an update of this message.
     pub fn add_part(&mut self, tag: u64) {
         if let Some(pending) = self.pending.get_mut(&tag) {

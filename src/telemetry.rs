@@ -129,6 +129,12 @@ struct Inner {
     publish_failures: IntCounter,
     prefetch: IntGauge,
     fields_created: IntCounter,
+    guard_keys: IntGauge,
+    guard_horizon: IntGauge,
+    applied_log_records: IntCounter,
+    applied_log_bytes: IntCounter,
+    applied_log_contacts: IntCounter,
+    applied_log_unreadable: IntCounter,
     catalogue_reads: IntCounter,
     unmapped_audience_events: IntCounterVec,
     /// The audience keys labelled by name so far, at most [`MAX_UNMAPPED_AUDIENCE_KEYS`].
@@ -298,6 +304,34 @@ impl Metrics {
             "Messages the broker may have delivered and not yet acknowledged (basic.qos).",
         );
 
+        let guard_keys = int_gauge(
+            "listrak_guard_keys",
+            "Keys (list, contact, field) the superseded guard holds: recent values and keys \
+             watched for an outstanding older copy.",
+        );
+        let guard_horizon = int_gauge(
+            "listrak_guard_horizon_seconds",
+            "How far back the superseded guard knows every applied value (from the applied log \
+             and this process); an update older than what it forgot may overwrite a newer \
+             value.",
+        );
+        let applied_log_records = counter(
+            "listrak_applied_log_records_total",
+            "Records appended to the applied log (one per delivered batch).",
+        );
+        let applied_log_bytes = counter(
+            "listrak_applied_log_bytes_total",
+            "Bytes appended to the applied log.",
+        );
+        let applied_log_contacts = counter(
+            "listrak_applied_log_contacts_total",
+            "Applied contacts recorded in the applied log.",
+        );
+        let applied_log_unreadable = counter(
+            "listrak_applied_log_unreadable_total",
+            "Records of the applied log this worker could not read (another version, a \
+             hand-published message): skipped.",
+        );
         let fields_created = counter(
             "listrak_fields_created_total",
             "Check Box profile fields created for an audience by an `audience_field` mapping with \
@@ -368,6 +402,12 @@ impl Metrics {
                 publish_failures,
                 prefetch,
                 fields_created,
+                guard_keys,
+                guard_horizon,
+                applied_log_records,
+                applied_log_bytes,
+                applied_log_contacts,
+                applied_log_unreadable,
                 catalogue_reads,
                 unmapped_audience_events,
                 unmapped_audience_keys: Mutex::new(HashSet::new()),
@@ -482,6 +522,27 @@ impl Metrics {
             "a missing audience field was not created; its events are dead-lettered as \
              unknown_field"
         );
+    }
+
+    /// What the superseded guard holds and how far back it vouches.
+    pub fn guard(&self, keys: usize, horizon: Duration) {
+        self.inner
+            .guard_keys
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
+        self.inner
+            .guard_horizon
+            .set(i64::try_from(horizon.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// A record of `bytes` for `contacts` applied contacts was appended to the applied log.
+    pub fn applied_log_appended(&self, bytes: usize, contacts: usize) {
+        self.inner.applied_log_records.inc();
+        self.inner.applied_log_bytes.inc_by(bytes as u64);
+        self.inner.applied_log_contacts.inc_by(contacts as u64);
+    }
+
+    pub fn applied_log_unreadable(&self) {
+        self.inner.applied_log_unreadable.inc();
     }
 
     /// A list's field catalogue was read to resolve an `audience_field` mapping.
@@ -666,6 +727,8 @@ mod tests {
             "listrak_catalogue_reads_total",
             "listrak_task_panics_total",
             "listrak_fields_not_created_total",
+            "listrak_guard_keys",
+            "listrak_guard_horizon_seconds",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
         }

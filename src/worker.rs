@@ -2,6 +2,7 @@
 //! bounded, clean shutdown.
 
 use std::future::Future;
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +73,9 @@ pub(crate) struct Worker<A> {
     pub(crate) metrics: Metrics,
     pub(crate) health: Health,
     pub(crate) stop: CancellationToken,
+    /// Where the next read of the applied log resumes (the offset after the last record
+    /// read), or -1 before the first read, which starts at the log's horizon.
+    pub(crate) log_offset: Arc<AtomicI64>,
 }
 
 impl<A: ListrakApi> Worker<A> {
@@ -94,7 +98,11 @@ impl<A: ListrakApi> Worker<A> {
                 let metrics = metrics.clone();
                 move |limit| metrics.concurrency_limit(limit)
             }),
-            guard: Arc::new(SupersededGuard::new(settings.superseded.capacity)),
+            guard: Arc::new(SupersededGuard::with_watch(
+                settings.superseded.capacity,
+                settings.applied_log.watch_capacity,
+                settings.applied_log.max_age,
+            )),
             ceilings: Arc::new(SizeCeilings::default()),
             metrics: metrics.clone(),
             hold_budget: settings.batch.max_wait + settings.retry.in_process,
@@ -109,6 +117,7 @@ impl<A: ListrakApi> Worker<A> {
             metrics,
             health,
             stop,
+            log_offset: Arc::new(AtomicI64::new(-1)),
         }
     }
 

@@ -61,6 +61,18 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 /// about 125 audiences, created over days.
 pub(super) const DEFAULT_FIELD_CREATION_BUDGET: i64 = 100;
 pub(super) const MAX_FIELD_CREATION_BUDGET: i64 = 100_000;
+/// The applied log reaches a week back: dead letters are replayed within days, and a retry
+/// gives up after `retry.max_age` (a day by default).
+pub(super) const DEFAULT_APPLIED_LOG_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A record costs about 100 bytes per applied contact with its fields and message ids: a week
+/// of 10 million applied updates is about 1 GB, so 4 GB leaves the age, not the size, to
+/// bound the log for four times that traffic.
+pub(super) const DEFAULT_APPLIED_LOG_MAX_BYTES: i64 = 4_000_000_000;
+pub(super) const MIN_APPLIED_LOG_MAX_BYTES: i64 = 1 << 20;
+/// Keys the guard watches for an outstanding older copy: 1% of a week's 10 million updates
+/// through the retry queues and 0.1% dead-lettered, with room; about 96 bytes each.
+pub(super) const DEFAULT_WATCH_CAPACITY: i64 = 150_000;
+pub(super) const MAX_WATCH_CAPACITY: i64 = 100_000_000;
 /// A request body must hold at least one contact with a few fields.
 pub(super) const MIN_MAX_BYTES: i64 = 1024;
 /// AMQP short strings are at most 255 bytes; the retry and dead queues append to the name.

@@ -52,6 +52,11 @@ impl Settings {
         );
         let _ = writeln!(out, "max_concurrency = {}", listrak.max_concurrency);
         let _ = writeln!(out, "verify_at_start = {}", listrak.verify_at_start);
+        let _ = writeln!(
+            out,
+            "field_creation_budget = {}",
+            listrak.field_creation_budget
+        );
 
         let batch = &self.batch;
         let _ = writeln!(out, "\n[batch]");
@@ -75,6 +80,12 @@ impl Settings {
 
         let _ = writeln!(out, "\n[superseded]");
         let _ = writeln!(out, "capacity = {}", self.superseded.capacity);
+
+        let log = &self.applied_log;
+        let _ = writeln!(out, "\n[applied_log]");
+        let _ = writeln!(out, "max_age = {}", toml_duration(log.max_age));
+        let _ = writeln!(out, "max_bytes = {}", log.max_bytes);
+        let _ = writeln!(out, "watch_capacity = {}", log.watch_capacity);
 
         for mapping in &self.mappings {
             let _ = writeln!(out, "\n[[mappings]]");

@@ -12,14 +12,18 @@ use super::defaults::{
     MAX_GRACE, MAX_IN_PROCESS, MAX_MEMORY_BUDGET, MAX_QUEUE_NAME_BYTES, MAX_REQUEST_TIMEOUT,
     MAX_RETRY_STEP, MIN_MAX_BYTES, MIN_MEMORY_BUDGET,
 };
+use super::defaults::{
+    DEFAULT_APPLIED_LOG_MAX_AGE, DEFAULT_APPLIED_LOG_MAX_BYTES, DEFAULT_WATCH_CAPACITY,
+    MAX_ANY_DURATION, MAX_WATCH_CAPACITY, MIN_APPLIED_LOG_MAX_BYTES,
+};
 use super::document::{at_most, parse_duration, Node};
 use super::environment::{
     Sourced, ENV_AMQP_URL, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET,
 };
 use super::urls::{AMQP_URL, BASE_URL, ENDPOINT_URL};
 use super::{
-    invalid, AmqpSettings, BatchSettings, ConfigError, HttpSettings, ListrakSettings,
-    RetrySettings, Secret, ShutdownSettings, SupersededSettings,
+    invalid, AmqpSettings, AppliedLogSettings, BatchSettings, ConfigError, HttpSettings,
+    ListrakSettings, RetrySettings, Secret, ShutdownSettings, SupersededSettings,
 };
 
 pub(super) fn amqp_settings(
@@ -244,5 +248,28 @@ pub(super) fn superseded_settings(node: &Node<'_>) -> Result<SupersededSettings,
     )?;
     Ok(SupersededSettings {
         capacity: usize::try_from(capacity).expect("bounded to be non-negative"),
+    })
+}
+
+pub(super) fn applied_log_settings(node: &Node<'_>) -> Result<AppliedLogSettings, ConfigError> {
+    node.only(&["max_age", "max_bytes", "watch_capacity"])?;
+    let max_age = node.positive_duration("max_age", DEFAULT_APPLIED_LOG_MAX_AGE)?;
+    let max_age = at_most(&node.key("max_age"), max_age, MAX_ANY_DURATION)?;
+    let max_bytes = node.bounded(
+        "max_bytes",
+        DEFAULT_APPLIED_LOG_MAX_BYTES,
+        MIN_APPLIED_LOG_MAX_BYTES,
+        i64::MAX,
+    )?;
+    let watch_capacity = node.bounded(
+        "watch_capacity",
+        DEFAULT_WATCH_CAPACITY,
+        0,
+        MAX_WATCH_CAPACITY,
+    )?;
+    Ok(AppliedLogSettings {
+        max_age,
+        max_bytes: u64::try_from(max_bytes).expect("bounded to be positive"),
+        watch_capacity: usize::try_from(watch_capacity).expect("bounded to be non-negative"),
     })
 }

@@ -61,6 +61,7 @@ impl ListrakApi for MemoryListrak {
         let answer = |status: u16, message: String| Outcome::Answered {
             status,
             retry_after: None,
+            resource_id: None,
             error: (status >= 400).then(|| ListrakError {
                 status,
                 error: "ERROR".into(),
@@ -148,7 +149,7 @@ async fn a_delivery_that_panics_sends_its_whole_batch_to_the_retry_queues() {
         ..Default::default()
     };
     let d = deliverer(api, Duration::from_secs(1));
-    let verdicts = d.deliver_or_retry(&batch(1, 20)).await;
+    let verdicts = d.deliver_or_retry(&batch(1, 20)).await.verdicts;
     assert_eq!(verdicts, vec![Verdict::Retry; 20]);
     assert_eq!(
         d.metrics
@@ -380,6 +381,7 @@ fn check_body(
         contacts: &batch.contacts,
         deadline: Instant::now(),
         answer_deadline: Instant::now(),
+        resource_ids: Mutex::new(Vec::new()),
     };
     let mut indexes: Vec<usize> = (0..batch.contacts.len()).collect();
     let (body, sent) = deliverer.encode_current(&attempt, &mut indexes, &mut Vec::new());

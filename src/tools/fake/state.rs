@@ -516,4 +516,3 @@ mod tests {
             .is_ok());
     }
 }
-
