@@ -1,6 +1,7 @@
 //! Tests against the real local RabbitMQ and listrak-fake over loopback. One binary, so the
 //! crate links once; each test uses queues of its own and deletes them.
 
+mod applied_log;
 mod audience;
 mod catalogue_faults;
 mod cli;

@@ -1,0 +1,310 @@
+//! The newest value wins beyond one process: a redeploy, a message without a timestamp coming
+//! back from a retry queue, a dead-letter replay after a fix, and a second replica all meet
+//! the applied log, and every field ends on its newest value.
+
+use std::time::Duration;
+
+use lapin::types::ShortString;
+use lapin::BasicProperties;
+use listrak_worker::applied_log::Record;
+use listrak_worker::config::Settings;
+use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
+use listrak_worker::listrak::ListrakClient;
+use listrak_worker::telemetry::Metrics;
+use listrak_worker::tools::sample::BASE_MICROS;
+use listrak_worker::worker::{self, Health};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{profile_update, Harness, Knobs};
+
+const LIST: u32 = 7;
+const FIELD: u32 = 3;
+const CONTACTS: usize = 120;
+const HOUR: i64 = 3_600_000_000;
+
+fn email(i: usize) -> String {
+    format!("person-{i}@example.com")
+}
+
+/// Every contact's update at `micros`, to `value`.
+fn updates(value: &str, micros: i64) -> Vec<Vec<u8>> {
+    (0..CONTACTS)
+        .map(|i| profile_update(LIST, &email(i), FIELD, value, micros))
+        .collect()
+}
+
+fn stale(h: &Harness, newest: &str) -> usize {
+    (0..CONTACTS)
+        .filter(|i| h.fake.value(LIST, &email(*i), FIELD).as_deref() != Some(newest))
+        .count()
+}
+
+/// Short retry steps; in-process retries end quickly so an outage fills the retry queue.
+fn knobs(schedule: &'static str, max_age: &'static str) -> Knobs {
+    Knobs {
+        max_wait: "50ms",
+        in_process: "300ms",
+        request_timeout: "1s",
+        schedule,
+        max_age,
+        ..Knobs::default()
+    }
+}
+
+async fn outage(h: &Harness, on: bool) {
+    h.fake.update_faults(|faults| {
+        faults.outage_for = on.then_some(Duration::from_secs(600));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_update_in_a_retry_queue_does_not_overwrite_a_newer_one_after_a_redeploy() {
+    let mut h = Harness::new("log_redeploy", Default::default(), knobs(r#"["6s"]"#, "1h")).await;
+    h.start_worker();
+    outage(&h, true).await;
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_for("Entered in the retry queue", Duration::from_secs(30), |h| {
+        h.acked_as("retry_scheduled") >= CONTACTS as u64
+    })
+    .await;
+    outage(&h, false).await;
+    h.publish(&updates("off", BASE_MICROS + HOUR)).await;
+    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
+        h.acked_as("applied") >= CONTACTS as u64
+    })
+    .await;
+    // A redeploy: the process that applied Exited is gone; its memory with it.
+    h.stop_worker().await;
+    h.start_worker();
+    h.wait_for(
+        "the Entered copies back from the retry queue",
+        Duration::from_secs(30),
+        |h| h.acked_as("superseded") >= CONTACTS as u64,
+    )
+    .await;
+    assert_eq!(stale(&h, "off"), 0, "fields left on the older value");
+    assert!(h.metrics.sample("listrak_guard_keys", &[]) >= CONTACTS as f64);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_without_a_timestamp_keeps_its_first_receipt_time_through_a_retry() {
+    let mut h = Harness::new(
+        "log_no_timestamp",
+        Default::default(),
+        knobs(r#"["3s"]"#, "1h"),
+    )
+    .await;
+    h.start_worker();
+    // Neither a timestamp in the body nor an AMQP timestamp: the time of first receipt.
+    let without_time = |value: &str| -> Vec<(Vec<u8>, BasicProperties)> {
+        (0..CONTACTS)
+            .map(|i| {
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "type": "profile_update",
+                    "list_id": LIST,
+                    "email": email(i),
+                    "fields": { FIELD.to_string(): value },
+                }))
+                .unwrap();
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type(ShortString::from("application/json"));
+                (body, properties)
+            })
+            .collect()
+    };
+    outage(&h, true).await;
+    h.publish_raw(
+        &h.topology.exchange.clone(),
+        "event",
+        &without_time("alpha"),
+    )
+    .await;
+    h.wait_for("alpha in the retry queue", Duration::from_secs(30), |h| {
+        h.acked_as("retry_scheduled") >= CONTACTS as u64
+    })
+    .await;
+    let copies = h.take_all(&h.topology.retries[0].0.clone()).await;
+    assert!(copies
+        .iter()
+        .all(|copy| copy.header("x-listrak-event-time").is_some()));
+    // Put the copies back as they were, then apply beta.
+    let back: Vec<(Vec<u8>, BasicProperties)> = copies
+        .into_iter()
+        .map(|copy| (copy.body, copy.properties))
+        .collect();
+    outage(&h, false).await;
+    h.publish_raw(&h.topology.exchange.clone(), "event", &without_time("beta"))
+        .await;
+    h.wait_for("beta applied", Duration::from_secs(30), |h| {
+        h.acked_as("applied") >= CONTACTS as u64
+    })
+    .await;
+    h.publish_raw("", &h.topology.queue.clone(), &back).await;
+    h.wait_for("alpha superseded", Duration::from_secs(30), |h| {
+        h.acked_as("superseded") >= CONTACTS as u64
+    })
+    .await;
+    assert_eq!(stale(&h, "beta"), 0, "fields left on the older value");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_after_a_restart_does_not_overwrite_a_newer_value() {
+    let mut h = Harness::new("log_replay", Default::default(), knobs(r#"["1s"]"#, "2s")).await;
+    h.start_worker();
+    outage(&h, true).await;
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_for("Entered dead-lettered", Duration::from_secs(60), |h| {
+        h.acked_as("dead_lettered") >= CONTACTS as u64
+    })
+    .await;
+    outage(&h, false).await;
+    h.publish(&updates("off", BASE_MICROS + HOUR)).await;
+    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
+        h.acked_as("applied") >= CONTACTS as u64
+    })
+    .await;
+    h.stop_worker().await;
+    h.start_worker();
+    let exhausted = Filter {
+        reasons: vec!["retries_exhausted".into()],
+        ..Filter::default()
+    };
+    let summary = DeadLetters::new(h.connection(), &h.topology)
+        .replay(&exhausted, ReplayOptions::default(), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.replayed, CONTACTS as u64);
+    h.wait_for(
+        "the replayed ones superseded",
+        Duration::from_secs(30),
+        |h| h.acked_as("superseded") >= CONTACTS as u64,
+    )
+    .await;
+    assert_eq!(stale(&h, "off"), 0, "fields left on the older value");
+    h.finish().await;
+}
+
+/// Another worker process's equal on the same queues: its own guard, fed only by the log.
+struct Replica {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    metrics: Metrics,
+}
+
+impl Replica {
+    fn start(settings: &Settings) -> Replica {
+        let metrics = Metrics::new(settings.batch.max_contacts.get());
+        let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone()).unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker::run(
+            settings.clone(),
+            api,
+            metrics.clone(),
+            Health::default(),
+            stop.clone().cancelled_owned(),
+        ));
+        Replica {
+            stop,
+            task,
+            metrics,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_never_saw_the_newer_value_learns_it_from_the_log() {
+    let mut h = Harness::new("log_replicas", Default::default(), knobs(r#"["4s"]"#, "1h")).await;
+    h.start_worker();
+    outage(&h, true).await;
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_for("Entered in the retry queue", Duration::from_secs(30), |h| {
+        h.acked_as("retry_scheduled") >= CONTACTS as u64
+    })
+    .await;
+    outage(&h, false).await;
+    // A second replica starts while the copies wait; the first applies Exited and leaves.
+    let replica = Replica::start(&h.settings);
+    h.stop_worker().await;
+    h.start_worker();
+    h.publish(&updates("off", BASE_MICROS + HOUR)).await;
+    let total = |h: &Harness, replica: &Replica, outcome: &str| {
+        h.acked_as(outcome)
+            + replica
+                .metrics
+                .sample("listrak_messages_acked_total", &[("outcome", outcome)])
+                as u64
+    };
+    h.wait_for(
+        "Exited applied and Entered superseded, by either replica",
+        Duration::from_secs(60),
+        |h| {
+            total(h, &replica, "applied") >= CONTACTS as u64
+                && total(h, &replica, "superseded") >= CONTACTS as u64
+        },
+    )
+    .await;
+    replica.stop().await;
+    assert_eq!(stale(&h, "off"), 0, "fields left on the older value");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn every_applied_batch_is_one_record_in_the_stream() {
+    let mut h = Harness::new("log_records", Default::default(), Knobs::default()).await;
+    h.start_worker();
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_acked(CONTACTS as u64, Duration::from_secs(30)).await;
+    h.stop_worker().await;
+    let bytes = h.metrics.sample("listrak_applied_log_bytes_total", &[]);
+    let contacts = h.metrics.sample("listrak_applied_log_contacts_total", &[]);
+    assert_eq!(contacts, CONTACTS as f64);
+    println!(
+        "applied log: {:.0} bytes per applied contact (one field, with its message id)",
+        bytes / contacts
+    );
+    assert!(bytes / contacts < 200.0);
+    // Read the stream back as another worker would.
+    let channel = h.connection().create_channel().await.unwrap();
+    channel.basic_qos(1000, Default::default()).await.unwrap();
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert(
+        "x-stream-offset".into(),
+        lapin::types::AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = channel
+        .basic_consume(
+            h.topology.applied.as_str().into(),
+            "records".into(),
+            Default::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    let mut applied = 0;
+    while applied < CONTACTS {
+        use futures_util::StreamExt;
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the records are in the stream")
+            .unwrap()
+            .unwrap();
+        let record = Record::decode(&delivery.data).unwrap();
+        for contact in &record.a {
+            assert_eq!(contact.f.len(), 1);
+            assert_eq!(contact.f[0].1, "on");
+            assert_eq!(record.list, LIST);
+            applied += 1;
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    h.finish().await;
+}
