@@ -255,7 +255,7 @@ pub enum ReadFrom {
 }
 
 impl ReadFrom {
-    fn argument(self) -> AMQPValue {
+    pub fn argument(self) -> AMQPValue {
         match self {
             Self::Age(age) => {
                 let since =

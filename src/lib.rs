@@ -79,6 +79,7 @@ pub mod disposition;
 pub mod dlq;
 pub mod fields;
 pub mod guard;
+pub mod history;
 pub mod http;
 pub mod listrak;
 pub mod mapping;

@@ -16,7 +16,7 @@ use listrak_worker::setup::{self, ProblemsFound, ProvisionRequest, SetupError};
 use listrak_worker::telemetry::Metrics;
 use listrak_worker::tools::demo;
 use listrak_worker::worker::Health;
-use listrak_worker::{allocator, broker, http, publish, shutdown_signal};
+use listrak_worker::{allocator, broker, history, http, publish, shutdown_signal};
 
 // Every message is allocated by lapin's I/O thread and freed on the worker's: glibc's
 // allocator takes a lock for each such free, mimalloc does not.
@@ -89,6 +89,23 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Every value applied to one contact, oldest first, from the applied log, and the dead
+    /// letters that still wait for it.
+    History {
+        /// The contact's email address (letter case aside).
+        #[arg(long)]
+        email: String,
+        /// Only this list.
+        #[arg(long)]
+        list: Option<ListId>,
+        /// Only what was applied this long ago or since, e.g. 2h or 3d (default: all the log
+        /// holds).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the whole pipeline on this machine against an in-process Listrak stand-in.
     Demo {
@@ -259,7 +276,8 @@ fn main() -> ExitCode {
             command => {
                 let env = |key: &str| std::env::var(key).ok();
                 // The setup commands need only the credentials: they help write the mappings.
-                let loaded = if matches!(command, Command::Listrak { .. }) {
+                let loaded = if matches!(command, Command::Listrak { .. } | Command::History { .. })
+                {
                     Settings::load_without_mappings(cli.config.as_deref(), env)
                 } else {
                     Settings::load(cli.config.as_deref(), env)
@@ -388,6 +406,25 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::History {
+            email,
+            list,
+            since,
+            json,
+        } => {
+            let topology = broker::Topology::of(&settings);
+            let connection = dlq::connect(&settings.amqp).await?;
+            let list = list.map(ListId::get);
+            let found = history::history(&connection, &topology, &email, list, since).await;
+            let _ = connection.close(200, "done".into()).await;
+            let found = found?;
+            if json {
+                println!("{}", history::to_json(&found, &email));
+            } else {
+                print!("{}", history::table(&found, &email));
+            }
+            Ok(())
+        }
         Command::Dlq { .. } => unreachable!("handled by dead_letters"),
     }
 }

@@ -11,6 +11,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::applied_log::{self, ReadFrom, Record};
@@ -124,6 +125,10 @@ pub(crate) struct Session<'w, A> {
     delivering: usize,
     /// Batches sent so far: each batch's id in logs.
     batches_sent: u64,
+    /// Every task the session spawned (deliveries, resolutions, publishes, appends): when the
+    /// session ends they are finished or cancelled before the next one sends, so a contact is
+    /// never in two requests at once across a reconnection.
+    tasks: JoinSet<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,12 +208,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             publishing: 0,
             delivering: 0,
             batches_sent: 0,
+            tasks: JoinSet::new(),
         };
         let result = session
             .drive(&mut consumer, &consumer_tag, &mut inbox)
             .await;
         poller.abort();
         following.abort();
+        session.tasks.shutdown().await;
 
         if result.is_ok() {
             bounded(session.channel.close(200, "shutdown".into())).await;
@@ -295,7 +302,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         self.pace.not_quiet_yet(Instant::now());
                     }
                 }
-                _ = ack_tick.tick() => self.send_acks(false).await?,
+                _ = ack_tick.tick() => {
+                    // Finished tasks are forgotten; their reports are in the inbox.
+                    while self.tasks.try_join_next().is_some() {}
+                    self.send_acks(false).await?
+                }
             }
             if draining_until.is_some()
                 && self.ledger.is_empty()
@@ -431,7 +442,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         // Past the moment its batch could still start a request, waiting is pointless: the
         // message goes to the retry queues instead.
         let deadline = arrived + self.worker.deliverer.hold_budget;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let seen = tokio::time::Instant::from_std(arrived);
             let deadline = tokio::time::Instant::from_std(deadline);
             let resolved = fields.resolve_all(plan, seen, deadline).await;
@@ -496,7 +507,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         );
         let deliverer = Arc::clone(&self.worker.deliverer);
         let reports = self.reports.clone();
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let delivered = deliverer.deliver_or_retry(&batch).await;
                 let _ = reports.send(Report::Delivered { batch, delivered });
@@ -619,7 +630,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let topology = self.worker.topology.clone();
         let reports = self.reports.clone();
         let metrics = self.worker.metrics.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             let appended = applied_log::append(&publisher, &topology, &appending.record);
             let report = match AssertUnwindSafe(appended).catch_unwind().await {
@@ -721,7 +732,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let publisher = self.publisher.clone();
         let reports = self.reports.clone();
         let metrics = self.worker.metrics.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             let copy = &publish.copy;
             let publishing = publisher.publish(

@@ -308,3 +308,92 @@ async fn every_applied_batch_is_one_record_in_the_stream() {
     let _ = channel.close(200, "done".into()).await;
     h.finish().await;
 }
+
+/// `listrak-worker history` with a configuration for the harness's queues.
+async fn history(h: &Harness, args: &[&str]) -> std::process::Output {
+    let text = crate::support::settings_text(
+        &h.topology.queue,
+        &h.fake.api_url(),
+        &h.fake.auth_url(),
+        &Knobs::default(),
+    );
+    let path = std::env::temp_dir().join(format!("{}-history.toml", h.topology.queue));
+    std::fs::write(&path, text).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_listrak-worker"));
+    command
+        .arg("history")
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .env_remove("AMQP_URL");
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_shows_every_value_applied_to_a_contact_oldest_first_and_what_waits_for_it() {
+    let mut h = Harness::new(
+        "log_history",
+        listrak_worker::tools::fake::Faults {
+            reject_emails: ["refused@example.com".to_string()].into(),
+            ..Default::default()
+        },
+        Knobs::default(),
+    )
+    .await;
+    h.start_worker();
+    let person = "Someone@Example.com";
+    for (value, at) in [("on", BASE_MICROS), ("off", BASE_MICROS + HOUR)] {
+        h.publish(&[profile_update(LIST, person, FIELD, value, at)])
+            .await;
+        h.wait_for("applied", Duration::from_secs(30), |h| {
+            h.acked_as("applied") >= if value == "on" { 1 } else { 2 }
+        })
+        .await;
+    }
+    h.publish(&[profile_update(
+        LIST,
+        "refused@example.com",
+        FIELD,
+        "on",
+        BASE_MICROS,
+    )])
+    .await;
+    h.wait_acked(3, Duration::from_secs(30)).await;
+    h.stop_worker().await;
+
+    let output = history(&h, &["--email", "someone@example.com", "--json"]).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let applied = found["applied"].as_array().unwrap();
+    let values: Vec<&str> = applied
+        .iter()
+        .map(|v| v["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["on", "off"], "oldest first: {found}");
+    assert_eq!(applied[0]["field_id"], FIELD);
+    assert_eq!(applied[0]["list_id"], LIST);
+    assert!(applied[1]["resource_ids"][0]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert!(found["dead_letters"].as_array().unwrap().is_empty());
+
+    let output = history(&h, &["--email", "refused@example.com"]).await;
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("no value applied to refused@example.com"),
+        "{text}"
+    );
+    assert!(text.contains("1 dead letters wait for it"), "{text}");
+    assert!(text.contains("rejected"), "{text}");
+    h.finish().await;
+}
