@@ -375,6 +375,66 @@ pub async fn follow(
     Ok(Following { synced, task })
 }
 
+/// Reads the log from `from` up to its end (a marker appended now) into `guard`, without
+/// tailing it: for the commands that judge dead letters against it. Returns the records read.
+pub async fn read_into(
+    connection: &Connection,
+    topology: &Topology,
+    guard: &SupersededGuard,
+    from: ReadFrom,
+) -> Result<u64, PublishError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(READ_PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-stream-offset".into(), from.argument());
+    let mut consumer = channel
+        .basic_consume(
+            topology.applied.as_str().into(),
+            format!("listrak-worker-read-{}", std::process::id())
+                .as_str()
+                .into(),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await?;
+    let publisher = Publisher::new(connection).await?;
+    let marker_id = format!("{:032x}", rand::random::<u128>());
+    append(
+        &publisher,
+        topology,
+        &Record::marker(marker_id.clone()).encode(),
+    )
+    .await?;
+    let _ = publisher.channel().close(200, "done".into()).await;
+    let mut read = 0u64;
+    let mut unacked = 0u16;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        unacked += 1;
+        if unacked >= READ_PREFETCH / 2 {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+            unacked = 0;
+        }
+        let Ok(record) = Record::decode(&delivery.data) else {
+            continue;
+        };
+        match &record.sync {
+            Some(id) if *id == marker_id => break,
+            Some(_) => {}
+            None => {
+                read += 1;
+                record.feed(guard);
+            }
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(read)
+}
+
 /// A record that cannot be read: counted, and logged once per process.
 fn unreadable(metrics: &Metrics, why: &str) {
     static LOGGED: AtomicBool = AtomicBool::new(false);

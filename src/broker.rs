@@ -398,6 +398,23 @@ pub const REPLAYS: &str = "x-listrak-replays";
 /// The event time the worker used for the message (RFC 3339, microseconds): every copy
 /// carries it, and a later delivery uses it, so a message's event time never changes.
 pub const EVENT_TIME: &str = "x-listrak-event-time";
+/// The event time an earlier delivery used (`x-listrak-event-time`), if the message is a copy.
+pub fn carried_event_time(properties: &BasicProperties) -> Option<EventTime> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(EVENT_TIME))
+        .and_then(as_time)
+}
+
+/// The producer's AMQP `timestamp` property (seconds), as an event time.
+pub fn stamped_time(properties: &BasicProperties) -> Option<EventTime> {
+    properties
+        .timestamp()
+        .and_then(|seconds| i64::try_from(seconds).ok()?.checked_mul(1_000_000))
+        .map(EventTime)
+}
+
 /// The prefix of the worker's own headers; a producer's headers with it are not copied.
 pub const OWN_PREFIX: &str = "x-listrak-";
 

@@ -20,6 +20,9 @@ pub mod pace;
 pub mod record;
 pub mod render;
 pub mod stats;
+pub mod superseded;
+
+use superseded::SupersededCheck;
 mod walk;
 
 use std::fs::File;
@@ -160,6 +163,9 @@ pub struct ReplayOptions {
     pub rate: Option<f64>,
     /// Count what would be replayed; change nothing.
     pub dry_run: bool,
+    /// Remove, instead of replaying, the dead letters the applied log supersedes (needs
+    /// [`DeadLetters::knowing`]).
+    pub skip_superseded: bool,
 }
 
 #[derive(Debug)]
@@ -174,6 +180,11 @@ pub struct ReplaySummary {
     pub target: String,
     /// Why the replay stopped before it was done; what was replayed until then stays so.
     pub stopped: Option<DlqError>,
+    /// Of the matching dead letters, those the applied log supersedes (counted, or removed
+    /// with `skip_superseded`); `None` without [`DeadLetters::knowing`].
+    pub superseded: Option<u64>,
+    /// Whether those were removed instead of replayed.
+    pub skipped_superseded: bool,
 }
 
 #[derive(Debug)]
@@ -205,6 +216,8 @@ pub struct PurgeSummary {
 pub struct DeadLetters<'a> {
     connection: &'a Connection,
     topology: &'a Topology,
+    /// What the applied log supersedes, when read.
+    superseded: Option<&'a SupersededCheck>,
 }
 
 impl<'a> DeadLetters<'a> {
@@ -212,7 +225,32 @@ impl<'a> DeadLetters<'a> {
         Self {
             connection,
             topology,
+            superseded: None,
         }
+    }
+
+    /// Judges dead letters against the applied log, read into `check`.
+    pub fn knowing(self, check: &'a SupersededCheck) -> Self {
+        Self {
+            superseded: Some(check),
+            ..self
+        }
+    }
+
+    /// How many of the matching dead letters the applied log supersedes (`None` without
+    /// [`DeadLetters::knowing`]).
+    pub async fn superseded_count(&self, filter: &Filter) -> Result<Option<u64>, DlqError> {
+        let Some(check) = self.superseded else {
+            return Ok(None);
+        };
+        let mut count = 0;
+        self.look(filter, PREFETCH, None, |_, delivery| {
+            if check.supersedes(&delivery.data, &delivery.properties) {
+                count += 1;
+            }
+        })
+        .await?;
+        Ok(Some(count))
     }
 
     /// The dead-letter queue's name.
@@ -344,6 +382,8 @@ impl<'a> DeadLetters<'a> {
         // A matching message waiting for its turn under `--rate`.
         let mut waiting: Option<(Ticket, Delivery, tokio::time::Instant)> = None;
         let mut exhausted = false;
+        let mut superseded = 0u64;
+        let skip = self.superseded.filter(|_| options.skip_superseded);
         tokio::pin!(stop);
 
         loop {
@@ -382,6 +422,13 @@ impl<'a> DeadLetters<'a> {
                             continue;
                         }
                         walked.matched += 1;
+                        if skip.is_some_and(|check| {
+                            check.supersedes(&delivery.data, &delivery.properties)
+                        }) {
+                            superseded += 1;
+                            mover.delete_when(ticket, std::future::ready(Ok(())));
+                            continue;
+                        }
                         let at = pace.as_mut().map(|pace| pace.slot(Instant::now()));
                         match at {
                             // Its turn is later: wait for it, settling confirms meanwhile.
@@ -406,6 +453,8 @@ impl<'a> DeadLetters<'a> {
             dead: self.topology.dead.clone(),
             target,
             stopped: moved.stopped,
+            superseded: skip.map(|_| superseded),
+            skipped_superseded: skip.is_some(),
         })
     }
 
@@ -416,7 +465,20 @@ impl<'a> DeadLetters<'a> {
         options: ReplayOptions,
         target: String,
     ) -> Result<ReplaySummary, DlqError> {
-        let walked = self.count_matching(filter, options.limit).await?;
+        let (walked, superseded) = match self.superseded {
+            Some(check) => {
+                let mut count = 0;
+                let walked = self
+                    .look(filter, PREFETCH, options.limit, |_, delivery| {
+                        if check.supersedes(&delivery.data, &delivery.properties) {
+                            count += 1;
+                        }
+                    })
+                    .await?;
+                (walked, Some(count))
+            }
+            None => (self.count_matching(filter, options.limit).await?, None),
+        };
         Ok(ReplaySummary {
             walked,
             replayed: 0,
@@ -425,6 +487,8 @@ impl<'a> DeadLetters<'a> {
             dead: self.topology.dead.clone(),
             target,
             stopped: None,
+            superseded,
+            skipped_superseded: options.skip_superseded,
         })
     }
 

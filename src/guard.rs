@@ -145,6 +145,13 @@ impl SupersededGuard {
         if inner.learnt_since.is_none_or(|since| applied_at < since) {
             inner.learnt_since = Some(applied_at);
         }
+        if self.capacity == 0 {
+            // Only watched keys are remembered.
+            if let Some(entry) = inner.entries.get_mut(&key) {
+                entry.newest = entry.newest.max(time);
+            }
+            return;
+        }
         let entry = inner.entries.entry(key).or_insert(Entry {
             newest: time,
             watched_until: 0,
@@ -154,7 +161,8 @@ impl SupersededGuard {
             return;
         }
         entry.newest = time;
-        if self.capacity == 0 {
+        if self.capacity == usize::MAX {
+            // Unbounded (a command reading the whole log): nothing is ever forgotten.
             return;
         }
         entry.in_recent += 1;

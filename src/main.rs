@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use listrak_worker::config::Settings;
+use listrak_worker::dlq::superseded::SupersededCheck;
 use listrak_worker::dlq::{self, DeadLetters, DlqError, Filter, ReplayOptions};
 use listrak_worker::listrak::ListrakClient;
 use listrak_worker::model::ListId;
@@ -191,9 +192,14 @@ enum DlqCommand {
         /// At most this many messages per second: 50, 50/s, 3000/m.
         #[arg(long, value_parser = dlq::pace::parse_rate)]
         rate: Option<f64>,
-        /// Count what would be replayed; change nothing.
+        /// Count what would be replayed (and how many of those the applied log supersedes);
+        /// change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Remove the dead letters the applied log supersedes instead of replaying them
+        /// (replayed, the worker would acknowledge them as superseded).
+        #[arg(long)]
+        skip_superseded: bool,
     },
     /// Write dead letters with their properties and headers to a new JSON-lines file.
     Export {
@@ -550,17 +556,37 @@ async fn run_dlq(command: DlqCommand, settings: Settings) -> Result<bool, DlqErr
     let dead = DeadLetters::new(&connection, &topology);
     let done = match command {
         DlqCommand::Stats { filters, json } => {
-            let (stats, walked) = dead.stats(&filters.into_filter()).await?;
+            let filter = filters.into_filter();
+            let (stats, walked) = dead.stats(&filter).await?;
+            let superseded = match SupersededCheck::read(&connection, &topology, &settings).await {
+                Ok(check) => {
+                    DeadLetters::new(&connection, &topology)
+                        .knowing(&check)
+                        .superseded_count(&filter)
+                        .await?
+                }
+                Err(error) => {
+                    eprintln!("cannot tell which dead letters are superseded: {error}");
+                    None
+                }
+            };
             if json {
-                println!(
-                    "{}",
-                    dlq::render::stats_json(&stats, dead.dead_queue(), &walked)
-                );
+                let mut value = dlq::render::stats_json(&stats, dead.dead_queue(), &walked);
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("superseded".into(), serde_json::json!(superseded));
+                }
+                println!("{value}");
             } else {
                 print!(
                     "{}",
                     dlq::render::stats_table(&stats, dead.dead_queue(), &walked)
                 );
+                if let Some(superseded) = superseded {
+                    println!(
+                        "superseded by the applied log: {superseded} (replayed, they change \
+                         nothing; `dlq replay --skip-superseded` removes them)"
+                    );
+                }
             }
             true
         }
@@ -584,11 +610,22 @@ async fn run_dlq(command: DlqCommand, settings: Settings) -> Result<bool, DlqErr
             limit,
             rate,
             dry_run,
+            skip_superseded,
         } => {
             let options = ReplayOptions {
                 limit,
                 rate,
                 dry_run,
+                skip_superseded,
+            };
+            let check = if dry_run || skip_superseded {
+                Some(SupersededCheck::read(&connection, &topology, &settings).await?)
+            } else {
+                None
+            };
+            let dead = match &check {
+                Some(check) => dead.knowing(check),
+                None => dead,
             };
             let summary = dead
                 .replay(&filters.into_filter(), options, shutdown_signal())

@@ -330,17 +330,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let now = EventTime::now();
         // What an earlier delivery used, else the producer's AMQP timestamp, else now (this
         // is the first receipt: a copy carries the time on).
-        let carried = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| headers.inner().get(broker::EVENT_TIME))
-            .and_then(broker::as_time);
-        let stamped = delivery
-            .properties
-            .timestamp()
-            .and_then(|seconds| i64::try_from(seconds).ok()?.checked_mul(1_000_000))
-            .map(EventTime);
+        let carried = broker::carried_event_time(&delivery.properties);
+        let stamped = broker::stamped_time(&delivery.properties);
         let received = carried.or(stamped).unwrap_or(now);
         let planned = decode(&delivery.data, received)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));

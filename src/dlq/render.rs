@@ -273,6 +273,18 @@ impl fmt::Display for ReplaySummary {
                  changed",
                 w.matched, w.present, self.target
             )?;
+            if let Some(superseded) = self.superseded {
+                write!(
+                    f,
+                    "; the applied log supersedes {superseded} of them ({})",
+                    if self.skipped_superseded {
+                        "--skip-superseded would remove them"
+                    } else {
+                        "replayed, the worker acknowledges them as superseded; \
+                         --skip-superseded removes them instead"
+                    }
+                )?;
+            }
         } else {
             write!(
                 f,
@@ -282,10 +294,20 @@ impl fmt::Display for ReplaySummary {
                 self.target,
                 w.elapsed.as_secs_f64(),
                 per_second(self.replayed, w.elapsed),
-                w.present - self.replayed,
+                w.present.saturating_sub(self.replayed).saturating_sub(
+                    self.superseded
+                        .filter(|_| self.skipped_superseded)
+                        .unwrap_or(0)
+                ),
                 self.dead
             )?;
             moved_back(f, self.moved_back)?;
+            if let (Some(superseded), true) = (self.superseded, self.skipped_superseded) {
+                write!(
+                    f,
+                    "; removed {superseded} the applied log supersedes instead of replaying them"
+                )?;
+            }
         }
         if w.read < w.present && self.stopped.is_none() {
             write!(f, " (the limit was reached after reading {})", w.read)?;

@@ -8,6 +8,7 @@ use lapin::types::ShortString;
 use lapin::BasicProperties;
 use listrak_worker::applied_log::Record;
 use listrak_worker::config::Settings;
+use listrak_worker::dlq::superseded::SupersededCheck;
 use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
 use listrak_worker::listrak::ListrakClient;
 use listrak_worker::telemetry::Metrics;
@@ -173,6 +174,23 @@ async fn a_dead_letter_replayed_after_a_restart_does_not_overwrite_a_newer_value
         reasons: vec!["retries_exhausted".into()],
         ..Filter::default()
     };
+    let check = SupersededCheck::read(h.connection(), &h.topology, &h.settings)
+        .await
+        .unwrap();
+    let dry = DeadLetters::new(h.connection(), &h.topology)
+        .knowing(&check)
+        .replay(
+            &exhausted,
+            ReplayOptions {
+                dry_run: true,
+                ..ReplayOptions::default()
+            },
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(dry.walked.matched, CONTACTS as u64);
+    assert_eq!(dry.superseded, Some(CONTACTS as u64), "{dry}");
     let summary = DeadLetters::new(h.connection(), &h.topology)
         .replay(&exhausted, ReplayOptions::default(), std::future::pending())
         .await
@@ -395,5 +413,58 @@ async fn history_shows_every_value_applied_to_a_contact_oldest_first_and_what_wa
     );
     assert!(text.contains("1 dead letters wait for it"), "{text}");
     assert!(text.contains("rejected"), "{text}");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_superseded_removes_the_dead_letters_the_log_supersedes_and_replays_the_rest() {
+    let mut h = Harness::new("log_skip", Default::default(), knobs(r#"["1s"]"#, "2s")).await;
+    h.start_worker();
+    outage(&h, true).await;
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_for("Entered dead-lettered", Duration::from_secs(60), |h| {
+        h.acked_as("dead_lettered") >= CONTACTS as u64
+    })
+    .await;
+    outage(&h, false).await;
+    // Only the first half of the contacts exit; the others' dead letters are still news.
+    let exited: Vec<Vec<u8>> = updates("off", BASE_MICROS + HOUR)
+        .into_iter()
+        .take(CONTACTS / 2)
+        .collect();
+    h.publish(&exited).await;
+    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
+        h.acked_as("applied") >= (CONTACTS / 2) as u64
+    })
+    .await;
+    let check = SupersededCheck::read(h.connection(), &h.topology, &h.settings)
+        .await
+        .unwrap();
+    let summary = DeadLetters::new(h.connection(), &h.topology)
+        .knowing(&check)
+        .replay(
+            &Filter::default(),
+            ReplayOptions {
+                skip_superseded: true,
+                ..ReplayOptions::default()
+            },
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.superseded, Some((CONTACTS / 2) as u64), "{summary}");
+    assert_eq!(summary.replayed, (CONTACTS / 2) as u64, "{summary}");
+    assert_eq!(h.depth(&h.topology.dead).await, 0);
+    h.wait_for("the rest applied", Duration::from_secs(30), |h| {
+        h.acked_as("applied") >= CONTACTS as u64
+    })
+    .await;
+    for i in 0..CONTACTS {
+        let expected = if i < CONTACTS / 2 { "off" } else { "on" };
+        assert_eq!(
+            h.fake.value(LIST, &email(i), FIELD).as_deref(),
+            Some(expected)
+        );
+    }
     h.finish().await;
 }
