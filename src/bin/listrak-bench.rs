@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use listrak_worker::tools::bench::{self, BenchOptions, Report, Setting};
+use listrak_worker::tools::log_bench::LogBenchOptions;
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +60,18 @@ struct Args {
     /// every run's figure beside it.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// Measure the applied log instead: write a week of an account's traffic to a log
+    /// directly, then rebuild the guard from it as a worker does at start.
+    #[arg(long)]
+    applied_log: bool,
+    /// The applied-log measurement's account: contacts, audience fields each, and updates
+    /// applied in its week.
+    #[arg(long, default_value_t = 1_000_000)]
+    log_contacts: usize,
+    #[arg(long, default_value_t = 3)]
+    log_fields: usize,
+    #[arg(long, default_value_t = 10_000_000)]
+    log_updates: usize,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/listrak-bench.json")]
     json: PathBuf,
@@ -67,6 +80,22 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.applied_log {
+        let report = listrak_worker::tools::log_bench::run(LogBenchOptions {
+            amqp_url: args.amqp_url,
+            contacts: args.log_contacts,
+            fields: args.log_fields,
+            updates: args.log_updates,
+            retried: 0.01,
+            dead_lettered: 0.001,
+            per_record: args.max_contacts,
+            capacity: 200_000,
+            watch_capacity: 150_000,
+        })
+        .await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let worker_binary = std::env::current_exe()?
         .parent()
         .map(|dir| dir.join("listrak-worker"))
