@@ -54,6 +54,8 @@ struct Original {
     properties: PackedProperties,
     /// The event time its updates carry, for the copies it may become.
     event_time: EventTime,
+    /// For the applied log's record (unpacking the properties for it costs more).
+    message_id: Option<Box<str>>,
 }
 
 /// What the spawned tasks report back to the session loop.
@@ -394,6 +396,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 body: delivery.data,
                 properties: PackedProperties::pack(&delivery.properties),
                 event_time,
+                message_id: delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| Box::from(id.as_str())),
             },
         );
         match self.worker.fields.lookup_all(plan) {
@@ -509,7 +516,24 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     async fn on_report(&mut self, report: Report, draining: bool) -> Result<(), SessionError> {
         match report {
-            Report::Delivered { batch, delivered } => self.append(batch, delivered),
+            Report::Delivered { batch, delivered } => {
+                // Listrak answered: the contacts that waited for this request may go now; the
+                // messages settle once the record is in the applied log.
+                let ceiling = self.worker.deliverer.ceilings.get(batch.list_id);
+                let ready =
+                    self.batcher
+                        .answered(&batch, Instant::now(), ceiling.unwrap_or(usize::MAX));
+                for batch in ready {
+                    self.dispatch(batch);
+                }
+                if draining {
+                    // Updates that waited for this answer leave at once.
+                    for batch in self.batcher.flush_all() {
+                        self.dispatch(batch);
+                    }
+                }
+                self.append(batch, delivered);
+            }
             Report::AppendFailed(mut failed) => {
                 failed.attempts += 1;
                 if failed.attempts >= PUBLISH_ATTEMPTS {
@@ -538,19 +562,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                         {
                             self.settle_original(tag, original, settlement);
                         }
-                    }
-                }
-                let ceiling = self.worker.deliverer.ceilings.get(batch.list_id);
-                let ready =
-                    self.batcher
-                        .answered(&batch, Instant::now(), ceiling.unwrap_or(usize::MAX));
-                for batch in ready {
-                    self.dispatch(batch);
-                }
-                if draining {
-                    // Updates that waited for this answer leave at once.
-                    for batch in self.batcher.flush_all() {
-                        self.dispatch(batch);
                     }
                 }
             }
@@ -591,15 +602,15 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             Record::of_delivery(&batch, &verdicts, resource_ids, EventTime::now(), |tag| {
                 ledger
                     .get(tag)
-                    .and_then(|original| original.properties.unpack().message_id().clone())
-                    .map(|id| id.to_string())
+                    .and_then(|original| original.message_id.as_deref())
+                    .map(str::to_owned)
             });
         let Some(record) = record else {
             let _ = self.reports.send(Report::Appended { batch, verdicts });
             return;
         };
-        // What this process knows at once; the log tells the other replicas.
-        record.feed(&self.worker.deliverer.guard);
+        // The delivery recorded what it applied; the keys to watch are the record's news.
+        record.watch(&self.worker.deliverer.guard);
         let applied = record.a.len();
         let bytes = record.encode();
         self.worker

@@ -58,6 +58,9 @@ struct Args {
     /// Answer this list id with 503 (repeatable).
     #[arg(long = "failing-list", value_name = "LIST_ID", value_parser = list_id)]
     failing_lists: Vec<u32>,
+    /// Wait up to this much more, at random, before each SegmentationField answer, e.g. 200ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    latency_jitter: Duration,
     /// Wait this long before every catalogue answer (lists, field groups, fields), e.g. 30s.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     catalogue_latency: Duration,
@@ -139,6 +142,7 @@ impl Args {
                 .unwrap_or(defaults.client_secret),
             faults: Faults {
                 latency: self.latency,
+                latency_jitter: self.latency_jitter,
                 error_rate: self.error_rate,
                 throttle_rps: self.throttle_rps,
                 retry_after: self.retry_after,

@@ -114,6 +114,7 @@ async fn measure(
         applied_contacts += applied.len() as u64;
         let record = Record {
             v: VERSION,
+            w: None,
             sync: None,
             list: 1001,
             at,

@@ -468,3 +468,42 @@ async fn skip_superseded_removes_the_dead_letters_the_log_supersedes_and_replays
     }
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_worker_cannot_read_is_skipped_and_counted_and_the_worker_goes_on() {
+    let mut h = Harness::new("log_unreadable", Default::default(), Knobs::default()).await;
+    let plain = BasicProperties::default().with_delivery_mode(2);
+    h.publish_raw(
+        "",
+        &h.topology.applied.clone(),
+        &[
+            (b"not a record".to_vec(), plain.clone()),
+            (br#"{"v":99,"list":7}"#.to_vec(), plain),
+        ],
+    )
+    .await;
+    h.start_worker();
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_acked(CONTACTS as u64, Duration::from_secs(30)).await;
+    assert_eq!(h.acked_as("applied"), CONTACTS as u64);
+    assert_eq!(
+        h.metrics.sample("listrak_applied_log_unreadable_total", &[]),
+        2.0
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_log_declared_with_another_retention_stops_the_start_naming_the_keys() {
+    let h = Harness::new("log_mismatch", Default::default(), Knobs::default()).await;
+    let mut other = h.topology.clone();
+    other.applied_max_age = Duration::from_secs(3600);
+    let channel = h.connection().create_channel().await.unwrap();
+    let error = other.declare(&channel).await.unwrap_err();
+    let mismatch = listrak_worker::broker::TopologyMismatch::from_declare(&error, &other)
+        .expect("a refusal of the arguments");
+    let message = mismatch.to_string();
+    assert!(message.contains("applied_log.max_age"), "{message}");
+    assert!(message.contains(&h.topology.applied), "{message}");
+    h.finish().await;
+}

@@ -248,3 +248,116 @@ async fn a_single_active_consumer_setting_the_queue_does_not_have_stops_the_work
         h.finish().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_an_older_update_from_a_retry_queue_does_not_overwrite_a_newer_one() {
+    const CONTACTS: usize = 120;
+    let knobs = Knobs {
+        single_active_consumer: true,
+        max_wait: "50ms",
+        in_process: "300ms",
+        request_timeout: "1s",
+        schedule: r#"["8s"]"#,
+        ..Knobs::default()
+    };
+    let h = Harness::new("replicas-failover", Faults::default(), knobs.clone()).await;
+    let mut active = WorkerProcess::spawn(&h, "active", &knobs);
+    active.wait_ready(WITHIN).await;
+    let mut standby = WorkerProcess::spawn(&h, "standby", &knobs);
+    standby.wait_ready(WITHIN).await;
+    let update = |value: &str, micros: i64| -> Vec<Vec<u8>> {
+        (0..CONTACTS)
+            .map(|i| support::profile_update(7, &format!("p{i}@example.com"), 3, value, micros))
+            .collect()
+    };
+    // Entered fails in an outage and waits in the retry queue.
+    h.fake
+        .update_faults(|faults| faults.outage_for = Some(Duration::from_secs(600)));
+    h.publish(&update("on", sample::BASE_MICROS)).await;
+    wait_until("Entered in the retry queue", async || {
+        h.depth(&h.topology.retries[0].0).await >= CONTACTS as u32
+    })
+    .await;
+    // Exited, an hour newer, is applied by the active worker, which is then killed.
+    h.fake.update_faults(|faults| faults.outage_for = None);
+    h.publish(&update("off", sample::BASE_MICROS + 3_600_000_000))
+        .await;
+    wait_until("Exited applied", async || {
+        (0..CONTACTS)
+            .all(|i| h.fake.value(7, &format!("p{i}@example.com"), 3).as_deref() == Some("off"))
+    })
+    .await;
+    active.signal("KILL");
+    assert_eq!(active.wait_exit(WITHIN).await.code(), None, "killed");
+    // The standby takes over and meets the Entered copies.
+    wait_until("the standby to supersede the Entered copies", async || {
+        standby.metrics().await.is_some_and(|text| {
+            support::counter_total(&text, "listrak_messages_acked_total") >= CONTACTS as f64
+        })
+    })
+    .await;
+    let stale = (0..CONTACTS)
+        .filter(|i| h.fake.value(7, &format!("p{i}@example.com"), 3).as_deref() != Some("off"))
+        .count();
+    assert_eq!(
+        stale, 0,
+        "fields left on the older value after the failover"
+    );
+    stop_all(std::slice::from_mut(&mut standby)).await;
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_competing_replicas_on_enter_exit_flips_leave_only_the_in_flight_window() {
+    const PEOPLE: usize = 300;
+    const FLIPS: usize = 10;
+    let knobs = Knobs {
+        max_contacts: 50,
+        prefetch: 200,
+        max_wait: "20ms",
+        in_process: "30s",
+        ..Knobs::default()
+    };
+    let h = Harness::new(
+        "replicas-flips",
+        Faults {
+            latency: Duration::from_millis(20),
+            latency_jitter: Duration::from_millis(100),
+            outage_for: Some(Duration::from_secs(600)),
+            ..Faults::default()
+        },
+        knobs.clone(),
+    )
+    .await;
+    // Each person enters and leaves in turn, ten times; the last event is an exit.
+    let mut bodies = Vec::new();
+    for round in 0..FLIPS {
+        for person in 0..PEOPLE {
+            let value = if round % 2 == 0 { "on" } else { "off" };
+            let at = sample::BASE_MICROS + (round * 1_000_000 + person) as i64;
+            bodies.push(support::profile_update(
+                7,
+                &format!("p{person}@example.com"),
+                3,
+                value,
+                at,
+            ));
+        }
+    }
+    h.publish(&bodies).await;
+    let mut workers = share(&h, 3, &knobs).await;
+    wait_until("every flip settled", async || {
+        acked_by_all(&workers).await >= bodies.len() as u64
+    })
+    .await;
+    let stale = (0..PEOPLE)
+        .filter(|p| h.fake.value(7, &format!("p{p}@example.com"), 3).as_deref() != Some("off"))
+        .count();
+    println!(
+        "three competing replicas, {PEOPLE} contacts flipping {FLIPS} times, Listrak answering \
+         in 20-120 ms: {stale} fields left on an older value"
+    );
+    stop_all(&mut workers).await;
+    assert_drained(&h).await;
+    h.finish().await;
+}

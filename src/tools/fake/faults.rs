@@ -15,6 +15,9 @@ pub struct Faults {
     /// Added before every SegmentationField answer.
     #[serde(with = "duration_text")]
     pub latency: Duration,
+    /// Up to this much more, drawn at random for each SegmentationField answer.
+    #[serde(with = "duration_text")]
+    pub latency_jitter: Duration,
     /// Share (0..=1) of SegmentationField requests answered 503 at random.
     pub error_rate: f64,
     /// Above this many SegmentationField requests per second (all lists together): 429.
@@ -60,6 +63,7 @@ impl Default for Faults {
     fn default() -> Self {
         Self {
             latency: Duration::ZERO,
+            latency_jitter: Duration::ZERO,
             error_rate: 0.0,
             throttle_rps: None,
             retry_after: None,

@@ -222,9 +222,16 @@ impl State {
             elapsed: now.saturating_duration_since(self.started),
             token_generation,
         });
+        let faults = self.faults.faults();
+        let jitter = faults.latency_jitter.as_secs_f64();
+        let extra = if jitter > 0.0 {
+            Duration::from_secs_f64(rand::random::<f64>() * jitter)
+        } else {
+            Duration::ZERO
+        };
         Decision {
             answer,
-            latency: self.faults.faults().latency,
+            latency: faults.latency + extra,
         }
     }
 
