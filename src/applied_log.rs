@@ -97,8 +97,10 @@ pub struct AppliedValue {
 
 impl Record {
     /// What a delivered batch applied and left outstanding; `None` when neither (every
-    /// contact superseded). `message_id` gives a delivery tag's message id.
+    /// contact superseded). `message_id` gives a delivery tag's message id; `writer` is the
+    /// worker's (see [`new_writer`]).
     pub fn of_delivery(
+        writer: &str,
         batch: &Batch,
         verdicts: &[Verdict],
         resource_ids: Vec<String>,
@@ -147,7 +149,7 @@ impl Record {
         }
         Some(Record {
             v: VERSION,
-            w: Some(writer().to_owned()),
+            w: Some(writer.to_owned()),
             sync: None,
             list: batch.list_id.get(),
             at: now.0,
@@ -245,15 +247,14 @@ impl Record {
     }
 }
 
-/// This process's writer id (random, once).
-fn writer() -> &'static str {
-    static WRITER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    WRITER.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+/// A new writer id: one per worker (and so per guard), random.
+pub fn new_writer() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
-/// How this process's own records begin.
-fn own_prefix() -> String {
-    format!(r#"{{"v":{VERSION},"w":"{}""#, writer())
+/// How the records of `writer` begin.
+fn own_prefix(writer: &str) -> String {
+    format!(r#"{{"v":{VERSION},"w":"{writer}""#)
 }
 
 /// Appends a record and waits for the broker's confirm.
@@ -312,6 +313,7 @@ pub async fn follow(
     metrics: Metrics,
     from: ReadFrom,
     next_offset: Arc<AtomicI64>,
+    writer: &str,
 ) -> Result<Following, PublishError> {
     let channel = connection.create_channel().await?;
     channel
@@ -337,7 +339,7 @@ pub async fn follow(
     )
     .await?;
     let (synced_tx, synced) = oneshot::channel();
-    let own = own_prefix();
+    let own = own_prefix(writer);
     let task = tokio::spawn(async move {
         let mut synced_tx = Some(synced_tx);
         let mut read = 0u64;
@@ -534,10 +536,11 @@ mod tests {
                 list_id: None,
             }),
         ];
-        let record = Record::of_delivery(&batch(), &verdicts, vec!["rid-1".into()], now, |tag| {
-            Some(format!("msg-{tag}"))
-        })
-        .unwrap();
+        let record =
+            Record::of_delivery("w", &batch(), &verdicts, vec!["rid-1".into()], now, |tag| {
+                Some(format!("msg-{tag}"))
+            })
+            .unwrap();
         let bytes = record.encode();
         let read = Record::decode(&bytes).unwrap();
         assert_eq!(read, record);
@@ -599,6 +602,8 @@ mod tests {
             Verdict::Superseded,
             Verdict::Superseded,
         ];
-        assert!(Record::of_delivery(&batch(), &verdicts, vec![], EventTime(0), |_| None).is_none());
+        assert!(
+            Record::of_delivery("w", &batch(), &verdicts, vec![], EventTime(0), |_| None).is_none()
+        );
     }
 }

@@ -598,13 +598,20 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             resource_ids,
         } = delivered;
         let ledger = &self.ledger;
-        let record =
-            Record::of_delivery(&batch, &verdicts, resource_ids, EventTime::now(), |tag| {
+        let writer = &self.worker.writer;
+        let record = Record::of_delivery(
+            writer,
+            &batch,
+            &verdicts,
+            resource_ids,
+            EventTime::now(),
+            |tag| {
                 ledger
                     .get(tag)
                     .and_then(|original| original.message_id.as_deref())
                     .map(str::to_owned)
-            });
+            },
+        );
         let Some(record) = record else {
             let _ = self.reports.send(Report::Appended { batch, verdicts });
             return;
@@ -866,6 +873,7 @@ async fn read_applied_log<A: ListrakApi>(
         worker.metrics.clone(),
         from,
         Arc::clone(&worker.log_offset),
+        &worker.writer,
     )
     .await
     .map_err(|error| match error {

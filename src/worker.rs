@@ -76,6 +76,9 @@ pub(crate) struct Worker<A> {
     /// Where the next read of the applied log resumes (the offset after the last record
     /// read), or -1 before the first read, which starts at the log's horizon.
     pub(crate) log_offset: Arc<AtomicI64>,
+    /// This worker's id in the applied log: its tail skips its own records, whose values
+    /// its guard learnt when they were written.
+    pub(crate) writer: String,
 }
 
 impl<A: ListrakApi> Worker<A> {
@@ -118,6 +121,7 @@ impl<A: ListrakApi> Worker<A> {
             health,
             stop,
             log_offset: Arc::new(AtomicI64::new(-1)),
+            writer: crate::applied_log::new_writer(),
         }
     }
 

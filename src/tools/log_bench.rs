@@ -161,6 +161,7 @@ async fn measure(
         Metrics::new(1000),
         applied_log::ReadFrom::Age(Duration::from_secs(8 * 24 * 3600)),
         Arc::new(AtomicI64::new(-1)),
+        &applied_log::new_writer(),
     )
     .await?;
     let read = following.synced.await?;

@@ -487,7 +487,8 @@ async fn a_record_the_worker_cannot_read_is_skipped_and_counted_and_the_worker_g
     h.wait_acked(CONTACTS as u64, Duration::from_secs(30)).await;
     assert_eq!(h.acked_as("applied"), CONTACTS as u64);
     assert_eq!(
-        h.metrics.sample("listrak_applied_log_unreadable_total", &[]),
+        h.metrics
+            .sample("listrak_applied_log_unreadable_total", &[]),
         2.0
     );
     h.finish().await;

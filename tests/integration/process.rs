@@ -34,10 +34,11 @@ async fn interrupted_run_loses_nothing(test: &str, signal_name: &str) -> std::pr
     .await;
     h.publish(&traffic.bodies).await;
     let mut worker = WorkerProcess::spawn(&h, "interrupted", &knobs);
-    h.wait_for(
-        "the worker process to send requests",
+    // Interrupted once it has settled some (acked after their record is in the applied log).
+    crate::support::wait_until(
+        "the worker process to settle some events",
         Duration::from_secs(30),
-        |h| h.fake.requests().len() >= 5,
+        async || worker.acked().await >= 50,
     )
     .await;
     worker.signal(signal_name);
