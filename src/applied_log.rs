@@ -296,6 +296,16 @@ impl ReadFrom {
     }
 }
 
+/// Who reads the log, and where what it reads goes.
+pub struct Reader {
+    pub guard: Arc<SupersededGuard>,
+    pub metrics: Metrics,
+    /// Where a later read resumes: the offset after the last record read.
+    pub next_offset: Arc<AtomicI64>,
+    /// The reader's own records (see [`new_writer`]) are skipped unread.
+    pub writer: String,
+}
+
 /// The log being read: done once everything appended before the read started was read.
 pub struct Following {
     pub synced: oneshot::Receiver<u64>,
@@ -309,12 +319,15 @@ pub async fn follow(
     connection: &Connection,
     publisher: &Publisher,
     topology: &Topology,
-    guard: Arc<SupersededGuard>,
-    metrics: Metrics,
     from: ReadFrom,
-    next_offset: Arc<AtomicI64>,
-    writer: &str,
+    reader: Reader,
 ) -> Result<Following, PublishError> {
+    let Reader {
+        guard,
+        metrics,
+        next_offset,
+        writer,
+    } = reader;
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(READ_PREFETCH, BasicQosOptions::default())
@@ -339,7 +352,7 @@ pub async fn follow(
     )
     .await?;
     let (synced_tx, synced) = oneshot::channel();
-    let own = own_prefix(writer);
+    let own = own_prefix(&writer);
     let task = tokio::spawn(async move {
         let mut synced_tx = Some(synced_tx);
         let mut read = 0u64;

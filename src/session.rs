@@ -869,11 +869,13 @@ async fn read_applied_log<A: ListrakApi>(
         connection,
         publisher,
         &worker.topology,
-        Arc::clone(&worker.deliverer.guard),
-        worker.metrics.clone(),
         from,
-        Arc::clone(&worker.log_offset),
-        &worker.writer,
+        applied_log::Reader {
+            guard: Arc::clone(&worker.deliverer.guard),
+            metrics: worker.metrics.clone(),
+            next_offset: Arc::clone(&worker.log_offset),
+            writer: worker.writer.clone(),
+        },
     )
     .await
     .map_err(|error| match error {

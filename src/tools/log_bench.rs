@@ -157,11 +157,13 @@ async fn measure(
         connection,
         publisher,
         topology,
-        Arc::clone(&guard),
-        Metrics::new(1000),
         applied_log::ReadFrom::Age(Duration::from_secs(8 * 24 * 3600)),
-        Arc::new(AtomicI64::new(-1)),
-        &applied_log::new_writer(),
+        applied_log::Reader {
+            guard: Arc::clone(&guard),
+            metrics: Metrics::new(1000),
+            next_offset: Arc::new(AtomicI64::new(-1)),
+            writer: applied_log::new_writer(),
+        },
     )
     .await?;
     let read = following.synced.await?;
