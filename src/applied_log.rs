@@ -34,6 +34,8 @@ pub const VERSION: u32 = 1;
 /// Records in hand at once while reading the log: up to 1,000 contacts each, about 100 KB,
 /// so a few MiB; more reads no faster (measured with `listrak-bench --applied-log`).
 const READ_PREFETCH: u16 = 64;
+/// How long a read up to the marker may go without a record before it is given up.
+const SILENCE: Duration = Duration::from_secs(30);
 /// How often the guard's gauges are set and expired keys dropped while tailing.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -328,29 +330,11 @@ pub async fn follow(
         next_offset,
         writer,
     } = reader;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(READ_PREFETCH, BasicQosOptions::default())
-        .await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-stream-offset".into(), from.argument());
-    let mut consumer = channel
-        .basic_consume(
-            topology.applied.as_str().into(),
-            format!("listrak-worker-applied-{}", std::process::id())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            arguments,
-        )
-        .await?;
-    let marker_id = format!("{:032x}", rand::random::<u128>());
-    append(
-        publisher,
-        topology,
-        &Record::marker(marker_id.clone()).encode(),
-    )
-    .await?;
+    let Read {
+        channel,
+        mut consumer,
+        marker: marker_id,
+    } = Read::open(connection, publisher, topology, from, "applied").await?;
     let (synced_tx, synced) = oneshot::channel();
     let own = own_prefix(&writer);
     let task = tokio::spawn(async move {
@@ -433,57 +417,106 @@ pub async fn read_into(
     topology: &Topology,
     guard: &SupersededGuard,
     from: ReadFrom,
-) -> Result<u64, PublishError> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(READ_PREFETCH, BasicQosOptions::default())
-        .await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-stream-offset".into(), from.argument());
-    let mut consumer = channel
-        .basic_consume(
-            topology.applied.as_str().into(),
-            format!("listrak-worker-read-{}", std::process::id())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            arguments,
+) -> Result<u64, ReadError> {
+    let publisher = Publisher::new(connection).await?;
+    let read = Read::open(connection, &publisher, topology, from, "read").await;
+    let _ = publisher.channel().close(200, "done".into()).await;
+    read?.to_marker(|record| record.feed(guard)).await
+}
+
+/// Why a read of the log ended before its marker.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Append(#[from] PublishError),
+    #[error("the broker stopped the read of the applied log: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker ended the read of the applied log before its end")]
+    Ended,
+    #[error("the applied log sent nothing for {}s before its end was reached", .0.as_secs())]
+    Silent(Duration),
+}
+
+/// A read of the log from some point, with a marker appended at its end: once the marker is
+/// read, everything appended before the read began was read.
+pub struct Read {
+    pub channel: lapin::Channel,
+    pub consumer: lapin::Consumer,
+    pub marker: String,
+}
+
+impl Read {
+    /// Starts reading from `from` and appends the marker; `purpose` names the consumer.
+    pub async fn open(
+        connection: &Connection,
+        publisher: &Publisher,
+        topology: &Topology,
+        from: ReadFrom,
+        purpose: &str,
+    ) -> Result<Read, PublishError> {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(READ_PREFETCH, BasicQosOptions::default())
+            .await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-stream-offset".into(), from.argument());
+        let tag = format!("listrak-worker-{purpose}-{}", std::process::id());
+        let consumer = channel
+            .basic_consume(
+                topology.applied.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                arguments,
+            )
+            .await?;
+        let marker = format!("{:032x}", rand::random::<u128>());
+        append(
+            publisher,
+            topology,
+            &Record::marker(marker.clone()).encode(),
         )
         .await?;
-    let publisher = Publisher::new(connection).await?;
-    let marker_id = format!("{:032x}", rand::random::<u128>());
-    append(
-        &publisher,
-        topology,
-        &Record::marker(marker_id.clone()).encode(),
-    )
-    .await?;
-    let _ = publisher.channel().close(200, "done".into()).await;
-    let mut read = 0u64;
-    let mut unacked = 0u16;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        unacked += 1;
-        if unacked >= READ_PREFETCH / 2 {
-            channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
-            unacked = 0;
-        }
-        let Ok(record) = Record::decode(&delivery.data) else {
-            continue;
-        };
-        match &record.sync {
-            Some(id) if *id == marker_id => break,
-            Some(_) => {}
-            None => {
-                read += 1;
-                record.feed(guard);
+        Ok(Read {
+            channel,
+            consumer,
+            marker,
+        })
+    }
+
+    /// Hands every readable record before the marker to `each` (unreadable ones are
+    /// skipped), then closes the read; returns how many were handed.
+    pub async fn to_marker(mut self, mut each: impl FnMut(Record)) -> Result<u64, ReadError> {
+        let mut read = 0u64;
+        let mut unacked = 0u16;
+        loop {
+            let delivery = match tokio::time::timeout(SILENCE, self.consumer.next()).await {
+                Ok(Some(delivery)) => delivery?,
+                Ok(None) => return Err(ReadError::Ended),
+                Err(_) => return Err(ReadError::Silent(SILENCE)),
+            };
+            unacked += 1;
+            if unacked >= READ_PREFETCH / 2 {
+                let multiple = BasicAckOptions { multiple: true };
+                self.channel
+                    .basic_ack(delivery.delivery_tag, multiple)
+                    .await?;
+                unacked = 0;
+            }
+            let Ok(record) = Record::decode(&delivery.data) else {
+                continue;
+            };
+            match &record.sync {
+                Some(id) if *id == self.marker => break,
+                Some(_) => {}
+                None => {
+                    read += 1;
+                    each(record);
+                }
             }
         }
+        let _ = self.channel.close(200, "done".into()).await;
+        Ok(read)
     }
-    let _ = channel.close(200, "done".into()).await;
-    Ok(read)
 }
 
 /// A record that cannot be read: counted, and logged once per process.

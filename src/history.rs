@@ -3,24 +3,17 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::Connection;
 use serde_json::json;
 
-use crate::applied_log::{self, AppliedValue, ReadFrom, Record};
+use crate::applied_log::{self, AppliedValue, ReadFrom};
 use crate::broker::{queue_counts, Publisher, Topology};
 use crate::dlq::{DeadLetters, Filter};
 use crate::model::EventTime;
 use crate::progress::Progress;
 
-/// Stream deliveries in hand at once.
-const PREFETCH: u16 = 1000;
 /// Dead letters read at most, looking for the contact's.
 const DEAD_LETTERS_READ: usize = 1_000_000;
-/// How long the log may stay silent before the read is given up.
-const SILENCE: Duration = Duration::from_secs(30);
 
 /// A dead letter that names the contact.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,64 +54,20 @@ pub async fn history(
                 topology.applied
             )
         })?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
-    let from = since.map_or(ReadFrom::First, ReadFrom::Age);
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-stream-offset".into(), from.argument());
-    let mut consumer = channel
-        .basic_consume(
-            topology.applied.as_str().into(),
-            format!("listrak-worker-history-{}", std::process::id())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            arguments,
-        )
-        .await?;
-    // A marker at the end: everything before it was appended before this read began.
-    let marker = format!("history-{:032x}", rand::random::<u128>());
+    let _ = channel.close(200, "counted".into()).await;
     let publisher = Publisher::new(connection).await?;
-    applied_log::append(
-        &publisher,
-        topology,
-        &Record::marker(marker.clone()).encode(),
-    )
-    .await?;
-
+    let from = since.map_or(ReadFrom::First, ReadFrom::Age);
+    let read = applied_log::Read::open(connection, &publisher, topology, from, "history").await;
+    let _ = publisher.channel().close(200, "done".into()).await;
     let progress = Progress::new("reading the applied log", u64::from(total));
     let mut found = History::default();
-    let mut unacked = 0u16;
-    loop {
-        let delivery = match tokio::time::timeout(SILENCE, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => delivery,
-            Ok(Some(Err(error))) => return Err(error.into()),
-            Ok(None) => anyhow::bail!("the broker ended the read of the applied log"),
-            Err(_) => anyhow::bail!(
-                "the applied log sent nothing for {}s before its end was reached",
-                SILENCE.as_secs()
-            ),
-        };
-        unacked += 1;
-        if unacked >= PREFETCH / 2 {
-            channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
-            unacked = 0;
-        }
-        progress.advance(1);
-        let Ok(record) = Record::decode(&delivery.data) else {
-            continue;
-        };
-        if record.sync.as_deref() == Some(marker.as_str()) {
-            break;
-        }
-        found.records += 1;
-        found.applied.extend(record.values_for(&email, list));
-    }
+    found.records = read?
+        .to_marker(|record| {
+            progress.advance(1);
+            found.applied.extend(record.values_for(&email, list));
+        })
+        .await?;
     progress.clear();
-    let _ = channel.close(200, "done".into()).await;
     found
         .applied
         .sort_by_key(|value| (value.applied_at, value.event_time));
@@ -147,7 +96,6 @@ pub async fn history(
             message: letter.facts.message.clone(),
         });
     }
-    let _ = publisher.channel().close(200, "done".into()).await;
     Ok(found)
 }
 

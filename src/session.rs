@@ -535,14 +535,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 self.append(batch, delivered);
             }
             Report::AppendFailed(mut failed) => {
-                failed.attempts += 1;
-                if failed.attempts >= PUBLISH_ATTEMPTS {
-                    return Err(SessionError::PublishFailed);
-                }
-                if failed.generation == self.publisher_generation {
-                    self.replace_publisher().await?;
-                }
-                let delay = PUBLISH_RETRY_FIRST * 2u32.pow(failed.attempts - 1);
+                let delay = self
+                    .publish_again(&mut failed.attempts, failed.generation)
+                    .await?;
                 self.spawn_append(failed, delay);
             }
             Report::Appended { batch, verdicts } => {
@@ -576,14 +571,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             }
             Report::PublishFailed(mut failed) => {
                 self.publishing -= 1;
-                failed.attempts += 1;
-                if failed.attempts >= PUBLISH_ATTEMPTS {
-                    return Err(SessionError::PublishFailed);
-                }
-                if failed.generation == self.publisher_generation {
-                    self.replace_publisher().await?;
-                }
-                let delay = PUBLISH_RETRY_FIRST * 2u32.pow(failed.attempts - 1);
+                let delay = self
+                    .publish_again(&mut failed.attempts, failed.generation)
+                    .await?;
                 self.publish(failed, delay);
             }
         }
@@ -659,6 +649,24 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             };
             let _ = reports.send(report);
         });
+    }
+
+    /// After a publish (a copy or a record) failed on the publisher of `generation`: one more
+    /// attempt, on a new publisher unless another failure replaced it already; the delay
+    /// before it, or the end of the session after the last attempt.
+    async fn publish_again(
+        &mut self,
+        attempts: &mut u32,
+        generation: u64,
+    ) -> Result<Duration, SessionError> {
+        *attempts += 1;
+        if *attempts >= PUBLISH_ATTEMPTS {
+            return Err(SessionError::PublishFailed);
+        }
+        if generation == self.publisher_generation {
+            self.replace_publisher().await?;
+        }
+        Ok(PUBLISH_RETRY_FIRST * 2u32.pow(*attempts - 1))
     }
 
     /// A failed publish usually means the publisher channel is gone (the broker closed it

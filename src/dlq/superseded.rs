@@ -33,9 +33,10 @@ impl SupersededCheck {
         let guard = SupersededGuard::with_watch(usize::MAX, 0, settings.applied_log.max_age);
         let records = applied_log::read_into(connection, topology, &guard, ReadFrom::First)
             .await
-            .map_err(|source| DlqError::Publish {
+            .map_err(|error| DlqError::Walk {
                 queue: topology.applied.clone(),
-                source,
+                reason: error.to_string(),
+                hint: "",
             })?;
         Ok(Self {
             guard,

@@ -59,22 +59,40 @@ async fn outage(h: &Harness, on: bool) {
     });
 }
 
+/// "Audience Entered" for every contact fails in an outage until each of its messages is
+/// acked as `outcome` (`retry_scheduled`: waiting in the retry queue; `dead_lettered`); then
+/// the outage ends.
+async fn entered_fails(h: &Harness, outcome: &str) {
+    outage(h, true).await;
+    h.publish(&updates("on", BASE_MICROS)).await;
+    h.wait_for(
+        &format!("Entered acked as {outcome}"),
+        Duration::from_secs(60),
+        |h| h.acked_as(outcome) >= CONTACTS as u64,
+    )
+    .await;
+    outage(h, false).await;
+}
+
+/// "Audience Exited", an hour newer, for the first `contacts`, applied.
+async fn exited_applied(h: &Harness, contacts: usize) {
+    let exited: Vec<Vec<u8>> = updates("off", BASE_MICROS + HOUR)
+        .into_iter()
+        .take(contacts)
+        .collect();
+    h.publish(&exited).await;
+    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
+        h.acked_as("applied") >= contacts as u64
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_update_in_a_retry_queue_does_not_overwrite_a_newer_one_after_a_redeploy() {
     let mut h = Harness::new("log_redeploy", Default::default(), knobs(r#"["6s"]"#, "1h")).await;
     h.start_worker();
-    outage(&h, true).await;
-    h.publish(&updates("on", BASE_MICROS)).await;
-    h.wait_for("Entered in the retry queue", Duration::from_secs(30), |h| {
-        h.acked_as("retry_scheduled") >= CONTACTS as u64
-    })
-    .await;
-    outage(&h, false).await;
-    h.publish(&updates("off", BASE_MICROS + HOUR)).await;
-    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
-        h.acked_as("applied") >= CONTACTS as u64
-    })
-    .await;
+    entered_fails(&h, "retry_scheduled").await;
+    exited_applied(&h, CONTACTS).await;
     // A redeploy: the process that applied Exited is gone; its memory with it.
     h.stop_worker().await;
     h.start_worker();
@@ -156,18 +174,8 @@ async fn an_update_without_a_timestamp_keeps_its_first_receipt_time_through_a_re
 async fn a_dead_letter_replayed_after_a_restart_does_not_overwrite_a_newer_value() {
     let mut h = Harness::new("log_replay", Default::default(), knobs(r#"["1s"]"#, "2s")).await;
     h.start_worker();
-    outage(&h, true).await;
-    h.publish(&updates("on", BASE_MICROS)).await;
-    h.wait_for("Entered dead-lettered", Duration::from_secs(60), |h| {
-        h.acked_as("dead_lettered") >= CONTACTS as u64
-    })
-    .await;
-    outage(&h, false).await;
-    h.publish(&updates("off", BASE_MICROS + HOUR)).await;
-    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
-        h.acked_as("applied") >= CONTACTS as u64
-    })
-    .await;
+    entered_fails(&h, "dead_lettered").await;
+    exited_applied(&h, CONTACTS).await;
     h.stop_worker().await;
     h.start_worker();
     let exhausted = Filter {
@@ -242,13 +250,7 @@ impl Replica {
 async fn a_replica_that_never_saw_the_newer_value_learns_it_from_the_log() {
     let mut h = Harness::new("log_replicas", Default::default(), knobs(r#"["4s"]"#, "1h")).await;
     h.start_worker();
-    outage(&h, true).await;
-    h.publish(&updates("on", BASE_MICROS)).await;
-    h.wait_for("Entered in the retry queue", Duration::from_secs(30), |h| {
-        h.acked_as("retry_scheduled") >= CONTACTS as u64
-    })
-    .await;
-    outage(&h, false).await;
+    entered_fails(&h, "retry_scheduled").await;
     // A second replica starts while the copies wait; the first applies Exited and leaves.
     let replica = Replica::start(&h.settings);
     h.stop_worker().await;
@@ -420,23 +422,9 @@ async fn history_shows_every_value_applied_to_a_contact_oldest_first_and_what_wa
 async fn skip_superseded_removes_the_dead_letters_the_log_supersedes_and_replays_the_rest() {
     let mut h = Harness::new("log_skip", Default::default(), knobs(r#"["1s"]"#, "2s")).await;
     h.start_worker();
-    outage(&h, true).await;
-    h.publish(&updates("on", BASE_MICROS)).await;
-    h.wait_for("Entered dead-lettered", Duration::from_secs(60), |h| {
-        h.acked_as("dead_lettered") >= CONTACTS as u64
-    })
-    .await;
-    outage(&h, false).await;
+    entered_fails(&h, "dead_lettered").await;
     // Only the first half of the contacts exit; the others' dead letters are still news.
-    let exited: Vec<Vec<u8>> = updates("off", BASE_MICROS + HOUR)
-        .into_iter()
-        .take(CONTACTS / 2)
-        .collect();
-    h.publish(&exited).await;
-    h.wait_for("Exited applied", Duration::from_secs(30), |h| {
-        h.acked_as("applied") >= (CONTACTS / 2) as u64
-    })
-    .await;
+    exited_applied(&h, CONTACTS / 2).await;
     let check = SupersededCheck::read(h.connection(), &h.topology, &h.settings)
         .await
         .unwrap();
