@@ -14,7 +14,7 @@
 //! - `environment`: the variables that override the file.
 //! - `secret`: values that are never printed; `urls`: what a URL setting must look like.
 //! - `sections`: one reader per table; `broker_tls` for `[amqp.tls]`.
-//! - `mappings`: `[[mappings]]`, into the rules [`crate::mapping`] defines.
+//! - `mappings`: `[[mappings]]`, into the rules [`crate::stages::mapping`] defines.
 //! - `print`: the effective configuration as TOML, secrets redacted (what `check` shows).
 
 mod broker_tls;
@@ -34,8 +34,8 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::mapping::Mapping;
-use crate::tls::BrokerTls;
+use crate::edges::tls::BrokerTls;
+use crate::stages::mapping::Mapping;
 pub use defaults::CONFIRM_TIMEOUT;
 use defaults::MAX_IN_PROCESS;
 use document::Node;

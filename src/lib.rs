@@ -11,92 +11,59 @@
 //!                            ack / retry queue / dead letter ◄── settle
 //! ```
 //!
-//! The decisions are pure functions (decode, mapping, batch, guard, classify, retry,
-//! concurrency, settle; disposition adds the broker's header names and queue names to them);
-//! the I/O sits around them (broker, listrak, http), and `session` drives the whole.
+//! The folders say what a module is:
 //!
-//! - [`config`]: the TOML file and environment, validated once into [`config::Settings`];
-//!   `src/config/` holds its parts (the defaults, the walk over the file, the environment,
-//!   secrets, one reader per section, `[amqp.tls]`, `[[mappings]]`, the redacted printout).
-//! - [`model`]: list and field ids, event times, updates, dead-letter reasons; the vocabulary
-//!   the stages share (verdicts, rejections, ack outcomes, readiness), so the pure stages need
-//!   no edge (a test checks their imports).
-//! - [`decode`]: message bytes into a Segment event (a borrowed JSON tree) or a direct
-//!   update, or poison.
-//! - [`mapping`]: Segment's `updateEmailContactProfileFields` semantics, made stricter; an
-//!   `audience_field` mapping leaves the field to be resolved by the audience key. The
-//!   mapping rules (`[[mappings]]`) and their JSON paths are defined here; `config` reads them.
-//! - [`fields`]: each list's field catalogue in memory, resolving `audience_field` mappings
-//!   (audience key → Check Box field id); misses read again at a bounded rate, missing
-//!   fields created on request, the lowest id winning among duplicates.
-//! - [`batch`]: grouping per list, merging per contact, last write wins per field; when a
-//!   batch leaves (size, bytes, `max_wait`, or input gone quiet); the order per contact (a
-//!   contact in flight is never in a second request: its newer updates wait for the answer).
-//! - [`guard`]: the bounded memory that keeps an older update from overwriting a newer one.
-//! - [`classify`]: one pure decision from a Listrak answer to ok / auth / systemic /
-//!   ambiguous / permanent.
-//! - [`retry`]: the retry schedule (the only user of the `backoff` crate).
-//! - [`concurrency`]: adaptive request concurrency (slow start, then additive increase,
-//!   multiplicative decrease) and a request rate after a 429.
-//! - [`deliver`]: one batch to Listrak: in-process retries within the batch's hold budget
-//!   (counted from its oldest message's delivery), bisection, size ceilings.
-//! - [`listrak`]: the Listrak API client and its shared OAuth token; the catalogue requests
-//!   (lists, profile field groups and fields).
-//! - [`catalogue`]: an account's lists and fields against the mappings (`check --listrak`),
-//!   and which group and Check Box fields `listrak provision` must create.
-//! - [`setup`]: the `listrak lists | fields | provision` commands and `check --listrak`.
-//! - [`settle`]: following each message to its acknowledgement; folding acks.
-//! - [`disposition`]: what a settled message becomes: an ack, a copy in a retry queue, or a
-//!   dead letter, with the headers that say why.
-//! - [`broker`]: connection, queue topology, confirmed publishing, headers.
-//! - [`tls`]: the broker's `amqps://` settings: CA and client certificate files.
-//! - [`session`]: the loop of one broker session that drives everything: consume, resolve
-//!   fields (holding aside the messages that wait for Listrak), batch, dispatch, settle,
-//!   publish, ack.
-//! - [`worker`]: sessions one after another (reconnection), shutdown.
-//! - [`telemetry`]: every metric, one function per occurrence.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`publish`], [`progress`]: the `publish` command.
-//! - [`dlq`]: the `dlq` commands: stats, peek, replay, export and purge of dead letters.
+//! - [`stages`], the pure decisions, functions of their inputs (time comes in as a value):
+//!   [`model`](stages::model) (the vocabulary the stages share: ids, event times, updates,
+//!   verdicts, rejections, ack outcomes), [`decode`](stages::decode) (message bytes into a
+//!   Segment event or a direct update, or poison), [`mapping`](stages::mapping) (Segment's
+//!   `updateEmailContactProfileFields` semantics, made stricter, and the `[[mappings]]`
+//!   rules), [`batch`](stages::batch) (per list, merged per contact, last write wins per
+//!   field; when a batch leaves; a contact in flight is never in a second request),
+//!   [`classify`](stages::classify) (a Listrak answer to ok / auth / systemic / ambiguous /
+//!   permanent), [`settle`](stages::settle) (each message to its acknowledgement; folding
+//!   acks), [`disposition`](stages::disposition) (an ack, a retry queue's copy or a dead
+//!   letter, with the headers that say why), [`headers`](stages::headers) (the header names,
+//!   the properties a copy carries, the queue names), [`catalogue`](stages::catalogue) (an
+//!   account's lists and fields against the mappings, and what `listrak provision` creates).
+//! - [`edges`], where the worker meets the world: [`broker`](edges::broker) (connection,
+//!   topology, confirmed publishing), [`applied_log`](edges::applied_log) (the stream every
+//!   worker appends to and tails), [`listrak`](edges::listrak) (the API client and its
+//!   OAuth token), [`http`](edges::http) (`/metrics`, `/healthz`, `/readyz`),
+//!   [`telemetry`](edges::telemetry) (every metric, one function per occurrence),
+//!   [`tls`](edges::tls) (the broker's `amqps://` files).
+//! - [`driver`], the state that lives while the worker runs and the loops that move messages
+//!   through the stages: [`worker`](driver::worker) (sessions one after another,
+//!   reconnection, shutdown), [`session`](driver::session) (one broker session: consume,
+//!   resolve fields, batch, dispatch, settle, publish, ack), [`shared`](driver::shared) (what
+//!   the sessions share), [`deliver`](driver::deliver) (one batch to Listrak: in-process
+//!   retries within the hold budget, bisection, size ceilings), [`fields`](driver::fields)
+//!   (each list's field catalogue, resolving `audience_field` mappings),
+//!   [`guard`](driver::guard) (what the applied log says was applied),
+//!   [`concurrency`](driver::concurrency) (adaptive request concurrency and a rate after a
+//!   429), [`retry`](driver::retry) (in-process backoff; the only user of `backoff`),
+//!   [`unpoisoned`](driver::unpoisoned) (a mutex a panic does not poison).
+//! - [`commands`], what runs beside `run`: [`dlq`](commands::dlq) (stats, peek, replay,
+//!   export, purge), [`setup`](commands::setup) (`listrak lists | fields | provision`,
+//!   `check --listrak`), [`publish`](commands::publish), [`history`](commands::history),
+//!   [`progress`](commands::progress) (their progress line).
+//! - [`config`]: the TOML file and environment, validated once into [`config::Settings`].
 //! - [`allocator`]: mimalloc, set to give freed memory back at once.
 //!
 //! Everything above runs in production. [`tools`] holds what runs beside it, never imported
 //! by the modules above: the demo (its command stays in the main binary), the sample traffic
 //! it shares with the tests, the benchmark (`listrak-bench`) and the Listrak stand-in
-//! (`listrak-fake`).
+//! (`listrak-fake`). A test below holds the folders to their roles.
 
 pub mod allocator;
-pub mod applied_log;
-pub mod batch;
-pub mod broker;
-pub mod catalogue;
-pub mod classify;
-pub mod concurrency;
+pub mod commands;
 pub mod config;
-pub mod decode;
-pub mod deliver;
-pub mod disposition;
-pub mod dlq;
-pub mod fields;
-pub mod guard;
-pub mod history;
-pub mod http;
-pub mod listrak;
-pub mod mapping;
-pub mod model;
-pub mod progress;
-pub mod publish;
-pub mod retry;
+pub mod driver;
+pub mod edges;
 #[cfg(test)]
 mod robustness;
-pub mod session;
-pub mod settle;
-pub mod setup;
-pub mod telemetry;
-pub mod tls;
+pub mod stages;
 pub mod tools;
-pub mod unpoisoned;
-pub mod worker;
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
@@ -119,38 +86,46 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod layers {
+    use std::collections::{BTreeMap, BTreeSet};
     use std::path::{Path, PathBuf};
 
-    /// The stages whose decisions are pure: they import neither the edges (the broker,
-    /// Listrak, the HTTP server, the metrics) nor the driver (the session loop, delivery).
-    const PURE: [&str; 9] = [
-        "decode",
-        "mapping",
-        "batch",
-        "guard",
-        "classify",
-        "retry",
-        "concurrency",
-        "settle",
-        "model",
+    /// The folders of `src/`, by role.
+    const FOLDERS: [&str; 5] = ["stages", "edges", "driver", "commands", "tools"];
+    /// Which folders each folder's code may name (besides its own, `config` and `allocator`).
+    const MAY_USE: [(&str, &[&str]); 5] = [
+        ("stages", &[]),
+        ("edges", &["stages", "driver"]),
+        ("driver", &["stages", "edges"]),
+        ("commands", &["stages", "edges", "driver"]),
+        ("tools", &["stages", "edges", "driver", "commands"]),
     ];
-    const EDGES_AND_DRIVER: [&str; 7] = [
-        "broker",
-        "listrak",
-        "http",
-        "telemetry",
-        "worker",
-        "session",
-        "deliver",
+    /// What a pure stage never does outside its tests: read a clock, draw a random number,
+    /// wait on a runtime, hold a lock, or talk to the broker. `model` defines the clock read
+    /// the driver uses (`EventTime::now`); no stage calls it.
+    const IMPURE: [&str; 9] = [
+        "Instant::now",
+        "SystemTime",
+        "Utc::now",
+        "EventTime::now",
+        "rand::",
+        "tokio::",
+        "Mutex",
+        "lapin::Channel",
+        "lapin::Connection",
     ];
-    /// What runs beside production (the demo, the sample traffic, the benchmark, the
-    /// stand-in), and the binaries and test-only modules that may use it.
-    const TOOLS: &str = "tools";
-    const NOT_PRODUCTION: [&str; 4] = ["tools", "bin", "main", "robustness"];
 
-    /// Every source file of the library under `src/`, with the top-level module it belongs
-    /// to: a new file is checked without being listed anywhere.
-    fn sources() -> Vec<(String, PathBuf, String)> {
+    struct Source {
+        path: PathBuf,
+        /// `stages/batch` for `src/stages/batch.rs` and `src/stages/batch/tests.rs`;
+        /// `config` for everything of `config`, `lib` for `lib.rs`.
+        module: String,
+        folder: String,
+        /// The code before its tests (a file of tests has none).
+        code: String,
+    }
+
+    /// Every source file under `src/`: a new file is checked without being listed anywhere.
+    fn sources() -> Vec<Source> {
         fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
             for entry in std::fs::read_dir(dir).expect("src/ is readable") {
                 let path = entry.expect("a directory entry").path();
@@ -166,69 +141,203 @@ mod layers {
         walk(&root, &mut files);
         files
             .into_iter()
-            .filter(|path| path != &root.join("lib.rs"))
             .map(|path| {
                 let relative = path.strip_prefix(&root).expect("under src/");
-                let first = relative.components().next().expect("a file name");
-                let module = Path::new(first.as_os_str())
-                    .file_stem()
-                    .expect("a name")
-                    .to_string_lossy()
-                    .into_owned();
-                let code = std::fs::read_to_string(&path).expect("UTF-8 source");
-                (module, path, code)
+                let parts: Vec<String> = relative
+                    .components()
+                    .map(|c| {
+                        c.as_os_str()
+                            .to_string_lossy()
+                            .trim_end_matches(".rs")
+                            .to_owned()
+                    })
+                    .collect();
+                let folder = parts[0].clone();
+                let module = if FOLDERS.contains(&folder.as_str()) && parts.len() > 1 {
+                    format!("{}/{}", parts[0], parts[1])
+                } else {
+                    folder.clone()
+                };
+                let source = std::fs::read_to_string(&path).expect("UTF-8 source");
+                let is_tests = parts.last().is_some_and(|name| name == "tests");
+                let code = if is_tests {
+                    String::new()
+                } else {
+                    // The inline test module is the file's last item; `mod tests;` is a file
+                    // of its own, and the code after it is checked.
+                    let tests = source.find("#[cfg(test)]\nmod tests {");
+                    source[..tests.unwrap_or(source.len())].to_owned()
+                };
+                Source {
+                    path,
+                    module,
+                    folder,
+                    code,
+                }
             })
             .collect()
     }
 
+    /// The `folder/module`s a piece of code names through `crate::` (in `use` lines or
+    /// inline, one per line or grouped).
+    fn named(code: &str) -> BTreeSet<String> {
+        let mut modules = BTreeSet::new();
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            let path: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            let mut parts = path.split("::").filter(|part| !part.is_empty());
+            let Some(first) = parts.next() else { continue };
+            match parts.next() {
+                Some(second) if FOLDERS.contains(&first) => {
+                    modules.insert(format!("{first}/{second}"));
+                }
+                // `crate::edges::{broker, http}` and the like.
+                None if FOLDERS.contains(&first) && rest[first.len()..].starts_with("::{") => {
+                    let group = &rest[first.len() + 3..];
+                    for name in top_level_names(group) {
+                        modules.insert(format!("{first}/{name}"));
+                    }
+                }
+                _ => {
+                    modules.insert(first.to_owned());
+                }
+            }
+        }
+        modules
+    }
+
+    /// The first name of each item of a `{…}` group, up to its closing brace:
+    /// `broker::{self, Topology}, http}` gives `broker` and `http`.
+    fn top_level_names(group: &str) -> Vec<&str> {
+        let mut items = Vec::new();
+        let (mut depth, mut from) = (0, 0);
+        for (at, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth > 0 => depth -= 1,
+                ',' | '}' if depth == 0 => {
+                    items.push(&group[from..at]);
+                    from = at + 1;
+                    if c == '}' {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        items
+            .into_iter()
+            .filter_map(|item| item.split("::").next().map(str::trim))
+            .filter(|name| !name.is_empty())
+            .collect()
+    }
+
     #[test]
-    fn every_module_is_found() {
-        let modules: Vec<String> = sources().into_iter().map(|(m, _, _)| m).collect();
-        for module in PURE
-            .iter()
-            .chain(&EDGES_AND_DRIVER)
-            .chain(&[TOOLS, "config", "dlq"])
-        {
-            assert!(modules.iter().any(|m| m == module), "no source of {module}");
+    fn every_folder_has_its_modules() {
+        let modules: BTreeSet<String> = sources().into_iter().map(|s| s.module).collect();
+        for module in [
+            "stages/decode",
+            "stages/mapping",
+            "stages/batch",
+            "stages/settle",
+            "stages/disposition",
+            "stages/headers",
+            "edges/broker",
+            "edges/listrak",
+            "driver/session",
+            "driver/deliver",
+            "commands/dlq",
+            "tools/fake",
+            "config",
+        ] {
+            assert!(modules.contains(module), "no source of {module}");
         }
     }
 
     #[test]
-    fn production_modules_never_import_the_tools() {
-        for (module, path, source) in sources() {
-            if NOT_PRODUCTION.contains(&module.as_str()) {
+    fn each_folder_names_only_the_folders_its_role_allows() {
+        let allowed: BTreeMap<&str, &[&str]> = MAY_USE.into_iter().collect();
+        for source in sources() {
+            // The binaries, the library's root, `config`, the allocator and the test-only
+            // robustness checks stand outside the folders.
+            let Some(may) = allowed.get(source.folder.as_str()) else {
+                continue;
+            };
+            for module in named(&source.code) {
+                let folder = module.split('/').next().unwrap_or(&module);
+                let fine = folder == source.folder
+                    || may.contains(&folder)
+                    || ["config", "allocator"].contains(&folder);
+                assert!(
+                    fine,
+                    "{} ({}) uses {module}",
+                    source.path.display(),
+                    source.folder
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn production_code_never_uses_the_tools() {
+        for source in sources() {
+            if ["tools", "bin", "main", "robustness"].contains(&source.folder.as_str()) {
                 continue;
             }
-            // Tests may use the sample traffic: look at the code before them.
-            let code = source.split("#[cfg(test)]").next().unwrap_or(&source);
             assert!(
-                !code.contains("crate::tools"),
-                "{} ({module}) imports the development tools",
-                path.display()
+                !named(&source.code).iter().any(|m| m.starts_with("tools")),
+                "{} uses the development tools",
+                source.path.display()
             );
         }
     }
 
     #[test]
-    fn pure_stages_import_neither_the_edges_nor_the_driver() {
-        for (stage, path, source) in sources() {
-            if !PURE.contains(&stage.as_str()) {
-                continue;
-            }
-            for line in source.lines().filter(|line| line.contains("crate::")) {
-                for module in EDGES_AND_DRIVER {
-                    let named = format!("crate::{module}");
-                    let uses = line.match_indices(&named).any(|(at, _)| {
-                        !line[at + named.len()..].starts_with(char::is_alphanumeric)
-                    });
+    fn the_stages_stay_pure() {
+        for source in sources().into_iter().filter(|s| s.folder == "stages") {
+            for line in source.code.lines().map(str::trim) {
+                if line.starts_with("//") {
+                    continue;
+                }
+                for impure in IMPURE {
+                    let defines_now = impure == "Utc::now" && source.module == "stages/model";
                     assert!(
-                        !uses,
-                        "{} ({stage}) uses {module}: {}",
-                        path.display(),
-                        line.trim()
+                        defines_now || !line.contains(impure),
+                        "{} is a pure stage but uses {impure}: {line}",
+                        source.path.display()
                     );
                 }
             }
         }
+    }
+
+    #[test]
+    fn no_two_modules_import_each_other() {
+        let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for source in sources() {
+            let named = named(&source.code);
+            let entry = imports.entry(source.module.clone()).or_default();
+            entry.extend(named.into_iter().filter(|m| *m != source.module));
+        }
+        for (module, names) in &imports {
+            for other in names {
+                let back = imports.get(other).is_some_and(|n| n.contains(module));
+                assert!(!back, "{module} and {other} import each other");
+            }
+        }
+    }
+
+    #[test]
+    fn the_import_reader_sees_grouped_and_inline_paths() {
+        let code = "use crate::edges::{broker::{self, Topology}, http};\n\
+                    fn f() { crate::driver::guard::x(); }\nuse crate::config::Settings;";
+        let named: Vec<String> = named(code).into_iter().collect();
+        assert_eq!(
+            named,
+            ["config", "driver/guard", "edges/broker", "edges/http"]
+        );
     }
 }

@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use listrak_worker::commands::dlq::superseded::SupersededCheck;
+use listrak_worker::commands::dlq::{self, DeadLetters, DlqError, Filter, ReplayOptions};
+use listrak_worker::commands::setup::{self, ProblemsFound, ProvisionRequest, SetupError};
+use listrak_worker::commands::{history, publish};
 use listrak_worker::config::Settings;
-use listrak_worker::dlq::superseded::SupersededCheck;
-use listrak_worker::dlq::{self, DeadLetters, DlqError, Filter, ReplayOptions};
-use listrak_worker::listrak::ListrakClient;
-use listrak_worker::model::ListId;
-use listrak_worker::setup::{self, ProblemsFound, ProvisionRequest, SetupError};
-use listrak_worker::telemetry::Metrics;
+use listrak_worker::driver::worker::Health;
+use listrak_worker::edges::listrak::ListrakClient;
+use listrak_worker::edges::telemetry::Metrics;
+use listrak_worker::edges::{broker, http};
+use listrak_worker::stages::model::ListId;
 use listrak_worker::tools::demo;
-use listrak_worker::worker::Health;
-use listrak_worker::{allocator, broker, history, http, publish, shutdown_signal};
+use listrak_worker::{allocator, shutdown_signal};
 
 // Every message is allocated by lapin's I/O thread and freed on the worker's: glibc's
 // allocator takes a lock for each such free, mimalloc does not.
@@ -352,9 +354,14 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 health.clone(),
                 stop_http.clone().cancelled_owned(),
             ));
-            let result =
-                listrak_worker::worker::run(settings, api, metrics, health, shutdown_signal())
-                    .await;
+            let result = listrak_worker::driver::worker::run(
+                settings,
+                api,
+                metrics,
+                health,
+                shutdown_signal(),
+            )
+            .await;
             stop_http.cancel();
             // Open scrapes get a moment to finish; a client holding a connection does not
             // hold up the exit.
@@ -472,7 +479,7 @@ async fn verify_listrak(
 async fn listrak_command(
     command: ListrakCommand,
     client: &ListrakClient,
-    mappings: &[listrak_worker::mapping::Mapping],
+    mappings: &[listrak_worker::stages::mapping::Mapping],
 ) -> anyhow::Result<()> {
     match command {
         ListrakCommand::Lists { json } => {

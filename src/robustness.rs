@@ -5,12 +5,12 @@
 
 use proptest::prelude::*;
 
-use crate::broker::RetryHeaders;
-use crate::classify::{classify, parse_retry_after, ListrakError, Outcome};
 use crate::config::Settings;
-use crate::decode::decode;
-use crate::mapping::plan;
-use crate::model::EventTime;
+use crate::edges::broker::RetryHeaders;
+use crate::stages::classify::{classify, parse_retry_after, ListrakError, Outcome};
+use crate::stages::decode::decode;
+use crate::stages::mapping::plan;
+use crate::stages::model::EventTime;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
@@ -88,8 +88,8 @@ proptest! {
         first_failed_at in header_value(),
     ) {
         let mut table = FieldTable::default();
-        table.insert(ShortString::from(crate::broker::ATTEMPTS), attempts);
-        table.insert(ShortString::from(crate::broker::FIRST_FAILED_AT), first_failed_at);
+        table.insert(ShortString::from(crate::edges::broker::ATTEMPTS), attempts);
+        table.insert(ShortString::from(crate::edges::broker::FIRST_FAILED_AT), first_failed_at);
         let _ = RetryHeaders::read(&BasicProperties::default().with_headers(table));
     }
 

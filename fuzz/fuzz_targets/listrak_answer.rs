@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use listrak_worker::classify::{classify, parse_retry_after, ListrakError, Outcome};
+use listrak_worker::stages::classify::{classify, parse_retry_after, ListrakError, Outcome};
 
 fuzz_target!(|input: &[u8]| {
     if input.len() < 4 {

@@ -5,9 +5,9 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use listrak_worker::config::Settings;
-use listrak_worker::decode::decode;
-use listrak_worker::mapping::plan;
-use listrak_worker::model::EventTime;
+use listrak_worker::stages::decode::decode;
+use listrak_worker::stages::mapping::plan;
+use listrak_worker::stages::model::EventTime;
 
 static SETTINGS: LazyLock<Settings> = LazyLock::new(|| {
     let text = format!(

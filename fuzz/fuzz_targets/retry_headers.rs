@@ -4,7 +4,7 @@
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
-use listrak_worker::broker::{self, RetryHeaders};
+use listrak_worker::edges::broker::{self, RetryHeaders};
 
 fn value(kind: u8, bytes: &[u8]) -> AMQPValue {
     let mut eight = [0u8; 8];

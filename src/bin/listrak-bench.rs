@@ -24,10 +24,16 @@ struct Args {
     /// Events in the backlog.
     #[arg(long, default_value_t = 200_000)]
     events: usize,
-    /// The settings a backlog is drained in, as LISTSxLATENCY (lists, one audience each;
-    /// listrak-fake's answer time per request). The defaults: one list at a remote API's
-    /// latency, the most common deployment; eight lists at a fast one.
-    #[arg(long, value_delimiter = ',', default_value = "1x300ms,8x50ms")]
+    /// The settings a backlog is drained in, as LISTSxLATENCY[/APPEARANCES] (lists, one
+    /// audience each; listrak-fake's answer time per request; with /APPEARANCES, each person
+    /// appears about that many times, entering and leaving five audiences of each list). The
+    /// defaults: one list at a remote API's latency, the most common deployment; eight lists
+    /// at a fast one; one list shaped like an Engage space.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1x300ms,8x50ms,1x300ms/10"
+    )]
     settings: Vec<Setting>,
     /// The lists and latency of the lag and throttling measurements.
     #[arg(long, default_value = "8x50ms")]

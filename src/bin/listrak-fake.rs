@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use listrak_worker::model::ListId;
+use listrak_worker::stages::model::ListId;
 use listrak_worker::tools::fake::{CatalogueSeed, FakeOptions, FakeServer, Faults, SeedList};
 
 /// A strict stand-in for Listrak's token, SegmentationField, list and profile field

@@ -1,14 +1,14 @@
-//! Reading `[[mappings]]` into the rules `crate::mapping` applies.
+//! Reading `[[mappings]]` into the rules `crate::stages::mapping` applies.
 
 use std::collections::BTreeMap;
 
 use super::document::{wrong_type, Node};
 use super::print::toml_str;
 use super::{invalid, ConfigError};
-use crate::mapping::{
+use crate::stages::mapping::{
     default_email_paths, AudienceField, FieldRule, JsonPath, ListSource, Mapping, SegmentType,
 };
-use crate::model::{FieldId, ListId};
+use crate::stages::model::{FieldId, ListId};
 
 pub(super) fn mappings(root: &Node<'_>) -> Result<Vec<Mapping>, ConfigError> {
     let none = || {

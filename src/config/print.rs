@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::secret::REDACTED;
 use super::Settings;
-use crate::mapping::{JsonPath, ListSource};
+use crate::stages::mapping::{JsonPath, ListSource};
 
 impl Settings {
     /// The effective configuration as TOML (what `check` prints), with the client secret

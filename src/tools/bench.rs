@@ -18,24 +18,54 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::broker::{self, wait_confirm, Publisher, Topology};
-use crate::model::EventTime;
-use crate::publish::event_properties;
+use crate::commands::publish::event_properties;
+use crate::edges::broker::{self, wait_confirm, Publisher, Topology};
+use crate::stages::model::EventTime;
 use crate::tools::fake::{FakeOptions, FakeServer, Faults};
 
-/// One setting a backlog is drained in: how many lists, and how long Listrak takes to
-/// answer a request.
+/// One setting a backlog is drained in: how many lists, how long Listrak takes to answer a
+/// request, and how often each person appears in the backlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Setting {
     pub lists: usize,
     pub latency: Duration,
+    /// 1: every event is about a person of its own, mostly (one audience per list). More:
+    /// events shaped like an Engage space, each person appearing about this many times,
+    /// entering and leaving [`AUDIENCES`] audiences of each list.
+    pub appearances: usize,
+}
+
+/// The audiences per list of a setting whose people appear several times.
+pub const AUDIENCES: usize = 5;
+
+impl Setting {
+    fn audiences(&self) -> usize {
+        if self.appearances > 1 {
+            AUDIENCES
+        } else {
+            1
+        }
+    }
 }
 
 impl std::str::FromStr for Setting {
     type Err = String;
 
-    /// `LISTSxLATENCY`, e.g. `1x300ms`.
+    /// `LISTSxLATENCY[/APPEARANCES]`, e.g. `1x300ms` or `1x300ms/10`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (text, appearances) = match text.split_once('/') {
+            Some((setting, appearances)) => {
+                let appearances = appearances
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=1000).contains(&n))
+                    .ok_or_else(|| {
+                        format!("{appearances:?} is not a number of appearances from 1 to 1000")
+                    })?;
+                (setting, appearances)
+            }
+            None => (text, 1),
+        };
         let (lists, latency) = text
             .split_once('x')
             .ok_or_else(|| format!("{text:?} is not LISTSxLATENCY, e.g. 1x300ms"))?;
@@ -48,7 +78,11 @@ impl std::str::FromStr for Setting {
             .ok()
             .filter(|d| *d <= Duration::from_secs(60))
             .ok_or_else(|| format!("{latency:?} is not a latency up to 60s, e.g. 300ms"))?;
-        Ok(Self { lists, latency })
+        Ok(Self {
+            lists,
+            latency,
+            appearances,
+        })
     }
 }
 
@@ -84,6 +118,8 @@ pub struct Drain {
     pub events: usize,
     pub lists: usize,
     pub latency_ms: u128,
+    /// About how many times each person appears in the backlog (see [`Setting`]).
+    pub appearances: usize,
     pub baseline_events_per_second: f64,
     pub worker_events_per_second: f64,
     pub ratio: f64,
@@ -113,35 +149,54 @@ pub struct Report {
     pub throttle_429_share: f64,
 }
 
-/// Engage events over `lists` audiences (one list each), with people entering and leaving.
-/// Returns the bodies and, per list, how many distinct contacts they touch.
-fn engage_events(events: usize, lists: usize, seed: u64) -> (Vec<Vec<u8>>, Vec<usize>) {
+/// Engage events for a setting: people entering and leaving its lists' audiences. Returns
+/// the bodies and, per list, how many distinct contacts they touch.
+fn engage_events(events: usize, setting: Setting, seed: u64) -> (Vec<Vec<u8>>, Vec<usize>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    // About 6% of events flip a contact already seen on the same list.
-    let people = events.max(1);
-    let mut member: HashMap<(usize, usize), bool> = HashMap::new();
-    let mut contacts: Vec<HashSet<usize>> = vec![HashSet::new(); lists];
+    // With one appearance, about 6% of events flip a contact already seen on the same list.
+    let people = (events / setting.appearances).max(1);
+    let audiences = setting.audiences();
+    let mut member: HashMap<(usize, usize, usize), bool> = HashMap::new();
+    let mut contacts: Vec<HashSet<usize>> = vec![HashSet::new(); setting.lists];
     let mut bodies = Vec::with_capacity(events);
     for index in 0..events {
         let person = rng.random_range(0..people);
-        let list = rng.random_range(0..lists);
-        let entered = !member.get(&(person, list)).copied().unwrap_or(false);
-        member.insert((person, list), entered);
+        let list = rng.random_range(0..setting.lists);
+        let audience = rng.random_range(0..audiences);
+        let entered = !member
+            .get(&(person, list, audience))
+            .copied()
+            .unwrap_or(false);
+        member.insert((person, list, audience), entered);
         contacts[list].insert(person);
-        bodies.push(engage_event(index, list, person, entered, EventTime::now()));
+        let key = audience_key(list, audience, audiences);
+        bodies.push(engage_event(index, &key, person, entered, EventTime::now()));
     }
     (bodies, contacts.iter().map(HashSet::len).collect())
 }
 
-fn engage_event(index: usize, list: usize, person: usize, entered: bool, at: EventTime) -> Vec<u8> {
-    let audience = format!("bench_audience_{list}");
+fn audience_key(list: usize, audience: usize, audiences: usize) -> String {
+    if audiences == 1 {
+        format!("bench_audience_{list}")
+    } else {
+        format!("bench_audience_{list}_{audience}")
+    }
+}
+
+fn engage_event(
+    index: usize,
+    audience: &str,
+    person: usize,
+    entered: bool,
+    at: EventTime,
+) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "type": "track",
         "event": if entered { "Audience Entered" } else { "Audience Exited" },
         "messageId": format!("bench-{index}"),
         "timestamp": at.to_rfc3339(),
         "userId": format!("user-{person}"),
-        "properties": { "audience_key": audience, audience.clone(): entered },
+        "properties": { "audience_key": audience, audience: entered },
         "context": {
             "traits": { "email": format!("person{person}@example.com") },
             "personas": {
@@ -156,7 +211,7 @@ fn engage_event(index: usize, list: usize, person: usize, entered: bool, at: Eve
 
 fn config(
     options: &BenchOptions,
-    lists: usize,
+    setting: Setting,
     queue: &str,
     fake: &FakeServer,
     listen: SocketAddr,
@@ -192,13 +247,18 @@ listen = "{listen}"
         auth = fake.auth_url(),
         max_contacts = options.max_contacts,
     );
-    for list in 0..lists {
-        text.push_str(&format!(
-            "\n[[mappings]]\nname = \"bench-{list}\"\nevents = [\"Audience Entered\", \"Audience \
-             Exited\"]\naudience_key = \"bench_audience_{list}\"\nlist_id = {}\nprofile_fields = \
-             {{ \"100\" = \"useAudienceKey\" }}\n",
-            1000 + list
-        ));
+    let audiences = setting.audiences();
+    for list in 0..setting.lists {
+        for audience in 0..audiences {
+            text.push_str(&format!(
+                "\n[[mappings]]\nname = \"bench-{list}-{audience}\"\nevents = [\"Audience \
+                 Entered\", \"Audience Exited\"]\naudience_key = \"{key}\"\nlist_id = {}\n\
+                 profile_fields = {{ \"{}\" = \"useAudienceKey\" }}\n",
+                1000 + list,
+                100 + audience,
+                key = audience_key(list, audience, audiences),
+            ));
+        }
     }
     text
 }
@@ -319,7 +379,7 @@ impl WorkerProcess {
     /// Starts the worker on `queue` against `fake`, with its metrics on a free port.
     fn spawn(
         options: &BenchOptions,
-        lists: usize,
+        setting: Setting,
         queue: &str,
         fake: &FakeServer,
         tag: &str,
@@ -327,7 +387,7 @@ impl WorkerProcess {
         let listen = free_port()?;
         let config =
             std::env::temp_dir().join(format!("listrak-bench-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&config, self::config(options, lists, queue, fake, listen))?;
+        std::fs::write(&config, self::config(options, setting, queue, fake, listen))?;
         let child = Command::new(&options.worker_binary)
             .args(["run", "--runtime", &options.runtime, "--config"])
             .arg(&config)
@@ -458,7 +518,7 @@ async fn with_queue<T>(
 }
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
-    crate::listrak::install_crypto_provider();
+    crate::edges::listrak::install_crypto_provider();
     let mut report = Report {
         runtime: options.runtime.clone(),
         lag_rate: options.lag_rate,
@@ -500,11 +560,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
 
 /// Drains the same backlog with a bare consumer, then with the worker.
 async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain> {
-    let (bodies, contacts_per_list) = engage_events(options.events, setting.lists, 42);
+    let (bodies, contacts_per_list) = engage_events(options.events, setting, 42);
     let mut report = Drain {
         events: options.events,
         lists: setting.lists,
         latency_ms: setting.latency.as_millis(),
+        appearances: setting.appearances,
         max_contacts: options.max_contacts,
         minimum_requests: contacts_per_list
             .iter()
@@ -530,7 +591,7 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
             ..Faults::default()
         })
         .await?;
-        let worker = WorkerProcess::spawn(options, setting.lists, &topology.queue, &fake, "drain")?;
+        let worker = WorkerProcess::spawn(options, setting, &topology.queue, &fake, "drain")?;
         // Timed from the first message received, as the baseline is: process start-up
         // (connection, topology, consumer) is not draining.
         while worker
@@ -585,7 +646,7 @@ async fn lag(
         ..Faults::default()
     })
     .await?;
-    let worker = WorkerProcess::spawn(options, setting.lists, &topology.queue, &fake, "lag")?;
+    let worker = WorkerProcess::spawn(options, setting, &topology.queue, &fake, "lag")?;
     while worker.acked().await.is_none() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -595,7 +656,8 @@ async fn lag(
     for index in 0..total {
         ticker.tick().await;
         let person = 10_000_000 + index;
-        let body = engage_event(index, index % setting.lists, person, true, EventTime::now());
+        let audience = audience_key(index % setting.lists, 0, setting.audiences());
+        let body = engage_event(index, &audience, person, true, EventTime::now());
         published_at.insert(format!("person{person}@example.com"), Instant::now());
         let confirm = publisher
             .start(&topology.exchange, "track", &body, event_properties(&body))
@@ -634,7 +696,7 @@ async fn throttle(
         as usize
         * max_contacts;
     let setting = options.lag_setting;
-    let (bodies, _) = engage_events(wanted, setting.lists, 7);
+    let (bodies, _) = engage_events(wanted, setting, 7);
     publish_all(publisher, &topology.exchange, &bodies).await?;
     let (fake, _) = fake(Faults {
         latency: setting.latency,
@@ -646,13 +708,7 @@ async fn throttle(
         max_contacts,
         ..options.clone()
     };
-    let worker = WorkerProcess::spawn(
-        &throttled,
-        setting.lists,
-        &topology.queue,
-        &fake,
-        "throttle",
-    )?;
+    let worker = WorkerProcess::spawn(&throttled, setting, &topology.queue, &fake, "throttle")?;
     while fake.requests().is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -711,11 +767,19 @@ impl Drain {
         row(
             "setting",
             format!(
-                "{} events over {} list{}, {} ms per request",
+                "{} events over {} list{}, {} ms per request{}",
                 self.events,
                 self.lists,
                 if self.lists == 1 { "" } else { "s" },
-                self.latency_ms
+                self.latency_ms,
+                if self.appearances > 1 {
+                    format!(
+                        ", each person ~{} times over {AUDIENCES} audiences",
+                        self.appearances
+                    )
+                } else {
+                    String::new()
+                }
             ),
         );
         row(
@@ -889,9 +953,15 @@ mod tests {
             "1x300ms".parse::<Setting>(),
             Ok(Setting {
                 lists: 1,
-                latency: Duration::from_millis(300)
+                latency: Duration::from_millis(300),
+                appearances: 1,
             })
         );
+        assert_eq!(
+            "1x300ms/10".parse::<Setting>().map(|s| s.appearances),
+            Ok(10)
+        );
+        assert!("1x300ms/0".parse::<Setting>().is_err());
         assert!("0x300ms".parse::<Setting>().is_err());
         assert!("8".parse::<Setting>().is_err());
         assert!("8xsoon".parse::<Setting>().is_err());

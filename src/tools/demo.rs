@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::broker::{self, Topology};
+use crate::commands::publish::publish_lines;
+use crate::commands::setup::{self, ProvisionRequest};
 use crate::config::Settings;
-use crate::listrak::ListrakClient;
-use crate::model::{DeadLetterReason, FieldId, ListId};
-use crate::publish::publish_lines;
-use crate::setup::{self, ProvisionRequest};
-use crate::telemetry::{AckOutcome, Metrics};
+use crate::driver::worker::{self, Health};
+use crate::edges::broker::{self, Topology};
+use crate::edges::listrak::ListrakClient;
+use crate::edges::telemetry::{AckOutcome, Metrics};
+use crate::stages::model::{DeadLetterReason, FieldId, ListId};
 use crate::tools::fake::{CatalogueSeed, FakeOptions, FakeServer, SeedField, SeedGroup};
 use crate::tools::sample::{self, TrafficShape, MAPPINGS_TOML};
-use crate::worker::{self, Health};
 
 use crate::config::DEFAULT_AMQP_URL;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -117,7 +117,7 @@ async fn provision_audiences(
         }
     }
     for mapping in &mut settings.mappings {
-        let crate::mapping::ListSource::Id(list) = mapping.list else {
+        let crate::stages::mapping::ListSource::Id(list) = mapping.list else {
             continue;
         };
         for (field, _) in &mut mapping.profile_fields {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::applied_log::{self, AppliedContact, PendingContact, Record, VERSION};
-use crate::broker::{self, Publisher, Topology};
-use crate::guard::{SupersededGuard, BYTES_PER_KEY};
-use crate::model::EventTime;
-use crate::telemetry::Metrics;
+use crate::driver::guard::{SupersededGuard, BYTES_PER_KEY};
+use crate::edges::applied_log::{self, AppliedContact, PendingContact, Record, VERSION};
+use crate::edges::broker::{self, Publisher, Topology};
+use crate::edges::telemetry::Metrics;
+use crate::stages::model::EventTime;
 
 #[derive(Debug, Clone)]
 pub struct LogBenchOptions {

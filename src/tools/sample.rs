@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::model::EventTime;
+use crate::stages::model::EventTime;
 
 /// The demo's mappings, as configuration text: two lists, three mapped audiences (one of
 /// them fed by identify calls), and one audience nobody maps (its events are ignored).

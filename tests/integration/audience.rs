@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Output;
 use std::time::Duration;
 
-use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
+use listrak_worker::commands::dlq::{DeadLetters, Filter, ReplayOptions};
 use listrak_worker::tools::fake::{CatalogueSeed, FakeOptions, SeedField, SeedGroup, SeedList};
 use listrak_worker::tools::sample::{track, BASE_MICROS};
 

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use listrak_worker::catalogue::FieldGroup;
-use listrak_worker::classify::Outcome;
-use listrak_worker::dlq::{DeadLetters, Filter, ReplayOptions};
-use listrak_worker::fields::FieldCatalogue;
-use listrak_worker::listrak::{CatalogueError, ListrakApi, ListrakClient};
-use listrak_worker::model::{FieldId, ListId};
+use listrak_worker::commands::dlq::{DeadLetters, Filter, ReplayOptions};
+use listrak_worker::driver::fields::FieldCatalogue;
+use listrak_worker::edges::listrak::{CatalogueError, ListrakApi, ListrakClient};
+use listrak_worker::stages::catalogue::FieldGroup;
+use listrak_worker::stages::classify::Outcome;
+use listrak_worker::stages::model::{FieldId, ListId};
 use listrak_worker::tools::fake::{CatalogueSeed, FakeOptions, Faults, SeedGroup, SeedList};
 use listrak_worker::tools::sample::{track, BASE_MICROS};
 

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use listrak_worker::config::Settings;
-use listrak_worker::decode::decode;
-use listrak_worker::mapping::plan;
-use listrak_worker::model::EventTime;
+use listrak_worker::stages::decode::decode;
+use listrak_worker::stages::mapping::plan;
+use listrak_worker::stages::model::EventTime;
 
 fn repository_file(path: &str) -> String {
     let full = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path);

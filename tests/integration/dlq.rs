@@ -8,10 +8,10 @@ use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
-use listrak_worker::broker::{self, int_header, text_header};
-use listrak_worker::dlq::{stats, DeadLetters, Filter, ReplayOptions};
-use listrak_worker::model::EventTime;
-use listrak_worker::publish::{event_properties, publish_file};
+use listrak_worker::commands::dlq::{stats, DeadLetters, Filter, ReplayOptions};
+use listrak_worker::commands::publish::{event_properties, publish_file};
+use listrak_worker::edges::broker::{self, int_header, text_header};
+use listrak_worker::stages::model::EventTime;
 use listrak_worker::tools::fake::Faults;
 use listrak_worker::tools::sample::{email, track, BASE_MICROS};
 

@@ -524,7 +524,7 @@ async fn a_broker_connection_cut_mid_run_loses_nothing_and_readiness_follows_it(
     .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops = listener.local_addr().unwrap();
-    tokio::spawn(listrak_worker::http::serve(
+    tokio::spawn(listrak_worker::edges::http::serve(
         listener,
         h.metrics.clone(),
         h.health.clone(),
@@ -603,18 +603,21 @@ async fn an_old_retried_entered_arriving_after_a_newer_exited_was_applied_leaves
         1,
         BASE_MICROS,
     );
-    let properties = listrak_worker::broker::with_headers(
-        &listrak_worker::publish::event_properties(&retried),
+    let properties = listrak_worker::edges::broker::with_headers(
+        &listrak_worker::commands::publish::event_properties(&retried),
         [
-            ("x-listrak-attempts", listrak_worker::broker::int_header(2)),
+            (
+                "x-listrak-attempts",
+                listrak_worker::edges::broker::int_header(2),
+            ),
             (
                 "x-listrak-first-failed-at",
-                listrak_worker::broker::text_header("2026-01-01T00:00:05Z"),
+                listrak_worker::edges::broker::text_header("2026-01-01T00:00:05Z"),
             ),
         ],
     );
-    let publisher = listrak_worker::broker::Publisher::new(
-        &listrak_worker::broker::connect(&crate::support::direct(&h.settings.amqp), "test")
+    let publisher = listrak_worker::edges::broker::Publisher::new(
+        &listrak_worker::edges::broker::connect(&crate::support::direct(&h.settings.amqp), "test")
             .await
             .unwrap(),
     )
@@ -744,10 +747,10 @@ async fn dead_letters_of_a_producer_with_its_own_user_and_an_expiration_are_kept
     let (user, password) = producer_user();
     let mut h = Harness::new("producer_user", Faults::default(), Knobs::default()).await;
     let url = crate::support::amqp_url().replacen("guest:guest", &format!("{user}:{password}"), 1);
-    let producer = listrak_worker::broker::connect_url(&url, "producer")
+    let producer = listrak_worker::edges::broker::connect_url(&url, "producer")
         .await
         .unwrap();
-    let publisher = listrak_worker::broker::Publisher::new(&producer)
+    let publisher = listrak_worker::edges::broker::Publisher::new(&producer)
         .await
         .unwrap();
     // RabbitMQ accepts a user_id only from its own user: this one is the producer's.
@@ -787,7 +790,7 @@ async fn dead_letters_of_a_producer_with_its_own_user_and_an_expiration_are_kept
 async fn an_event_dated_far_in_the_future_does_not_win_over_later_ones() {
     let mut h = Harness::new("future_event", Faults::default(), Knobs::default()).await;
     h.start_worker();
-    let now = listrak_worker::model::EventTime::now().0;
+    let now = listrak_worker::stages::model::EventTime::now().0;
     // Year 9999, then an ordinary later event for the same field.
     let year_9999 = 253_402_300_799 * SECOND;
     h.publish(&[profile_update(7, &email(1), 3, "on", year_9999)])

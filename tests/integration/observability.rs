@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use listrak_worker::http;
+use listrak_worker::edges::http;
 use listrak_worker::tools::fake::Faults;
 use listrak_worker::tools::sample::{self, TrafficShape};
 
@@ -263,7 +263,7 @@ fn assert_served(what: &str, exprs: &[String], scrape: &Scrape) -> BTreeSet<Stri
 }
 
 async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String, String) {
-    listrak_worker::listrak::install_crypto_provider();
+    listrak_worker::edges::listrak::install_crypto_provider();
     let response = reqwest::Client::new()
         .get(format!("http://{address}{path}"))
         .send()

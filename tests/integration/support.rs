@@ -8,19 +8,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use listrak_worker::broker::{self, as_text, Topology};
+use listrak_worker::commands::publish::event_properties;
 use listrak_worker::config::{AmqpSettings, Secret, Settings};
-use listrak_worker::listrak::{ListrakApi, ListrakClient};
-use listrak_worker::publish::event_properties;
-use listrak_worker::telemetry::Metrics;
+use listrak_worker::driver::worker::{self, Health};
+use listrak_worker::edges::applied_log::Record;
+use listrak_worker::edges::broker::{self, as_text, Topology};
+use listrak_worker::edges::listrak::{ListrakApi, ListrakClient};
+use listrak_worker::edges::telemetry::Metrics;
 use listrak_worker::tools::fake::{FakeOptions, FakeServer, Faults};
 use listrak_worker::tools::sample::MAPPINGS_TOML;
-use listrak_worker::worker::{self, Health};
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL")
@@ -315,6 +316,51 @@ impl Harness {
         &self.connection
     }
 
+    /// A new connection and publisher for the test itself, after the broker went away (the
+    /// broker-restart test, a binary of its own).
+    #[allow(dead_code)]
+    pub async fn reconnect(&mut self) {
+        let connection = broker::connect(&direct(&self.settings.amqp), "listrak-worker tests")
+            .await
+            .expect("RabbitMQ is back");
+        self.publisher = broker::Publisher::new(&connection).await.unwrap();
+        self.connection = connection;
+    }
+
+    /// Every record of an applied batch in the applied log, oldest first, read as another
+    /// worker would (from the stream's first offset); stops after `quiet` without a new one.
+    pub async fn applied_records(&self, quiet: Duration) -> Vec<Record> {
+        use futures_util::StreamExt;
+        let channel = self.connection.create_channel().await.unwrap();
+        channel.basic_qos(1000, Default::default()).await.unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.applied.as_str().into(),
+                "records".into(),
+                Default::default(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        let mut records = Vec::new();
+        while let Ok(Some(delivery)) = tokio::time::timeout(quiet, consumer.next()).await {
+            let delivery = delivery.unwrap();
+            let record = Record::decode(&delivery.data).expect("a record the worker wrote");
+            // A session's marker, to read up to, applied nothing.
+            if record.sync.is_none() {
+                records.push(record);
+            }
+            delivery.ack(Default::default()).await.unwrap();
+        }
+        let _ = channel.close(200, "done".into()).await;
+        records
+    }
+
     pub fn acked(&self) -> u64 {
         self.metrics.sample("listrak_messages_acked_total", &[]) as u64
     }
@@ -460,7 +506,7 @@ impl WorkerProcess {
     pub fn spawn(h: &Harness, name: &str, knobs: &Knobs) -> WorkerProcess {
         let (config, ops) = write_process_config(h, name, knobs);
         let child = run_command(&config).spawn().unwrap();
-        listrak_worker::listrak::install_crypto_provider();
+        listrak_worker::edges::listrak::install_crypto_provider();
         WorkerProcess {
             child,
             config,
@@ -612,7 +658,7 @@ pub fn profile_update(list: u32, email: &str, field: u32, value: &str, micros: i
         "list_id": list,
         "email": email,
         "fields": { field.to_string(): value },
-        "timestamp": listrak_worker::model::EventTime(micros).to_rfc3339(),
+        "timestamp": listrak_worker::stages::model::EventTime(micros).to_rfc3339(),
     }))
     .unwrap()
 }
@@ -691,7 +737,7 @@ pub async fn scrape(h: &Harness) -> BTreeMap<String, f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(listrak_worker::http::serve(
+    let server = tokio::spawn(listrak_worker::edges::http::serve(
         listener,
         h.metrics.clone(),
         h.health.clone(),

@@ -22,10 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use listrak_worker::broker;
 use listrak_worker::config::Settings;
-use listrak_worker::listrak::{install_crypto_provider, ListrakClient};
-use listrak_worker::telemetry::Metrics;
+use listrak_worker::edges::broker;
+use listrak_worker::edges::listrak::{install_crypto_provider, ListrakClient};
+use listrak_worker::edges::telemetry::Metrics;
 use listrak_worker::tools::fake::Faults;
 use listrak_worker::tools::sample::{self, TrafficShape};
 

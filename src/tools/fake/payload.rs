@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::decode::kind_of;
+use crate::stages::decode::kind_of;
 
 use super::answer::{self, Refusal};
 use axum::http::StatusCode;
@@ -244,7 +244,7 @@ fn wrong_type(at: &str, property: &str, expected: &str, found: &Value) -> Refusa
 
 /// Listrak's ids are `int32`: 1..=i32::MAX.
 fn positive_int32(value: i64) -> Option<u32> {
-    crate::model::ListId::new(value).map(|id| id.get())
+    crate::stages::model::ListId::new(value).map(|id| id.get())
 }
 
 /// The `{listId}` path segment as a positive int32, the only form Listrak routes.

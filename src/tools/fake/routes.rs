@@ -286,7 +286,7 @@ fn creation_body(
             "body",
             format!(
                 "expected an object, found {}",
-                crate::decode::kind_of(&other)
+                crate::stages::decode::kind_of(&other)
             ),
         )),
         Err(err) => Err(Refusal::new(
@@ -306,7 +306,10 @@ fn required_name(
         Some(Value::String(_)) => Err(Refusal::invalid(property, "the name is empty")),
         Some(other) => Err(Refusal::invalid(
             property,
-            format!("expected a string, found {}", crate::decode::kind_of(other)),
+            format!(
+                "expected a string, found {}",
+                crate::stages::decode::kind_of(other)
+            ),
         )),
         None => Err(Refusal::invalid(property, "the property is required")),
     }
@@ -327,7 +330,7 @@ fn required_int32(object: &serde_json::Map<String, Value>, property: &str) -> Re
             property,
             format!(
                 "expected an integer, found {}",
-                crate::decode::kind_of(other)
+                crate::stages::decode::kind_of(other)
             ),
         )),
         None => Err(Refusal::invalid(property, "the property is required")),

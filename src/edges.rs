@@ -1,0 +1,10 @@
+//! The edges: where the worker meets the world. The broker (connection, topology, confirmed
+//! publishing, the applied log's stream), Listrak's HTTP API, the operations endpoint, the
+//! metrics, and the broker's TLS files.
+
+pub mod applied_log;
+pub mod broker;
+pub mod http;
+pub mod listrak;
+pub mod telemetry;
+pub mod tls;
