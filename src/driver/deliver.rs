@@ -85,6 +85,36 @@ struct Attempt<'a> {
     resource_ids: Mutex<Vec<String>>,
 }
 
+/// A batch's verdicts as its requests answer, exactly one per contact: a contact given none,
+/// or a second one, is a bug, and panics; `deliver_or_retry` then sends the whole batch to
+/// the retry queues rather than settle a message on a verdict nobody gave.
+struct Verdicts(Vec<Option<Verdict>>);
+
+impl Verdicts {
+    fn new(contacts: usize) -> Self {
+        Self(vec![None; contacts])
+    }
+
+    fn give(&mut self, contact: usize, verdict: Verdict) {
+        let slot = &mut self.0[contact];
+        assert!(
+            slot.is_none(),
+            "contact {contact} was given a second verdict"
+        );
+        *slot = Some(verdict);
+    }
+
+    fn into_vec(self) -> Vec<Verdict> {
+        self.0
+            .into_iter()
+            .enumerate()
+            .map(|(contact, verdict)| {
+                verdict.unwrap_or_else(|| panic!("contact {contact} was given no verdict"))
+            })
+            .collect()
+    }
+}
+
 /// A batch's verdicts (in the order of its contacts) and the `resourceId`s of the requests
 /// Listrak accepted.
 pub struct Delivered {
@@ -130,13 +160,13 @@ impl<A: ListrakApi> Deliverer<A> {
             resource_ids: Mutex::new(Vec::new()),
         };
         let all: Vec<usize> = (0..batch.contacts.len()).collect();
-        let mut verdicts = vec![Verdict::Abandoned; batch.contacts.len()];
+        let mut verdicts = Verdicts::new(batch.contacts.len());
         for (index, verdict) in self.send(&attempt, all, None).await {
-            verdicts[index] = verdict;
+            verdicts.give(index, verdict);
         }
         let resource_ids = std::mem::take(&mut *attempt.resource_ids.lock());
         Delivered {
-            verdicts,
+            verdicts: verdicts.into_vec(),
             resource_ids,
         }
     }

@@ -431,11 +431,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     }
 
     /// Holds a message aside while a task resolves its fields from Listrak (a catalogue read
-    /// or a field to create), so the loop goes on. The resolution is one part of the message
-    /// in the ledger, so the shutdown drain waits for it; its updates keep their arrival time,
-    /// so their hold budget counts from then.
+    /// or a field to create), so the loop goes on. The ledger knows the message as resolving
+    /// (it cannot settle, and the shutdown drain waits for it); its updates keep their arrival
+    /// time, so their hold budget counts from then.
     fn hold(&mut self, tag: u64, plan: Plan, arrived: Instant) {
-        self.ledger.add_part(tag);
+        self.ledger.resolving(tag);
         let fields = Arc::clone(&self.worker.fields);
         let reports = self.reports.clone();
         // Past the moment its batch could still start a request, waiting is pointless: the
@@ -462,14 +462,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     ) {
         match resolved {
             Ok(updates) => {
-                // The resolution part settles without weighing on the outcome; the updates
-                // decide it.
-                if let Some((original, settlement)) =
-                    self.ledger.settle_part(tag, &Verdict::Superseded)
-                {
-                    self.settle_original(tag, original, settlement);
-                    return;
-                }
+                self.ledger.resolved(tag);
                 self.add_updates(tag, updates, arrived);
                 if draining {
                     for batch in self.batcher.flush_all() {
@@ -484,8 +477,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     error = %why,
                     "a message's profile field could not be resolved"
                 );
-                self.ledger.settle_part(tag, &verdict);
-                if let Some((original, settlement)) = self.ledger.seal(tag) {
+                if let Some((original, settlement)) = self.ledger.unresolved(tag, &verdict) {
                     self.settle_original(tag, original, settlement);
                 }
             }

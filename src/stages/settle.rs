@@ -37,6 +37,9 @@ struct Pending<T> {
     remaining: u32,
     /// All of the message's updates were handed to the batcher: only now can it settle.
     sealed: bool,
+    /// Its fields are being resolved (a catalogue read, a field to create): its updates are
+    /// not in the batcher yet, and it cannot settle until the resolution ends.
+    resolving: bool,
     worst: Option<Verdict>,
 }
 
@@ -61,6 +64,7 @@ impl<T> Ledger<T> {
                 original,
                 remaining: 0,
                 sealed: false,
+                resolving: false,
                 worst: None,
             },
         );
@@ -76,6 +80,29 @@ impl<T> Ledger<T> {
         if let Some(pending) = self.pending.get_mut(&tag) {
             pending.remaining += 1;
         }
+    }
+
+    /// The message's fields are being resolved before its updates can be added.
+    pub fn resolving(&mut self, tag: u64) {
+        if let Some(pending) = self.pending.get_mut(&tag) {
+            pending.resolving = true;
+        }
+    }
+
+    /// Its fields are resolved: its updates are added next (`add_part`, then `seal`).
+    pub fn resolved(&mut self, tag: u64) {
+        if let Some(pending) = self.pending.get_mut(&tag) {
+            pending.resolving = false;
+        }
+    }
+
+    /// Its fields could not be resolved: it settles on `verdict` (no update was added).
+    pub fn unresolved(&mut self, tag: u64, verdict: &Verdict) -> Option<(T, Settlement)> {
+        let pending = self.pending.get_mut(&tag)?;
+        pending.resolving = false;
+        merge(&mut pending.worst, verdict);
+        pending.sealed = true;
+        self.settle_if_done(tag)
     }
 
     /// Every update of the message has been added.
@@ -95,7 +122,7 @@ impl<T> Ledger<T> {
 
     fn settle_if_done(&mut self, tag: u64) -> Option<(T, Settlement)> {
         let pending = &self.pending[&tag];
-        if !pending.sealed || pending.remaining > 0 {
+        if !pending.sealed || pending.resolving || pending.remaining > 0 {
             return None;
         }
         let pending = self.pending.remove(&tag)?;
@@ -516,5 +543,24 @@ mod tests {
         acks.ready(2, AckOutcome::Applied, now);
         assert_eq!(acks.take_all().len(), 1);
         assert_eq!(acks.pending_acks(), 0);
+    }
+
+    #[test]
+    fn a_message_waiting_for_its_fields_settles_on_its_updates_or_on_the_failed_resolution() {
+        let mut ledger = Ledger::default();
+        ledger.open(1, "resolved");
+        ledger.resolving(1);
+        assert!(ledger.seal(1).is_none(), "still resolving");
+        ledger.resolved(1);
+        ledger.add_part(1);
+        assert!(ledger.seal(1).is_none(), "its update is on its way");
+        let (_, settlement) = ledger.settle_part(1, &Verdict::Applied).unwrap();
+        assert_eq!(settlement, Settlement::Ack(AckOutcome::Applied));
+
+        ledger.open(2, "unresolved");
+        ledger.resolving(2);
+        let (_, settlement) = ledger.unresolved(2, &Verdict::Retry).unwrap();
+        assert_eq!(settlement, Settlement::Retry);
+        assert!(ledger.is_empty());
     }
 }

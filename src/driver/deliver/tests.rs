@@ -406,3 +406,24 @@ fn check_body(
     proptest::prop_assert_eq!(parsed, serde_json::Value::Array(expected));
     Ok(())
 }
+
+#[test]
+fn every_contact_gets_exactly_one_verdict() {
+    let mut verdicts = Verdicts::new(2);
+    verdicts.give(1, Verdict::Applied);
+    verdicts.give(0, Verdict::Retry);
+    assert_eq!(verdicts.into_vec(), [Verdict::Retry, Verdict::Applied]);
+
+    let missing = std::panic::catch_unwind(|| {
+        let mut verdicts = Verdicts::new(2);
+        verdicts.give(0, Verdict::Applied);
+        verdicts.into_vec()
+    });
+    assert!(missing.is_err(), "a contact without a verdict is a bug");
+    let twice = std::panic::catch_unwind(|| {
+        let mut verdicts = Verdicts::new(1);
+        verdicts.give(0, Verdict::Applied);
+        verdicts.give(0, Verdict::Superseded);
+    });
+    assert!(twice.is_err(), "a second verdict is a bug");
+}
