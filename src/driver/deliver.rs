@@ -9,7 +9,8 @@ use crate::driver::unpoisoned::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::{join, BoxFuture, FutureExt};
+use futures_util::future::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +84,92 @@ struct Attempt<'a> {
     answer_deadline: Instant,
     /// Listrak's `resourceId` of each request it accepted, for the applied log.
     resource_ids: Mutex<Vec<String>>,
+}
+
+/// Some of a batch's contacts, sent as one request.
+struct Group {
+    contacts: Vec<usize>,
+    /// The body size of the parent group when Listrak refused it with a 404 that was about
+    /// its size, not its list: a body of this group that passes under it is the list's
+    /// ceiling (see `SizeCeilings`).
+    refused_size: Option<usize>,
+    /// Set on the one contact that tells a 404 about a missing list from one about size.
+    probing: Option<Probe>,
+}
+
+impl Group {
+    fn of(contacts: Vec<usize>) -> Self {
+        Self {
+            contacts,
+            refused_size: None,
+            probing: None,
+        }
+    }
+}
+
+/// The rest of a group refused with a 404, waiting for its probe's answer.
+#[derive(Clone)]
+struct Probe {
+    rest: Vec<usize>,
+    /// The refused group's body size.
+    refused_size: usize,
+}
+
+impl Probe {
+    /// The list is missing: the rest is dead-lettered with the probe. Else the 404 was about
+    /// size: the rest is halved, under the size that was refused. While the probe is sent
+    /// again, the rest waits on it.
+    fn answered(self, mut step: Step) -> Step {
+        if let Some(next) = step.next.first_mut() {
+            next.probing = Some(self);
+            return step;
+        }
+        let missing_list = step.verdicts.iter().find_map(|(_, verdict)| match verdict {
+            Verdict::DeadLetter(rejection)
+                if rejection.reason == DeadLetterReason::ListNotFound =>
+            {
+                Some(verdict.clone())
+            }
+            _ => None,
+        });
+        match missing_list {
+            Some(verdict) => step
+                .verdicts
+                .extend(self.rest.into_iter().map(|i| (i, verdict.clone()))),
+            None => step.next = halves(self.rest, Some(self.refused_size)),
+        }
+        step
+    }
+}
+
+/// What one group's request leads to: verdicts for some of its contacts, and the groups the
+/// others are sent in next.
+struct Step {
+    verdicts: Vec<(usize, Verdict)>,
+    next: Vec<Group>,
+}
+
+impl Step {
+    fn done(verdicts: Vec<(usize, Verdict)>) -> Self {
+        Self {
+            verdicts,
+            next: Vec::new(),
+        }
+    }
+}
+
+/// A group in two, sent side by side; one contact stays one group.
+fn halves(mut contacts: Vec<usize>, refused_size: Option<usize>) -> Vec<Group> {
+    let back = contacts.split_off(contacts.len().div_ceil(2));
+    [contacts, back]
+        .into_iter()
+        .filter(|half| !half.is_empty())
+        .map(|half| Group {
+            contacts: half,
+            refused_size,
+            probing: None,
+        })
+        .collect()
 }
 
 /// A batch's verdicts as its requests answer, exactly one per contact: a contact given none,
@@ -159,10 +246,18 @@ impl<A: ListrakApi> Deliverer<A> {
             answer_deadline: deadline + self.request_timeout,
             resource_ids: Mutex::new(Vec::new()),
         };
-        let all: Vec<usize> = (0..batch.contacts.len()).collect();
+        // Groups of the batch's contacts, each one request (and its retries); an answer may
+        // set contacts aside and send others as new groups, side by side.
         let mut verdicts = Verdicts::new(batch.contacts.len());
-        for (index, verdict) in self.send(&attempt, all, None).await {
-            verdicts.give(index, verdict);
+        let mut sending = FuturesUnordered::new();
+        sending.push(self.attempt(&attempt, Group::of((0..batch.contacts.len()).collect())));
+        while let Some(step) = sending.next().await {
+            for (contact, verdict) in step.verdicts {
+                verdicts.give(contact, verdict);
+            }
+            for group in step.next {
+                sending.push(self.attempt(&attempt, group));
+            }
         }
         let resource_ids = std::mem::take(&mut *attempt.resource_ids.lock());
         Delivered {
@@ -171,223 +266,198 @@ impl<A: ListrakApi> Deliverer<A> {
         }
     }
 
-    /// Sends the contacts at `indexes` as one request (retrying it while the failure is
-    /// systemic), splitting it when Listrak refuses it as a whole. `parent_refused_size`
-    /// is set when the parent group got a 404 that may have been about its size.
-    fn send<'a>(
-        &'a self,
-        attempt: &'a Attempt<'a>,
-        mut indexes: Vec<usize>,
-        parent_refused_size: Option<usize>,
-    ) -> BoxFuture<'a, Vec<(usize, Verdict)>> {
-        async move {
-            let mut verdicts = Vec::with_capacity(indexes.len());
-            let mut backoff = InProcessBackoff::until(attempt.deadline);
-            loop {
-                // Filtered again on every attempt: while this batch waited, a newer value may
-                // have been applied for one of its contacts.
-                let (body, sent) = self.encode_current(attempt, &mut indexes, &mut verdicts);
-                if sent.is_empty() {
-                    return verdicts;
+    /// Sends one group as one request, retrying it while the failure is systemic, until its
+    /// contacts have their verdicts or Listrak's answer says which groups to send instead.
+    async fn attempt(&self, attempt: &Attempt<'_>, group: Group) -> Step {
+        let probing = group.probing.clone();
+        let step = self.request(attempt, group).await;
+        match probing {
+            Some(probe) => probe.answered(step),
+            None => step,
+        }
+    }
+
+    async fn request(&self, attempt: &Attempt<'_>, group: Group) -> Step {
+        let Group {
+            contacts: mut indexes,
+            refused_size,
+            ..
+        } = group;
+        let mut verdicts = Vec::with_capacity(indexes.len());
+        let mut backoff = InProcessBackoff::until(attempt.deadline);
+        loop {
+            // Filtered again on every attempt: while this batch waited, a newer value may
+            // have been applied for one of its contacts.
+            let (body, sent) = self.encode_current(attempt, &mut indexes, &mut verdicts);
+            if sent.is_empty() {
+                return Step::done(verdicts);
+            }
+            let body_len = body.len();
+            if Instant::now() >= attempt.deadline {
+                tracing::warn!(
+                    list_id = %attempt.list,
+                    contacts = sent.len(),
+                    "the batch's hold budget was spent before it could be sent; moving it to \
+                     the retry queues"
+                );
+                verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
+                return Step::done(verdicts);
+            }
+            // Waiting for a slot spends the same budget: in an outage the limit is 1. (At
+            // shutdown the batch still waits: what is batched is sent within the grace.)
+            let acquired =
+                tokio::time::timeout_at(attempt.deadline.into(), self.concurrency.acquire()).await;
+            let Ok(permit) = acquired else {
+                tracing::warn!(
+                    list_id = %attempt.list,
+                    contacts = sent.len(),
+                    "the batch's hold budget ran out before a request slot was free; moving it \
+                     to the retry queues"
+                );
+                verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
+                return Step::done(verdicts);
+            };
+            // The token and the answer spend the budget too: a token endpoint or an
+            // answer that hangs cannot hold the batch past it.
+            let outcome = tokio::time::timeout_at(
+                attempt.answer_deadline.into(),
+                self.api.post_contacts(attempt.list, body, sent.len()),
+            )
+            .await
+            .unwrap_or(Outcome::Timeout);
+            let class = classify(&outcome, sent.len());
+            permit.record(match class {
+                Class::Ok => Signal::Healthy,
+                Class::Systemic { .. }
+                    if matches!(outcome, Outcome::Answered { status: 429, .. }) =>
+                {
+                    Signal::Throttled
                 }
-                let body_len = body.len();
-                if Instant::now() >= attempt.deadline {
-                    tracing::warn!(
-                        list_id = %attempt.list,
-                        contacts = sent.len(),
-                        "the batch's hold budget was spent before it could be sent; moving it to \
-                         the retry queues"
-                    );
-                    verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
-                    return verdicts;
-                }
-                // Waiting for a slot spends the same budget: in an outage the limit is 1. (At
-                // shutdown the batch still waits: what is batched is sent within the grace.)
-                let acquired =
-                    tokio::time::timeout_at(attempt.deadline.into(), self.concurrency.acquire())
-                        .await;
-                let Ok(permit) = acquired else {
-                    tracing::warn!(
-                        list_id = %attempt.list,
-                        contacts = sent.len(),
-                        "the batch's hold budget ran out before a request slot was free; moving it \
-                         to the retry queues"
-                    );
-                    verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
-                    return verdicts;
-                };
-                // The token and the answer spend the budget too: a token endpoint or an
-                // answer that hangs cannot hold the batch past it.
-                let outcome = tokio::time::timeout_at(
-                    attempt.answer_deadline.into(),
-                    self.api.post_contacts(attempt.list, body, sent.len()),
-                )
-                .await
-                .unwrap_or(Outcome::Timeout);
-                let class = classify(&outcome, sent.len());
-                permit.record(match class {
-                    Class::Ok => Signal::Healthy,
-                    Class::Systemic { .. }
-                        if matches!(outcome, Outcome::Answered { status: 429, .. }) =>
+                Class::Systemic { .. } => Signal::Overloaded,
+                _ => Signal::Neutral,
+            });
+            match class {
+                Class::Ok => {
+                    if let Outcome::Answered {
+                        resource_id: Some(id),
+                        ..
+                    } = &outcome
                     {
-                        Signal::Throttled
+                        attempt.resource_ids.lock().push(id.clone());
                     }
-                    Class::Systemic { .. } => Signal::Overloaded,
-                    _ => Signal::Neutral,
-                });
-                match class {
-                    Class::Ok => {
-                        if let Outcome::Answered {
-                            resource_id: Some(id),
-                            ..
-                        } = &outcome
-                        {
-                            attempt.resource_ids.lock().push(id.clone());
+                    self.applied(attempt, &sent);
+                    if let Some(refused) = refused_size {
+                        if body_len < refused {
+                            self.ceilings.learn(attempt.list, body_len);
                         }
-                        self.applied(attempt, &sent);
-                        if let Some(refused) = parent_refused_size {
-                            if body_len < refused {
-                                self.ceilings.learn(attempt.list, body_len);
-                            }
-                        }
-                        verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Applied)));
-                        return verdicts;
                     }
-                    Class::Auth | Class::Systemic { .. } => {
-                        // Listrak's wait, if it named one, never beyond the hold budget.
-                        let retry_after = match class {
-                            Class::Systemic { retry_after } => {
-                                retry_after.map(|wait| wait.min(self.hold_budget))
-                            }
-                            _ => None,
-                        };
-                        self.metrics.retried(if class == Class::Auth {
-                            RetryClass::Auth
-                        } else {
-                            RetryClass::Systemic
-                        });
-                        let Some(delay) = backoff.next_delay(retry_after) else {
-                            tracing::warn!(
-                                list_id = %attempt.list,
-                                contacts = sent.len(),
-                                status = %outcome.status_label(),
-                                "Listrak kept failing; moving the batch to the retry queues"
-                            );
-                            verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
-                            return verdicts;
-                        };
-                        tracing::debug!(
+                    verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Applied)));
+                    return Step::done(verdicts);
+                }
+                Class::Auth | Class::Systemic { .. } => {
+                    // Listrak's wait, if it named one, never beyond the hold budget.
+                    let retry_after = match class {
+                        Class::Systemic { retry_after } => {
+                            retry_after.map(|wait| wait.min(self.hold_budget))
+                        }
+                        _ => None,
+                    };
+                    self.metrics.retried(if class == Class::Auth {
+                        RetryClass::Auth
+                    } else {
+                        RetryClass::Systemic
+                    });
+                    let Some(delay) = backoff.next_delay(retry_after) else {
+                        tracing::warn!(
                             list_id = %attempt.list,
+                            contacts = sent.len(),
                             status = %outcome.status_label(),
-                            ?delay,
-                            "retrying batch"
+                            "Listrak kept failing; moving the batch to the retry queues"
                         );
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = self.shutdown.cancelled() => {
-                                verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Abandoned)));
-                                return verdicts;
-                            }
+                        verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Retry)));
+                        return Step::done(verdicts);
+                    };
+                    tracing::debug!(
+                        list_id = %attempt.list,
+                        status = %outcome.status_label(),
+                        ?delay,
+                        "retrying batch"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {
+                            verdicts.extend(sent.into_iter().map(|i| (i, Verdict::Abandoned)));
+                            return Step::done(verdicts);
                         }
                     }
-                    Class::Ambiguous => {
-                        self.metrics.retried(RetryClass::Ambiguous);
-                        let status = match &outcome {
-                            Outcome::Answered { status, .. } => *status,
-                            _ => 0,
+                }
+                Class::Ambiguous => {
+                    self.metrics.retried(RetryClass::Ambiguous);
+                    let status = match &outcome {
+                        Outcome::Answered { status, .. } => *status,
+                        _ => 0,
+                    };
+                    let error = listrak_error(&outcome);
+                    // A rejection that names one contact of this request: set it aside
+                    // and resend the rest, instead of halving blindly.
+                    if status == 400 {
+                        if let Some(guilty) = named_contact(attempt, &sent, &error) {
+                            tracing::info!(
+                                list_id = %attempt.list,
+                                email = %mask_email(&attempt.contacts[guilty].email),
+                                error = %capped(&error.error, QUOTE_LIMIT),
+                                "Listrak refused a contact it named; dead-lettering its \
+                                 messages, resending the rest"
+                            );
+                            verdicts.push((guilty, rejection(attempt.list, &outcome)));
+                            indexes = sent.into_iter().filter(|&i| i != guilty).collect();
+                            continue;
+                        }
+                    }
+                    if status == 404 {
+                        // One contact alone tells a missing list from a body too large.
+                        let mut probe = sent;
+                        let rest = probe.split_off(1);
+                        return Step {
+                            verdicts,
+                            next: vec![Group {
+                                contacts: probe,
+                                refused_size: None,
+                                probing: Some(Probe {
+                                    rest,
+                                    refused_size: body_len,
+                                }),
+                            }],
                         };
-                        let error = listrak_error(&outcome);
-                        // A rejection that names one contact of this request: set it aside
-                        // and resend the rest, instead of halving blindly.
-                        if status == 400 {
-                            if let Some(guilty) = named_contact(attempt, &sent, &error) {
-                                tracing::info!(
-                                    list_id = %attempt.list,
-                                    email = %mask_email(&attempt.contacts[guilty].email),
-                                    error = %capped(&error.error, QUOTE_LIMIT),
-                                    "Listrak refused a contact it named; dead-lettering its \
-                                     messages, resending the rest"
-                                );
-                                verdicts.push((guilty, rejection(attempt.list, &outcome)));
-                                indexes = sent.into_iter().filter(|&i| i != guilty).collect();
-                                continue;
-                            }
-                        }
-                        if status == 404 {
-                            // One contact alone tells a missing list from a body too large.
-                            let (probe, rest) = sent.split_at(1);
-                            let probed = self.send(attempt, probe.to_vec(), None).await;
-                            let missing_list = match probed.first() {
-                                Some((_, verdict @ Verdict::DeadLetter(rejection)))
-                                    if rejection.reason == DeadLetterReason::ListNotFound =>
-                                {
-                                    Some(verdict.clone())
-                                }
-                                _ => None,
-                            };
-                            verdicts.extend(probed);
-                            let rest = rest.to_vec();
-                            match missing_list {
-                                Some(verdict) => {
-                                    verdicts.extend(rest.into_iter().map(|i| (i, verdict.clone())))
-                                }
-                                None => {
-                                    verdicts.extend(self.split(attempt, rest, Some(body_len)).await)
-                                }
-                            }
-                            return verdicts;
-                        }
-                        verdicts.extend(self.split(attempt, sent, None).await);
-                        return verdicts;
                     }
-                    Class::Permanent => {
-                        let verdict = rejection(attempt.list, &outcome);
-                        if let [only] = sent.as_slice() {
-                            tracing::info!(
-                                list_id = %attempt.list,
-                                email = %mask_email(&attempt.contacts[*only].email),
-                                status = %outcome.status_label(),
-                                error = %capped(&listrak_error(&outcome).error, QUOTE_LIMIT),
-                                "Listrak refused a contact; dead-lettering its messages"
-                            );
-                        } else {
-                            tracing::info!(
-                                list_id = %attempt.list,
-                                contacts = sent.len(),
-                                status = %outcome.status_label(),
-                                "Listrak refused the request; dead-lettering its messages"
-                            );
-                        }
-                        verdicts.extend(sent.into_iter().map(|i| (i, verdict.clone())));
-                        return verdicts;
+                    return Step {
+                        verdicts,
+                        next: halves(sent, None),
+                    };
+                }
+                Class::Permanent => {
+                    let verdict = rejection(attempt.list, &outcome);
+                    if let [only] = sent.as_slice() {
+                        tracing::info!(
+                            list_id = %attempt.list,
+                            email = %mask_email(&attempt.contacts[*only].email),
+                            status = %outcome.status_label(),
+                            error = %capped(&listrak_error(&outcome).error, QUOTE_LIMIT),
+                            "Listrak refused a contact; dead-lettering its messages"
+                        );
+                    } else {
+                        tracing::info!(
+                            list_id = %attempt.list,
+                            contacts = sent.len(),
+                            status = %outcome.status_label(),
+                            "Listrak refused the request; dead-lettering its messages"
+                        );
                     }
+                    verdicts.extend(sent.into_iter().map(|i| (i, verdict.clone())));
+                    return Step::done(verdicts);
                 }
             }
         }
-        .boxed()
-    }
-
-    /// Halves a group and sends both halves at once.
-    async fn split<'a>(
-        &'a self,
-        attempt: &'a Attempt<'a>,
-        mut indexes: Vec<usize>,
-        refused_size: Option<usize>,
-    ) -> Vec<(usize, Verdict)> {
-        if indexes.is_empty() {
-            return Vec::new();
-        }
-        let back = indexes.split_off(indexes.len().div_ceil(2));
-        if back.is_empty() {
-            return self.send(attempt, indexes, refused_size).await;
-        }
-        let (mut first, second) = join(
-            self.send(attempt, indexes, refused_size),
-            self.send(attempt, back, refused_size),
-        )
-        .await;
-        first.extend(second);
-        first
     }
 
     /// Drops fields (and whole contacts) that a newer applied value supersedes, then encodes
