@@ -108,7 +108,6 @@ impl Group {
 }
 
 /// The rest of a group refused with a 404, waiting for its probe's answer.
-#[derive(Clone)]
 struct Probe {
     rest: Vec<usize>,
     /// The refused group's body size.
@@ -268,8 +267,8 @@ impl<A: ListrakApi> Deliverer<A> {
 
     /// Sends one group as one request, retrying it while the failure is systemic, until its
     /// contacts have their verdicts or Listrak's answer says which groups to send instead.
-    async fn attempt(&self, attempt: &Attempt<'_>, group: Group) -> Step {
-        let probing = group.probing.clone();
+    async fn attempt(&self, attempt: &Attempt<'_>, mut group: Group) -> Step {
+        let probing = group.probing.take();
         let step = self.request(attempt, group).await;
         match probing {
             Some(probe) => probe.answered(step),
@@ -281,7 +280,7 @@ impl<A: ListrakApi> Deliverer<A> {
         let Group {
             contacts: mut indexes,
             refused_size,
-            ..
+            probing: _,
         } = group;
         let mut verdicts = Vec::with_capacity(indexes.len());
         let mut backoff = InProcessBackoff::until(attempt.deadline);

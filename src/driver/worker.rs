@@ -14,7 +14,7 @@ use crate::driver::deliver::{Deliverer, SizeCeilings};
 use crate::driver::fields::Fields;
 use crate::driver::guard::SupersededGuard;
 use crate::driver::session::{Session, SessionError};
-pub(crate) use crate::driver::shared::Worker;
+use crate::driver::shared::Worker;
 use crate::edges::broker::{self, bounded, Topology, BROKER_CALL_TIMEOUT};
 use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::Metrics;
