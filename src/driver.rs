@@ -4,7 +4,9 @@
 //! `guard`, `concurrency` and `retry` hold the state those decisions need (a mutex, a clock,
 //! a random number generator), which is why they are here and not among the stages.
 
+pub mod clock;
 pub mod concurrency;
+pub mod core;
 pub mod deliver;
 pub mod fields;
 pub mod guard;

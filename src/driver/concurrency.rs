@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::driver::clock;
 use crate::driver::unpoisoned::Mutex;
 use std::time::{Duration, Instant};
 
@@ -100,11 +101,11 @@ impl AdaptiveConcurrency {
                 rtt: None,
                 samples: 0,
                 slow_start: true,
-                last_decrease: Instant::now(),
+                last_decrease: clock::now(),
                 rate: None,
-                next_start: Instant::now(),
-                last_rate_change: Instant::now(),
-                last_throttled: Instant::now(),
+                next_start: clock::now(),
+                last_rate_change: clock::now(),
+                last_throttled: clock::now(),
                 accepted: VecDeque::new(),
             }),
             released: Notify::new(),
@@ -127,7 +128,7 @@ impl AdaptiveConcurrency {
             let wait_for_rate = {
                 let mut state = self.state.lock();
                 let limit = state.limit as usize;
-                let now = Instant::now();
+                let now = clock::now();
                 if state.in_flight >= limit {
                     None
                 } else if state.rate.is_some() && now < state.next_start {
@@ -154,7 +155,7 @@ impl AdaptiveConcurrency {
 
     fn observe(&self, signal: Signal, saturated: bool, rtt: Duration) {
         let mut state = self.state.lock();
-        let now = Instant::now();
+        let now = clock::now();
         let rtt = rtt.as_secs_f64();
         let baseline = state.rtt.unwrap_or(rtt);
         let once_per_round_trip = now.duration_since(state.last_decrease).as_secs_f64() >= baseline;

@@ -14,6 +14,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
+use crate::driver::clock;
 use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
 use crate::driver::guard::SupersededGuard;
 use crate::driver::retry::InProcessBackoff;
@@ -234,10 +235,10 @@ impl<A: ListrakApi> Deliverer<A> {
     }
 
     async fn deliver_recorded(&self, batch: &Batch) -> Delivered {
-        let oldest = batch.oldest().unwrap_or_else(Instant::now);
+        let oldest = batch.oldest().unwrap_or_else(clock::now);
         let deadline = oldest
             .checked_add(self.hold_budget)
-            .unwrap_or_else(|| Instant::now() + self.hold_budget);
+            .unwrap_or_else(|| clock::now() + self.hold_budget);
         let attempt = Attempt {
             list: batch.list_id,
             contacts: &batch.contacts,
@@ -292,7 +293,7 @@ impl<A: ListrakApi> Deliverer<A> {
                 return Step::done(verdicts);
             }
             let body_len = body.len();
-            if Instant::now() >= attempt.deadline {
+            if clock::now() >= attempt.deadline {
                 tracing::warn!(
                     list_id = %attempt.list,
                     contacts = sent.len(),

@@ -10,6 +10,8 @@ use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use rand::Rng;
 
+use crate::driver::clock;
+
 const FIRST_INTERVAL: Duration = Duration::from_millis(200);
 const MAX_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -45,7 +47,7 @@ impl InProcessBackoff {
         let jittered = rand::rng().random_range(Duration::ZERO..=ceiling);
         // `retry_after` comes from Listrak's answer: any size, so no unchecked addition.
         let delay = retry_after.map_or(jittered, |floor| jittered.max(floor));
-        Instant::now()
+        clock::now()
             .checked_add(delay)
             .is_some_and(|resume| resume < self.deadline)
             .then_some(delay)

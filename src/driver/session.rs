@@ -1,4 +1,6 @@
-//! One broker session: consume → decode → map → batch → deliver → settle, on one channel,
+//! One broker session: the driver of the session's core against RabbitMQ and Listrak. It
+//! turns lapin's deliveries and the tasks' reports into the core's inputs and carries out the
+//! core's commands (send a batch, append its record, publish a copy, resolve fields, ack),
 //! until shutdown or until the connection fails (the worker then starts a new one).
 
 use std::panic::AssertUnwindSafe;
@@ -14,6 +16,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::driver::clock;
+use crate::driver::core::{Arrival, Command, Core, CoreSettings, Ending};
 use crate::driver::deliver::Delivered;
 use crate::driver::fields::{self, Unresolvable};
 use crate::driver::shared::Worker;
@@ -24,23 +28,16 @@ use crate::edges::broker::{
 };
 use crate::edges::listrak::{CatalogueError, ListrakApi};
 use crate::edges::telemetry::Task;
-use crate::stages::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
+use crate::stages::batch::{Batch, BatchLimits};
 use crate::stages::decode::decode;
 use crate::stages::disposition::{self, dispose, Disposition, Republish, Rules};
-use crate::stages::mapping::{plan, Plan};
+use crate::stages::mapping::plan;
 use crate::stages::model::{
     capped, AckOutcome, DeadLetterReason, EventTime, ListId, Rejection, Update, Verdict,
     QUOTE_LIMIT,
 };
-use crate::stages::settle::{Acks, Ledger, Settlement};
+use crate::stages::settle::{AckCommand, Settlement};
 
-/// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
-const ACK_TICK: Duration = Duration::from_millis(20);
-/// How long a settled message may wait for the ones delivered before it, so one `multiple`
-/// ack covers them all (see `settle::Acks`).
-const ACK_HOLD: Duration = Duration::from_millis(500);
-/// The most messages one `multiple` ack covers (see `settle::Acks` for why there is a most).
-const ACK_CHUNK: u64 = 500;
 /// Bound on asking the broker whether the queue is empty, before an early flush.
 const QUIET_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A retry or dead-letter publish that fails is tried again on a new channel this many
@@ -53,8 +50,9 @@ const PUBLISH_RETRY_FIRST: Duration = Duration::from_millis(200);
 struct Original {
     body: Vec<u8>,
     properties: PackedProperties,
-    /// The event time its updates carry, for the copies it may become.
-    event_time: EventTime,
+    /// The event time its updates carry, for the copies it may become (none for a message
+    /// that could not be decoded).
+    event_time: Option<EventTime>,
     /// For the applied log's record (unpacking the properties for it costs more).
     message_id: Option<Box<str>>,
 }
@@ -77,12 +75,14 @@ enum Report {
         outcome: AckOutcome,
     },
     PublishFailed(Box<Outgoing>),
-    /// The fields of a message held aside (see `Session::hold`) were resolved, or not.
+    /// The fields of a message held aside were resolved, or not.
     Resolved {
         tag: u64,
         arrived: Instant,
         resolved: Result<Vec<Update>, Unresolvable>,
     },
+    /// Whether the queue has no ready message (`None`: the broker could not tell).
+    QueueCounted(Option<bool>),
 }
 
 /// A batch's record on its way to the applied log: its messages settle once it is confirmed.
@@ -110,22 +110,13 @@ pub(crate) struct Session<'w, A> {
     worker: &'w Worker<A>,
     connection: &'w Connection,
     channel: Channel,
+    consumer_tag: String,
     publisher: Publisher,
     /// Counts publisher channels: a failed publish replaces the channel only if no other
     /// failure replaced it since.
     publisher_generation: u64,
-    /// Messages the broker may have delivered and not yet acknowledged (`basic.qos`).
-    window: u16,
-    batcher: Batcher,
-    pace: ArrivalPace,
-    /// Thousands are in hand at once: each holds its body and packed properties only.
-    ledger: Ledger<Original>,
-    acks: Acks,
+    core: Core<Original>,
     reports: mpsc::UnboundedSender<Report>,
-    /// Dead-letter and retry publishes under way.
-    publishing: usize,
-    /// Batches being sent.
-    delivering: usize,
     /// Batches sent so far: each batch's id in logs.
     batches_sent: u64,
     /// Every task the session spawned (deliveries, resolutions, publishes, appends): when the
@@ -191,31 +182,32 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         worker.metrics.amqp_connected(true);
         tracing::info!(queue = %settings.amqp.queue, prefetch = window, "consuming");
 
+        let ceilings = Arc::clone(&worker.deliverer.ceilings);
+        let core = Core::new(CoreSettings {
+            window,
+            limits: BatchLimits {
+                max_contacts: settings.batch.max_contacts.get(),
+                max_bytes: settings.batch.max_bytes.get(),
+                max_wait: settings.batch.max_wait,
+            },
+            hold_budget: worker.deliverer.hold_budget,
+            grace: settings.shutdown.grace,
+            ceiling: Arc::new(move |list: ListId| ceilings.get(list)),
+        });
         let (reports, mut inbox) = mpsc::unbounded_channel();
         let mut session = Session {
             worker,
             connection,
             channel,
+            consumer_tag,
             publisher,
             publisher_generation: 0,
-            window,
-            batcher: Batcher::new(BatchLimits {
-                max_contacts: settings.batch.max_contacts.get(),
-                max_bytes: settings.batch.max_bytes.get(),
-                max_wait: settings.batch.max_wait,
-            }),
-            pace: ArrivalPace::default(),
-            ledger: Ledger::default(),
-            acks: Acks::new(ACK_HOLD, ACK_CHUNK),
+            core,
             reports,
-            publishing: 0,
-            delivering: 0,
             batches_sent: 0,
             tasks: JoinSet::new(),
         };
-        let result = session
-            .drive(&mut consumer, &consumer_tag, &mut inbox)
-            .await;
+        let result = session.drive(&mut consumer, &mut inbox).await;
         poller.abort();
         following.abort();
         session.tasks.shutdown().await;
@@ -230,57 +222,33 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     async fn drive(
         &mut self,
         consumer: &mut lapin::Consumer,
-        consumer_tag: &str,
         inbox: &mut mpsc::UnboundedReceiver<Report>,
     ) -> Result<(), SessionError> {
-        let mut ack_tick = tokio::time::interval(ACK_TICK);
-        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut draining_until: Option<tokio::time::Instant> = None;
         loop {
-            let lingering = self.batcher.next_deadline();
-            // With the prefetch window full, a pause says nothing about the input while an
-            // answer is still to come: the answer frees part of the window. With room in the
-            // window, it does (the queue is asked), whatever is on its way to Listrak.
-            // Contacts waiting for an answer join the open batches when it comes: the input
-            // is not over until they have.
-            let quiet = lingering
-                .filter(|_| !self.batcher.any_parked())
-                .filter(|_| self.delivering == 0 || !self.window_full())
-                .and_then(|_| self.pace.quiet_at(self.batcher.limits().max_wait));
-            let flush_at = lingering.map(tokio::time::Instant::from_std);
-            let quiet_at = quiet.map(tokio::time::Instant::from_std);
-            tokio::select! {
-                biased;
-                Some(report) = inbox.recv() => {
-                    let batch_settled = matches!(report, Report::Appended { .. });
-                    self.on_report(report, draining_until.is_some()).await?;
-                    // A batch's answer frees a share of the prefetch window: hand it back to
-                    // the broker now rather than at the next tick.
-                    if batch_settled {
-                        self.send_acks(false).await?;
-                    }
-                }
-                _ = self.worker.stop.cancelled(), if draining_until.is_none() => {
-                    bounded(
-                        self.channel
-                            .basic_cancel(consumer_tag.into(), BasicCancelOptions::default()),
-                    )
-                    .await;
-                    for batch in self.batcher.flush_all() {
-                        self.dispatch(batch);
-                    }
-                    let grace = self.worker.settings.shutdown.grace;
-                    draining_until = Some(tokio::time::Instant::now() + grace);
-                }
-                _ = sleep_until_if_any(draining_until) => {
-                    tracing::warn!(
-                        unsettled = self.ledger.len(),
-                        "grace period over; unsettled messages stay in the queue"
-                    );
-                    self.send_acks(true).await?;
+            self.carry_out().await?;
+            match self.core.ended() {
+                Some(Ending::Drained) => {
+                    tracing::info!("everything batched was settled; closing");
                     return Ok(());
                 }
-                delivery = consumer.next(), if draining_until.is_none() => match delivery {
+                Some(Ending::GraceOver { unsettled }) => {
+                    tracing::warn!(
+                        unsettled,
+                        "grace period over; unsettled messages stay in the queue"
+                    );
+                    return Ok(());
+                }
+                None => {}
+            }
+            let draining = self.core.draining();
+            let wake_at = self.core.wake_at().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                Some(report) = inbox.recv() => self.on_report(report).await?,
+                _ = self.worker.stop.cancelled(), if !draining => {
+                    self.core.shut_down(clock::now());
+                }
+                delivery = consumer.next(), if !draining => match delivery {
                     Some(Ok(delivery)) => {
                         self.on_delivery(delivery);
                         // lapin's consumer never makes this loop yield while deliveries are
@@ -291,45 +259,82 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(SessionError::ConsumerEnded),
                 },
-                _ = sleep_until_if_any(flush_at) => {
-                    for batch in self.batcher.flush_due(Instant::now()) {
-                        self.dispatch(batch);
-                    }
-                }
-                _ = sleep_until_if_any(quiet_at) => {
-                    if self.nothing_more_coming().await {
-                        for batch in self.batcher.flush_idle() {
-                            self.dispatch(batch);
-                        }
-                    } else {
-                        self.pace.not_quiet_yet(Instant::now());
-                    }
-                }
-                _ = ack_tick.tick() => {
+                _ = sleep_until_if_any(wake_at) => {
                     // Finished tasks are forgotten; their reports are in the inbox.
                     while self.tasks.try_join_next().is_some() {}
-                    self.send_acks(false).await?
+                    self.core.tick(clock::now());
                 }
-            }
-            if draining_until.is_some()
-                && self.ledger.is_empty()
-                && self.publishing == 0
-                && self.delivering == 0
-            {
-                self.send_acks(true).await?;
-                tracing::info!("everything batched was settled; closing");
-                return Ok(());
             }
         }
     }
 
+    /// Carries out the core's commands, in order.
+    async fn carry_out(&mut self) -> Result<(), SessionError> {
+        while let Some(command) = self.core.next_command() {
+            match command {
+                Command::Send(batch) => self.dispatch(batch),
+                Command::Append { batch, delivered } => self.append(batch, delivered),
+                Command::Copy {
+                    tag,
+                    original,
+                    settlement,
+                } => self.copy(tag, original, settlement),
+                Command::Resolve {
+                    tag,
+                    plan,
+                    arrived,
+                    deadline,
+                } => {
+                    let fields = Arc::clone(&self.worker.fields);
+                    let reports = self.reports.clone();
+                    self.tasks.spawn(async move {
+                        let seen = tokio::time::Instant::from_std(arrived);
+                        let deadline = tokio::time::Instant::from_std(deadline);
+                        let resolved = fields.resolve_all(plan, seen, deadline).await;
+                        let _ = reports.send(Report::Resolved {
+                            tag,
+                            arrived,
+                            resolved,
+                        });
+                    });
+                }
+                Command::Ack(acks) => self.send_acks(acks).await?,
+                Command::AskQueue => {
+                    let channel = self.channel.clone();
+                    let queue = self.worker.settings.amqp.queue.clone();
+                    let reports = self.reports.clone();
+                    self.tasks.spawn(async move {
+                        let counted = tokio::time::timeout(
+                            QUIET_CHECK_TIMEOUT,
+                            broker::queue_counts(&channel, &queue),
+                        )
+                        .await;
+                        let empty = match counted {
+                            Ok(Ok((ready, _))) => Some(ready == 0),
+                            _ => None,
+                        };
+                        let _ = reports.send(Report::QueueCounted(empty));
+                    });
+                }
+                Command::StopConsuming => {
+                    bounded(self.channel.basic_cancel(
+                        self.consumer_tag.as_str().into(),
+                        BasicCancelOptions::default(),
+                    ))
+                    .await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and maps a delivery, trusts its event times as far as `batch.clock_skew`, looks
+    /// its fields up, and hands it to the core.
     fn on_delivery(&mut self, delivery: Delivery) {
         let metrics = &self.worker.metrics;
         metrics.message_received();
-        let arrived = Instant::now();
-        self.pace.arrived(arrived);
+        let arrived = clock::now();
         let tag = delivery.delivery_tag;
-        self.acks.delivered(tag);
         let now = EventTime::now();
         // What an earlier delivery used, else the producer's AMQP timestamp, else now (this
         // is the first receipt: a copy carries the time on).
@@ -338,6 +343,12 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let received = carried.or(stamped).unwrap_or(now);
         let planned = decode(&delivery.data, received)
             .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
+        let message_id_of = |properties: &BasicProperties| {
+            properties
+                .message_id()
+                .as_ref()
+                .map(|id| Box::from(id.as_str()))
+        };
         let mut plan = match planned {
             Err(poison) => {
                 tracing::info!(
@@ -354,17 +365,18 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     message: Some(poison.detail),
                     list_id: None,
                 };
-                self.settle(
-                    tag,
-                    delivery.data,
-                    &delivery.properties,
-                    Settlement::DeadLetter(rejection),
-                    None,
-                );
+                let original = Original {
+                    properties: PackedProperties::pack(&delivery.properties),
+                    message_id: message_id_of(&delivery.properties),
+                    body: delivery.data,
+                    event_time: None,
+                };
+                let arrival = Arrival::Poison(original, rejection);
+                self.core.delivered(tag, arrival, arrived);
                 return;
             }
             Ok(plan) if plan.is_empty() => {
-                self.acks.ready(tag, AckOutcome::Ignored, arrived);
+                self.core.delivered(tag, Arrival::Ignored, arrived);
                 return;
             }
             Ok(plan) => plan,
@@ -390,105 +402,23 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             .first()
             .or(plan.unresolved.first().map(|pending| &pending.update))
             .map_or(received, |update| update.timestamp);
-
-        self.ledger.open(
-            tag,
-            Original {
-                body: delivery.data,
-                properties: PackedProperties::pack(&delivery.properties),
-                event_time,
-                message_id: delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| Box::from(id.as_str())),
-            },
-        );
-        match self.worker.fields.lookup_all(plan) {
-            Ok(updates) => self.add_updates(tag, updates, arrived),
-            Err(plan) => self.hold(tag, plan, arrived),
-        }
+        let original = Original {
+            properties: PackedProperties::pack(&delivery.properties),
+            message_id: message_id_of(&delivery.properties),
+            body: delivery.data,
+            event_time: Some(event_time),
+        };
+        let arrival = match self.worker.fields.lookup_all(plan) {
+            Ok(updates) => Arrival::Updates(original, updates),
+            Err(plan) => Arrival::Unresolved(original, plan),
+        };
+        self.core.delivered(tag, arrival, arrived);
     }
 
-    /// Hands a message's updates to the batcher; the message settles when each has a verdict.
-    fn add_updates(&mut self, tag: u64, updates: Vec<Update>, arrived: Instant) {
-        let deliverer = &self.worker.deliverer;
-        // Updates older than what was applied are recognised when their batch is sent (the
-        // guard is consulted there anyway, as a newer value may be applied meanwhile).
-        for update in updates {
-            let ceiling = deliverer.ceilings.get(update.list_id).unwrap_or(usize::MAX);
-            let added = self.batcher.add_with_ceiling(tag, update, arrived, ceiling);
-            if added.new_part {
-                self.ledger.add_part(tag);
-            }
-            for batch in added.flushed {
-                self.dispatch(batch);
-            }
-        }
-        if let Some((original, settlement)) = self.ledger.seal(tag) {
-            self.settle_original(tag, original, settlement);
-        }
-    }
-
-    /// Holds a message aside while a task resolves its fields from Listrak (a catalogue read
-    /// or a field to create), so the loop goes on. The ledger knows the message as resolving
-    /// (it cannot settle, and the shutdown drain waits for it); its updates keep their arrival
-    /// time, so their hold budget counts from then.
-    fn hold(&mut self, tag: u64, plan: Plan, arrived: Instant) {
-        self.ledger.resolving(tag);
-        let fields = Arc::clone(&self.worker.fields);
-        let reports = self.reports.clone();
-        // Past the moment its batch could still start a request, waiting is pointless: the
-        // message goes to the retry queues instead.
-        let deadline = arrived + self.worker.deliverer.hold_budget;
-        self.tasks.spawn(async move {
-            let seen = tokio::time::Instant::from_std(arrived);
-            let deadline = tokio::time::Instant::from_std(deadline);
-            let resolved = fields.resolve_all(plan, seen, deadline).await;
-            let _ = reports.send(Report::Resolved {
-                tag,
-                arrived,
-                resolved,
-            });
-        });
-    }
-
-    fn on_resolved(
-        &mut self,
-        tag: u64,
-        arrived: Instant,
-        resolved: Result<Vec<Update>, Unresolvable>,
-        draining: bool,
-    ) {
-        match resolved {
-            Ok(updates) => {
-                self.ledger.resolved(tag);
-                self.add_updates(tag, updates, arrived);
-                if draining {
-                    for batch in self.batcher.flush_all() {
-                        self.dispatch(batch);
-                    }
-                }
-            }
-            Err(why) => {
-                let verdict = unresolved_verdict(&why);
-                tracing::info!(
-                    delivery_tag = tag,
-                    error = %why,
-                    "a message's profile field could not be resolved"
-                );
-                if let Some((original, settlement)) = self.ledger.unresolved(tag, &verdict) {
-                    self.settle_original(tag, original, settlement);
-                }
-            }
-        }
-    }
-
-    /// Sends a batch now: the batcher never lets one out with a contact that is already in
-    /// flight, so batches of one list may go out side by side, up to the concurrency limit.
+    /// Sends a batch in a task of its own: batches of one list may go out side by side, up to
+    /// the concurrency limit.
     fn dispatch(&mut self, batch: Batch) {
         self.worker.metrics.batch_flushed(batch.trigger);
-        self.delivering += 1;
         self.batches_sent += 1;
         let span = tracing::info_span!(
             "batch",
@@ -507,25 +437,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         );
     }
 
-    async fn on_report(&mut self, report: Report, draining: bool) -> Result<(), SessionError> {
+    async fn on_report(&mut self, report: Report) -> Result<(), SessionError> {
+        let now = clock::now();
         match report {
             Report::Delivered { batch, delivered } => {
-                // Listrak answered: the contacts that waited for this request may go now; the
-                // messages settle once the record is in the applied log.
-                let ceiling = self.worker.deliverer.ceilings.get(batch.list_id);
-                let ready =
-                    self.batcher
-                        .answered(&batch, Instant::now(), ceiling.unwrap_or(usize::MAX));
-                for batch in ready {
-                    self.dispatch(batch);
-                }
-                if draining {
-                    // Updates that waited for this answer leave at once.
-                    for batch in self.batcher.flush_all() {
-                        self.dispatch(batch);
-                    }
-                }
-                self.append(batch, delivered);
+                self.core.answered(batch, delivered, now);
             }
             Report::AppendFailed(mut failed) => {
                 let delay = self
@@ -534,41 +450,43 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 self.spawn_append(failed, delay);
             }
             Report::Appended { batch, verdicts } => {
-                self.delivering -= 1;
-                for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
+                for (contact, verdict) in batch.contacts.iter().zip(&verdicts) {
                     if let Verdict::DeadLetter(Rejection {
                         status: Some(400),
                         message: Some(message),
                         ..
-                    }) = &verdict
+                    }) = verdict
                     {
                         let fields = contact.fields.iter().map(|value| value.field);
                         self.worker.fields.refused(batch.list_id, message, fields);
                     }
-                    for &tag in &contact.messages {
-                        if let Some((original, settlement)) = self.ledger.settle_part(tag, &verdict)
-                        {
-                            self.settle_original(tag, original, settlement);
-                        }
-                    }
                 }
+                self.core.appended(&batch, &verdicts, now);
             }
             Report::Resolved {
                 tag,
                 arrived,
                 resolved,
-            } => self.on_resolved(tag, arrived, resolved, draining),
-            Report::Published { tag, outcome } => {
-                self.publishing -= 1;
-                self.acks.ready(tag, outcome, Instant::now());
+            } => {
+                let resolved = resolved.map_err(|why| {
+                    tracing::info!(
+                        delivery_tag = tag,
+                        error = %why,
+                        "a message's profile field could not be resolved"
+                    );
+                    unresolved_verdict(&why)
+                });
+                self.core.resolved(tag, arrived, resolved, now);
             }
+            Report::Published { tag, outcome } => self.core.copied(tag, Some(outcome), now),
             Report::PublishFailed(mut failed) => {
-                self.publishing -= 1;
                 let delay = self
                     .publish_again(&mut failed.attempts, failed.generation)
                     .await?;
                 self.publish(failed, delay);
             }
+            // Cannot tell: an early partial batch is the lesser harm.
+            Report::QueueCounted(empty) => self.core.queue_counted(empty.unwrap_or(true), now),
         }
         Ok(())
     }
@@ -580,7 +498,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             verdicts,
             resource_ids,
         } = delivered;
-        let ledger = &self.ledger;
+        let core = &self.core;
         let writer = &self.worker.writer;
         let record = Record::of_delivery(
             writer,
@@ -589,8 +507,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             resource_ids,
             EventTime::now(),
             |tag| {
-                ledger
-                    .get(tag)
+                core.original(tag)
                     .and_then(|original| original.message_id.as_deref())
                     .map(str::to_owned)
             },
@@ -683,28 +600,9 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
     }
 
-    fn settle_original(&mut self, tag: u64, original: Original, settlement: Settlement) {
-        match settlement {
-            Settlement::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
-            Settlement::Abandon => {}
-            settlement => {
-                let properties = original.properties.unpack();
-                let event_time = Some(original.event_time);
-                self.settle(tag, original.body, &properties, settlement, event_time);
-            }
-        }
-    }
-
-    /// Acks, leaves, or publishes a copy to a retry queue or the dead-letter queue, as
-    /// `disposition` decides; a copy carries the event time its updates used.
-    fn settle(
-        &mut self,
-        tag: u64,
-        body: Vec<u8>,
-        properties: &BasicProperties,
-        settlement: Settlement,
-        event_time: Option<EventTime>,
-    ) {
+    /// Publishes a copy to a retry queue or the dead-letter queue, as `disposition` decides
+    /// (or acks it, or leaves it); a copy carries the event time its updates used.
+    fn copy(&mut self, tag: u64, original: Original, settlement: Settlement) {
         let settings = &self.worker.settings;
         let rules = Rules {
             schedule: &settings.retry.schedule,
@@ -712,20 +610,22 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             max_age: settings.retry.max_age,
             topology: &self.worker.topology,
         };
-        let previous = RetryHeaders::read(properties);
+        let properties = original.properties.unpack();
+        let previous = RetryHeaders::read(&properties);
+        let now = clock::now();
         match dispose(settlement, previous, EventTime::now(), &rules) {
-            Disposition::Ack(outcome) => self.acks.ready(tag, outcome, Instant::now()),
-            Disposition::Leave => {}
+            Disposition::Ack(outcome) => self.core.copied(tag, Some(outcome), now),
+            Disposition::Leave => self.core.copied(tag, None, now),
             Disposition::Republish(mut copy) => {
-                if let Some(time) = event_time {
+                if let Some(time) = original.event_time {
                     copy.headers
                         .push((broker::EVENT_TIME, text_header(time.to_rfc3339_micros())));
                 }
-                let properties = disposition::republished(properties, &copy);
+                let properties = disposition::republished(&properties, &copy);
                 let publish = Box::new(Outgoing {
                     tag,
                     copy,
-                    body,
+                    body: original.body,
                     properties,
                     generation: self.publisher_generation,
                     attempts: 0,
@@ -737,7 +637,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
 
     /// Publishes a copy (after `delay`), waits for its confirm, and reports.
     fn publish(&mut self, mut publish: Box<Outgoing>, delay: Duration) {
-        self.publishing += 1;
         publish.generation = self.publisher_generation;
         let publisher = self.publisher.clone();
         let reports = self.reports.clone();
@@ -778,39 +677,8 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         });
     }
 
-    /// Whether the broker has nothing more for this consumer now: the prefetch window is
-    /// full of unsettled messages (nothing comes until an ack), or the queue holds no
-    /// ready message. A pause in deliveries with messages still queued is the broker being
-    /// busy, not the input ending.
-    async fn nothing_more_coming(&self) -> bool {
-        if self.window_full() {
-            return self.delivering == 0;
-        }
-        // Short: the session loop waits for the answer, with acks and reports queued behind it.
-        let counted = tokio::time::timeout(
-            QUIET_CHECK_TIMEOUT,
-            broker::queue_counts(&self.channel, &self.worker.settings.amqp.queue),
-        )
-        .await;
-        match counted {
-            Ok(Ok((ready, _))) => ready == 0,
-            // Cannot tell: an early partial batch is the lesser harm.
-            _ => true,
-        }
-    }
-
-    /// Every message the prefetch allows is delivered and not yet acked.
-    fn window_full(&self) -> bool {
-        self.acks.outstanding() + self.acks.pending_acks() >= usize::from(self.window)
-    }
-
-    /// Sends the acks that are due; `all` sends the held ones too.
-    async fn send_acks(&mut self, all: bool) -> Result<(), SessionError> {
-        let commands = if all {
-            self.acks.take_all()
-        } else {
-            self.acks.take(Instant::now())
-        };
+    /// Sends acks, in order.
+    async fn send_acks(&mut self, commands: Vec<AckCommand>) -> Result<(), SessionError> {
         // An ack's frame is queued when its call is first polled: queue them all, in order,
         // before waiting for any, so they leave in one write.
         let mut sending = Vec::with_capacity(commands.len());
