@@ -21,10 +21,9 @@ pub const ACK_TICK: Duration = Duration::from_millis(20);
 /// ack covers them all (see `settle::Acks`).
 pub const ACK_HOLD: Duration = Duration::from_millis(500);
 /// The most messages one `multiple` ack covers (see `settle::Acks` for why there is a most).
-pub const ACK_CHUNK: u64 = 500;
+const ACK_CHUNK: u64 = 500;
 
 /// What a session's core is set up with.
-#[derive(Clone)]
 pub struct CoreSettings {
     /// Messages the broker may have delivered and not yet acknowledged (`basic.qos`).
     pub window: u16,
@@ -155,10 +154,6 @@ impl<O> Core<O> {
     /// The message held for `tag`, while it is unsettled.
     pub fn original(&self, tag: u64) -> Option<&O> {
         self.ledger.get(tag)
-    }
-
-    pub fn unsettled(&self) -> usize {
-        self.ledger.len()
     }
 
     pub fn delivered(&mut self, tag: u64, arrival: Arrival<O>, now: Instant) {
