@@ -539,9 +539,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let topology = self.worker.topology.clone();
         let reports = self.reports.clone();
         let metrics = self.worker.metrics.clone();
+        let writer = self.worker.writer.clone();
         self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
-            let appended = applied_log::append(&publisher, &topology, &appending.record);
+            let appended =
+                applied_log::append(&publisher, &topology, &appending.record, Some(&writer));
             let report = match AssertUnwindSafe(appended).catch_unwind().await {
                 Ok(Ok(())) => Report::Appended {
                     batch: appending.batch,

@@ -124,7 +124,9 @@ async fn measure(
         }
         .encode();
         bytes += record.len() as u64;
-        let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        let properties = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_encoding("deflate".into());
         confirms.push(
             publisher
                 .start("", &topology.applied, &record, properties)
