@@ -183,8 +183,11 @@ impl Record {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), COMPRESSION);
-        serde_json::to_writer(&mut encoder, self).expect("a record encodes");
+        // Whole: the encoder compresses at every write, and JSON is written a token at a time.
+        let json = serde_json::to_vec(self).expect("a record encodes");
+        let mut encoder =
+            flate2::write::ZlibEncoder::new(Vec::with_capacity(json.len() / 3), COMPRESSION);
+        std::io::Write::write_all(&mut encoder, &json).expect("writing to memory does not fail");
         encoder.finish().expect("writing to memory does not fail")
     }
 

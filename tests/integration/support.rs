@@ -353,6 +353,15 @@ impl Harness {
             let record = Record::decode(&delivery.data).expect("a record the worker wrote");
             // A session's marker, to read up to, applied nothing.
             if record.sync.is_none() {
+                // The stream keeps the writer in `app-id`: a tailing worker skips its own
+                // records by it, unread.
+                let app_id = delivery
+                    .properties
+                    .app_id()
+                    .as_ref()
+                    .map(|id| id.to_string());
+                assert_eq!(app_id, record.w, "the writer of a record is its app-id");
+                assert!(record.w.is_some());
                 records.push(record);
             }
             delivery.ack(Default::default()).await.unwrap();
