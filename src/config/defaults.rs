@@ -64,9 +64,9 @@ pub(super) const MAX_FIELD_CREATION_BUDGET: i64 = 100_000;
 /// The applied log reaches a week back: dead letters are replayed within days, and a retry
 /// gives up after `retry.max_age` (a day by default).
 pub(super) const DEFAULT_APPLIED_LOG_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// A record costs about 100 bytes per applied contact with its fields and message ids: a week
-/// of 10 million applied updates is about 1 GB, so 4 GB leaves the age, not the size, to
-/// bound the log for four times that traffic.
+/// A record costs about 35 bytes per applied contact with its fields and message ids
+/// (compressed): a week of 10 million applied updates is about 340 MB, so 4 GB leaves the age,
+/// not the size, to bound the log for ten times that traffic.
 pub(super) const DEFAULT_APPLIED_LOG_MAX_BYTES: i64 = 4_000_000_000;
 pub(super) const MIN_APPLIED_LOG_MAX_BYTES: i64 = 1 << 20;
 /// Keys the guard watches for an outstanding older copy: 1% of a week's 10 million updates

@@ -7,8 +7,8 @@
 //! dead-letter queue (or were left for redelivery): an older copy of theirs may come back, so
 //! the guard watches those keys for the log's horizon (see `guard`).
 //!
-//! A record is compact JSON, compressed with zlib (`content-encoding: deflate`; a record
-//! compresses to about 40% of its JSON, message ids being random), one object per record:
+//! A record is compact JSON, compressed with zlib (`content-encoding: deflate`: about a third
+//! of its JSON, message ids being random), one object per record:
 //! `{"v":1,"list":1001,"at":<µs>,"rid":["…"],"a":[{"e":"a@x.io","f":[[456,"on",<µs before at>]],
 //! "m":["msg-1"]}],"p":[{"e":"b@x.io","f":[[456,<µs before at>]]}]}`. Event times are written as
 //! how long before `at` they were, which is short for recent events. Uncompressed JSON reads
