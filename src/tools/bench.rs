@@ -132,6 +132,14 @@ pub struct Drain {
     /// CPU time (user and system, from `/proc`) per 100,000 events drained.
     pub worker_cpu_seconds_per_100k: f64,
     pub baseline_cpu_seconds_per_100k: f64,
+    /// The local RabbitMQ's CPU time per 100,000 events while each drained (0: not found).
+    pub broker_cpu_seconds_per_100k_worker: f64,
+    pub broker_cpu_seconds_per_100k_baseline: f64,
+    /// How many of the machine's cores were busy, on average, while each drained (every
+    /// process: the worker, RabbitMQ, the stand-in, everything else), of `cores`.
+    pub cores_busy_worker: f64,
+    pub cores_busy_baseline: f64,
+    pub cores: usize,
     /// The worker's window of unacknowledged messages, as it reported it.
     pub worker_prefetch: f64,
 }
@@ -285,9 +293,43 @@ async fn publish_all(
     Ok(())
 }
 
+/// What one drain cost the machine: the drainer's CPU, the broker's, and every core's.
+struct CpuMeter {
+    started: Instant,
+    drainer: f64,
+    broker: f64,
+    machine: f64,
+}
+
+impl CpuMeter {
+    fn start(drainer: &str) -> Self {
+        Self {
+            started: Instant::now(),
+            drainer: cpu_seconds(drainer),
+            broker: broker_cpu_seconds(),
+            machine: machine_busy_seconds(),
+        }
+    }
+
+    /// Events per second, and the drainer's and the broker's CPU seconds per 100,000
+    /// events and the cores busy on average, since `start`.
+    fn stop(&self, drainer: &str, events: usize) -> (f64, f64, f64, f64) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        (
+            events as f64 / elapsed,
+            per_100k(cpu_seconds(drainer) - self.drainer, events),
+            per_100k(broker_cpu_seconds() - self.broker, events),
+            (machine_busy_seconds() - self.machine) / elapsed,
+        )
+    }
+}
+
 /// The ceiling: a bare consumer that only decodes and acks (one `multiple` ack per 100).
-/// Returns its events per second and CPU seconds per 100,000 events.
-async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<(f64, f64)> {
+/// Returns what its drain cost (see [`CpuMeter::stop`]).
+async fn baseline(
+    options: &BenchOptions,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<(f64, f64, f64, f64)> {
     let queue = format!("listrak-bench.baseline.{}", std::process::id());
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
     let connection = broker::connect_url(&options.amqp_url, "listrak-bench baseline").await?;
@@ -307,15 +349,11 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
             FieldTable::default(),
         )
         .await?;
-    let mut started = None;
-    let mut cpu_at_start = 0.0;
+    let mut meter = None;
     let mut consumed = 0usize;
     while consumed < bodies.len() {
         let delivery = consumer.next().await.context("consumer ended")??;
-        started.get_or_insert_with(|| {
-            cpu_at_start = cpu_seconds("self");
-            Instant::now()
-        });
+        meter.get_or_insert_with(|| CpuMeter::start("self"));
         let _: serde_json::Value = serde_json::from_slice(&delivery.data)?;
         consumed += 1;
         if consumed.is_multiple_of(100) || consumed == bodies.len() {
@@ -324,14 +362,12 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
                 .await?;
         }
     }
-    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
-    let cpu = cpu_seconds("self") - cpu_at_start;
+    let cost = meter
+        .context("the baseline received nothing")?
+        .stop("self", bodies.len());
     topology.delete(publisher.channel()).await?;
     connection.close(200, "done".into()).await?;
-    Ok((
-        bodies.len() as f64 / elapsed.as_secs_f64(),
-        per_100k(cpu, bodies.len()),
-    ))
+    Ok(cost)
 }
 
 /// User and system CPU time of a process (`self` or a pid) so far, from `/proc`.
@@ -350,6 +386,49 @@ fn cpu_seconds(process: &str) -> f64 {
         return 0.0;
     };
     (user + system) / clock_ticks_per_second()
+}
+
+/// The local RabbitMQ's (the Erlang VM's `beam.smp` process) CPU time so far; 0 when no
+/// such process is found (a broker elsewhere).
+fn broker_cpu_seconds() -> f64 {
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    processes
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "beam.smp")
+        })
+        .map(|pid| cpu_seconds(&pid))
+        .sum()
+}
+
+/// CPU time every core has spent busy (all but idle and waiting for I/O) since boot, from
+/// `/proc/stat`.
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(total) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal (guest time is inside user)
+    let ticks: Vec<f64> = total
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy / clock_ticks_per_second()
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -431,8 +510,8 @@ impl WorkerProcess {
         )
     }
 
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&self.child.id().to_string())
+    fn pid(&self) -> String {
+        self.child.id().to_string()
     }
 
     /// Peak resident memory so far (VmHWM), in MiB.
@@ -578,9 +657,12 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
         "{} lists, {:?} per request — baseline: a bare consumer draining {} events…",
         setting.lists, setting.latency, options.events
     );
+    report.cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     (
         report.baseline_events_per_second,
         report.baseline_cpu_seconds_per_100k,
+        report.broker_cpu_seconds_per_100k_baseline,
+        report.cores_busy_baseline,
     ) = baseline(options, &bodies).await?;
 
     eprintln!("worker: draining the same backlog into listrak-fake…");
@@ -602,14 +684,17 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
         {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let started = Instant::now();
-        let cpu_at_start = worker.cpu_seconds();
+        let pid = worker.pid();
+        let meter = CpuMeter::start(&pid);
         let result = worker
             .wait_acked(bodies.len(), Duration::from_secs(600))
             .await;
-        let elapsed = started.elapsed();
-        report.worker_cpu_seconds_per_100k =
-            per_100k(worker.cpu_seconds() - cpu_at_start, bodies.len());
+        (
+            report.worker_events_per_second,
+            report.worker_cpu_seconds_per_100k,
+            report.broker_cpu_seconds_per_100k_worker,
+            report.cores_busy_worker,
+        ) = meter.stop(&pid, bodies.len());
         report.worker_peak_rss_mib = worker.peak_rss_mib();
         report.worker_prefetch = worker
             .counter("listrak_prefetch_window")
@@ -625,7 +710,6 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
             .sum::<usize>() as f64
             / requests.len().max(1) as f64;
         fake.shutdown().await;
-        report.worker_events_per_second = bodies.len() as f64 / elapsed.as_secs_f64();
         Ok(())
     })
     .await?;
@@ -756,6 +840,10 @@ impl Drain {
             worker_peak_rss_mib: of(|r| r.worker_peak_rss_mib),
             worker_cpu_seconds_per_100k: of(|r| r.worker_cpu_seconds_per_100k),
             baseline_cpu_seconds_per_100k: of(|r| r.baseline_cpu_seconds_per_100k),
+            broker_cpu_seconds_per_100k_worker: of(|r| r.broker_cpu_seconds_per_100k_worker),
+            broker_cpu_seconds_per_100k_baseline: of(|r| r.broker_cpu_seconds_per_100k_baseline),
+            cores_busy_worker: of(|r| r.cores_busy_worker),
+            cores_busy_baseline: of(|r| r.cores_busy_baseline),
             worker_prefetch: of(|r| r.worker_prefetch),
             ..first
         }
@@ -816,6 +904,20 @@ impl Drain {
             format!(
                 "worker {:.2}, baseline {:.2}",
                 self.worker_cpu_seconds_per_100k, self.baseline_cpu_seconds_per_100k
+            ),
+        );
+        row(
+            "  RabbitMQ CPU s per 100k",
+            format!(
+                "while the worker drains {:.2}, the baseline {:.2}",
+                self.broker_cpu_seconds_per_100k_worker, self.broker_cpu_seconds_per_100k_baseline
+            ),
+        );
+        row(
+            "  machine cores busy",
+            format!(
+                "worker {:.2}, baseline {:.2} (of {})",
+                self.cores_busy_worker, self.cores_busy_baseline, self.cores
             ),
         );
         rows
