@@ -296,40 +296,53 @@ async fn publish_all(
 /// What one drain cost the machine: the drainer's CPU, the broker's, and every core's.
 struct CpuMeter {
     started: Instant,
-    drainer: f64,
-    broker: f64,
-    machine: f64,
+    drainer: String,
+    /// The local RabbitMQ's processes, found once: a drain does not restart the broker.
+    broker: Vec<String>,
+    drainer_at_start: f64,
+    broker_at_start: f64,
+    machine_at_start: f64,
+}
+
+/// How fast one drain went and what it cost, per 100,000 events.
+struct DrainCost {
+    events_per_second: f64,
+    cpu_seconds_per_100k: f64,
+    broker_cpu_seconds_per_100k: f64,
+    cores_busy: f64,
 }
 
 impl CpuMeter {
-    fn start(drainer: &str) -> Self {
+    /// Starts measuring `drainer` (`self` or a pid), the broker and the machine.
+    fn start(drainer: String) -> Self {
+        let broker = broker_processes();
         Self {
             started: Instant::now(),
-            drainer: cpu_seconds(drainer),
-            broker: broker_cpu_seconds(),
-            machine: machine_busy_seconds(),
+            drainer_at_start: cpu_seconds(&drainer),
+            broker_at_start: broker.iter().map(|pid| cpu_seconds(pid)).sum(),
+            machine_at_start: machine_busy_seconds(),
+            drainer,
+            broker,
         }
     }
 
-    /// Events per second, and the drainer's and the broker's CPU seconds per 100,000
-    /// events and the cores busy on average, since `start`.
-    fn stop(&self, drainer: &str, events: usize) -> (f64, f64, f64, f64) {
+    fn stop(&self, events: usize) -> DrainCost {
         let elapsed = self.started.elapsed().as_secs_f64();
-        (
-            events as f64 / elapsed,
-            per_100k(cpu_seconds(drainer) - self.drainer, events),
-            per_100k(broker_cpu_seconds() - self.broker, events),
-            (machine_busy_seconds() - self.machine) / elapsed,
-        )
+        let broker: f64 = self.broker.iter().map(|pid| cpu_seconds(pid)).sum();
+        DrainCost {
+            events_per_second: events as f64 / elapsed,
+            cpu_seconds_per_100k: per_100k(
+                cpu_seconds(&self.drainer) - self.drainer_at_start,
+                events,
+            ),
+            broker_cpu_seconds_per_100k: per_100k(broker - self.broker_at_start, events),
+            cores_busy: (machine_busy_seconds() - self.machine_at_start) / elapsed,
+        }
     }
 }
 
 /// The ceiling: a bare consumer that only decodes and acks (one `multiple` ack per 100).
-/// Returns what its drain cost (see [`CpuMeter::stop`]).
-async fn baseline(
-    options: &BenchOptions,
-    bodies: &[Vec<u8>],
-) -> anyhow::Result<(f64, f64, f64, f64)> {
+async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<DrainCost> {
     let queue = format!("listrak-bench.baseline.{}", std::process::id());
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
     let connection = broker::connect_url(&options.amqp_url, "listrak-bench baseline").await?;
@@ -353,7 +366,7 @@ async fn baseline(
     let mut consumed = 0usize;
     while consumed < bodies.len() {
         let delivery = consumer.next().await.context("consumer ended")??;
-        meter.get_or_insert_with(|| CpuMeter::start("self"));
+        meter.get_or_insert_with(|| CpuMeter::start("self".into()));
         let _: serde_json::Value = serde_json::from_slice(&delivery.data)?;
         consumed += 1;
         if consumed.is_multiple_of(100) || consumed == bodies.len() {
@@ -364,7 +377,7 @@ async fn baseline(
     }
     let cost = meter
         .context("the baseline received nothing")?
-        .stop("self", bodies.len());
+        .stop(bodies.len());
     topology.delete(publisher.channel()).await?;
     connection.close(200, "done".into()).await?;
     Ok(cost)
@@ -388,11 +401,10 @@ fn cpu_seconds(process: &str) -> f64 {
     (user + system) / clock_ticks_per_second()
 }
 
-/// The local RabbitMQ's (the Erlang VM's `beam.smp` process) CPU time so far; 0 when no
-/// such process is found (a broker elsewhere).
-fn broker_cpu_seconds() -> f64 {
+/// The pids of the local RabbitMQ (the Erlang VM, `beam.smp`); none for a broker elsewhere.
+fn broker_processes() -> Vec<String> {
     let Ok(processes) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return Vec::new();
     };
     processes
         .flatten()
@@ -402,43 +414,43 @@ fn broker_cpu_seconds() -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim() == "beam.smp")
         })
-        .map(|pid| cpu_seconds(&pid))
-        .sum()
+        .collect()
 }
 
-/// CPU time every core has spent busy (all but idle and waiting for I/O) since boot, from
-/// `/proc/stat`.
+/// CPU time every core has spent busy since boot, from `/proc/stat`.
 fn machine_busy_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(total) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    // user nice system idle iowait irq softirq steal (guest time is inside user)
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| busy_ticks(&stat))
+        .map_or(0.0, |ticks| ticks / clock_ticks_per_second())
+}
+
+/// The busy ticks of `/proc/stat`'s `cpu` line: all of user, nice, system, idle, iowait,
+/// irq, softirq and steal but idle and iowait (guest time is counted inside user).
+fn busy_ticks(stat: &str) -> Option<f64> {
+    let total = stat.lines().find(|l| l.starts_with("cpu "))?;
     let ticks: Vec<f64> = total
         .split_whitespace()
         .skip(1)
         .take(8)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let busy: f64 = ticks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, t)| t)
-        .sum();
-    busy / clock_ticks_per_second()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let waiting = ticks.get(3)? + ticks.get(4)?;
+    Some(ticks.iter().sum::<f64>() - waiting)
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // The kernel's USER_HZ, 100 on every Linux this runs on; `getconf CLK_TCK` tells.
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
+    // The kernel's USER_HZ, 100 on every Linux this runs on; `getconf CLK_TCK` tells. Read
+    // once: a measurement should not wait for a process to start.
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 fn per_100k(seconds: f64, events: usize) -> f64 {
@@ -508,10 +520,6 @@ impl WorkerProcess {
                 .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
                 .sum(),
         )
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
     }
 
     /// Peak resident memory so far (VmHWM), in MiB.
@@ -658,12 +666,11 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
         setting.lists, setting.latency, options.events
     );
     report.cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    (
-        report.baseline_events_per_second,
-        report.baseline_cpu_seconds_per_100k,
-        report.broker_cpu_seconds_per_100k_baseline,
-        report.cores_busy_baseline,
-    ) = baseline(options, &bodies).await?;
+    let baseline = baseline(options, &bodies).await?;
+    report.baseline_events_per_second = baseline.events_per_second;
+    report.baseline_cpu_seconds_per_100k = baseline.cpu_seconds_per_100k;
+    report.broker_cpu_seconds_per_100k_baseline = baseline.broker_cpu_seconds_per_100k;
+    report.cores_busy_baseline = baseline.cores_busy;
 
     eprintln!("worker: draining the same backlog into listrak-fake…");
     with_queue(options, "drain", async |publisher, topology| {
@@ -684,17 +691,15 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
         {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let pid = worker.pid();
-        let meter = CpuMeter::start(&pid);
+        let meter = CpuMeter::start(worker.child.id().to_string());
         let result = worker
             .wait_acked(bodies.len(), Duration::from_secs(600))
             .await;
-        (
-            report.worker_events_per_second,
-            report.worker_cpu_seconds_per_100k,
-            report.broker_cpu_seconds_per_100k_worker,
-            report.cores_busy_worker,
-        ) = meter.stop(&pid, bodies.len());
+        let cost = meter.stop(bodies.len());
+        report.worker_events_per_second = cost.events_per_second;
+        report.worker_cpu_seconds_per_100k = cost.cpu_seconds_per_100k;
+        report.broker_cpu_seconds_per_100k_worker = cost.broker_cpu_seconds_per_100k;
+        report.cores_busy_worker = cost.cores_busy;
         report.worker_peak_rss_mib = worker.peak_rss_mib();
         report.worker_prefetch = worker
             .counter("listrak_prefetch_window")
@@ -1047,6 +1052,14 @@ mod tests {
             table.contains("runs: 90 events/s | 100 events/s | 40 events/s"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 5 50 1000 20 3 2 1 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n";
+        assert_eq!(busy_ticks(stat), Some(161.0));
+        assert_eq!(busy_ticks("intr 1 2 3\n"), None);
+        assert_eq!(busy_ticks("cpu  1 2 x 4 5 6 7 8\n"), None);
     }
 
     #[test]
