@@ -182,6 +182,7 @@ impl<O> Core<O> {
                 });
             }
         }
+        self.release_window();
     }
 
     /// The fields of a held message were resolved (its updates, keeping their arrival time
@@ -223,6 +224,7 @@ impl<O> Core<O> {
         }
         self.commands
             .push_back(Command::Append { batch, delivered });
+        self.release_window();
     }
 
     /// A batch's record is in the applied log (or it needed none): its verdicts stand.
@@ -238,6 +240,7 @@ impl<O> Core<O> {
         // The batch freed a share of the prefetch window: hand it back to the broker now
         // rather than at the next tick.
         self.send_acks(now);
+        self.release_window();
         self.check_drained();
     }
 
@@ -295,6 +298,7 @@ impl<O> Core<O> {
         if self.next_ack_at.is_some_and(|at| now >= at) {
             self.send_acks(now);
         }
+        self.release_window();
     }
 
     /// With the prefetch window full, a pause says nothing about the input while an answer
@@ -326,6 +330,24 @@ impl<O> Core<O> {
         } else {
             self.asking = true;
             self.commands.push_back(Command::AskQueue);
+        }
+    }
+
+    /// With the window full, nothing is delivered until an ack, and acks are cumulative: while
+    /// the lowest unacknowledged message waits in an open batch, that batch cannot fill (no
+    /// delivery comes) and no other answer moves the ack past it, so the consumer stalls until
+    /// `max_wait` or the ack hold. That happens when the window fills before the first answers
+    /// (a backlog the broker delivers faster than a round trip) and the lowest message's
+    /// contact was parked behind the first request: it leaves now, however full.
+    fn release_window(&mut self) {
+        if !self.window_full() || self.draining() {
+            return;
+        }
+        let Some(lowest) = self.acks.lowest_outstanding() else {
+            return;
+        };
+        if let Some(batch) = self.batcher.flush_holding(lowest) {
+            self.send(batch);
         }
     }
 

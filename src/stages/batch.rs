@@ -36,7 +36,9 @@ pub enum FlushTrigger {
     Bytes,
     Time,
     /// Nothing more could come: the input paused (see `ArrivalPace`) with nothing on its way
-    /// to Listrak, and the queue was empty or the prefetch window full.
+    /// to Listrak, and the queue was empty or the prefetch window full; or the window is
+    /// full and this batch holds the lowest unacknowledged message, which no other answer
+    /// can free.
     Idle,
     Shutdown,
 }
@@ -505,6 +507,21 @@ impl Batcher {
     /// answered (`answered`, then this again).
     pub fn flush_all(&mut self) -> Vec<Batch> {
         self.flush_where(FlushTrigger::Shutdown, |_| true)
+    }
+
+    /// The open batch that carries message `key`, if one does: it leaves now.
+    pub fn flush_holding(&mut self, key: MessageKey) -> Option<Batch> {
+        let list_id = self
+            .open
+            .iter()
+            .find(|(_, open)| {
+                open.contacts
+                    .iter()
+                    .any(|contact| contact.messages.contains(&key))
+            })
+            .map(|(list, _)| *list)?;
+        let open = self.open.remove(&list_id).expect("found above");
+        Some(self.leave(list_id, open, FlushTrigger::Idle))
     }
 
     /// Every open batch, because no more input is coming for now.

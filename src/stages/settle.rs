@@ -266,6 +266,18 @@ impl Acks {
         self.outstanding
     }
 
+    /// The lowest tag delivered and not ready to ack: no `multiple` ack passes it.
+    pub fn lowest_outstanding(&self) -> Option<u64> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        let index = self
+            .slots
+            .iter()
+            .position(|slot| matches!(slot, Slot::Outstanding))?;
+        Some(self.base + index as u64)
+    }
+
     /// The acks due now: one `multiple` ack for all ready tags below the lowest outstanding
     /// one, and a single ack for each ready tag above it that has been held long enough.
     pub fn take(&mut self, now: Instant) -> Vec<AckCommand> {
@@ -410,6 +422,25 @@ mod tests {
             }
             assert_eq!(settled, Some(((), expected.clone())), "{verdicts:?}");
         }
+    }
+
+    #[test]
+    fn the_lowest_outstanding_tag_skips_the_ready_and_the_acked() {
+        let now = Instant::now();
+        let mut acks = Acks::new(Duration::from_millis(100), 1000);
+        assert_eq!(acks.lowest_outstanding(), None);
+        for tag in [3, 4, 5, 7] {
+            acks.delivered(tag);
+        }
+        assert_eq!(acks.lowest_outstanding(), Some(3));
+        acks.ready(3, AckOutcome::Applied, now);
+        acks.ready(5, AckOutcome::Applied, now);
+        assert_eq!(acks.lowest_outstanding(), Some(4));
+        acks.ready(4, AckOutcome::Applied, now);
+        acks.take(now);
+        assert_eq!(acks.lowest_outstanding(), Some(7), "6 was never delivered");
+        acks.ready(7, AckOutcome::Applied, now);
+        assert_eq!(acks.lowest_outstanding(), None);
     }
 
     #[test]
