@@ -94,6 +94,37 @@ pub trait FieldCatalogue: Send + Sync + 'static {
     ) -> impl Future<Output = Result<FieldId, CatalogueError>> + Send;
 }
 
+/// A stand-in for Listrak that never reads or changes a catalogue (the delivery tests, the
+/// session simulation): any call is a bug in the test.
+#[cfg(test)]
+pub(crate) trait WithoutCatalogue: Send + Sync + 'static {}
+
+#[cfg(test)]
+impl<T: WithoutCatalogue> FieldCatalogue for T {
+    async fn field_groups(&self, _list: ListId) -> Result<Vec<FieldGroup>, CatalogueError> {
+        unreachable!("this stand-in reads no catalogue")
+    }
+
+    async fn create_field_group(
+        &self,
+        _list: ListId,
+        _name: &str,
+        _position: u32,
+    ) -> Result<u32, CatalogueError> {
+        unreachable!("this stand-in creates no group")
+    }
+
+    async fn create_check_box(
+        &self,
+        _list: ListId,
+        _group: u32,
+        _name: &str,
+        _position: u32,
+    ) -> Result<FieldId, CatalogueError> {
+        unreachable!("this stand-in creates no field")
+    }
+}
+
 /// The Check Box field named `name` in the group named `group` (letter case aside, as
 /// `listrak provision` finds them): the lowest id among such fields, whichever group of that
 /// name holds it, so that duplicates made by racing replicas all resolve to the same one.

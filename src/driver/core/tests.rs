@@ -23,10 +23,9 @@ use crate::driver::concurrency::AdaptiveConcurrency;
 use crate::driver::deliver::{Deliverer, SizeCeilings};
 use crate::driver::guard::SupersededGuard;
 use crate::driver::unpoisoned::Mutex;
-use crate::edges::listrak::{CatalogueError, ListrakApi};
+use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::Metrics;
 use crate::stages::batch::FlushTrigger;
-use crate::stages::catalogue::FieldGroup;
 use crate::stages::classify::{ListrakError, Outcome};
 use crate::stages::model::{DeadLetterReason, EventTime, FieldId};
 
@@ -110,30 +109,7 @@ struct SimulatedListrak {
 }
 
 /// The simulation never reads or creates fields: every mapping's field is known.
-impl crate::driver::fields::FieldCatalogue for SimulatedListrak {
-    async fn field_groups(&self, _list: ListId) -> Result<Vec<FieldGroup>, CatalogueError> {
-        unreachable!("the simulation reads no catalogue")
-    }
-
-    async fn create_field_group(
-        &self,
-        _list: ListId,
-        _name: &str,
-        _position: u32,
-    ) -> Result<u32, CatalogueError> {
-        unreachable!("the simulation creates no group")
-    }
-
-    async fn create_check_box(
-        &self,
-        _list: ListId,
-        _group: u32,
-        _name: &str,
-        _position: u32,
-    ) -> Result<FieldId, CatalogueError> {
-        unreachable!("the simulation creates no field")
-    }
-}
+impl crate::driver::fields::WithoutCatalogue for SimulatedListrak {}
 
 /// Takes a contact out of the requests in flight when its request ends, answered or cancelled.
 struct InFlight {

@@ -18,35 +18,7 @@ struct MemoryListrak {
     requests: Mutex<Vec<(u32, usize, u16)>>,
 }
 
-/// Delivery never reads the catalogue.
-impl crate::driver::fields::FieldCatalogue for MemoryListrak {
-    async fn field_groups(
-        &self,
-        _list: ListId,
-    ) -> Result<Vec<crate::stages::catalogue::FieldGroup>, crate::edges::listrak::CatalogueError>
-    {
-        unreachable!("delivery reads no catalogue")
-    }
-
-    async fn create_field_group(
-        &self,
-        _list: ListId,
-        _name: &str,
-        _position: u32,
-    ) -> Result<u32, crate::edges::listrak::CatalogueError> {
-        unreachable!("delivery creates no group")
-    }
-
-    async fn create_check_box(
-        &self,
-        _list: ListId,
-        _group: u32,
-        _name: &str,
-        _position: u32,
-    ) -> Result<FieldId, crate::edges::listrak::CatalogueError> {
-        unreachable!("delivery creates no field")
-    }
-}
+impl crate::driver::fields::WithoutCatalogue for MemoryListrak {}
 
 impl ListrakApi for MemoryListrak {
     async fn post_contacts(&self, list: ListId, body: Bytes, contacts: usize) -> Outcome {
