@@ -338,7 +338,7 @@ impl<O> Core<O> {
     /// delivery comes) and no other answer moves the ack past it, so the consumer stalls until
     /// `max_wait` or the ack hold. That happens when the window fills before the first answers
     /// (a backlog the broker delivers faster than a round trip) and the lowest message's
-    /// contact was parked behind the first request: it leaves now, however full.
+    /// contact was parked behind the first request: its batches leave now, however full.
     fn release_window(&mut self) {
         if !self.window_full() || self.draining() {
             return;
@@ -346,7 +346,7 @@ impl<O> Core<O> {
         let Some(lowest) = self.acks.lowest_outstanding() else {
             return;
         };
-        if let Some(batch) = self.batcher.flush_holding(lowest) {
+        for batch in self.batcher.flush_holding(lowest) {
             self.send(batch);
         }
     }

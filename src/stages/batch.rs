@@ -509,19 +509,14 @@ impl Batcher {
         self.flush_where(FlushTrigger::Shutdown, |_| true)
     }
 
-    /// The open batch that carries message `key`, if one does: it leaves now.
-    pub fn flush_holding(&mut self, key: MessageKey) -> Option<Batch> {
-        let list_id = self
-            .open
-            .iter()
-            .find(|(_, open)| {
-                open.contacts
-                    .iter()
-                    .any(|contact| contact.messages.contains(&key))
-            })
-            .map(|(list, _)| *list)?;
-        let open = self.open.remove(&list_id).expect("found above");
-        Some(self.leave(list_id, open, FlushTrigger::Idle))
+    /// The open batches that carry part of message `key` (one per list it updates): they
+    /// leave now.
+    pub fn flush_holding(&mut self, key: MessageKey) -> Vec<Batch> {
+        self.flush_where(FlushTrigger::Idle, |open| {
+            open.contacts
+                .iter()
+                .any(|contact| contact.messages.contains(&key))
+        })
     }
 
     /// Every open batch, because no more input is coming for now.

@@ -6,6 +6,7 @@ use super::*;
 
 const LIST_A: u32 = 100;
 const LIST_B: u32 = 200;
+const LIST_C: u32 = 300;
 const FIELD: u32 = 456;
 
 fn limits(max_contacts: usize, max_bytes: usize) -> BatchLimits {
@@ -122,6 +123,33 @@ fn lists_are_batched_apart() {
         .collect();
     lists.sort();
     assert_eq!(lists, [LIST_A, LIST_B]);
+}
+
+#[test]
+fn the_batches_holding_a_message_leave_together_and_the_others_stay() {
+    let now = Instant::now();
+    let mut batcher = Batcher::new(limits(10, 10_000));
+    batcher.add(1, update(LIST_A, "a@x.io", FIELD, "on", 10), now);
+    batcher.add(1, update(LIST_B, "a@x.io", FIELD, "on", 10), now);
+    batcher.add(2, update(LIST_B, "b@x.io", FIELD, "on", 10), now);
+    batcher.add(3, update(LIST_C, "c@x.io", FIELD, "on", 10), now);
+    let mut held: Vec<(u32, FlushTrigger)> = batcher
+        .flush_holding(1)
+        .iter()
+        .map(|b| (b.list_id.get(), b.trigger))
+        .collect();
+    held.sort_by_key(|(list, _)| *list);
+    assert_eq!(
+        held,
+        [(LIST_A, FlushTrigger::Idle), (LIST_B, FlushTrigger::Idle)]
+    );
+    assert!(batcher.flush_holding(1).is_empty());
+    let rest: Vec<u32> = batcher
+        .flush_all()
+        .iter()
+        .map(|b| b.list_id.get())
+        .collect();
+    assert_eq!(rest, [LIST_C]);
 }
 
 #[test]
