@@ -57,7 +57,7 @@ async fn thirty_percent_of_5xx_answers_apply_everything_and_dead_letter_nothing(
     h.publish(&traffic.bodies).await;
     let started = Instant::now();
     h.start_worker();
-    h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(90))
+    h.wait_settled(traffic.bodies.len() as u64, Duration::from_secs(90))
         .await;
     assert_state(&h, &traffic.expected);
     assert!(h.take_dead_letters().await.is_empty());

@@ -396,6 +396,15 @@ impl Harness {
         .await;
     }
 
+    /// Waits until `count` messages reached a final outcome: a message moved to a retry
+    /// queue is acknowledged once on the way out and again when it comes back.
+    pub async fn wait_settled(&self, count: u64, timeout: Duration) {
+        self.wait_for(&format!("{count} messages settled"), timeout, |h| {
+            h.acked() - h.acked_as("retry_scheduled") >= count
+        })
+        .await;
+    }
+
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         let channel = self.connection.create_channel().await.unwrap();
