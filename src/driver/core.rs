@@ -18,8 +18,16 @@ use crate::stages::settle::{AckCommand, Acks, Ledger, Settlement};
 /// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
 pub const ACK_TICK: Duration = Duration::from_millis(20);
 /// How long a settled message may wait for the ones delivered before it, so one `multiple`
-/// ack covers them all (see `settle::Acks`).
-pub const ACK_HOLD: Duration = Duration::from_millis(500);
+/// ack covers them all (see `settle::Acks`): a few of Listrak's round trips, as an update
+/// that waited for its contact's earlier request settles about two round trips after the
+/// messages delivered beside it, and a message acked alone costs a quorum queue far more than
+/// its share of a `multiple` ack (a drain whose acks went out alone spent four to twenty
+/// times the broker's CPU per message, and slowed to a fraction of its pace).
+pub const ACK_HOLD: AckHold = AckHold {
+    round_trips: 4,
+    least: Duration::from_millis(500),
+    most: Duration::from_secs(3),
+};
 /// The most messages one `multiple` ack covers (see `settle::Acks` for why there is a most).
 const ACK_CHUNK: u64 = 500;
 
@@ -35,7 +43,29 @@ pub struct CoreSettings {
     pub grace: Duration,
     /// The body size each list's batches stay under (learnt from Listrak's size-404s).
     pub ceiling: Arc<dyn Fn(ListId) -> Option<usize> + Send + Sync>,
+    /// How long a settled message waits for those below it before it is acked alone
+    /// (`ACK_HOLD` in production; the simulation measures what other holds cost).
+    pub ack_hold: AckHold,
 }
+
+/// How long a settled message waits for those below it: `round_trips` times Listrak's
+/// smoothed round trip, within `least` and `most`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckHold {
+    pub round_trips: u32,
+    pub least: Duration,
+    pub most: Duration,
+}
+
+impl AckHold {
+    fn for_round_trip(&self, round_trip: Option<Duration>) -> Duration {
+        let hold = round_trip.map_or(self.least, |rtt| rtt * self.round_trips);
+        hold.clamp(self.least, self.most)
+    }
+}
+
+/// The weight of the newest round trip in the smoothed one.
+const ROUND_TRIP_SMOOTHING: f64 = 0.2;
 
 /// A delivery as the driver prepared it (decoded, mapped, its fields looked up).
 pub enum Arrival<O> {
@@ -93,6 +123,8 @@ pub struct Core<O> {
     pace: ArrivalPace,
     ledger: Ledger<O>,
     acks: Acks,
+    /// Listrak's round trip per batch, smoothed: what the ack hold follows.
+    round_trip: Option<Duration>,
     commands: VecDeque<Command<O>>,
     /// Batches sent and not yet settled (their answer or their record still to come).
     delivering: usize,
@@ -111,7 +143,8 @@ impl<O> Core<O> {
             batcher: Batcher::new(settings.limits),
             pace: ArrivalPace::default(),
             ledger: Ledger::default(),
-            acks: Acks::new(ACK_HOLD, ACK_CHUNK),
+            acks: Acks::new(settings.ack_hold.for_round_trip(None), ACK_CHUNK),
+            round_trip: None,
             commands: VecDeque::new(),
             delivering: 0,
             copying: 0,
@@ -211,9 +244,11 @@ impl<O> Core<O> {
         self.check_drained();
     }
 
-    /// Listrak answered every contact of a batch: the contacts that waited for this request
-    /// may go now; its messages settle once its record is in the applied log.
-    pub fn answered(&mut self, batch: Batch, delivered: Delivered, now: Instant) {
+    /// Listrak answered every contact of a batch (sent at `sent`): the contacts that waited
+    /// for this request may go now; its messages settle once its record is in the applied
+    /// log.
+    pub fn answered(&mut self, batch: Batch, delivered: Delivered, sent: Instant, now: Instant) {
+        self.learn_round_trip(now.saturating_duration_since(sent));
         let ceiling = self.ceiling(batch.list_id);
         for ready in self.batcher.answered(&batch, now, ceiling) {
             self.send(ready);
@@ -349,6 +384,19 @@ impl<O> Core<O> {
         for batch in self.batcher.flush_holding(lowest) {
             self.send(batch);
         }
+    }
+
+    fn learn_round_trip(&mut self, round_trip: Duration) {
+        let smoothed = match self.round_trip {
+            None => round_trip,
+            Some(before) => {
+                before.mul_f64(1.0 - ROUND_TRIP_SMOOTHING)
+                    + round_trip.mul_f64(ROUND_TRIP_SMOOTHING)
+            }
+        };
+        self.round_trip = Some(smoothed);
+        self.acks
+            .set_hold(self.settings.ack_hold.for_round_trip(Some(smoothed)));
     }
 
     /// Every message the prefetch allows is delivered and not yet acked.

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::driver::clock;
-use crate::driver::core::{Arrival, Command, Core, CoreSettings, Ending};
+use crate::driver::core::{Arrival, Command, Core, CoreSettings, Ending, ACK_HOLD};
 use crate::driver::deliver::Delivered;
 use crate::driver::fields::{self, Unresolvable};
 use crate::driver::shared::Worker;
@@ -63,6 +63,8 @@ enum Report {
     Delivered {
         batch: Batch,
         delivered: Delivered,
+        /// When the batch left for Listrak.
+        sent: Instant,
     },
     /// A batch's record is in the applied log (or it needed none): its verdicts stand.
     Appended {
@@ -193,6 +195,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             hold_budget: worker.deliverer.hold_budget,
             grace: settings.shutdown.grace,
             ceiling: Arc::new(move |list: ListId| ceilings.get(list)),
+            ack_hold: ACK_HOLD,
         });
         let (reports, mut inbox) = mpsc::unbounded_channel();
         let mut session = Session {
@@ -430,8 +433,13 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         let reports = self.reports.clone();
         self.tasks.spawn(
             async move {
+                let sent = clock::now();
                 let delivered = deliverer.deliver_or_retry(&batch).await;
-                let _ = reports.send(Report::Delivered { batch, delivered });
+                let _ = reports.send(Report::Delivered {
+                    batch,
+                    delivered,
+                    sent,
+                });
             }
             .instrument(span),
         );
@@ -440,8 +448,12 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     async fn on_report(&mut self, report: Report) -> Result<(), SessionError> {
         let now = clock::now();
         match report {
-            Report::Delivered { batch, delivered } => {
-                self.core.answered(batch, delivered, now);
+            Report::Delivered {
+                batch,
+                delivered,
+                sent,
+            } => {
+                self.core.answered(batch, delivered, sent, now);
             }
             Report::AppendFailed(mut failed) => {
                 let delay = self
@@ -692,16 +704,17 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 },
             ));
             let queued = (&mut ack).now_or_never();
-            sending.push((ack, queued, command.outcomes));
+            sending.push((ack, queued, command.multiple, command.outcomes));
         }
         let mut refused = None;
-        for (ack, queued, outcomes) in sending {
+        for (ack, queued, multiple, outcomes) in sending {
             let result = match queued {
                 Some(result) => result,
                 None => ack.await,
             };
             match result {
                 Ok(()) => {
+                    self.worker.metrics.ack_frame_sent(multiple);
                     for (outcome, n) in outcomes {
                         self.worker.metrics.messages_acked(outcome, n);
                     }

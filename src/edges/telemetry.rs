@@ -123,6 +123,7 @@ struct Inner {
     amqp_reconnects: IntCounter,
     queue_messages: IntGaugeVec,
     acks_refused: IntCounter,
+    ack_frames: IntCounterVec,
     task_panics: IntCounterVec,
     fields_not_created: IntCounterVec,
     future_timestamps: IntCounter,
@@ -275,6 +276,13 @@ impl Metrics {
             "Acknowledgements the broker no longer accepted (the channel was gone); those messages \
              come again.",
         );
+        let ack_frames = counter_vec(
+            "listrak_ack_frames_total",
+            "Acknowledgement frames sent: `multiple` (every settled message up to one) or \
+             `single` (one message, settled while one before it is still in hand; each costs a \
+             quorum queue about what a multiple one does).",
+            "kind",
+        );
         let future_timestamps = counter(
             "listrak_future_timestamps_total",
             "Messages with an event time too far ahead of the worker's clock to trust for last \
@@ -357,6 +365,9 @@ impl Metrics {
         for outcome in AckOutcome::ALL {
             messages_acked.with_label_values(&[outcome.as_str()]);
         }
+        for kind in ["multiple", "single"] {
+            ack_frames.with_label_values(&[kind]);
+        }
         for reason in DeadLetterReason::ALL {
             dead_letters.with_label_values(&[reason.as_str()]);
         }
@@ -396,6 +407,7 @@ impl Metrics {
                 amqp_reconnects,
                 queue_messages,
                 acks_refused,
+                ack_frames,
                 task_panics,
                 fields_not_created,
                 future_timestamps,
@@ -616,6 +628,12 @@ impl Metrics {
         self.inner.acks_refused.inc_by(count);
     }
 
+    /// An acknowledgement frame went out, `multiple` or for one message alone.
+    pub fn ack_frame_sent(&self, multiple: bool) {
+        let kind = if multiple { "multiple" } else { "single" };
+        self.inner.ack_frames.with_label_values(&[kind]).inc();
+    }
+
     /// An audience event no mapping takes: its audience key names no mapping's
     /// `audience_key`, so it was ignored.
     pub fn unmapped_audience(&self, audience_key: &str) {
@@ -707,6 +725,7 @@ mod tests {
         for name in [
             "listrak_messages_received_total",
             "listrak_messages_acked_total",
+            "listrak_ack_frames_total",
             "listrak_dead_letters_total",
             "listrak_retries_total",
             "listrak_requests_total",

@@ -227,6 +227,12 @@ impl Acks {
         }
     }
 
+    /// From now on, a settled tag waits this long for those below it (tags already held
+    /// included).
+    pub fn set_hold(&mut self, hold: Duration) {
+        self.hold = hold;
+    }
+
     pub fn delivered(&mut self, tag: u64) {
         if self.slots.is_empty() {
             self.base = tag;
@@ -509,6 +515,21 @@ mod tests {
             }]
         );
         assert_eq!(acks.outstanding(), 1, "1 stays unacked");
+    }
+
+    #[test]
+    fn a_longer_hold_keeps_a_tag_already_held_for_a_multiple_ack() {
+        let start = Instant::now();
+        let mut acks = Acks::new(Duration::from_millis(100), 1000);
+        acks.delivered(1);
+        acks.delivered(2);
+        acks.ready(2, AckOutcome::Applied, start);
+        acks.set_hold(Duration::from_millis(300));
+        assert!(acks.take(start + Duration::from_millis(299)).is_empty());
+        acks.ready(1, AckOutcome::Applied, start + Duration::from_millis(299));
+        let commands = acks.take(start + Duration::from_millis(299));
+        assert_eq!(commands.len(), 1);
+        assert_eq!((commands[0].tag, commands[0].multiple), (2, true));
     }
 
     proptest! {

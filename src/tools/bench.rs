@@ -129,6 +129,10 @@ pub struct Drain {
     pub contacts_per_request: f64,
     pub max_contacts: usize,
     pub worker_peak_rss_mib: f64,
+    /// Acknowledgement frames the worker sent, and how many acked one message alone (each
+    /// costs RabbitMQ about what a `multiple` one does).
+    pub ack_frames: f64,
+    pub single_acks: f64,
     /// CPU time (user and system, from `/proc`) per 100,000 events drained.
     pub worker_cpu_seconds_per_100k: f64,
     pub baseline_cpu_seconds_per_100k: f64,
@@ -705,6 +709,14 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
             .counter("listrak_prefetch_window")
             .await
             .unwrap_or(0.0);
+        report.ack_frames = worker
+            .counter("listrak_ack_frames_total")
+            .await
+            .unwrap_or(0.0);
+        report.single_acks = worker
+            .counter(r#"listrak_ack_frames_total{kind="single"}"#)
+            .await
+            .unwrap_or(0.0);
         worker.stop();
         result?;
         let requests = fake.requests();
@@ -843,6 +855,8 @@ impl Drain {
             requests: of(|r| r.requests as f64) as usize,
             contacts_per_request: of(|r| r.contacts_per_request),
             worker_peak_rss_mib: of(|r| r.worker_peak_rss_mib),
+            ack_frames: of(|r| r.ack_frames),
+            single_acks: of(|r| r.single_acks),
             worker_cpu_seconds_per_100k: of(|r| r.worker_cpu_seconds_per_100k),
             baseline_cpu_seconds_per_100k: of(|r| r.baseline_cpu_seconds_per_100k),
             broker_cpu_seconds_per_100k_worker: of(|r| r.broker_cpu_seconds_per_100k_worker),
@@ -902,6 +916,13 @@ impl Drain {
             format!(
                 "{:.1} MiB (window {:.0} messages)",
                 self.worker_peak_rss_mib, self.worker_prefetch
+            ),
+        );
+        row(
+            "  acks sent alone",
+            format!(
+                "{:.0} of {:.0} ack frames",
+                self.single_acks, self.ack_frames
             ),
         );
         row(
