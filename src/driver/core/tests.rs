@@ -896,16 +896,12 @@ fn drain_one_list(variant: &str, scenario: Scenario) {
     );
 }
 
-/// A full window whose lowest unacknowledged message waits in a partial batch: no delivery
-/// can fill the batch and no answer can move the cumulative ack past it, so the batch leaves
-/// at once instead of at `max_wait`.
-#[test]
-fn a_full_window_sends_the_batch_that_holds_its_lowest_message() {
-    let start = Instant::now();
-    let mut core: Core<()> = Core::new(CoreSettings {
-        window: 7,
+/// A core driven by hand, with the production ack hold and `max_wait` of 1 s.
+fn core_alone(window: u16, max_contacts: usize) -> Core<()> {
+    Core::new(CoreSettings {
+        window,
         limits: BatchLimits {
-            max_contacts: 3,
+            max_contacts,
             max_bytes: 1_000_000,
             max_wait: Duration::from_secs(1),
         },
@@ -913,7 +909,16 @@ fn a_full_window_sends_the_batch_that_holds_its_lowest_message() {
         grace: Duration::from_secs(30),
         ceiling: Arc::new(|_| None),
         ack_hold: ACK_HOLD,
-    });
+    })
+}
+
+/// A full window whose lowest unacknowledged message waits in a partial batch: no delivery
+/// can fill the batch and no answer can move the cumulative ack past it, so the batch leaves
+/// at once instead of at `max_wait`.
+#[test]
+fn a_full_window_sends_the_batch_that_holds_its_lowest_message() {
+    let start = Instant::now();
+    let mut core = core_alone(7, 3);
     let update = |email: &str, second: i64| Update {
         list_id: ListId::new(LIST.into()).unwrap(),
         email: email.to_owned(),
@@ -983,18 +988,7 @@ fn a_full_window_sends_the_batch_that_holds_its_lowest_message() {
 #[test]
 fn the_ack_hold_follows_listraks_round_trip() {
     let start = Instant::now();
-    let mut core: Core<()> = Core::new(CoreSettings {
-        window: 100,
-        limits: BatchLimits {
-            max_contacts: 1,
-            max_bytes: 1_000_000,
-            max_wait: Duration::from_secs(1),
-        },
-        hold_budget: Duration::from_secs(60),
-        grace: Duration::from_secs(30),
-        ceiling: Arc::new(|_| None),
-        ack_hold: ACK_HOLD,
-    });
+    let mut core = core_alone(100, 1);
     let at = |ms: u64| start + Duration::from_millis(ms);
     for (tag, email) in [(1, "a"), (2, "b")] {
         let update = Update {
