@@ -603,8 +603,19 @@ async fn with_queue<T>(
     );
     topology.declare(publisher.channel()).await?;
     let result = run(&publisher, &topology).await;
-    topology.delete(publisher.channel()).await?;
-    connection.close(200, "done".into()).await?;
+    if let Err(error) = topology.delete(publisher.channel()).await {
+        // RabbitMQ 3.10's quorum-queue log writer can crash while a queue it is compacting is
+        // deleted (`ra_log_segment_writer`, `enoent`), closing this connection with
+        // INTERNAL_ERROR; it restarts at once, so the deletion is tried on a new connection
+        // rather than ending the benchmark and leaving the queues behind.
+        eprintln!("deleting {queue} failed ({error}); trying again on a new connection");
+        let again = broker::connect_url(&options.amqp_url, "listrak-bench").await?;
+        let publisher = Publisher::new(&again).await?;
+        topology.delete(publisher.channel()).await?;
+        let _ = again.close(200, "done".into()).await;
+    } else {
+        connection.close(200, "done".into()).await?;
+    }
     result
 }
 
