@@ -509,21 +509,19 @@ impl WorkerProcess {
 
     /// The sum of a counter's series; `None` while the metrics endpoint does not answer.
     async fn counter(&self, name: &str) -> Option<f64> {
-        let text = self
-            .scraper
+        Some(series_sum(&self.scrape().await?, name))
+    }
+
+    /// The metrics endpoint's text; `None` while it does not answer.
+    async fn scrape(&self) -> Option<String> {
+        self.scraper
             .get(&self.metrics_url)
             .send()
             .await
             .ok()?
             .text()
             .await
-            .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum(),
-        )
+            .ok()
     }
 
     /// Peak resident memory so far (VmHWM), in MiB.
@@ -716,18 +714,10 @@ async fn drain(options: &BenchOptions, setting: Setting) -> anyhow::Result<Drain
         report.broker_cpu_seconds_per_100k_worker = cost.broker_cpu_seconds_per_100k;
         report.cores_busy_worker = cost.cores_busy;
         report.worker_peak_rss_mib = worker.peak_rss_mib();
-        report.worker_prefetch = worker
-            .counter("listrak_prefetch_window")
-            .await
-            .unwrap_or(0.0);
-        report.ack_frames = worker
-            .counter("listrak_ack_frames_total")
-            .await
-            .unwrap_or(0.0);
-        report.single_acks = worker
-            .counter(r#"listrak_ack_frames_total{kind="single"}"#)
-            .await
-            .unwrap_or(0.0);
+        let metrics = worker.scrape().await.unwrap_or_default();
+        report.worker_prefetch = series_sum(&metrics, "listrak_prefetch_window");
+        report.ack_frames = series_sum(&metrics, "listrak_ack_frames_total");
+        report.single_acks = series_sum(&metrics, r#"listrak_ack_frames_total{kind="single"}"#);
         worker.stop();
         result?;
         let requests = fake.requests();
@@ -844,6 +834,15 @@ async fn throttle(
         accepted / options.throttle_duration.as_secs_f64(),
         throttled_count / (measured.len().max(1)) as f64,
     ))
+}
+
+/// The sum of the series of Prometheus text whose line starts with `name` (a metric's name,
+/// or its name and labels).
+fn series_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// The median of one figure over several runs.
@@ -1049,6 +1048,21 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_sum_adds_every_series_of_a_name_or_the_ones_its_labels_pick() {
+        let text = "# HELP listrak_ack_frames_total Acknowledgement frames sent.\n\
+                    listrak_ack_frames_total{kind=\"multiple\"} 440\n\
+                    listrak_ack_frames_total{kind=\"single\"} 3\n\
+                    listrak_prefetch_window 49152\n";
+        assert_eq!(series_sum(text, "listrak_ack_frames_total"), 443.0);
+        assert_eq!(
+            series_sum(text, r#"listrak_ack_frames_total{kind="single"}"#),
+            3.0
+        );
+        assert_eq!(series_sum(text, "listrak_prefetch_window"), 49152.0);
+        assert_eq!(series_sum(text, "listrak_missing"), 0.0);
+    }
 
     fn run(baseline: f64, worker: f64, requests: usize) -> Report {
         Report {

@@ -59,8 +59,6 @@ struct Scenario {
     window: u16,
     max_contacts: usize,
     max_wait: Duration,
-    /// The adaptive concurrency's ceiling (`listrak.max_concurrency`).
-    max_concurrency: usize,
     /// How long a settled message waits for those below it (`ACK_HOLD` in production).
     ack_hold: AckHold,
     latency: Duration,
@@ -407,7 +405,7 @@ impl Simulation {
         };
         let deliverer = Arc::new(Deliverer {
             api: Arc::new(api),
-            concurrency: AdaptiveConcurrency::new(scenario.max_concurrency, |_| {}),
+            concurrency: AdaptiveConcurrency::new(32, |_| {}),
             guard: Arc::new(SupersededGuard::new(200_000)),
             ceilings: Arc::new(SizeCeilings::default()),
             metrics: Metrics::new(1000),
@@ -784,7 +782,6 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
                     window: window.max(max_contacts as u16),
                     max_contacts,
                     max_wait: Duration::from_millis(200),
-                    max_concurrency: 32,
                     ack_hold: ACK_HOLD,
                     latency: Duration::from_millis(latency),
                     jitter: Duration::from_millis(jitter),
@@ -833,7 +830,6 @@ fn one_list_at_300ms_drains_a_backlog() {
         window: 49_152,
         max_contacts: 1_000,
         max_wait: Duration::from_secs(1),
-        max_concurrency: 32,
         ack_hold: ACK_HOLD,
         latency: Duration::from_millis(300),
         jitter: Duration::from_millis(30),
@@ -848,25 +844,26 @@ fn one_list_at_300ms_drains_a_backlog() {
     drain_one_list(
         "acks held 500 ms",
         Scenario {
-            ack_hold: AckHold {
-                round_trips: 0,
-                least: Duration::from_millis(500),
-                most: Duration::from_millis(500),
-            },
+            ack_hold: fixed_ack_hold(Duration::from_millis(500)),
             ..defaults(200_000)
         },
     );
     drain_one_list(
         "acked as they settle",
         Scenario {
-            ack_hold: AckHold {
-                round_trips: 0,
-                least: Duration::ZERO,
-                most: Duration::ZERO,
-            },
+            ack_hold: fixed_ack_hold(Duration::ZERO),
             ..defaults(200_000)
         },
     );
+}
+
+/// An ack hold that does not follow the round trip.
+fn fixed_ack_hold(hold: Duration) -> AckHold {
+    AckHold {
+        round_trips: 0,
+        least: hold,
+        most: hold,
+    }
 }
 
 fn drain_one_list(variant: &str, scenario: Scenario) {
