@@ -20,18 +20,6 @@ pub enum Settlement {
     Abandon,
 }
 
-/// How bad a verdict is for the message as a whole; the worst part decides. A retry beats a
-/// dead letter, so the parts that failed only for systemic reasons are not lost with it.
-fn rank(verdict: &Verdict) -> u8 {
-    match verdict {
-        Verdict::Superseded => 0,
-        Verdict::Applied => 1,
-        Verdict::DeadLetter(_) => 2,
-        Verdict::Retry => 3,
-        Verdict::Abandoned => 4,
-    }
-}
-
 struct Pending<T> {
     original: T,
     remaining: u32,
@@ -40,7 +28,42 @@ struct Pending<T> {
     /// Its fields are being resolved (a catalogue read, a field to create): its updates are
     /// not in the batcher yet, and it cannot settle until the resolution ends.
     resolving: bool,
-    worst: Option<Verdict>,
+    worst: Option<Worst>,
+}
+
+/// The worst verdict of a message's parts so far, with a rejection out of line: the ledger
+/// holds a window of messages and almost none of them is rejected, so an inline `Verdict`
+/// would cost every one of them its rejection's size.
+enum Worst {
+    Superseded,
+    Applied,
+    DeadLetter(Box<Rejection>),
+    Retry,
+    Abandoned,
+}
+
+impl Worst {
+    fn of(verdict: &Verdict) -> Self {
+        match verdict {
+            Verdict::Superseded => Self::Superseded,
+            Verdict::Applied => Self::Applied,
+            Verdict::DeadLetter(rejection) => Self::DeadLetter(Box::new(rejection.clone())),
+            Verdict::Retry => Self::Retry,
+            Verdict::Abandoned => Self::Abandoned,
+        }
+    }
+
+    /// How bad a verdict is for the message as a whole; the worst part decides. A retry beats
+    /// a dead letter, so the parts that failed only for systemic reasons are not lost with it.
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Superseded => 0,
+            Self::Applied => 1,
+            Self::DeadLetter(_) => 2,
+            Self::Retry => 3,
+            Self::Abandoned => 4,
+        }
+    }
 }
 
 /// Messages whose updates are still on their way to Listrak, by delivery tag.
@@ -127,11 +150,11 @@ impl<T> Ledger<T> {
         }
         let pending = self.pending.remove(&tag)?;
         let settlement = match pending.worst {
-            None | Some(Verdict::Superseded) => Settlement::Ack(AckOutcome::Superseded),
-            Some(Verdict::Applied) => Settlement::Ack(AckOutcome::Applied),
-            Some(Verdict::DeadLetter(rejection)) => Settlement::DeadLetter(rejection),
-            Some(Verdict::Retry) => Settlement::Retry,
-            Some(Verdict::Abandoned) => Settlement::Abandon,
+            None | Some(Worst::Superseded) => Settlement::Ack(AckOutcome::Superseded),
+            Some(Worst::Applied) => Settlement::Ack(AckOutcome::Applied),
+            Some(Worst::DeadLetter(rejection)) => Settlement::DeadLetter(*rejection),
+            Some(Worst::Retry) => Settlement::Retry,
+            Some(Worst::Abandoned) => Settlement::Abandon,
         };
         Some((pending.original, settlement))
     }
@@ -145,9 +168,10 @@ impl<T> Ledger<T> {
     }
 }
 
-fn merge(worst: &mut Option<Verdict>, verdict: &Verdict) {
-    if worst.as_ref().is_none_or(|w| rank(verdict) > rank(w)) {
-        *worst = Some(verdict.clone());
+fn merge(worst: &mut Option<Worst>, verdict: &Verdict) {
+    let candidate = Worst::of(verdict);
+    if worst.as_ref().is_none_or(|w| candidate.rank() > w.rank()) {
+        *worst = Some(candidate);
     }
 }
 
@@ -356,6 +380,11 @@ mod tests {
     use super::*;
     use crate::stages::model::DeadLetterReason;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_message_in_hand_carries_no_rejection_inline() {
+        assert!(std::mem::size_of::<Option<Worst>>() <= 16);
+    }
 
     fn rejected() -> Rejection {
         Rejection {
