@@ -301,14 +301,15 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     while let Some(delivery) = consumer.next().now_or_never() {
                         self.take_delivery(delivery)?;
                     }
+                    tokio::task::consume_budget().await;
                 }
                 _ = std::future::ready(()), if !draining && !self.received.is_empty() => {
                     if let Some(received) = self.received.pop_front() {
                         self.on_delivery(received);
                     }
-                    // Deliveries in hand never make this loop wait; without this, a backlog
-                    // starves the request tasks on the same thread and every request to
-                    // Listrak takes longer.
+                    // Neither lapin's consumer nor deliveries in hand make this loop wait;
+                    // without a budget, a backlog starves the request tasks on the same
+                    // thread and every request to Listrak takes longer.
                     tokio::task::consume_budget().await;
                 }
                 _ = sleep_until_if_any(wake_at) => {
