@@ -248,7 +248,10 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             publisher,
             publisher_generation: 0,
             core,
-            received: VecDeque::new(),
+            // Room for a whole window at once: a queue that doubles holds its old room and
+            // the new one while it copies, in the middle of the burst that fills the window.
+            // The room is only address space until deliveries land in it.
+            received: VecDeque::with_capacity(usize::from(window)),
             reports,
             batches_sent: 0,
             tasks: JoinSet::new(),
