@@ -32,8 +32,9 @@ use crate::stages::model::{EventTime, FieldId, ListId};
 struct Key(u64, u64);
 
 /// The bytes one key costs: its map entry (with the map's overhead) and one entry in each
-/// queue (see `guard_memory_stays_within_its_bound`). Tables grow by doubling, so just after
-/// a growth up to twice this; `listrak_guard_keys` times this is the guard's memory.
+/// queue (see `guard_memory_stays_within_its_bound`). The table takes its room for the recent
+/// keys at start and keeps it (see `make_room`); only watched keys beyond that make it grow,
+/// by doubling. `listrak_guard_keys` times this is the guard's memory.
 pub const BYTES_PER_KEY: usize = 96;
 
 /// The recent keys whose room is taken at start. A table that grows doubles, and holds the
