@@ -18,6 +18,7 @@
 //! - `print`: the effective configuration as TOML, secrets redacted (what `check` shows).
 
 mod broker_tls;
+mod broker_urls;
 mod defaults;
 mod document;
 mod environment;
@@ -40,12 +41,12 @@ pub use defaults::CONFIRM_TIMEOUT;
 use defaults::MAX_IN_PROCESS;
 use document::Node;
 use mappings::mappings;
-use secret::redact_url_password;
 use sections::{
     amqp_settings, applied_log_settings, batch_settings, http_settings, listrak_settings,
     retry_settings, shutdown_settings, superseded_settings,
 };
 
+pub use broker_urls::BrokerUrls;
 pub use defaults::{DEFAULT_AMQP_URL, HELD_MESSAGE_BYTES};
 pub use environment::{ENV_AMQP_URL, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET};
 pub(crate) use print::toml_str;
@@ -68,8 +69,9 @@ pub struct Settings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpSettings {
-    /// A secret because it usually carries the broker password.
-    pub url: Secret,
+    /// The broker, or several nodes of one cluster tried in turn; secrets, because they
+    /// usually carry the broker password.
+    pub urls: BrokerUrls,
     pub exchange: String,
     /// The main queue; the retry and dead-letter queues are named after it.
     pub queue: String,
@@ -100,9 +102,9 @@ impl AmqpSettings {
         u16::try_from(fits.max(floor)).unwrap_or(u16::MAX)
     }
 
-    /// The broker URL with its password replaced, for logs and `check`.
+    /// The broker URLs with their passwords replaced, separated by commas, for logs.
     pub fn redacted_url(&self) -> String {
-        redact_url_password(self.url.expose())
+        self.urls.redacted().join(",")
     }
 }
 

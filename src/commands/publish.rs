@@ -98,15 +98,12 @@ pub async fn publish_lines(
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ: {e}"))?;
     let publisher = Publisher::new(&connection).await?;
-    topology
-        .declare(publisher.channel())
-        .await
-        .map_err(
-            |error| match TopologyMismatch::from_declare(&error, topology) {
-                Some(mismatch) => anyhow::Error::from(mismatch),
-                None => error.into(),
-            },
-        )?;
+    topology.declare(&connection).await.map_err(|error| {
+        match TopologyMismatch::from_declare(&error, topology) {
+            Some(mismatch) => anyhow::Error::from(mismatch),
+            None => error.into(),
+        }
+    })?;
     let progress = Progress::new("published", total);
     let mut published = Published::default();
     let mut window = VecDeque::with_capacity(CONFIRM_WINDOW);

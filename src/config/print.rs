@@ -15,7 +15,20 @@ impl Settings {
         let mut out = String::new();
         let amqp = &self.amqp;
         let _ = writeln!(out, "[amqp]");
-        let _ = writeln!(out, "url = {}", toml_str(&amqp.redacted_url()));
+        let urls: Vec<String> = amqp
+            .urls
+            .redacted()
+            .iter()
+            .map(|url| toml_str(url))
+            .collect();
+        match urls.as_slice() {
+            [one] => {
+                let _ = writeln!(out, "url = {one}");
+            }
+            several => {
+                let _ = writeln!(out, "url = [{}]", several.join(", "));
+            }
+        }
         let _ = writeln!(out, "exchange = {}", toml_str(&amqp.exchange));
         let _ = writeln!(out, "queue = {}", toml_str(&amqp.queue));
         if let Some(prefetch) = amqp.prefetch {
@@ -218,9 +231,9 @@ profile_fields = {{ "9" = "tab\there", "10" = "on" }}
         let reloaded = Settings::from_toml(&original.redacted_toml(), no_env).unwrap();
         let mut expected = original.clone();
         expected.listrak.client_secret = Secret::new("[redacted]");
-        expected.amqp.url = Secret::new(original.amqp.redacted_url());
+        expected.amqp.urls = crate::config::BrokerUrls::one(original.amqp.redacted_url());
         assert_eq!(
-            reloaded.amqp.url.expose(),
+            reloaded.amqp.urls.all()[0].expose(),
             "amqp://guest:[redacted]@127.0.0.1:5672/%2f"
         );
         assert_eq!(reloaded, expected);

@@ -3,6 +3,7 @@
 use std::num::NonZeroUsize;
 
 use super::broker_tls::broker_tls;
+use super::broker_urls::broker_urls;
 use super::defaults::{
     default_memory_budget, DEFAULT_AMQP_URL, DEFAULT_API_URL, DEFAULT_AUTH_URL, DEFAULT_CLOCK_SKEW,
     DEFAULT_EXCHANGE, DEFAULT_FIELD_CREATION_BUDGET, DEFAULT_GRACE, DEFAULT_IN_PROCESS,
@@ -17,10 +18,8 @@ use super::defaults::{
     MAX_ANY_DURATION, MAX_WATCH_CAPACITY, MIN_APPLIED_LOG_MAX_BYTES,
 };
 use super::document::{at_most, parse_duration, Node};
-use super::environment::{
-    Sourced, ENV_AMQP_URL, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET,
-};
-use super::urls::{AMQP_URL, BASE_URL, ENDPOINT_URL};
+use super::environment::{Sourced, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET};
+use super::urls::{BASE_URL, ENDPOINT_URL};
 use super::{
     invalid, AmqpSettings, AppliedLogSettings, BatchSettings, ConfigError, HttpSettings,
     ListrakSettings, RetrySettings, Secret, ShutdownSettings, SupersededSettings,
@@ -39,9 +38,7 @@ pub(super) fn amqp_settings(
         "single_active_consumer",
         "tls",
     ])?;
-    let url = Sourced::read(node, "url", ENV_AMQP_URL, env)?;
-    let url_from_env = url.from_env;
-    let url = url.url(node, "url", DEFAULT_AMQP_URL, &AMQP_URL)?;
+    let (urls, url_from_env) = broker_urls(node, env, DEFAULT_AMQP_URL)?;
     let exchange = amqp_name(node, "exchange", DEFAULT_EXCHANGE)?;
     let queue = amqp_name(node, "queue", DEFAULT_QUEUE)?;
     let prefetch = match node.integer("prefetch")? {
@@ -53,9 +50,9 @@ pub(super) fn amqp_settings(
         Some(_) => node.bounded("memory_budget", 0, MIN_MEMORY_BUDGET, MAX_MEMORY_BUDGET)? as u64,
     };
     let single_active_consumer = node.boolean("single_active_consumer")?.unwrap_or(false);
-    let tls = broker_tls(&node.table("tls")?, &url, url_from_env)?;
+    let tls = broker_tls(&node.table("tls")?, urls.all()[0].expose(), url_from_env)?;
     Ok(AmqpSettings {
-        url: Secret(url),
+        urls,
         exchange,
         queue,
         prefetch: prefetch.map(|p| u16::try_from(p).expect("bounded to u16")),

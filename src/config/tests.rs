@@ -367,7 +367,7 @@ fn the_window_follows_the_memory_budget_unless_a_prefetch_is_set() {
 #[test]
 fn defaults_fill_every_unset_key() {
     let settings = accepted(MAPPING);
-    assert_eq!(settings.amqp.url.expose(), DEFAULT_AMQP_URL);
+    assert_eq!(settings.amqp.urls.all()[0].expose(), DEFAULT_AMQP_URL);
     assert_eq!(settings.amqp.exchange, "listrak.audience");
     assert_eq!(settings.amqp.queue, "listrak.audience");
     assert_eq!(settings.amqp.prefetch, None);
@@ -514,7 +514,10 @@ auth_url = "https://file.example/token"
         ]),
     )
     .unwrap();
-    assert_eq!(settings.amqp.url.expose(), "amqps://env:env@env-host/");
+    assert_eq!(
+        settings.amqp.urls.all()[0].expose(),
+        "amqps://env:env@env-host/"
+    );
     assert_eq!(settings.listrak.client_id, "env-id");
     assert_eq!(
         settings.listrak.client_secret.expose(),
@@ -540,7 +543,7 @@ fn empty_environment_value_counts_as_unset() {
     .unwrap();
     assert_eq!(settings.listrak.client_id, "file-id");
     assert_eq!(settings.listrak.client_secret.expose(), "file-secret");
-    assert_eq!(settings.amqp.url.expose(), DEFAULT_AMQP_URL);
+    assert_eq!(settings.amqp.urls.all()[0].expose(), DEFAULT_AMQP_URL);
 }
 
 #[test]

@@ -192,13 +192,14 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     ) -> Result<(), SessionError> {
         let settings = &worker.settings;
         let window = settings.amqp.window(settings.batch.max_contacts.get());
-        let channel = connection.create_channel().await?;
-        worker.topology.declare(&channel).await.map_err(|error| {
+        worker.topology.declare(connection).await.map_err(|error| {
             match TopologyMismatch::from_declare(&error, &worker.topology) {
                 Some(mismatch) => SessionError::Topology(mismatch),
                 None => SessionError::Broker(error),
             }
         })?;
+        broker::retire_classic_retry_queues(connection, &worker.topology).await;
+        let channel = connection.create_channel().await?;
         channel
             .basic_qos(window, BasicQosOptions::default())
             .await?;
@@ -659,7 +660,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
     async fn replace_publisher(&mut self) -> Result<(), SessionError> {
         let publisher = tokio::time::timeout(broker::CONFIRM_TIMEOUT, async {
             let publisher = Publisher::new(self.connection).await?;
-            self.worker.topology.declare(publisher.channel()).await?;
+            self.worker.topology.declare(self.connection).await?;
             Ok::<_, lapin::Error>(publisher)
         })
         .await;

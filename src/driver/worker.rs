@@ -15,7 +15,7 @@ use crate::driver::fields::Fields;
 use crate::driver::guard::SupersededGuard;
 use crate::driver::session::{Session, SessionError};
 use crate::driver::shared::Worker;
-use crate::edges::broker::{self, bounded, Topology, BROKER_CALL_TIMEOUT};
+use crate::edges::broker::{self, bounded, Topology};
 use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::Metrics;
 use crate::stages::mapping::ListSource;
@@ -117,25 +117,23 @@ impl<A: ListrakApi> Worker<A> {
     async fn run_sessions(&self) -> anyhow::Result<()> {
         let mut delay = RECONNECT_FIRST;
         let mut sessions = 0u64;
+        let urls = &self.settings.amqp.urls;
+        let nodes = urls.nodes();
+        // The node tried first: after a lost connection, the next one, so that a node that
+        // went down is tried last.
+        let mut first = 0;
         loop {
             if self.stop.is_cancelled() {
                 return Ok(());
             }
-            let attempt = tokio::time::timeout(
-                BROKER_CALL_TIMEOUT,
-                broker::connect(&self.settings.amqp, "listrak-worker"),
-            );
+            let attempt = broker::connect_from(&self.settings.amqp, "listrak-worker", first);
             let attempt = tokio::select! {
                 attempt = attempt => attempt,
                 _ = self.stop.cancelled() => return Ok(()),
             };
-            let connected = match attempt {
-                Ok(Ok(connection)) => connection,
-                failed => {
-                    let error = match failed {
-                        Ok(Err(error)) => error.to_string(),
-                        _ => format!("no answer within {BROKER_CALL_TIMEOUT:?}"),
-                    };
+            let (connected, node) = match attempt {
+                Ok(connected) => connected,
+                Err(error) => {
                     tracing::warn!(%error, ?delay, "cannot reach the broker; trying again");
                     self.pause(&mut delay).await;
                     continue;
@@ -145,10 +143,16 @@ impl<A: ListrakApi> Worker<A> {
             if sessions > 1 {
                 self.metrics.amqp_reconnected();
             }
+            // A node answered: the next loss starts again from a short pause, whatever the
+            // pauses grew to while no node answered.
             delay = RECONNECT_FIRST;
+            tracing::info!(node = %nodes[node], "connected to the broker");
+            self.metrics.amqp_node(&nodes, Some(&nodes[node]));
             let result = Session::run(self, &connected).await;
             self.health.set(false);
             self.metrics.amqp_connected(false);
+            self.metrics.amqp_node(&nodes, None);
+            first = (node + 1) % urls.len();
             match result {
                 Ok(()) => {
                     bounded(connected.close(200, "shutdown".into())).await;
@@ -159,7 +163,7 @@ impl<A: ListrakApi> Worker<A> {
                     return Err(mismatch.into());
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, "broker session ended; reconnecting");
+                    tracing::warn!(error = %error, node = %nodes[node], "broker session ended; reconnecting");
                     bounded(connected.close(320, "reconnecting".into())).await;
                     self.pause(&mut delay).await;
                 }

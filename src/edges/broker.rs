@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -22,8 +22,32 @@ pub use crate::stages::headers::*;
 pub const DELIVERY_LIMIT: i64 = 20;
 
 impl Topology {
-    /// Declares everything; declaring again with the same arguments changes nothing.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares everything on channels of its own; declaring again with the same arguments
+    /// changes nothing. What the worker consumes from and settles to (the exchanges, the main
+    /// and dead-letter queues) must be declared, and a refusal of their arguments is an error
+    /// ([`TopologyMismatch::from_declare`] reads it). A retry queue the broker cannot declare
+    /// now (its node is down, say) is only logged: the main queue is still consumed on the
+    /// nodes that are up, and a copy the retry queue cannot take is published again later.
+    pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
+        let channel = connection.create_channel().await?;
+        self.declare_core(&channel).await?;
+        let mut channel = self.declare_applied_log(connection, channel).await?;
+        for (name, delay) in &self.retries {
+            match declare_retry_queue(&channel, name, &self.queue, *delay).await {
+                Ok(()) => {}
+                Err(error) if refused_arguments(&error) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(queue = %name, %error, "cannot declare this retry queue now; \
+                        consuming goes on, and copies for it are published again later");
+                    channel = connection.create_channel().await?;
+                }
+            }
+        }
+        bounded(channel.close(200, "declared".into())).await;
+        Ok(())
+    }
+
+    async fn declare_core(&self, channel: &Channel) -> lapin::Result<()> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -45,14 +69,10 @@ impl Topology {
             )
             .await?;
 
-        let queue_options = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
         let mut dead_args = FieldTable::default();
         dead_args.insert("x-queue-type".into(), string("quorum"));
         channel
-            .queue_declare(self.dead.as_str().into(), queue_options, dead_args)
+            .queue_declare(self.dead.as_str().into(), DURABLE, dead_args)
             .await?;
         channel
             .queue_bind(
@@ -77,7 +97,7 @@ impl Topology {
             main_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         channel
-            .queue_declare(self.queue.as_str().into(), queue_options, main_args)
+            .queue_declare(self.queue.as_str().into(), DURABLE, main_args)
             .await?;
         channel
             .queue_bind(
@@ -88,40 +108,60 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        Ok(())
+    }
 
-        let mut applied_args = FieldTable::default();
-        applied_args.insert("x-queue-type".into(), string("stream"));
-        applied_args.insert(
+    /// The applied log, replicated to up to [`APPLIED_LOG_REPLICAS`] nodes. RabbitMQ counts
+    /// `x-initial-cluster-size` among the arguments a declaration must repeat, and a stream
+    /// declared by an earlier release has none: that one is declared as it is (its replicas
+    /// are the operator's to add), on a new channel, since the refusal closed the first.
+    async fn declare_applied_log(
+        &self,
+        connection: &Connection,
+        channel: Channel,
+    ) -> lapin::Result<Channel> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), string("stream"));
+        args.insert(
             "x-max-age".into(),
             string(&format!("{}s", self.applied_max_age.as_secs().max(1))),
         );
-        applied_args.insert(
+        args.insert(
             "x-max-length-bytes".into(),
             AMQPValue::LongLongInt(i64::try_from(self.applied_max_bytes).unwrap_or(i64::MAX)),
         );
-        channel
-            .queue_declare(self.applied.as_str().into(), queue_options, applied_args)
-            .await?;
-
-        for (name, delay) in &self.retries {
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(delay.as_millis() as i64),
-            );
-            // Expired messages go straight back to the main queue through the default exchange.
-            args.insert("x-dead-letter-exchange".into(), string(""));
-            args.insert("x-dead-letter-routing-key".into(), string(&self.queue));
-            channel
-                .queue_declare(name.as_str().into(), queue_options, args)
-                .await?;
+        let mut replicated = args.clone();
+        replicated.insert(
+            "x-initial-cluster-size".into(),
+            AMQPValue::LongLongInt(APPLIED_LOG_REPLICAS),
+        );
+        let refusal = match channel
+            .queue_declare(self.applied.as_str().into(), DURABLE, replicated)
+            .await
+        {
+            Ok(_) => return Ok(channel),
+            Err(error) => error,
+        };
+        let declared_without_replicas =
+            refused_arguments(&refusal) && refusal.to_string().contains("x-initial-cluster-size");
+        if !declared_without_replicas {
+            return Err(refusal);
         }
-        Ok(())
+        tracing::info!(
+            stream = %self.applied,
+            "the applied log was declared by an earlier release without a replica count; \
+             keeping it as it is (see deploy/README.md to replicate it)"
+        );
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(self.applied.as_str().into(), DURABLE, args)
+            .await?;
+        Ok(channel)
     }
 
     /// Deletes every queue and exchange (for the demo and tests, never for a deployment).
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        use lapin::options::ExchangeDeleteOptions;
         let mut queues = vec![self.queue.clone(), self.dead.clone(), self.applied.clone()];
         queues.extend(self.retries.iter().map(|(name, _)| name.clone()));
         for queue in queues {
@@ -138,27 +178,108 @@ impl Topology {
     }
 }
 
+/// How many nodes the applied log is replicated to, at most (RabbitMQ takes fewer on a
+/// smaller cluster): a stream survives the loss of a minority of its replicas.
+const APPLIED_LOG_REPLICAS: i64 = 3;
+
+const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+/// A retry queue: a quorum queue (replicated, so what waits in it survives a node's loss)
+/// whose messages expire after `delay` straight back into the main queue, through the
+/// default exchange. At least once: RabbitMQ moves an expired message only once the main
+/// queue confirmed it, which needs `x-overflow` reject-publish.
+async fn declare_retry_queue(
+    channel: &Channel,
+    name: &str,
+    main: &str,
+    delay: Duration,
+) -> lapin::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), string("quorum"));
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+    );
+    args.insert("x-dead-letter-exchange".into(), string(""));
+    args.insert("x-dead-letter-routing-key".into(), string(main));
+    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+    args.insert("x-overflow".into(), string("reject-publish"));
+    channel
+        .queue_declare(name.into(), DURABLE, args)
+        .await
+        .map(|_| ())
+}
+
+/// RabbitMQ refused a declaration's arguments (PRECONDITION_FAILED).
+fn refused_arguments(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(refusal) if refusal.get_id() == PRECONDITION_FAILED)
+}
+
 fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-/// Opens a connection to the configured broker, with its TLS settings for `amqps://`, named
-/// so operators can tell it apart in RabbitMQ.
+/// Opens a connection to the first of the configured nodes that answers (see
+/// [`connect_from`]), for the commands: the node it reached does not matter to them.
 pub async fn connect(amqp: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    connect_from(amqp, name, 0)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Opens a connection to one of the configured nodes, with the TLS settings for `amqps://`,
+/// named so operators can tell it apart in RabbitMQ: the node at `start` first, then the
+/// others in turn, each once. Answers the connection and the index of the node it reached;
+/// when none answers, the last node's error. Each attempt is bounded by
+/// [`BROKER_CALL_TIMEOUT`], so a node that does not answer at all cannot keep the others from
+/// being tried.
+pub async fn connect_from(
+    amqp: &AmqpSettings,
+    name: &str,
+    start: usize,
+) -> lapin::Result<(Connection, usize)> {
     install_crypto_provider();
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = amqp
-        .tls
-        .as_ref()
-        .map(BrokerTls::lapin_config)
-        .unwrap_or_default();
-    Connection::connect_with_config(
-        amqp.url.expose(),
-        properties,
-        tls,
-        lapin::runtime::default_runtime()?,
-    )
-    .await
+    let urls = amqp.urls.all();
+    let mut last_error = None;
+    for step in 0..urls.len() {
+        let index = (start + step) % urls.len();
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let tls = amqp
+            .tls
+            .as_ref()
+            .map(BrokerTls::lapin_config)
+            .unwrap_or_default();
+        let attempt = Connection::connect_with_config(
+            urls[index].expose(),
+            properties,
+            tls,
+            lapin::runtime::default_runtime()?,
+        );
+        let outcome = match tokio::time::timeout(BROKER_CALL_TIMEOUT, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {BROKER_CALL_TIMEOUT:?}"),
+            )
+            .into()),
+        };
+        match outcome {
+            Ok(connection) => return Ok((connection, index)),
+            Err(error) => {
+                if urls.len() > 1 {
+                    tracing::warn!(node = %amqp.urls.node(index), %error, "cannot reach this broker node; trying the next");
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(last_error.expect("at least one broker URL"))
 }
 
 /// Opens a connection from a URL alone (system roots for `amqps://`), for tools that take
@@ -334,6 +455,70 @@ pub async fn bounded<T>(call: impl Future<Output = lapin::Result<T>>) {
         }
     }
 }
+
+/// Looks for the classic retry queues an earlier release declared (see
+/// [`classic_retry_queue_name`]): what waits in them still expires into the main queue by
+/// itself, so they are left alone while they hold messages and deleted once empty (only if
+/// empty: RabbitMQ checks that atomically). Each is asked on a channel of its own, since a
+/// queue that is missing, or whose node is down, closes the channel that asked. Bounded by
+/// [`BROKER_CALL_TIMEOUT`] in all; any failure is only logged, and tried again next session.
+pub async fn retire_classic_retry_queues(connection: &Connection, topology: &Topology) {
+    let retire = async {
+        for (_, delay) in &topology.retries {
+            let name = classic_retry_queue_name(&topology.queue, *delay);
+            let Ok(channel) = connection.create_channel().await else {
+                return;
+            };
+            match queue_counts(&channel, &name).await {
+                Ok((0, _)) => {
+                    let if_empty = QueueDeleteOptions {
+                        if_empty: true,
+                        if_unused: true,
+                        ..QueueDeleteOptions::default()
+                    };
+                    match channel.queue_delete(name.as_str().into(), if_empty).await {
+                        Ok(_) => tracing::info!(
+                            queue = %name,
+                            "deleted the empty classic retry queue of an earlier release"
+                        ),
+                        Err(error) => tracing::info!(queue = %name, %error,
+                            "the classic retry queue of an earlier release is still in use; \
+                             it is deleted once empty"),
+                    }
+                }
+                Ok((ready, _)) => tracing::info!(
+                    queue = %name,
+                    messages = ready,
+                    "a classic retry queue of an earlier release still holds messages: they \
+                     return to the main queue as their delay expires, and the queue is deleted \
+                     at a later start once empty"
+                ),
+                Err(error) if missing(&error) => {}
+                Err(error) => tracing::warn!(queue = %name, %error,
+                    "cannot read a classic retry queue of an earlier release; its messages \
+                     return to the main queue once its node is back"),
+            }
+            bounded(channel.close(200, "checked".into())).await;
+        }
+    };
+    if tokio::time::timeout(BROKER_CALL_TIMEOUT, retire)
+        .await
+        .is_err()
+    {
+        tracing::debug!("looking for classic retry queues took too long; trying next session");
+    }
+}
+
+/// The queue does not exist (NOT_FOUND), as opposed to existing on a node that is down,
+/// which RabbitMQ also answers with NOT_FOUND but names as down.
+fn missing(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(refusal)
+        if refusal.get_id() == NOT_FOUND
+            && !refusal.get_message().as_str().contains("down or inaccessible"))
+}
+
+/// The AMQP reply code for "no such queue" (or a queue whose node is down).
+const NOT_FOUND: u16 = 404;
 
 /// How often the queue depths are read.
 const QUEUE_POLL: Duration = Duration::from_secs(10);

@@ -121,6 +121,7 @@ struct Inner {
     last_success: Gauge,
     amqp_connected: IntGauge,
     amqp_reconnects: IntCounter,
+    amqp_node: IntGaugeVec,
     queue_messages: IntGaugeVec,
     acks_refused: IntCounter,
     ack_frames: IntCounterVec,
@@ -249,6 +250,18 @@ impl Metrics {
             "listrak_amqp_reconnects_total",
             "Broker connections re-established after a loss.",
         );
+        let amqp_node = IntGaugeVec::new(
+            Opts::new(
+                "listrak_amqp_node",
+                "1 for the broker node (host:port of amqp.url) the worker is connected to, 0 for \
+                 the other configured nodes.",
+            ),
+            &["node"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(amqp_node.clone()))
+            .expect("unique");
         let queue_messages = IntGaugeVec::new(
             Opts::new(
                 "listrak_queue_messages",
@@ -405,6 +418,7 @@ impl Metrics {
                 last_success,
                 amqp_connected,
                 amqp_reconnects,
+                amqp_node,
                 queue_messages,
                 acks_refused,
                 ack_frames,
@@ -617,6 +631,18 @@ impl Metrics {
         self.inner.amqp_reconnects.inc();
     }
 
+    /// The broker node the worker is connected to, of `nodes` (the configured ones, a
+    /// bounded set), or `None` between connections.
+    pub fn amqp_node(&self, nodes: &[String], connected: Option<&str>) {
+        for node in nodes {
+            let up = connected == Some(node.as_str());
+            self.inner
+                .amqp_node
+                .with_label_values(&[node.as_str()])
+                .set(i64::from(up));
+        }
+    }
+
     pub fn queue_depth(&self, role: QueueRole, messages: u32) {
         self.inner
             .queue_messages
@@ -719,6 +745,7 @@ mod tests {
         let metrics = Metrics::new(1000);
         metrics.request_answered("201", Duration::from_millis(30), 10);
         metrics.queue_depth(QueueRole::Main, 3);
+        metrics.amqp_node(&["rabbit-0:5672".to_owned()], None);
         // Labelled by what events carry, so it shows once one was counted.
         metrics.unmapped_audience("high_spenders");
         let text = metrics.render();
@@ -739,6 +766,7 @@ mod tests {
             "listrak_last_success_timestamp_seconds",
             "listrak_amqp_connected",
             "listrak_amqp_reconnects_total",
+            "listrak_amqp_node",
             "listrak_queue_messages",
             "listrak_build_info",
             "listrak_unmapped_audience_events_total",

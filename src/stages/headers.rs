@@ -71,8 +71,17 @@ impl Topology {
     }
 }
 
-/// The name of the retry queue for one step: `<queue>.retry.<delay>`, e.g. `….retry.10m`.
+/// The name of the retry queue for one step: `<queue>.retries.<delay>`, e.g. `….retries.10m`.
+/// A quorum queue; an earlier release named its classic retry queues
+/// [`classic_retry_queue_name`], and a queue's type cannot change under the same name.
 pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
+    format!("{queue}.retries.{}", humantime::format_duration(delay))
+}
+
+/// The name an earlier release gave its classic retry queue for one step:
+/// `<queue>.retry.<delay>`. What waits there still expires into the main queue; the worker
+/// deletes such a queue once it is empty.
+pub fn classic_retry_queue_name(queue: &str, delay: Duration) -> String {
     format!("{queue}.retry.{}", humantime::format_duration(delay))
 }
 
@@ -351,11 +360,11 @@ mod tests {
     fn retry_queues_are_named_after_their_delay() {
         assert_eq!(
             retry_queue_name("listrak.audience", Duration::from_secs(600)),
-            "listrak.audience.retry.10m"
+            "listrak.audience.retries.10m"
         );
         assert_eq!(
             retry_queue_name("q", Duration::from_secs(4 * 3600)),
-            "q.retry.4h"
+            "q.retries.4h"
         );
     }
 

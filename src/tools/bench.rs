@@ -351,7 +351,7 @@ async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
     let connection = broker::connect_url(&options.amqp_url, "listrak-bench baseline").await?;
     let publisher = Publisher::new(&connection).await?;
-    topology.declare(publisher.channel()).await?;
+    topology.declare(&connection).await?;
     publish_all(&publisher, &topology.exchange, bodies).await?;
 
     let channel = connection.create_channel().await?;
@@ -599,7 +599,7 @@ async fn with_queue<T>(
             Duration::from_secs(4 * 3600),
         ],
     );
-    topology.declare(publisher.channel()).await?;
+    topology.declare(&connection).await?;
     let result = run(&publisher, &topology).await;
     if let Err(error) = topology.delete(publisher.channel()).await {
         // RabbitMQ 3.10's quorum-queue log writer can crash while a queue it is compacting is

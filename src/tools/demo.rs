@@ -25,10 +25,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// The configuration the demo runs with: its own queue names, the fake's URLs.
 pub fn settings(amqp_url: &str, queue: &str, fake: &FakeServer) -> anyhow::Result<Settings> {
     let options = FakeOptions::default();
+    // AMQP_URL may name several nodes of a cluster, separated by commas.
+    let urls: Vec<String> = amqp_url
+        .split(',')
+        .map(|url| crate::config::toml_str(url.trim()))
+        .collect();
+    let urls = urls.join(", ");
     let text = format!(
         r#"
 [amqp]
-url = "{amqp_url}"
+url = [{urls}]
 exchange = "{queue}"
 queue = "{queue}"
 

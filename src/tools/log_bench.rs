@@ -65,7 +65,7 @@ pub async fn run(options: LogBenchOptions) -> anyhow::Result<LogBenchReport> {
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
     let connection = broker::connect_url(&options.amqp_url, "listrak-bench").await?;
     let publisher = Publisher::new(&connection).await?;
-    topology.declare(publisher.channel()).await?;
+    topology.declare(&connection).await?;
     let result = measure(&options, &connection, &publisher, &topology).await;
     let channel = connection.create_channel().await?;
     topology.delete(&channel).await?;

@@ -466,8 +466,7 @@ async fn a_log_declared_with_another_retention_stops_the_start_naming_the_keys()
     let h = Harness::new("log_mismatch", Default::default(), Knobs::default()).await;
     let mut other = h.topology.clone();
     other.applied_max_age = Duration::from_secs(3600);
-    let channel = h.connection().create_channel().await.unwrap();
-    let error = other.declare(&channel).await.unwrap_err();
+    let error = other.declare(h.connection()).await.unwrap_err();
     let mismatch = listrak_worker::edges::broker::TopologyMismatch::from_declare(&error, &other)
         .expect("a refusal of the arguments");
     let message = mismatch.to_string();

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use listrak_worker::commands::publish::event_properties;
-use listrak_worker::config::{AmqpSettings, Secret, Settings};
+use listrak_worker::config::{AmqpSettings, BrokerUrls, Settings};
 use listrak_worker::driver::worker::{self, Health};
 use listrak_worker::edges::applied_log::Record;
 use listrak_worker::edges::broker::{self, as_text, Topology};
@@ -23,9 +23,12 @@ use listrak_worker::edges::telemetry::Metrics;
 use listrak_worker::tools::fake::{FakeOptions, FakeServer, Faults};
 use listrak_worker::tools::sample::MAPPINGS_TOML;
 
+/// The broker of the tests: `AMQP_URL` (its first URL, when it names several), else the
+/// local one.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL")
         .ok()
+        .and_then(|urls| urls.split(',').next().map(|url| url.trim().to_owned()))
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| listrak_worker::config::DEFAULT_AMQP_URL.into())
 }
@@ -34,9 +37,21 @@ pub fn amqp_url() -> String {
 /// route the worker is given (a relay, a TLS proxy).
 pub fn direct(amqp: &AmqpSettings) -> AmqpSettings {
     AmqpSettings {
-        url: Secret::new(amqp_url()),
+        urls: BrokerUrls::one(amqp_url()),
         tls: None,
         ..amqp.clone()
+    }
+}
+
+/// The broker settings of the test's own connections for `knobs`: the cluster's nodes when
+/// the test runs on one, else [`direct`].
+fn own_amqp(amqp: &AmqpSettings, knobs: &Knobs) -> AmqpSettings {
+    match &knobs.cluster_urls {
+        Some(_) => AmqpSettings {
+            tls: None,
+            ..amqp.clone()
+        },
+        None => direct(amqp),
     }
 }
 
@@ -55,6 +70,9 @@ pub struct Knobs {
     pub superseded_capacity: usize,
     /// The broker URL the worker uses, when not the test's own (a relay, say).
     pub worker_amqp_url: Option<String>,
+    /// The nodes of a cluster, which the worker and the test's own connections both use, in
+    /// this order.
+    pub cluster_urls: Option<Vec<String>>,
     /// The keys of an `[amqp.tls]` table.
     pub amqp_tls: Option<String>,
     pub single_active_consumer: bool,
@@ -82,6 +100,7 @@ impl Default for Knobs {
             request_timeout: "5s",
             superseded_capacity: 100_000,
             worker_amqp_url: None,
+            cluster_urls: None,
             amqp_tls: None,
             single_active_consumer: false,
             http_listen: "127.0.0.1:0".to_owned(),
@@ -97,7 +116,7 @@ pub fn settings_text(queue: &str, api_url: &str, auth_url: &str, knobs: &Knobs) 
     format!(
         r#"
 [amqp]
-url = "{amqp}"
+url = {amqp}
 exchange = "{queue}"
 queue = "{queue}"
 prefetch = {prefetch}
@@ -132,7 +151,19 @@ grace = "{grace}"
 capacity = {superseded_capacity}
 {mappings}"#,
         mappings = knobs.mappings.as_deref().unwrap_or(MAPPINGS_TOML),
-        amqp = knobs.worker_amqp_url.clone().unwrap_or_else(amqp_url),
+        amqp = match &knobs.cluster_urls {
+            Some(urls) => format!(
+                "[{}]",
+                urls.iter()
+                    .map(|url| format!("{url:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => format!(
+                "{:?}",
+                knobs.worker_amqp_url.clone().unwrap_or_else(amqp_url)
+            ),
+        },
         tls = knobs
             .amqp_tls
             .as_ref()
@@ -192,6 +223,8 @@ impl DeadLetter {
 
 pub struct Harness {
     pub fake: FakeServer,
+    /// The broker settings of the test's own connections.
+    own: AmqpSettings,
     pub settings: Settings,
     pub topology: Topology,
     pub metrics: Metrics,
@@ -220,14 +253,16 @@ impl Harness {
         let text = settings_text(&queue, &fake.api_url(), &fake.auth_url(), &knobs);
         let settings = Settings::from_toml(&text, |_| None).expect("valid test settings");
         let topology = Topology::of(&settings);
-        let connection = broker::connect(&direct(&settings.amqp), "listrak-worker tests")
+        let own = own_amqp(&settings.amqp, &knobs);
+        let connection = broker::connect(&own, "listrak-worker tests")
             .await
             .expect("RabbitMQ is running (see README)");
         let publisher = broker::Publisher::new(&connection).await.unwrap();
-        topology.declare(publisher.channel()).await.unwrap();
+        topology.declare(&connection).await.unwrap();
         let metrics = Metrics::new(settings.batch.max_contacts.get());
         Harness {
             fake,
+            own,
             settings,
             topology,
             metrics,
@@ -257,6 +292,15 @@ impl Harness {
             stop.clone().cancelled_owned(),
         ));
         self.worker = Some((stop, task));
+    }
+
+    /// The worker started here has not ended (a run ends only at shutdown or on an error
+    /// that no reconnection can mend). For the cluster tests, a binary of their own.
+    #[allow(dead_code)]
+    pub fn worker_running(&self) -> bool {
+        self.worker
+            .as_ref()
+            .is_some_and(|(_, task)| !task.is_finished())
     }
 
     /// Stops the worker as SIGTERM would, and waits for it to finish.
@@ -320,7 +364,7 @@ impl Harness {
     /// broker-restart test, a binary of its own).
     #[allow(dead_code)]
     pub async fn reconnect(&mut self) {
-        let connection = broker::connect(&direct(&self.settings.amqp), "listrak-worker tests")
+        let connection = broker::connect(&self.own, "listrak-worker tests")
             .await
             .expect("RabbitMQ is back");
         self.publisher = broker::Publisher::new(&connection).await.unwrap();
