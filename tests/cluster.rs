@@ -110,11 +110,13 @@ async fn assert_queues_empty(h: &Harness) {
 }
 
 /// The knobs of a drain on the cluster that lasts long enough to lose a node in its middle:
-/// small requests, two at a time.
+/// small requests, two at a time, and a window of four of them, so that a message waits for
+/// a request slot well within its in-process budget.
 fn drain_knobs(urls: &[String]) -> Knobs {
     Knobs {
         cluster_urls: Some(urls.to_vec()),
         max_contacts: 100,
+        prefetch: 400,
         max_concurrency: 2,
         max_wait: "50ms",
         in_process: "1s",
@@ -208,15 +210,15 @@ async fn losing_the_disk_of_the_node_that_holds_the_retry_queues_loses_no_event(
     let (_cluster, urls) = take_cluster().await;
     let lists = [21];
     let contacts = 1_000;
-    // Listrak is down: every message goes to the retry queue at its first failure and
-    // waits there 30 s.
+    // Listrak is down: every message goes to the retry queue after two seconds of failures
+    // in process, and waits there 30 s.
     let outage = Faults {
         error_rate: 1.0,
         ..Faults::default()
     };
     let knobs = Knobs {
         cluster_urls: Some(urls.clone()),
-        in_process: "0s",
+        in_process: "2s",
         schedule: r#"["30s"]"#,
         ..Knobs::default()
     };
