@@ -403,3 +403,61 @@ async fn the_applied_log_survives_the_loss_of_the_node_that_leads_it() {
     node("start", 1).await;
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_across_the_loss_of_its_node_sends_every_line() {
+    let (_cluster, urls) = take_cluster().await;
+    let list = 41;
+    let lines = 20_000;
+    let mut h = Harness::new("cluster_publish", Faults::default(), drain_knobs(&urls)).await;
+    let bodies: Vec<std::io::Result<Vec<u8>>> = (0..lines)
+        .map(|i| Ok(profile_update(list, &email(i), FIELD, "new", BASE_MICROS)))
+        .collect();
+
+    // Node 1 goes once a quarter of the lines are in the queue, as seen from node 3.
+    let watcher = {
+        let node3 = urls[2].clone();
+        let queue = h.topology.queue.clone();
+        tokio::spawn(async move {
+            let connection = listrak_worker::edges::broker::connect_url(&node3, "watcher")
+                .await
+                .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            loop {
+                let (ready, _) = listrak_worker::edges::broker::queue_counts(&channel, &queue)
+                    .await
+                    .unwrap();
+                if ready as usize >= lines / 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            node("kill", 1).await;
+        })
+    };
+    let published = listrak_worker::commands::publish::publish_lines(
+        &h.settings.amqp,
+        &h.topology,
+        bodies,
+        lines as u64,
+    )
+    .await
+    .expect("publish carries on through another node");
+    watcher.await.unwrap();
+    assert_eq!(published.messages, lines as u64);
+
+    h.reconnect().await;
+    let depth = h.depth(&h.topology.queue).await as usize;
+    println!("{depth} messages in the queue for {lines} lines");
+    assert!(depth >= lines, "{depth} messages for {lines} lines");
+    h.start_worker();
+    h.wait_for("every line applied", Duration::from_secs(120), |h| {
+        (0..lines)
+            .filter(|i| h.fake.value(list, &email(*i), FIELD).as_deref() != Some("new"))
+            .count()
+            == 0
+    })
+    .await;
+    node("start", 1).await;
+    h.finish().await;
+}

@@ -17,7 +17,9 @@ use crate::commands::dlq::letter::replay_properties;
 use crate::commands::dlq::record::{parse_line, Line};
 use crate::commands::progress::Progress;
 use crate::config::AmqpSettings;
-use crate::edges::broker::{self, wait_confirm, Publisher, Topology, TopologyMismatch};
+use crate::edges::broker::{
+    self, wait_confirm, PublishError, Publisher, Topology, TopologyMismatch,
+};
 
 /// Confirms awaited at once; enough to keep the broker busy, few enough to bound memory.
 const CONFIRM_WINDOW: usize = 1024;
@@ -87,26 +89,23 @@ pub async fn publish_file(
     publish_lines(amqp, topology, lines, total).await
 }
 
-/// Publishes bodies; `total` only sizes the progress bar.
+/// Publishes bodies; `total` only sizes the progress bar. A lost connection, a nack or a
+/// missing confirm is not the end: the messages not confirmed yet are sent again, in order,
+/// through the next node that answers (the same one when there is only one), so every line
+/// ends in the queue at least once. Only the messages in flight at such a loss can end there
+/// twice, which the worker's updates (each setting a field to a value) make harmless.
 pub async fn publish_lines(
     amqp: &AmqpSettings,
     topology: &Topology,
     bodies: impl IntoIterator<Item = std::io::Result<Vec<u8>>>,
     total: u64,
 ) -> anyhow::Result<Published> {
-    let connection = broker::connect(amqp, "listrak-worker publish")
+    let mut link = Link::open(amqp, topology, 0)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ: {e}"))?;
-    let publisher = Publisher::new(&connection).await?;
-    topology.declare(&connection).await.map_err(|error| {
-        match TopologyMismatch::from_declare(&error, topology) {
-            Some(mismatch) => anyhow::Error::from(mismatch),
-            None => error.into(),
-        }
-    })?;
     let progress = Progress::new("published", total);
     let mut published = Published::default();
-    let mut window = VecDeque::with_capacity(CONFIRM_WINDOW);
+    let mut window: VecDeque<Unconfirmed> = VecDeque::with_capacity(CONFIRM_WINDOW);
     for (number, line) in bodies.into_iter().enumerate() {
         let line = line.context("cannot read the input")?;
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -129,22 +128,154 @@ pub async fn publish_lines(
                 (line, properties)
             }
         };
-        let confirm = publisher
-            .start(&topology.exchange, &routing_key(&body), &body, properties)
-            .await?;
-        window.push_back(confirm);
-        if window.len() >= CONFIRM_WINDOW {
-            let oldest = window.pop_front().expect("window is full");
-            wait_confirm(oldest).await?;
+        let mut message = Unconfirmed {
+            routing_key: routing_key(&body),
+            body,
+            properties,
+            confirm: None,
+        };
+        match link.send(topology, &mut message).await {
+            Ok(()) => window.push_back(message),
+            Err(error) => {
+                tracing::warn!(%error, "publishing failed; sending again through the broker");
+                window.push_back(message);
+                link.recover(amqp, topology, &mut window).await?;
+            }
+        }
+        while window.len() >= CONFIRM_WINDOW {
+            confirm_oldest(&mut link, amqp, topology, &mut window).await?;
         }
         published.messages += 1;
         progress.advance(1);
     }
-    for confirm in window {
-        wait_confirm(confirm).await?;
+    while !window.is_empty() {
+        confirm_oldest(&mut link, amqp, topology, &mut window).await?;
     }
     progress.finish();
-    let _ = publisher.channel().close(200, "done".into()).await;
-    let _ = connection.close(200, "done".into()).await;
+    let _ = link.publisher.channel().close(200, "done".into()).await;
+    let _ = link.connection.close(200, "done".into()).await;
     Ok(published)
+}
+
+/// A message sent (or about to be) whose confirm has not come: what it takes to send it again.
+struct Unconfirmed {
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    confirm: Option<lapin::PublisherConfirm>,
+}
+
+/// Waits for the oldest message's confirm; on anything but a confirm (or an unroutable
+/// message, which sending again cannot mend), sends every unconfirmed message again.
+async fn confirm_oldest(
+    link: &mut Link,
+    amqp: &AmqpSettings,
+    topology: &Topology,
+    window: &mut VecDeque<Unconfirmed>,
+) -> anyhow::Result<()> {
+    let oldest = window.front_mut().expect("a message in flight");
+    let outcome = match oldest.confirm.take() {
+        Some(confirm) => wait_confirm(confirm).await,
+        None => Err(PublishError::Nacked),
+    };
+    match outcome {
+        Ok(()) => {
+            window.pop_front();
+            Ok(())
+        }
+        Err(PublishError::Unroutable) => Err(PublishError::Unroutable.into()),
+        Err(error) => {
+            tracing::warn!(%error, "a message was not confirmed; sending the unconfirmed ones again");
+            link.recover(amqp, topology, window).await
+        }
+    }
+}
+
+/// How often `publish` reconnects and sends again before it gives up, a second apart.
+const RECOVERY_ATTEMPTS: u32 = 30;
+const RECOVERY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The connection `publish` sends through, and the node it reached.
+struct Link {
+    connection: lapin::Connection,
+    publisher: Publisher,
+    node: usize,
+}
+
+impl Link {
+    /// Connects (the node at `start` first), declares the topology, opens a confirmed channel.
+    async fn open(amqp: &AmqpSettings, topology: &Topology, start: usize) -> anyhow::Result<Self> {
+        let (connection, node) =
+            broker::connect_from(amqp, "listrak-worker publish", start).await?;
+        topology.declare(&connection).await.map_err(
+            |error| match TopologyMismatch::from_declare(&error, topology) {
+                Some(mismatch) => anyhow::Error::from(mismatch),
+                None => error.into(),
+            },
+        )?;
+        let publisher = Publisher::new(&connection).await?;
+        Ok(Self {
+            connection,
+            publisher,
+            node,
+        })
+    }
+
+    async fn send(
+        &self,
+        topology: &Topology,
+        message: &mut Unconfirmed,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .publisher
+            .start(
+                &topology.exchange,
+                &message.routing_key,
+                &message.body,
+                message.properties.clone(),
+            )
+            .await?;
+        message.confirm = Some(confirm);
+        Ok(())
+    }
+
+    /// Reconnects, starting with the node after this one, and sends every message of
+    /// `window` again, in order.
+    async fn recover(
+        &mut self,
+        amqp: &AmqpSettings,
+        topology: &Topology,
+        window: &mut VecDeque<Unconfirmed>,
+    ) -> anyhow::Result<()> {
+        let mut last_error = None;
+        for _ in 0..RECOVERY_ATTEMPTS {
+            let _ = self.connection.close(320, "reconnecting".into()).await;
+            let start = (self.node + 1) % amqp.urls.len();
+            match Link::open(amqp, topology, start).await {
+                Ok(link) => {
+                    *self = link;
+                    tracing::info!(node = %amqp.urls.node(self.node), "publishing through another connection");
+                    let mut sent = Ok(());
+                    for message in window.iter_mut() {
+                        sent = self.send(topology, message).await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    match sent {
+                        Ok(()) => return Ok(()),
+                        Err(error) => last_error = Some(anyhow::Error::from(error)),
+                    }
+                }
+                Err(error) => last_error = Some(error),
+            }
+            tokio::time::sleep(RECOVERY_PAUSE).await;
+        }
+        let error = last_error.expect("at least one attempt");
+        Err(error.context(format!(
+            "cannot publish after {RECOVERY_ATTEMPTS} attempts to reconnect; the lines before \
+             the {} unconfirmed ones are in the queue",
+            window.len()
+        )))
+    }
 }
