@@ -819,3 +819,86 @@ async fn an_event_dated_far_in_the_future_does_not_win_over_later_ones() {
     );
     h.finish().await;
 }
+
+/// A deployment of the earlier release kept its retry queues as classic queues named
+/// `<queue>.retry.<delay>`. Upgrading loses nothing: what waits there still expires into the
+/// main queue and is applied, and the worker deletes such a queue once it is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_applies_what_waits_in_the_classic_retry_queues_and_deletes_them_once_empty() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use listrak_worker::edges::broker::classic_retry_queue_name;
+
+    let mut h = Harness::new("upgrade", Faults::default(), Knobs::default()).await;
+    let classic = classic_retry_queue_name(&h.topology.queue, Duration::from_secs(2));
+    // The earlier release's declaration, and messages waiting in it, as an outage left them.
+    let channel = h.connection().create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(2_000));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(h.topology.queue.as_str().into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(classic.as_str().into(), durable, args)
+        .await
+        .unwrap();
+    let waiting: Vec<(Vec<u8>, lapin::BasicProperties)> = (0..50)
+        .map(|i| {
+            let body = profile_update(
+                9,
+                &format!("upgraded-{i}@example.com"),
+                5,
+                "on",
+                BASE_MICROS,
+            );
+            let properties = listrak_worker::commands::publish::event_properties(&body);
+            (body, properties)
+        })
+        .collect();
+    h.publish_raw("", &classic, &waiting).await;
+
+    // The new release starts while they wait: its first session finds the queue in use.
+    h.start_worker();
+    h.wait_for(
+        "what waited in the classic queue applied",
+        Duration::from_secs(30),
+        |h| {
+            (0..50).all(|i| {
+                h.fake
+                    .value(9, &format!("upgraded-{i}@example.com"), 5)
+                    .as_deref()
+                    == Some("on")
+            })
+        },
+    )
+    .await;
+    assert_eq!(h.depth(&classic).await, 0);
+
+    // Its next start finds the classic queue empty, and deletes it.
+    h.stop_worker().await;
+    h.start_worker();
+    crate::support::wait_until(
+        "the empty classic queue deleted",
+        Duration::from_secs(20),
+        async || {
+            let probe = h.connection().create_channel().await.unwrap();
+            let exists = listrak_worker::edges::broker::queue_counts(&probe, &classic)
+                .await
+                .is_ok();
+            let _ = probe.close(200, "checked".into()).await;
+            !exists
+        },
+    )
+    .await;
+    assert!(h.take_dead_letters().await.is_empty());
+    h.finish().await;
+}
