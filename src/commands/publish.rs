@@ -185,7 +185,10 @@ async fn confirm_oldest(
         }
         Err(PublishError::Unroutable) => Err(PublishError::Unroutable.into()),
         Err(error) => {
-            tracing::warn!(%error, "a message was not confirmed; sending the unconfirmed ones again");
+            tracing::warn!(
+                %error,
+                "a message was not confirmed; sending the unconfirmed ones again"
+            );
             link.recover(amqp, topology, window).await
         }
     }
@@ -254,7 +257,8 @@ impl Link {
             match Link::open(amqp, topology, start).await {
                 Ok(link) => {
                     *self = link;
-                    tracing::info!(node = %amqp.urls.node(self.node), "publishing through another connection");
+                    let node = amqp.urls.node(self.node);
+                    tracing::info!(%node, "publishing through another connection");
                     let mut sent = Ok(());
                     for message in window.iter_mut() {
                         sent = self.send(topology, message).await;

@@ -221,7 +221,8 @@ mod tests {
         let one = load("[amqp]\nurl = \"amqp://u:p@a:5672/%2f\"", None).unwrap();
         assert_eq!(one.amqp.urls.nodes(), ["a:5672"]);
         let several = load(
-            "[amqp]\nurl = [\"amqp://u:p@a:5681/%2f\", \"amqp://u:p@b:5682/%2f\", \"amqp://u:p@c/%2f\"]",
+            "[amqp]\nurl = [\"amqp://u:p@a:5681/%2f\", \"amqp://u:p@b:5682/%2f\", \
+             \"amqp://u:p@c/%2f\"]",
             None,
         )
         .unwrap();

@@ -163,7 +163,8 @@ impl<A: ListrakApi> Worker<A> {
                     return Err(mismatch.into());
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, node = %nodes[node], "broker session ended; reconnecting");
+                    let node = &nodes[node];
+                    tracing::warn!(%error, %node, "broker session ended; reconnecting");
                     bounded(connected.close(320, "reconnecting".into())).await;
                     self.pause(&mut delay).await;
                 }

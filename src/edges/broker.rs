@@ -218,7 +218,10 @@ async fn declare_retry_queue(
 
 /// RabbitMQ refused a declaration's arguments (PRECONDITION_FAILED).
 fn refused_arguments(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(refusal) if refusal.get_id() == PRECONDITION_FAILED)
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(refusal) if refusal.get_id() == PRECONDITION_FAILED
+    )
 }
 
 fn string(value: &str) -> AMQPValue {
@@ -273,7 +276,8 @@ pub async fn connect_from(
             Ok(connection) => return Ok((connection, index)),
             Err(error) => {
                 if urls.len() > 1 {
-                    tracing::warn!(node = %amqp.urls.node(index), %error, "cannot reach this broker node; trying the next");
+                    let node = amqp.urls.node(index);
+                    tracing::warn!(%node, %error, "cannot reach this broker node; trying the next");
                 }
                 last_error = Some(error);
             }
