@@ -89,6 +89,7 @@ impl std::str::FromStr for Setting {
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// One URL, or the URLs of a cluster's nodes separated by commas.
     pub amqp_url: String,
     pub events: usize,
     /// The settings each backlog is drained in, one after another.
@@ -110,6 +111,19 @@ pub struct BenchOptions {
     /// Requests per second the throttling fake accepts (0: skip that measurement).
     pub throttle_rps: f64,
     pub throttle_duration: Duration,
+}
+
+impl BenchOptions {
+    /// `amqp_url`'s URLs: several nodes of one cluster are separated by commas, as `AMQP_URL`
+    /// takes them. The worker is given them all.
+    pub fn amqp_urls(&self) -> Vec<&str> {
+        self.amqp_url.split(',').map(str::trim).collect()
+    }
+
+    /// The node the benchmark's own connections (publishing, the bare consumer) use.
+    pub fn first_amqp_url(&self) -> &str {
+        self.amqp_urls()[0]
+    }
 }
 
 /// The figures of one backlog drained in one setting.
@@ -235,7 +249,7 @@ fn config(
     let mut text = format!(
         r#"
 [amqp]
-url = "{amqp}"
+url = [{amqp}]
 exchange = "{queue}"
 queue = "{queue}"
 {prefetch}
@@ -252,7 +266,12 @@ max_contacts = {max_contacts}
 [http]
 listen = "{listen}"
 "#,
-        amqp = options.amqp_url,
+        amqp = options
+            .amqp_urls()
+            .iter()
+            .map(|url| crate::config::toml_str(url))
+            .collect::<Vec<_>>()
+            .join(", "),
         id = credentials.client_id,
         secret = credentials.client_secret,
         api = fake.api_url(),
@@ -349,7 +368,8 @@ impl CpuMeter {
 async fn baseline(options: &BenchOptions, bodies: &[Vec<u8>]) -> anyhow::Result<DrainCost> {
     let queue = format!("listrak-bench.baseline.{}", std::process::id());
     let topology = Topology::new(&queue, &queue, &[Duration::from_secs(10)]);
-    let connection = broker::connect_url(&options.amqp_url, "listrak-bench baseline").await?;
+    let connection =
+        broker::connect_url(options.first_amqp_url(), "listrak-bench baseline").await?;
     let publisher = Publisher::new(&connection).await?;
     topology.declare(&connection).await?;
     publish_all(&publisher, &topology.exchange, bodies).await?;
@@ -586,7 +606,7 @@ async fn with_queue<T>(
     run: impl AsyncFnOnce(&Publisher, &Topology) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let queue = format!("listrak-bench.{tag}.{}", std::process::id());
-    let connection = broker::connect_url(&options.amqp_url, "listrak-bench").await?;
+    let connection = broker::connect_url(options.first_amqp_url(), "listrak-bench").await?;
     let publisher = Publisher::new(&connection).await?;
     let topology = Topology::new(
         &queue,
@@ -607,7 +627,7 @@ async fn with_queue<T>(
         // INTERNAL_ERROR; it restarts at once, so the deletion is tried on a new connection
         // rather than ending the benchmark and leaving the queues behind.
         eprintln!("deleting {queue} failed ({error}); trying again on a new connection");
-        let again = broker::connect_url(&options.amqp_url, "listrak-bench").await?;
+        let again = broker::connect_url(options.first_amqp_url(), "listrak-bench").await?;
         let publisher = Publisher::new(&again).await?;
         topology.delete(publisher.channel()).await?;
         let _ = again.close(200, "done".into()).await;

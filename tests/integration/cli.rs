@@ -49,6 +49,52 @@ fn check_prints_the_effective_configuration_without_the_secret() {
 }
 
 #[test]
+fn check_takes_several_broker_urls_from_the_environment_and_redacts_every_password() {
+    let path = write_config("several-urls", VALID);
+    let output = worker()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env(
+            "AMQP_URL",
+            "amqp://worker:first-password@rabbit-0:5672/%2f,\
+             amqp://worker:second-password@rabbit-1:5672/%2f",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(
+            "url = [\"amqp://worker:[redacted]@rabbit-0:5672/%2f\", \
+             \"amqp://worker:[redacted]@rabbit-1:5672/%2f\"]"
+        ),
+        "{stdout}"
+    );
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains("first-password"), "{text}");
+        assert!(!text.contains("second-password"), "{text}");
+    }
+
+    let refused = worker()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env(
+            "AMQP_URL",
+            "amqp://worker:first-password@rabbit-0/%2f,amqp://worker:second-password@rabbit-1/other",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("amqp.url") && stderr.contains("vhost"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("password"), "{stderr}");
+}
+
+#[test]
 fn a_bad_configuration_is_refused_with_exit_2_naming_the_key() {
     let cases = [
         (
