@@ -81,7 +81,8 @@ fn check_takes_several_broker_urls_from_the_environment_and_redacts_every_passwo
         .arg(&path)
         .env(
             "AMQP_URL",
-            "amqp://worker:first-password@rabbit-0/%2f,amqp://worker:second-password@rabbit-1/other",
+            "amqp://worker:first-password@rabbit-0/%2f,\
+             amqp://worker:second-password@rabbit-1/other",
         )
         .output()
         .unwrap();
