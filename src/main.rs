@@ -630,13 +630,15 @@ async fn run_dlq(command: DlqCommand, settings: Settings) -> Result<bool, DlqErr
             } else {
                 None
             };
-            let dead = match &check {
-                Some(check) => dead.knowing(check),
-                None => dead,
-            };
-            let summary = dead
-                .replay(&filters.into_filter(), options, shutdown_signal())
-                .await?;
+            let summary = dlq::replay_across_node_loss(
+                &settings.amqp,
+                &topology,
+                &filters.into_filter(),
+                options,
+                check.as_ref(),
+                shutdown_signal(),
+            )
+            .await?;
             println!("{summary}");
             summary.stopped.is_none()
         }

@@ -461,3 +461,96 @@ async fn publish_across_the_loss_of_its_node_sends_every_line() {
     node("start", 1).await;
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_across_the_loss_of_its_node_replays_every_dead_letter() {
+    use lapin::types::{AMQPValue, FieldTable};
+    use listrak_worker::commands::dlq::{self, Filter, ReplayOptions};
+
+    let (_cluster, urls) = take_cluster().await;
+    let list = 51;
+    let letters = 5_000;
+    let mut h = Harness::new("cluster_replay", Faults::default(), drain_knobs(&urls)).await;
+    // Dead letters as the worker leaves them: the event, and why it was refused.
+    let dead_letters: Vec<(Vec<u8>, lapin::BasicProperties)> = (0..letters)
+        .map(|i| {
+            let body = profile_update(list, &email(i), FIELD, "new", BASE_MICROS);
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "x-listrak-reason".into(),
+                AMQPValue::LongString("rejected".into()),
+            );
+            let properties =
+                listrak_worker::commands::publish::event_properties(&body).with_headers(headers);
+            (body, properties)
+        })
+        .collect();
+    h.publish_raw("", &h.topology.dead, &dead_letters).await;
+
+    // Node 1 leads the dead-letter and main queues: it goes once a fifth is replayed.
+    let watcher = {
+        let node3 = urls[2].clone();
+        let queue = h.topology.queue.clone();
+        tokio::spawn(async move {
+            let connection = listrak_worker::edges::broker::connect_url(&node3, "watcher")
+                .await
+                .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            loop {
+                let (ready, _) = listrak_worker::edges::broker::queue_counts(&channel, &queue)
+                    .await
+                    .unwrap();
+                if ready as usize >= letters / 5 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            node("kill", 1).await;
+        })
+    };
+    let options = ReplayOptions {
+        rate: Some(2_000.0),
+        ..ReplayOptions::default()
+    };
+    let summary = dlq::replay_across_node_loss(
+        &h.settings.amqp,
+        &h.topology,
+        &Filter::default(),
+        options,
+        None,
+        std::future::pending::<()>(),
+    )
+    .await
+    .expect("the replay carries on through another node");
+    watcher.await.unwrap();
+    println!("{summary}");
+    assert!(summary.stopped.is_none(), "{summary}");
+    assert_eq!(summary.replayed, letters as u64);
+
+    h.reconnect().await;
+    assert_eq!(
+        h.depth(&h.topology.dead).await,
+        0,
+        "every dead letter replayed"
+    );
+    let depth = h.depth(&h.topology.queue).await as usize;
+    println!("{depth} messages in the main queue for {letters} dead letters");
+    assert!(
+        depth >= letters,
+        "{depth} messages for {letters} dead letters"
+    );
+    h.start_worker();
+    h.wait_for(
+        "every replayed dead letter applied",
+        Duration::from_secs(120),
+        |h| {
+            (0..letters)
+                .filter(|i| h.fake.value(list, &email(*i), FIELD).as_deref() != Some("new"))
+                .count()
+                == 0
+        },
+    )
+    .await;
+    node("start", 1).await;
+    h.finish().await;
+}

@@ -112,7 +112,9 @@ impl DlqError {
 /// Connects for a `dlq` command; the error names the broker (password redacted).
 pub async fn connect(amqp: &AmqpSettings) -> Result<Connection, DlqError> {
     let url = amqp.redacted_url();
-    match tokio::time::timeout(CONNECT_TIMEOUT, broker::connect(amqp, "listrak-worker dlq")).await {
+    // Each node has its own bound: a cluster's nodes are tried in turn.
+    let bound = CONNECT_TIMEOUT * u32::try_from(amqp.urls.len()).unwrap_or(u32::MAX);
+    match tokio::time::timeout(bound, broker::connect(amqp, "listrak-worker dlq")).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(error)) => Err(DlqError::Connect {
             url,
@@ -122,6 +124,89 @@ pub async fn connect(amqp: &AmqpSettings) -> Result<Connection, DlqError> {
             url,
             reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
         }),
+    }
+}
+
+/// How often `dlq replay` carries on through another connection after losing one.
+const REPLAY_RECONNECTS: u32 = 10;
+
+/// `dlq replay` that outlives a lost broker node: when the broker ends the replay (a lost
+/// connection, a node that went down), it connects again (to the next node that answers)
+/// and replays what is left, up to the limit. Nothing is lost in between: a dead letter is
+/// removed only after its copy is confirmed in the main queue, so those in flight at the
+/// loss are replayed again, and only they can reach the main queue twice.
+pub async fn replay_across_node_loss(
+    amqp: &AmqpSettings,
+    topology: &Topology,
+    filter: &Filter,
+    options: ReplayOptions,
+    superseded: Option<&SupersededCheck>,
+    stop: impl Future<Output = ()>,
+) -> Result<ReplaySummary, DlqError> {
+    tokio::pin!(stop);
+    let mut done: Option<ReplaySummary> = None;
+    let mut reconnects = 0;
+    loop {
+        let connection = connect(amqp).await?;
+        let dead = DeadLetters::new(&connection, topology);
+        let dead = match superseded {
+            Some(check) => dead.knowing(check),
+            None => dead,
+        };
+        let replayed = done.as_ref().map_or(0, |summary| summary.replayed);
+        let left = ReplayOptions {
+            limit: options.limit.map(|limit| limit.saturating_sub(replayed)),
+            ..options
+        };
+        let summary = dead.replay(filter, left, &mut stop).await;
+        let _ = connection.close(200, "done".into()).await;
+        let summary = match (summary, done.take()) {
+            (Ok(summary), None) => summary,
+            (Ok(summary), Some(before)) => before.then(summary),
+            (Err(error), None) => return Err(error),
+            (Err(error), Some(mut before)) => {
+                before.stopped = Some(error);
+                before
+            }
+        };
+        let lost_broker = matches!(
+            summary.stopped,
+            Some(DlqError::Broker(_) | DlqError::Walk { .. } | DlqError::Publish { .. })
+        );
+        if !lost_broker || options.dry_run || reconnects >= REPLAY_RECONNECTS {
+            return Ok(summary);
+        }
+        reconnects += 1;
+        if let Some(error) = &summary.stopped {
+            tracing::warn!(
+                %error,
+                replayed = summary.replayed,
+                "the replay lost its broker connection; carrying on through another"
+            );
+        }
+        done = Some(summary);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl ReplaySummary {
+    /// This replay followed by `next`, which carried it on after a lost connection.
+    fn then(self, next: ReplaySummary) -> ReplaySummary {
+        ReplaySummary {
+            walked: Walked {
+                present: self.walked.present,
+                read: self.walked.read + next.walked.read,
+                matched: self.walked.matched + next.walked.matched,
+                elapsed: self.walked.elapsed + next.walked.elapsed,
+            },
+            replayed: self.replayed + next.replayed,
+            moved_back: self.moved_back + next.moved_back,
+            superseded: match (self.superseded, next.superseded) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            },
+            ..next
+        }
     }
 }
 

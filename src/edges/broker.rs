@@ -460,12 +460,13 @@ pub async fn bounded<T>(call: impl Future<Output = lapin::Result<T>>) {
     }
 }
 
-/// Looks for the classic retry queues an earlier release declared (see
-/// [`classic_retry_queue_name`]): what waits in them still expires into the main queue by
-/// itself, so they are left alone while they hold messages and deleted once empty (only if
-/// empty: RabbitMQ checks that atomically). Each is asked on a channel of its own, since a
-/// queue that is missing, or whose node is down, closes the channel that asked. Bounded by
-/// [`BROKER_CALL_TIMEOUT`] in all; any failure is only logged, and tried again next session.
+/// Deletes the classic retry queues an earlier release declared (see
+/// [`classic_retry_queue_name`]) once they are empty. What waits in them still expires into
+/// the main queue by itself, so a queue that holds messages is left alone: RabbitMQ refuses
+/// the deletion atomically (`if-empty`). Deleting a queue that does not exist succeeds, so
+/// the usual case (no such queue) costs one round trip per step and logs nothing. Each is
+/// asked on a channel of its own, since a refusal closes the channel that asked. Bounded by
+/// [`BROKER_CALL_TIMEOUT`] in all; a failure is only logged, and tried again next session.
 pub async fn retire_classic_retry_queues(connection: &Connection, topology: &Topology) {
     let retire = async {
         for (_, delay) in &topology.retries {
@@ -473,36 +474,26 @@ pub async fn retire_classic_retry_queues(connection: &Connection, topology: &Top
             let Ok(channel) = connection.create_channel().await else {
                 return;
             };
-            match queue_counts(&channel, &name).await {
-                Ok((0, _)) => {
-                    let if_empty = QueueDeleteOptions {
-                        if_empty: true,
-                        if_unused: true,
-                        ..QueueDeleteOptions::default()
-                    };
-                    match channel.queue_delete(name.as_str().into(), if_empty).await {
-                        Ok(_) => tracing::info!(
-                            queue = %name,
-                            "deleted the empty classic retry queue of an earlier release"
-                        ),
-                        Err(error) => tracing::info!(queue = %name, %error,
-                            "the classic retry queue of an earlier release is still in use; \
-                             it is deleted once empty"),
-                    }
+            let if_empty = QueueDeleteOptions {
+                if_empty: true,
+                if_unused: true,
+                ..QueueDeleteOptions::default()
+            };
+            match channel.queue_delete(name.as_str().into(), if_empty).await {
+                Ok(_) => {
+                    tracing::debug!(queue = %name, "no classic retry queue of an earlier release");
+                    bounded(channel.close(200, "checked".into())).await;
                 }
-                Ok((ready, _)) => tracing::info!(
+                Err(error) if refused_arguments(&error) => tracing::info!(
                     queue = %name,
-                    messages = ready,
                     "a classic retry queue of an earlier release still holds messages: they \
                      return to the main queue as their delay expires, and the queue is deleted \
                      at a later start once empty"
                 ),
-                Err(error) if missing(&error) => {}
                 Err(error) => tracing::warn!(queue = %name, %error,
-                    "cannot read a classic retry queue of an earlier release; its messages \
+                    "cannot delete a classic retry queue of an earlier release; its messages \
                      return to the main queue once its node is back"),
             }
-            bounded(channel.close(200, "checked".into())).await;
         }
     };
     if tokio::time::timeout(BROKER_CALL_TIMEOUT, retire)
@@ -512,17 +503,6 @@ pub async fn retire_classic_retry_queues(connection: &Connection, topology: &Top
         tracing::debug!("looking for classic retry queues took too long; trying next session");
     }
 }
-
-/// The queue does not exist (NOT_FOUND), as opposed to existing on a node that is down,
-/// which RabbitMQ also answers with NOT_FOUND but names as down.
-fn missing(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(refusal)
-        if refusal.get_id() == NOT_FOUND
-            && !refusal.get_message().as_str().contains("down or inaccessible"))
-}
-
-/// The AMQP reply code for "no such queue" (or a queue whose node is down).
-const NOT_FOUND: u16 = 404;
 
 /// How often the queue depths are read.
 const QUEUE_POLL: Duration = Duration::from_secs(10);
