@@ -3,6 +3,7 @@
 
 pub mod dlq;
 pub mod history;
+pub mod ingest;
 pub mod progress;
 pub mod publish;
 pub mod setup;

@@ -42,13 +42,16 @@ use defaults::MAX_IN_PROCESS;
 use document::Node;
 use mappings::mappings;
 use sections::{
-    amqp_settings, applied_log_settings, batch_settings, http_settings, listrak_settings,
-    retry_settings, shutdown_settings, superseded_settings,
+    amqp_settings, applied_log_settings, batch_settings, http_settings, ingest_settings,
+    listrak_settings, retry_settings, shutdown_settings, superseded_settings,
 };
 
 pub use broker_urls::BrokerUrls;
 pub use defaults::{DEFAULT_AMQP_URL, HELD_MESSAGE_BYTES};
-pub use environment::{ENV_AMQP_URL, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET};
+pub use environment::{
+    ENV_AMQP_URL, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET, ENV_INGEST_SECRET,
+    ENV_INGEST_TOKEN,
+};
 pub(crate) use print::toml_str;
 pub use secret::Secret;
 
@@ -63,6 +66,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub superseded: SupersededSettings,
     pub applied_log: AppliedLogSettings,
+    pub ingest: IngestSettings,
     /// In file order; every one that matches an event produces an update.
     pub mappings: Vec<Mapping>,
 }
@@ -153,6 +157,19 @@ pub struct RetrySettings {
 pub struct HttpSettings {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
+}
+
+/// `[ingest]`: `listrak-worker ingest`, the endpoint Segment's Webhooks destination posts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestSettings {
+    pub listen: SocketAddr,
+    /// Larger bodies are refused with 413.
+    pub max_body: usize,
+    /// Segment's shared secret (`LISTRAK_INGEST_SECRET`): when set, every request must carry
+    /// the body's HMAC-SHA1 in `X-Signature`.
+    pub shared_secret: Option<Secret>,
+    /// `LISTRAK_INGEST_TOKEN`: when set, every request must carry `Authorization: Bearer`.
+    pub bearer_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +268,7 @@ impl Settings {
             "shutdown",
             "superseded",
             "applied_log",
+            "ingest",
             "mappings",
         ])?;
         let amqp_node = root.table("amqp")?;
@@ -263,6 +281,7 @@ impl Settings {
         let shutdown = shutdown_settings(&root.table("shutdown")?)?;
         let superseded = superseded_settings(&root.table("superseded")?)?;
         let applied_log = applied_log_settings(&root.table("applied_log")?)?;
+        let ingest = ingest_settings(&root.table("ingest")?, &env)?;
         let mappings = match (needed, root.get("mappings")) {
             (MappingsNeeded::Optional, None) => Vec::new(),
             _ => mappings(&root)?,
@@ -319,6 +338,7 @@ impl Settings {
             shutdown,
             superseded,
             applied_log,
+            ingest,
             mappings,
         })
     }

@@ -5,6 +5,7 @@
 pub mod applied_log;
 pub mod broker;
 pub mod http;
+pub mod ingest;
 pub mod listrak;
 pub mod telemetry;
 pub mod tls;

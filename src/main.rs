@@ -67,7 +67,17 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Consume audience events and apply them to Listrak.
-    Run,
+    Run {
+        /// Also serve the ingest endpoint (`[ingest]`) in this process, for a single-box
+        /// setup; in production run `listrak-worker ingest` as a process of its own.
+        #[arg(long)]
+        ingest: bool,
+    },
+    /// Take Segment's events over HTTP (its Webhooks destination) and publish each to the
+    /// exchange with a publisher confirm: 200 once every event of a request is confirmed,
+    /// 503 with Retry-After otherwise, 401/413/400 for a bad signature or token, a body too
+    /// large, or one that is not JSON.
+    Ingest,
     /// Validate the configuration and print it (secrets redacted).
     Check {
         /// Also obtain a Listrak token with the configured credentials.
@@ -284,8 +294,10 @@ fn main() -> ExitCode {
             command => {
                 let env = |key: &str| std::env::var(key).ok();
                 // The setup commands need only the credentials: they help write the mappings.
-                let loaded = if matches!(command, Command::Listrak { .. } | Command::History { .. })
-                {
+                let loaded = if matches!(
+                    command,
+                    Command::Listrak { .. } | Command::History { .. } | Command::Ingest
+                ) {
                     Settings::load_without_mappings(cli.config.as_deref(), env)
                 } else {
                     Settings::load(cli.config.as_deref(), env)
@@ -330,7 +342,10 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 
 async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
-        Command::Run => {
+        Command::Ingest => {
+            listrak_worker::commands::ingest::run(&settings, shutdown_signal()).await
+        }
+        Command::Run { ingest } => {
             let metrics = Metrics::new(settings.batch.max_contacts.get());
             // One client, so one token, for the check at start and the work after it.
             let api = Arc::new(ListrakClient::new(&settings.listrak, metrics.clone())?);
@@ -354,6 +369,15 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 health.clone(),
                 stop_http.clone().cancelled_owned(),
             ));
+            let ingest = if ingest {
+                let stop = stop_http.clone();
+                let settings = settings.clone();
+                Some(tokio::spawn(async move {
+                    listrak_worker::commands::ingest::run(&settings, stop.cancelled_owned()).await
+                }))
+            } else {
+                None
+            };
             let result = listrak_worker::driver::worker::run(
                 settings,
                 api,
@@ -363,6 +387,14 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             )
             .await;
             stop_http.cancel();
+            if let Some(ingest) = ingest {
+                // The requests in flight finish before the endpoint stops.
+                match ingest.await {
+                    Ok(Err(error)) => tracing::warn!(%error, "the ingest endpoint ended"),
+                    Err(error) => tracing::warn!(%error, "the ingest endpoint panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
             // Open scrapes get a moment to finish; a client holding a connection does not
             // hold up the exit.
             let _ = tokio::time::timeout(Duration::from_secs(1), server).await;

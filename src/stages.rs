@@ -8,6 +8,7 @@ pub mod classify;
 pub mod decode;
 pub mod disposition;
 pub mod headers;
+pub mod ingest;
 pub mod mapping;
 pub mod model;
 pub mod settle;

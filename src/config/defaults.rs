@@ -37,6 +37,11 @@ pub(super) const DEFAULT_SCHEDULE: [Duration; 5] = [
 pub(super) const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub(super) const DEFAULT_IN_PROCESS: Duration = Duration::from_secs(120);
 pub(super) const DEFAULT_LISTEN: &str = "0.0.0.0:9464";
+pub(super) const DEFAULT_INGEST_LISTEN: &str = "0.0.0.0:9470";
+/// Segment's batches stay well under it (about 500 KB at most).
+pub(super) const DEFAULT_INGEST_MAX_BODY: usize = 5_000_000;
+pub(super) const MIN_INGEST_MAX_BODY: i64 = 1024;
+pub(super) const MAX_INGEST_MAX_BODY: i64 = 100_000_000;
 pub(super) const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub(super) const DEFAULT_SUPERSEDED_CAPACITY: i64 = 200_000;
 pub(super) const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(3600);

@@ -11,6 +11,10 @@ pub const ENV_CLIENT_ID: &str = "LISTRAK_CLIENT_ID";
 pub const ENV_CLIENT_SECRET: &str = "LISTRAK_CLIENT_SECRET";
 pub const ENV_API_URL: &str = "LISTRAK_API_URL";
 pub const ENV_AUTH_URL: &str = "LISTRAK_AUTH_URL";
+/// `ingest`'s shared secret: when set, every request must carry a valid `X-Signature`.
+pub const ENV_INGEST_SECRET: &str = "LISTRAK_INGEST_SECRET";
+/// `ingest`'s bearer token: when set, every request must carry `Authorization: Bearer` it.
+pub const ENV_INGEST_TOKEN: &str = "LISTRAK_INGEST_TOKEN";
 
 /// A value the environment may override: the variable wins over the file.
 pub(super) struct Sourced {

@@ -100,6 +100,24 @@ impl Settings {
         let _ = writeln!(out, "max_bytes = {}", log.max_bytes);
         let _ = writeln!(out, "watch_capacity = {}", log.watch_capacity);
 
+        let ingest = &self.ingest;
+        let _ = writeln!(out, "\n[ingest]");
+        let _ = writeln!(out, "listen = {}", toml_str(&ingest.listen.to_string()));
+        let _ = writeln!(out, "max_body = {}", ingest.max_body);
+        let set = |secret: &Option<crate::config::Secret>| {
+            if secret.is_some() {
+                "set"
+            } else {
+                "not set"
+            }
+        };
+        let _ = writeln!(
+            out,
+            "# shared secret (LISTRAK_INGEST_SECRET): {}; bearer token (LISTRAK_INGEST_TOKEN): {}",
+            set(&ingest.shared_secret),
+            set(&ingest.bearer_token)
+        );
+
         for mapping in &self.mappings {
             let _ = writeln!(out, "\n[[mappings]]");
             let _ = writeln!(out, "name = {}", toml_str(&mapping.name));

@@ -17,12 +17,16 @@ use super::defaults::{
     DEFAULT_APPLIED_LOG_MAX_AGE, DEFAULT_APPLIED_LOG_MAX_BYTES, DEFAULT_WATCH_CAPACITY,
     MAX_ANY_DURATION, MAX_WATCH_CAPACITY, MIN_APPLIED_LOG_MAX_BYTES,
 };
+use super::defaults::{
+    DEFAULT_INGEST_LISTEN, DEFAULT_INGEST_MAX_BODY, MAX_INGEST_MAX_BODY, MIN_INGEST_MAX_BODY,
+};
 use super::document::{at_most, parse_duration, Node};
 use super::environment::{Sourced, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET};
+use super::environment::{ENV_INGEST_SECRET, ENV_INGEST_TOKEN};
 use super::urls::{BASE_URL, ENDPOINT_URL};
 use super::{
     invalid, AmqpSettings, AppliedLogSettings, BatchSettings, ConfigError, HttpSettings,
-    ListrakSettings, RetrySettings, Secret, ShutdownSettings, SupersededSettings,
+    IngestSettings, ListrakSettings, RetrySettings, Secret, ShutdownSettings, SupersededSettings,
 };
 
 pub(super) fn amqp_settings(
@@ -225,6 +229,32 @@ pub(super) fn http_settings(node: &Node<'_>) -> Result<HttpSettings, ConfigError
         )
     })?;
     Ok(HttpSettings { listen })
+}
+
+/// `[ingest]`: where `listrak-worker ingest` listens and the largest body it takes; the
+/// shared secret and the bearer token come from the environment only, never the file.
+pub(super) fn ingest_settings(
+    node: &Node<'_>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<IngestSettings, ConfigError> {
+    node.only(&["listen", "max_body"])?;
+    let text = node.string("listen")?.unwrap_or(DEFAULT_INGEST_LISTEN);
+    let listen = text.trim().parse().map_err(|_| {
+        invalid(
+            node.key("listen"),
+            format!("{text:?} is not an address and port such as \"0.0.0.0:9470\""),
+        )
+    })?;
+    let max_body = match node.integer("max_body")? {
+        None => DEFAULT_INGEST_MAX_BODY,
+        Some(_) => node.bounded("max_body", 0, MIN_INGEST_MAX_BODY, MAX_INGEST_MAX_BODY)? as usize,
+    };
+    Ok(IngestSettings {
+        listen,
+        max_body,
+        shared_secret: env(ENV_INGEST_SECRET).map(Secret),
+        bearer_token: env(ENV_INGEST_TOKEN).map(Secret),
+    })
 }
 
 pub(super) fn shutdown_settings(node: &Node<'_>) -> Result<ShutdownSettings, ConfigError> {

@@ -37,9 +37,20 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
         .with_state(Ops { metrics, health });
+    serve_router(listener, app, MAX_CONNECTIONS, shutdown).await
+}
+
+/// Serves `app` with at most `connections` open at once, each closed when it sends nothing
+/// for a while, until `shutdown` completes; requests in flight then finish first.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    connections: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = Guarded {
         listener,
-        open: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        open: Arc::new(Semaphore::new(connections)),
     };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

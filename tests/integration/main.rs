@@ -8,6 +8,7 @@ mod cli;
 mod deploy_files;
 mod dlq;
 mod faults;
+mod ingest;
 mod logs;
 mod observability;
 mod pipeline;
