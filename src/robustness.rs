@@ -83,6 +83,19 @@ proptest! {
     }
 
     #[test]
+    fn any_ingest_body_splits_into_parts_of_itself_or_is_refused(
+        body in prop_oneof![prop::collection::vec(any::<u8>(), 0..512), jsonish()],
+    ) {
+        use crate::stages::ingest::split_events;
+        if let Ok(events) = split_events(&body) {
+            let text = std::str::from_utf8(&body).expect("accepted bodies are UTF-8");
+            for event in &events {
+                prop_assert!(text.contains(event.body));
+            }
+        }
+    }
+
+    #[test]
     fn any_retry_or_dead_letter_headers_read_without_panic(
         attempts in header_value(),
         first_failed_at in header_value(),

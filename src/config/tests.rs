@@ -572,3 +572,61 @@ fn unreadable_file_names_its_path() {
         "{error}"
     );
 }
+
+#[test]
+fn ingest_takes_its_secret_and_token_from_the_environment_only_and_never_prints_them() {
+    let env = |name: &str| match name {
+        ENV_INGEST_SECRET => Some("segment-secret-value".to_owned()),
+        ENV_INGEST_TOKEN => Some("bearer-token-value".to_owned()),
+        other => credentials(other),
+    };
+    let settings = Settings::from_toml(
+        &format!("[ingest]\nlisten = \"127.0.0.1:9999\"\nmax_body = 2048\n{MAPPING}"),
+        env,
+    )
+    .unwrap();
+    assert_eq!(settings.ingest.listen.to_string(), "127.0.0.1:9999");
+    assert_eq!(settings.ingest.max_body, 2048);
+    assert_eq!(
+        settings.ingest.shared_secret.as_ref().map(Secret::expose),
+        Some("segment-secret-value")
+    );
+    let printed = settings.redacted_toml();
+    let debug = format!("{settings:?}");
+    for text in [&printed, &debug] {
+        assert!(!text.contains("segment-secret-value"), "{text}");
+        assert!(!text.contains("bearer-token-value"), "{text}");
+    }
+    assert!(
+        printed.contains("shared secret (LISTRAK_INGEST_SECRET): set"),
+        "{printed}"
+    );
+    let defaults = accepted(MAPPING);
+    assert_eq!(defaults.ingest.listen.to_string(), "0.0.0.0:9470");
+    assert_eq!(defaults.ingest.max_body, 5_000_000);
+    assert!(defaults.ingest.shared_secret.is_none());
+}
+
+#[test]
+fn a_bad_ingest_setting_is_refused_naming_its_key() {
+    check_refusals(
+        &[
+            refused(
+                "ingest_listen_not_an_address",
+                "[ingest]\nlisten = \"here\"",
+                "ingest.listen",
+            ),
+            refused(
+                "ingest_max_body_too_small",
+                "[ingest]\nmax_body = 10",
+                "ingest.max_body",
+            ),
+            refused(
+                "ingest_secret_in_the_file",
+                "[ingest]\nshared_secret = \"x\"",
+                "ingest.shared_secret",
+            ),
+        ],
+        true,
+    );
+}
