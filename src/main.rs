@@ -129,6 +129,10 @@ enum Command {
             value_parser = clap::value_parser!(u32).range(1..=1_000_000)
         )]
         events: u32,
+        /// Send the events through `ingest` over HTTP, signed and in batches, as Segment's
+        /// Webhooks destination does, instead of publishing them.
+        #[arg(long)]
+        through_ingest: bool,
     },
 }
 
@@ -290,7 +294,17 @@ fn main() -> ExitCode {
     .expect("a tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::Demo { events } => exit(demo::run(events as usize).await),
+            Command::Demo {
+                events,
+                through_ingest,
+            } => {
+                let route = if through_ingest {
+                    demo::Route::Ingest
+                } else {
+                    demo::Route::Publish
+                };
+                exit(demo::run(events as usize, route).await)
+            }
             command => {
                 let env = |key: &str| std::env::var(key).ok();
                 // The setup commands need only the credentials: they help write the mappings.

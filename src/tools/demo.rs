@@ -136,7 +136,17 @@ async fn provision_audiences(
     Ok(renumbered)
 }
 
-pub async fn run(events: usize) -> anyhow::Result<()> {
+/// How the demo's events reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Published straight to the exchange, as `publish` does.
+    Publish,
+    /// Posted over HTTP to `ingest`, signed and in batches, as Segment's Webhooks
+    /// destination sends them.
+    Ingest,
+}
+
+pub async fn run(events: usize, route: Route) -> anyhow::Result<()> {
     let amqp_url = std::env::var("AMQP_URL")
         .ok()
         .filter(|url| !url.trim().is_empty())
@@ -197,17 +207,23 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let published = publish_lines(
-        &settings.amqp,
-        &topology,
-        traffic.bodies.iter().map(|b| Ok(b.clone())),
-        traffic.bodies.len() as u64,
-    )
-    .await?;
+    let published = match route {
+        Route::Publish => {
+            publish_lines(
+                &settings.amqp,
+                &topology,
+                traffic.bodies.iter().map(|b| Ok(b.clone())),
+                traffic.bodies.len() as u64,
+            )
+            .await?
+            .messages
+        }
+        Route::Ingest => post_to_ingest(&settings, &traffic.bodies).await?,
+    };
 
     let drained = {
         let metrics = metrics.clone();
-        let expected = published.messages as f64;
+        let expected = published as f64;
         async move {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
             while acked(&metrics) < expected && Instant::now() < deadline {
@@ -239,7 +255,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     let requests = fake.requests();
     let accepted = requests.iter().filter(|r| r.status == 201).count();
     println!();
-    println!("events published     {}", published.messages);
+    println!("events published     {published}");
     for outcome in AckOutcome::ALL {
         println!(
             "  acked {:<16}{}",
@@ -254,7 +270,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         "requests to Listrak  {} ({} accepted), {:.1} events per request",
         requests.len(),
         accepted,
-        published.messages as f64 / requests.len().max(1) as f64
+        published as f64 / requests.len().max(1) as f64
     );
     for (list, contacts) in &state {
         println!("  list {list:<14} {} contacts", contacts.len());
@@ -291,7 +307,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
         "the final state differs from what the events imply"
     );
     anyhow::ensure!(
-        acked(&metrics) >= published.messages as f64,
+        acked(&metrics) >= published as f64,
         "not every event was settled within {DRAIN_TIMEOUT:?}"
     );
     Ok(())
@@ -299,4 +315,101 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
 
 fn acked(metrics: &Metrics) -> f64 {
     metrics.sample("listrak_messages_acked_total", &[])
+}
+
+/// Events in one request to `ingest`, as Segment's Webhooks destination batches them.
+const INGEST_BATCH: usize = 100;
+
+/// Starts `ingest` in this process with a shared secret, and posts `bodies` to it as
+/// Segment would: JSON arrays of up to [`INGEST_BATCH`] events, each request signed. A body
+/// that is not JSON goes alone and is refused with 400, as it would be from Segment. Answers
+/// how many events the endpoint published.
+async fn post_to_ingest(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow::Result<u64> {
+    use crate::stages::ingest::signature;
+    let secret = format!("demo-{}", std::process::id());
+    let mut settings = settings.clone();
+    settings.ingest.shared_secret = Some(crate::config::Secret::new(secret.clone()));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let address = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let endpoint = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            crate::commands::ingest::serve(
+                listener,
+                &settings,
+                crate::edges::ingest::IngestMetrics::new(),
+                stop.cancelled_owned(),
+            )
+            .await
+        }
+    });
+    let client = reqwest::Client::new();
+    let url = format!("http://{address}/");
+    let (mut json, mut not_json): (Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new());
+    for body in bodies {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+            json.push(body);
+        } else {
+            not_json.push(body);
+        }
+    }
+    let mut requests: Vec<(Vec<u8>, u64)> = json
+        .chunks(INGEST_BATCH)
+        .map(|chunk| {
+            (
+                format!(
+                    "[{}]",
+                    chunk
+                        .iter()
+                        .map(|b| String::from_utf8_lossy(b))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+                .into_bytes(),
+                chunk.len() as u64,
+            )
+        })
+        .collect();
+    requests.extend(not_json.iter().map(|body| (body.to_vec(), 0)));
+    let mut published = 0;
+    let mut refused = 0;
+    for (body, events) in &requests {
+        // Segment sends a request again while it is answered 503 (the endpoint not yet
+        // connected, say).
+        let mut attempts = 0;
+        loop {
+            let answer = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-signature", signature(secret.as_bytes(), body))
+                .body(body.clone())
+                .send()
+                .await
+                .context("cannot reach the ingest endpoint")?;
+            match answer.status().as_u16() {
+                200 => {
+                    published += events;
+                    break;
+                }
+                400 => {
+                    refused += 1;
+                    break;
+                }
+                503 if attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                status => anyhow::bail!("the ingest endpoint answered {status}"),
+            }
+        }
+    }
+    println!(
+        "demo: through ingest at {address}: {} signed requests, {published} events published, \
+         {refused} bodies refused as not JSON (400)",
+        requests.len()
+    );
+    stop.cancel();
+    endpoint.await??;
+    Ok(published)
 }
