@@ -163,7 +163,10 @@ def kubernetes(rendered, alerts):
     if problems:
         finish(rendered)
 
-    deployment = by_kind["Deployment"][0]
+    def named(kind, name):
+        return next((d for d in by_kind[kind] if d["metadata"]["name"] == name), by_kind[kind][0])
+
+    deployment = named("Deployment", "listrak-worker")
     pod = deployment["spec"]["template"]
     pod_labels = pod["metadata"].get("labels", {})
     if not matches(deployment["spec"]["selector"]["matchLabels"], pod_labels):
@@ -222,11 +225,11 @@ def kubernetes(rendered, alerts):
         if listen_port not in {p["containerPort"] for p in container["ports"]}:
             problem(f"the worker listens on {listen_port}, which the container does not expose")
 
-    service = by_kind["Service"][0]
+    service = named("Service", "listrak-worker")
     if not matches(service["spec"]["selector"], pod_labels):
         problem("the Service does not select the worker's pods")
     service_ports = {p.get("name") for p in service["spec"]["ports"]}
-    monitor = by_kind["ServiceMonitor"][0]
+    monitor = named("ServiceMonitor", "listrak-worker")
     if not matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"].get("labels", {})):
         problem("the ServiceMonitor does not select the Service")
     for endpoint in monitor["spec"]["endpoints"]:

@@ -392,7 +392,40 @@ async fn every_series_on_the_dashboard_and_in_the_alerts_is_served_by_a_running_
     stop.cancel();
     server.await.unwrap().unwrap();
 
-    let scrape = Scrape::parse(&text);
+    // The ingest endpoint serves its own series (a job of its own): one request answered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ingest = listener.local_addr().unwrap();
+    let stop_ingest = CancellationToken::new();
+    let endpoint = tokio::spawn({
+        let settings = h.settings.clone();
+        let stop = stop_ingest.clone();
+        async move {
+            listrak_worker::commands::ingest::serve(
+                listener,
+                &settings,
+                listrak_worker::edges::ingest::IngestMetrics::new(),
+                stop.cancelled_owned(),
+            )
+            .await
+        }
+    });
+    crate::support::wait_until("ingest ready", Duration::from_secs(20), async || {
+        get(ingest, "/readyz").await.0 == 200
+    })
+    .await;
+    let answered = reqwest::Client::new()
+        .post(format!("http://{ingest}/v1/batch"))
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let (status, _, ingest_text) = get(ingest, "/metrics").await;
+    assert_eq!(status, 200);
+    stop_ingest.cancel();
+    endpoint.await.unwrap().unwrap();
+
+    let scrape = Scrape::parse(&format!("{text}{ingest_text}"));
     let on_dashboard = assert_served("the dashboard", &panel_exprs, &scrape);
     let in_alerts = assert_served("deploy/prometheus/alerts.yml", &alert_exprs, &scrape);
     let test_series: Vec<String> = repository_file("deploy/prometheus/alerts.test.yml")
@@ -417,6 +450,10 @@ async fn every_series_on_the_dashboard_and_in_the_alerts_is_served_by_a_running_
         "listrak_amqp_connected",
         "listrak_amqp_reconnects_total",
         "listrak_last_success_timestamp_seconds",
+        "listrak_amqp_node",
+        "listrak_ingest_requests_total",
+        "listrak_ingest_refused_total",
+        "listrak_ingest_events_published_total",
     ] {
         assert!(on_dashboard.contains(name), "no panel shows {name}");
     }
@@ -428,6 +465,7 @@ async fn every_series_on_the_dashboard_and_in_the_alerts_is_served_by_a_running_
         "listrak_amqp_connected",
         "listrak_token_refreshes_total",
         "listrak_dead_letters_total",
+        "listrak_ingest_refused_total",
     ] {
         assert!(in_alerts.contains(name), "no alert watches {name}");
     }
