@@ -78,6 +78,13 @@ struct Args {
     log_fields: usize,
     #[arg(long, default_value_t = 10_000_000)]
     log_updates: usize,
+    /// Measure `ingest` instead: `--events` Engage events into the queue through the
+    /// endpoint (single events, then batches of 100, `--ingest-concurrency` requests at a
+    /// time), against `publish` from a file, on the same broker.
+    #[arg(long)]
+    ingest: bool,
+    #[arg(long, default_value_t = 16)]
+    ingest_concurrency: usize,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/listrak-bench.json")]
     json: PathBuf,
@@ -98,6 +105,18 @@ async fn main() -> anyhow::Result<()> {
             capacity: 200_000,
             watch_capacity: 150_000,
         })
+        .await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if args.ingest {
+        let report = listrak_worker::tools::ingest_bench::run(
+            listrak_worker::tools::ingest_bench::IngestBenchOptions {
+                amqp_url: args.amqp_url,
+                events: args.events,
+                concurrency: args.ingest_concurrency,
+            },
+        )
         .await?;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
