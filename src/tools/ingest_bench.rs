@@ -87,7 +87,8 @@ pub async fn run(options: IngestBenchOptions) -> anyhow::Result<IngestReport> {
         batch_events_per_second: rate(batch),
     };
     println!(
-        "ingest                      {} Engage events into the queue, confirmed, {} requests at a time",
+        "ingest                      {} Engage events into the queue, confirmed, \
+         {} requests at a time",
         options.events, options.concurrency
     );
     println!(
