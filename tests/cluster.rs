@@ -57,13 +57,86 @@ async fn take_cluster() -> (tokio::sync::MutexGuard<'static, ()>, Vec<String>) {
         .map(str::to_owned)
         .collect();
     assert_eq!(urls.len(), 3, "three node URLs: {urls:?}");
+    cluster_ready(&urls).await;
     (guard, urls)
+}
+
+/// Waits until every node declares and deletes a stream and a quorum queue: after a node
+/// was wiped and joined again, the stream coordinator takes a while to answer, and RabbitMQ
+/// refuses stream declarations until it does (`coordinator_unavailable`).
+async fn cluster_ready(urls: &[String]) {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let started = Instant::now();
+    for url in urls {
+        let probe = format!("test.cluster_ready.{}", std::process::id());
+        wait_until(
+            "the cluster ready for streams",
+            Duration::from_secs(120),
+            async || {
+                let Ok(connection) = listrak_worker::edges::broker::connect_url(url, "probe").await
+                else {
+                    return false;
+                };
+                let works = async {
+                    let channel = connection.create_channel().await?;
+                    for kind in ["stream", "quorum"] {
+                        let mut args = FieldTable::default();
+                        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+                        let durable = QueueDeclareOptions {
+                            durable: true,
+                            ..QueueDeclareOptions::default()
+                        };
+                        channel
+                            .queue_declare(probe.as_str().into(), durable, args)
+                            .await?;
+                        channel
+                            .queue_delete(probe.as_str().into(), QueueDeleteOptions::default())
+                            .await?;
+                    }
+                    Ok::<_, lapin::Error>(())
+                }
+                .await;
+                let _ = connection.close(200, "probed".into()).await;
+                works.is_ok()
+            },
+        )
+        .await;
+    }
+    if started.elapsed() > Duration::from_secs(2) {
+        println!(
+            "the cluster answered for streams after {:?}",
+            started.elapsed()
+        );
+    }
 }
 
 async fn node(action: &'static str, n: u8) {
     tokio::task::spawn_blocking(move || cluster(&[action, &n.to_string()]))
         .await
         .unwrap();
+}
+
+/// Kills node 1 once `queue` holds `messages`, as seen from node 3.
+fn kill_node_1_at(urls: &[String], queue: &str, messages: usize) -> tokio::task::JoinHandle<()> {
+    let node3 = urls[2].clone();
+    let queue = queue.to_owned();
+    tokio::spawn(async move {
+        let connection = listrak_worker::edges::broker::connect_url(&node3, "watcher")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        loop {
+            let (ready, _) = listrak_worker::edges::broker::queue_counts(&channel, &queue)
+                .await
+                .unwrap();
+            if ready as usize >= messages {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        node("kill", 1).await;
+    })
 }
 
 fn email(i: usize) -> String {
@@ -254,6 +327,9 @@ async fn losing_the_disk_of_the_node_that_holds_the_retry_queues_loses_no_event(
     .await;
     assert_eq!(h.acked_as("dead_lettered"), 0, "nothing dead-lettered");
     assert_queues_empty(&h).await;
+    h.stop_worker().await;
+    cluster_ready(&urls).await;
+    h.reconnect().await;
     h.finish().await;
 }
 
@@ -414,27 +490,8 @@ async fn publish_across_the_loss_of_its_node_sends_every_line() {
         .map(|i| Ok(profile_update(list, &email(i), FIELD, "new", BASE_MICROS)))
         .collect();
 
-    // Node 1 goes once a quarter of the lines are in the queue, as seen from node 3.
-    let watcher = {
-        let node3 = urls[2].clone();
-        let queue = h.topology.queue.clone();
-        tokio::spawn(async move {
-            let connection = listrak_worker::edges::broker::connect_url(&node3, "watcher")
-                .await
-                .unwrap();
-            let channel = connection.create_channel().await.unwrap();
-            loop {
-                let (ready, _) = listrak_worker::edges::broker::queue_counts(&channel, &queue)
-                    .await
-                    .unwrap();
-                if ready as usize >= lines / 4 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            node("kill", 1).await;
-        })
-    };
+    // Node 1 goes once a quarter of the lines are in the queue.
+    let watcher = kill_node_1_at(&urls, &h.topology.queue, lines / 4);
     let published = listrak_worker::commands::publish::publish_lines(
         &h.settings.amqp,
         &h.topology,
@@ -488,26 +545,7 @@ async fn dlq_replay_across_the_loss_of_its_node_replays_every_dead_letter() {
     h.publish_raw("", &h.topology.dead, &dead_letters).await;
 
     // Node 1 leads the dead-letter and main queues: it goes once a fifth is replayed.
-    let watcher = {
-        let node3 = urls[2].clone();
-        let queue = h.topology.queue.clone();
-        tokio::spawn(async move {
-            let connection = listrak_worker::edges::broker::connect_url(&node3, "watcher")
-                .await
-                .unwrap();
-            let channel = connection.create_channel().await.unwrap();
-            loop {
-                let (ready, _) = listrak_worker::edges::broker::queue_counts(&channel, &queue)
-                    .await
-                    .unwrap();
-                if ready as usize >= letters / 5 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            node("kill", 1).await;
-        })
-    };
+    let watcher = kill_node_1_at(&urls, &h.topology.queue, letters / 5);
     let options = ReplayOptions {
         rate: Some(2_000.0),
         ..ReplayOptions::default()

@@ -62,6 +62,38 @@ pub async fn serve(
     served.map_err(|error| anyhow::anyhow!("the ingest endpoint failed: {error}"))
 }
 
+/// An endpoint serving on a port of loopback in this process, until [`Running::stop`]: what
+/// the demo, the benchmark and the tests post to.
+pub struct Running {
+    pub address: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(settings: &Settings, metrics: IngestMetrics) -> std::io::Result<Running> {
+        let listener = TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let address = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let settings = settings.clone();
+            let stop = stop.clone();
+            async move { serve(listener, &settings, metrics, stop.cancelled_owned()).await }
+        });
+        Ok(Running {
+            address,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops it as SIGTERM would (the requests in flight finish) and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
 /// Keeps a confirmed publisher in `slot` while a broker connection is up, and none between
 /// connections; declares the topology on every connection, so that an event published
 /// before any worker started still has a queue to go to.

@@ -329,21 +329,12 @@ async fn post_to_ingest(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow::Resu
     let secret = format!("demo-{}", std::process::id());
     let mut settings = settings.clone();
     settings.ingest.shared_secret = Some(crate::config::Secret::new(secret.clone()));
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let address = listener.local_addr()?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let endpoint = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            crate::commands::ingest::serve(
-                listener,
-                &settings,
-                crate::edges::ingest::IngestMetrics::new(),
-                stop.cancelled_owned(),
-            )
-            .await
-        }
-    });
+    let endpoint = crate::commands::ingest::Running::start(
+        &settings,
+        crate::edges::ingest::IngestMetrics::new(),
+    )
+    .await?;
+    let address = endpoint.address;
     let client = reqwest::Client::new();
     let url = format!("http://{address}/");
     let (mut json, mut not_json): (Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new());
@@ -409,7 +400,6 @@ async fn post_to_ingest(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow::Resu
          {refused} bodies refused as not JSON (400)",
         requests.len()
     );
-    stop.cancel();
-    endpoint.await??;
+    endpoint.stop().await?;
     Ok(published)
 }

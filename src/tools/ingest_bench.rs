@@ -2,7 +2,6 @@
 //! and batches, each request confirmed before its answer) against `publish` from a file, on
 //! the same broker.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,21 +165,8 @@ async fn post_all(
     requests: Vec<Vec<u8>>,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let address = listener.local_addr()?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let endpoint = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            crate::commands::ingest::serve(
-                listener,
-                &settings,
-                IngestMetrics::new(),
-                stop.cancelled_owned(),
-            )
-            .await
-        }
-    });
+    let endpoint = crate::commands::ingest::Running::start(&settings, IngestMetrics::new()).await?;
+    let address = endpoint.address;
     let client = reqwest::Client::new();
     let url = format!("http://{address}/");
     // Ready once connected to the broker.
@@ -217,7 +203,5 @@ async fn post_all(
     while let Some(result) = sent.join_next().await {
         result??;
     }
-    stop.cancel();
-    endpoint.await??;
-    Ok(())
+    endpoint.stop().await
 }

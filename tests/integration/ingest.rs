@@ -10,45 +10,28 @@ use listrak_worker::edges::ingest::IngestMetrics;
 use listrak_worker::stages::ingest::signature;
 use listrak_worker::tools::fake::Faults;
 use listrak_worker::tools::sample::{self, TrafficShape};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::{amqp_url, wait_until, Harness, Knobs, Relay};
 
 const SECRET: &str = "segment-shared-secret";
 
-/// The endpoint, in this process, until it is dropped.
+/// The endpoint, in this process, and its metrics.
 struct Endpoint {
+    running: listrak_worker::commands::ingest::Running,
     address: SocketAddr,
-    stop: CancellationToken,
     metrics: IngestMetrics,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Endpoint {
     async fn start(settings: &Settings) -> Endpoint {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
         let metrics = IngestMetrics::new();
-        let task = tokio::spawn({
-            let settings = settings.clone();
-            let stop = stop.clone();
-            let metrics = metrics.clone();
-            async move {
-                listrak_worker::commands::ingest::serve(
-                    listener,
-                    &settings,
-                    metrics,
-                    stop.cancelled_owned(),
-                )
-                .await
-            }
-        });
+        let running = listrak_worker::commands::ingest::Running::start(settings, metrics.clone())
+            .await
+            .unwrap();
         let endpoint = Endpoint {
-            address,
-            stop,
+            address: running.address,
+            running,
             metrics,
-            task,
         };
         endpoint.wait_ready().await;
         endpoint
@@ -76,8 +59,7 @@ impl Endpoint {
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
+        self.running.stop().await.unwrap();
     }
 }
 

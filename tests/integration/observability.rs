@@ -393,22 +393,13 @@ async fn every_series_on_the_dashboard_and_in_the_alerts_is_served_by_a_running_
     server.await.unwrap().unwrap();
 
     // The ingest endpoint serves its own series (a job of its own): one request answered.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ingest = listener.local_addr().unwrap();
-    let stop_ingest = CancellationToken::new();
-    let endpoint = tokio::spawn({
-        let settings = h.settings.clone();
-        let stop = stop_ingest.clone();
-        async move {
-            listrak_worker::commands::ingest::serve(
-                listener,
-                &settings,
-                listrak_worker::edges::ingest::IngestMetrics::new(),
-                stop.cancelled_owned(),
-            )
-            .await
-        }
-    });
+    let endpoint = listrak_worker::commands::ingest::Running::start(
+        &h.settings,
+        listrak_worker::edges::ingest::IngestMetrics::new(),
+    )
+    .await
+    .unwrap();
+    let ingest = endpoint.address;
     crate::support::wait_until("ingest ready", Duration::from_secs(20), async || {
         get(ingest, "/readyz").await.0 == 200
     })
@@ -422,8 +413,7 @@ async fn every_series_on_the_dashboard_and_in_the_alerts_is_served_by_a_running_
     assert_eq!(answered.status(), 200);
     let (status, _, ingest_text) = get(ingest, "/metrics").await;
     assert_eq!(status, 200);
-    stop_ingest.cancel();
-    endpoint.await.unwrap().unwrap();
+    endpoint.stop().await.unwrap();
 
     let scrape = Scrape::parse(&format!("{text}{ingest_text}"));
     let on_dashboard = assert_served("the dashboard", &panel_exprs, &scrape);
