@@ -277,6 +277,7 @@ async fn answer(door: &Door, request: Request) -> (StatusCode, Response) {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if announced.is_some_and(|length| length > max_body as u64) {
+        let _ = read_body(body, 0).await;
         return refusal(
             door,
             Refused::TooLarge,
@@ -381,15 +382,53 @@ enum BodyError {
     CutOff(String),
 }
 
-async fn read_body(body: Body, max: usize) -> Result<Bytes, BodyError> {
+/// Reads the body, at most `max` bytes. A larger one is read to its end all the same (up to
+/// [`DRAIN_AT_MOST`] more bytes, within [`DRAIN_WITHIN`]) and thrown away as it comes: a client
+/// still sending when the refusal is written would see a reset connection, not the 413.
+async fn read_body(mut body: Body, max: usize) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
-    let limited = http_body_util::Limited::new(body, max);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-        Err(error) => Err(BodyError::CutOff(error.to_string())),
+    let mut kept = bytes::BytesMut::new();
+    let mut too_large = false;
+    let mut thrown = 0usize;
+    let deadline = tokio::time::Instant::now() + DRAIN_WITHIN;
+    loop {
+        let frame = if too_large {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => return Err(BodyError::TooLarge),
+            }
+        } else {
+            body.frame().await
+        };
+        let Some(frame) = frame else {
+            break;
+        };
+        let frame = frame.map_err(|error| BodyError::CutOff(error.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if too_large {
+            thrown += data.len();
+            if thrown > DRAIN_AT_MOST {
+                return Err(BodyError::TooLarge);
+            }
+        } else if kept.len() + data.len() > max {
+            too_large = true;
+            thrown = kept.len() + data.len();
+            kept = bytes::BytesMut::new();
+        } else {
+            kept.extend_from_slice(&data);
+        }
     }
+    if too_large {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(kept.freeze())
 }
+
+/// How much of a body too large is read and thrown away before the refusal, and for how long.
+const DRAIN_AT_MOST: usize = 64 << 20;
+const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 
 /// Publishes every event, persistent, and waits for all the confirms.
 async fn publish_all(

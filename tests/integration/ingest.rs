@@ -237,7 +237,10 @@ async fn without_the_broker_the_endpoint_answers_503_and_a_retry_is_applied_once
         h.fake.contacts() == traffic.expected
     })
     .await;
-    assert_eq!(h.acked() as usize, traffic.bodies.len(), "each event once");
+    h.wait_acked(traffic.bodies.len() as u64, Duration::from_secs(30))
+        .await;
+    let received = h.metrics.sample("listrak_messages_received_total", &[]);
+    assert_eq!(received as usize, traffic.bodies.len(), "each event once");
     endpoint.stop().await;
     h.finish().await;
 }
