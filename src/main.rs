@@ -97,7 +97,11 @@ enum Command {
     },
     /// Publish events from a JSON-lines file, each with a publisher confirm. Lines exported
     /// by `dlq export` are published with their original properties and headers.
-    Publish { file: PathBuf },
+    Publish {
+        /// The file: one JSON event per line (a Segment event or a direct update), or lines
+        /// written by `dlq export`.
+        file: PathBuf,
+    },
     /// Inspect, replay, export or purge the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -245,8 +249,8 @@ struct Filters {
     /// unknown_field, retries_exhausted, delivery_limit, unknown.
     #[arg(long, value_delimiter = ',', value_parser = dlq::filter::parse_reason)]
     reason: Vec<String>,
-    /// Listrak list id.
-    #[arg(long, value_delimiter = ',')]
+    /// Listrak list id (`--list` is the same, as the other commands spell it).
+    #[arg(long, visible_alias = "list", value_delimiter = ',')]
     list_id: Vec<ListId>,
     /// HTTP status Listrak answered.
     #[arg(long, value_delimiter = ',')]
@@ -279,10 +283,13 @@ fn main() -> ExitCode {
     allocator::purge_freed_memory_at_once();
     let cli = Cli::parse();
     // The demo prints its own summary; its log stays quiet unless asked.
-    let default_level = if matches!(cli.command, Command::Demo { .. }) {
-        "warn,lapin=off"
-    } else {
-        "info"
+    // The commands that stop on a broker error say so in their own words: the client
+    // library's own ERROR line for the same refusal (a missing queue, say) would come first
+    // and read as a second failure. The long-running processes keep it.
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn,lapin=off",
+        Command::Run { .. } | Command::Ingest => "info",
+        _ => "info,lapin=off",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match cli.runtime {

@@ -266,11 +266,13 @@ pub async fn run(events: usize, route: Route) -> anyhow::Result<()> {
             )
         );
     }
+    // Only the events that reached Listrak: ignored and dead-lettered ones sent nothing.
+    let applied = metrics.sample("listrak_messages_acked_total", &[("outcome", "applied")]);
     println!(
-        "requests to Listrak  {} ({} accepted), {:.1} events per request",
+        "requests to Listrak  {} ({} accepted), {:.1} applied events per request",
         requests.len(),
         accepted,
-        published as f64 / requests.len().max(1) as f64
+        applied / requests.len().max(1) as f64
     );
     for (list, contacts) in &state {
         println!("  list {list:<14} {} contacts", contacts.len());
