@@ -73,6 +73,11 @@ struct Args {
     /// Refuse every creation of a profile field or group with 400.
     #[arg(long)]
     refuse_creations: bool,
+    /// Complete each accepted update's list import after a delay drawn at random in this
+    /// range of milliseconds, e.g. 0..3000: imports then complete in any order, and reads
+    /// show only completed ones.
+    #[arg(long, value_name = "MIN..MAX", value_parser = delay_range)]
+    import_delay: Option<(Duration, Duration)>,
     /// Lists, profile field groups and fields to start with, from a JSON file:
     /// {"lists":[{"listId":1001,"listName":"Customers","groups":[{"segmentationFieldGroupId":1,
     /// "segmentationFieldGroupName":"Engage Audiences","fields":[{"segmentationFieldId":101,
@@ -107,6 +112,22 @@ fn rate(text: &str) -> Result<f64, String> {
         .ok()
         .filter(|rate| rate.is_finite() && *rate > 0.0)
         .ok_or_else(|| format!("{text:?} is not a positive number"))
+}
+
+/// `MIN..MAX` milliseconds (or one number, for a fixed delay).
+fn delay_range(text: &str) -> Result<(Duration, Duration), String> {
+    let (min, max) = text.split_once("..").unwrap_or((text, text));
+    let millis = |part: &str| {
+        part.trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("{text:?} is not MIN..MAX milliseconds, such as 0..3000"))
+    };
+    let (min, max) = (millis(min)?, millis(max)?);
+    if min > max {
+        return Err(format!("{text:?}: MIN is above MAX"));
+    }
+    Ok((min, max))
 }
 
 fn list_id(text: &str) -> Result<u32, String> {
@@ -156,6 +177,8 @@ impl Args {
                 catalogue_outage_for: self.catalogue_outage,
                 catalogue_error_rate: self.catalogue_error_rate,
                 refuse_creations: self.refuse_creations,
+                import_delay_min: self.import_delay.map_or(Duration::ZERO, |(min, _)| min),
+                import_delay_max: self.import_delay.map_or(Duration::ZERO, |(_, max)| max),
             },
             catalogue,
         })

@@ -54,6 +54,14 @@ pub struct Faults {
     /// Every creation of a profile field or group is refused with 400, as Listrak refuses a
     /// name it does not take.
     pub refuse_creations: bool,
+    /// An accepted update starts a list import, as Listrak's 201 says; the import completes
+    /// after a delay drawn at random between these two, so imports complete in any order, and
+    /// the state (and the contact read routes) show only completed imports. Both zero: every
+    /// import completes before its 201.
+    #[serde(with = "duration_text")]
+    pub import_delay_min: Duration,
+    #[serde(with = "duration_text")]
+    pub import_delay_max: Duration,
 }
 
 /// Listrak's tokens live 900 seconds.
@@ -77,6 +85,8 @@ impl Default for Faults {
             catalogue_outage_for: None,
             catalogue_error_rate: 0.0,
             refuse_creations: false,
+            import_delay_min: Duration::ZERO,
+            import_delay_max: Duration::ZERO,
         }
     }
 }
@@ -95,6 +105,12 @@ impl Faults {
             return Err(format!(
                 "catalogue_error_rate must be between 0 and 1, not {}",
                 self.catalogue_error_rate
+            ));
+        }
+        if self.import_delay_min > self.import_delay_max {
+            return Err(format!(
+                "import_delay_min ({:?}) must not be above import_delay_max ({:?})",
+                self.import_delay_min, self.import_delay_max
             ));
         }
         if let Some(rate) = self.throttle_rps {

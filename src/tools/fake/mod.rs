@@ -251,13 +251,31 @@ impl FakeHandle {
     }
 
     /// list id → email (lower-cased) → field id → value, after every accepted request.
+    /// Every contact as the completed imports left it.
     pub fn contacts(&self) -> Contacts {
-        self.shared.lock().contacts().clone()
+        let mut state = self.shared.lock();
+        state.complete_imports(Instant::now());
+        state.contacts().clone()
+    }
+
+    /// Sets one field of one contact directly, as a person in Listrak's UI would.
+    pub fn edit_field(&self, list_id: u32, email: &str, field_id: u32, value: &str) {
+        let mut state = self.shared.lock();
+        state.complete_imports(Instant::now());
+        state.edit_field(list_id, email, field_id, value);
+    }
+
+    /// Imports accepted (201) and not completed yet.
+    pub fn imports_pending(&self) -> usize {
+        let mut state = self.shared.lock();
+        state.complete_imports(Instant::now());
+        state.imports_pending()
     }
 
     /// One field of one contact, without copying the whole state.
     pub fn value(&self, list_id: u32, email: &str, field_id: u32) -> Option<String> {
-        let state = self.shared.lock();
+        let mut state = self.shared.lock();
+        state.complete_imports(Instant::now());
         state
             .contacts()
             .get(&list_id)?

@@ -36,6 +36,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             post(segmentation_field),
         )
         .route("/email/v1/List", get(list_collection))
+        .route("/email/v1/List/{listId}/Contact", get(contact_collection))
+        .route(
+            "/email/v1/List/{listId}/Contact/{contactIdentifier}",
+            get(one_contact),
+        )
         .route(
             "/email/v1/List/{listId}/SegmentationFieldGroup",
             get(group_collection).post(create_group),
@@ -46,6 +51,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/_fake/catalogue", get(catalogue))
         .route("/_fake/contacts", get(contacts))
+        .route(
+            "/_fake/contacts/{listId}/{email}/{fieldId}",
+            axum::routing::put(edit_field),
+        )
         .route("/_fake/requests", get(requests))
         .route(
             "/_fake/faults",
@@ -464,7 +473,225 @@ async fn catalogue(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn contacts(State(shared): State<Arc<Shared>>) -> Response {
-    json(StatusCode::OK, shared.lock().contacts())
+    let mut state = shared.lock();
+    state.complete_imports(Instant::now());
+    json(StatusCode::OK, state.contacts())
+}
+
+/// Sets one field of one contact, as a person in Listrak's UI would: the body is the value.
+async fn edit_field(
+    State(shared): State<Arc<Shared>>,
+    Path((list, email, field)): Path<(u32, String, u32)>,
+    body: Bytes,
+) -> Response {
+    let Ok(value) = std::str::from_utf8(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let mut state = shared.lock();
+    state.complete_imports(Instant::now());
+    state.edit_field(list, &email, field, value);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The query of the contact read routes.
+#[derive(Deserialize)]
+struct ContactQuery {
+    #[serde(rename = "segmentationFieldIds")]
+    field_ids: Option<String>,
+    cursor: Option<String>,
+    count: Option<String>,
+}
+
+/// A contact as the read routes show it (the spec's `Contact`): the requested fields that
+/// hold a value.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ContactView {
+    email_address: String,
+    subscription_state: &'static str,
+    segmentation_field_values: Vec<FieldValueView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FieldValueView {
+    segmentation_field_id: u32,
+    value: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ContactPage {
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_cursor: Option<String>,
+    data: Vec<ContactView>,
+}
+
+#[derive(Serialize)]
+struct ContactResource {
+    status: u16,
+    data: ContactView,
+}
+
+/// The most field ids one read may ask for, and the page sizes, as the spec gives them.
+const MAX_READ_FIELDS: usize = 30;
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 5000;
+
+fn requested_fields(query: &ContactQuery) -> Result<Vec<u32>, Refusal> {
+    let Some(text) = query.field_ids.as_deref().filter(|text| !text.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<u32> = text
+        .split(',')
+        .map(|id| payload::list_id(id.trim()))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            Refusal::invalid("segmentationFieldIds", "is not a list of profile field ids")
+        })?;
+    if ids.len() > MAX_READ_FIELDS {
+        return Err(Refusal::invalid(
+            "segmentationFieldIds",
+            format!("names {} fields; at most {MAX_READ_FIELDS}", ids.len()),
+        ));
+    }
+    Ok(ids)
+}
+
+fn view(email: &str, values: &BTreeMap<u32, String>, fields: &[u32]) -> ContactView {
+    ContactView {
+        email_address: email.to_owned(),
+        subscription_state: "Subscribed",
+        segmentation_field_values: fields
+            .iter()
+            .filter_map(|id| {
+                values.get(id).map(|value| FieldValueView {
+                    segmentation_field_id: *id,
+                    value: value.clone(),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The list exists for the read routes as it does for updates.
+fn known_list(state: &super::state::State, list: u32) -> Result<(), Refusal> {
+    let faults = state.faults(Instant::now());
+    if faults.unknown_lists.contains(&list)
+        || (!state.catalogue().is_empty() && !state.catalogue().has_list(list))
+    {
+        return Err(Refusal::list_not_found());
+    }
+    Ok(())
+}
+
+/// Get a Contact: `GET /v1/List/{listId}/Contact/{contactIdentifier}` (an email address).
+async fn one_contact(
+    State(shared): State<Arc<Shared>>,
+    Path((list, identifier)): Path<(String, String)>,
+    Query(query): Query<ContactQuery>,
+    headers: HeaderMap,
+) -> Response {
+    answered(
+        admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
+            let fields = requested_fields(&query)?;
+            let mut state = shared.lock();
+            state.complete_imports(Instant::now());
+            known_list(&state, ids[0])?;
+            let email = identifier.to_lowercase();
+            let values = state
+                .contacts()
+                .get(&ids[0])
+                .and_then(|contacts| contacts.get(&email))
+                .ok_or_else(|| {
+                    Refusal::new(
+                        StatusCode::NOT_FOUND,
+                        answer::UNABLE_TO_LOCATE_RESOURCE,
+                        "Unable to locate a contact associated with the contactIdentifier \
+                         supplied.",
+                    )
+                })?;
+            let data = view(&email, values, &fields);
+            Ok(json(StatusCode::OK, &ContactResource { status: 200, data }))
+        }),
+    )
+}
+
+/// Get all Contacts: `GET /v1/List/{listId}/Contact`, a page of `count` (default 1000, at
+/// most 5000) after `cursor` (`Start` by default; each page names the next, none after the
+/// last).
+async fn contact_collection(
+    State(shared): State<Arc<Shared>>,
+    Path(list): Path<String>,
+    Query(query): Query<ContactQuery>,
+    headers: HeaderMap,
+) -> Response {
+    answered(
+        admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
+            let fields = requested_fields(&query)?;
+            let count = match query.count.as_deref() {
+                None => DEFAULT_PAGE,
+                Some(text) => text
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|count| (1..=MAX_PAGE).contains(count))
+                    .ok_or_else(|| {
+                        Refusal::invalid("count", format!("must be from 1 to {MAX_PAGE}"))
+                    })?,
+            };
+            let after = match query.cursor.as_deref() {
+                None | Some("Start") | Some("") => None,
+                Some(cursor) => Some(
+                    from_cursor(cursor).ok_or_else(|| Refusal::invalid("cursor", "is unknown"))?,
+                ),
+            };
+            let mut state = shared.lock();
+            state.complete_imports(Instant::now());
+            known_list(&state, ids[0])?;
+            let empty = BTreeMap::new();
+            let contacts = state.contacts().get(&ids[0]).unwrap_or(&empty);
+            let start = match &after {
+                None => std::ops::Bound::Unbounded,
+                Some(after) => std::ops::Bound::Excluded(after),
+            };
+            let mut page: Vec<ContactView> = contacts
+                .range::<String, _>((start, std::ops::Bound::Unbounded))
+                .take(count + 1)
+                .map(|(email, values)| view(email, values, &fields))
+                .collect();
+            let next_page_cursor = if page.len() > count {
+                page.truncate(count);
+                page.last().map(|last| to_cursor(&last.email_address))
+            } else {
+                None
+            };
+            Ok(json(
+                StatusCode::OK,
+                &ContactPage {
+                    status: 200,
+                    next_page_cursor,
+                    data: page,
+                },
+            ))
+        }),
+    )
+}
+
+/// A cursor is the last email of a page, in hex: opaque, and safe in a query string.
+fn to_cursor(email: &str) -> String {
+    email.bytes().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn from_cursor(cursor: &str) -> Option<String> {
+    if !cursor.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..cursor.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(cursor.get(at..at + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
 }
 
 #[derive(Deserialize)]

@@ -79,6 +79,16 @@ pub struct State {
     requests: Vec<RecordedRequest>,
     /// Lists and profile fields; while empty, any list and field id is accepted.
     catalogue: Catalogue,
+    /// Imports accepted but not completed yet (`import_delay_*`), in the order they arrived.
+    imports: Vec<PendingImport>,
+}
+
+/// An accepted update whose import has not completed.
+#[derive(Debug)]
+struct PendingImport {
+    completes: Instant,
+    list_id: u32,
+    contacts: Vec<payload::ContactValues>,
 }
 
 impl State {
@@ -90,7 +100,39 @@ impl State {
             contacts: Contacts::new(),
             requests: Vec::new(),
             catalogue: Catalogue::default(),
+            imports: Vec::new(),
         }
+    }
+
+    /// Completes every import due by `now`, in the order they complete (not the order they
+    /// were accepted).
+    pub fn complete_imports(&mut self, now: Instant) {
+        if self.imports.is_empty() {
+            return;
+        }
+        let (mut due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.imports)
+            .into_iter()
+            .partition(|import| import.completes <= now);
+        self.imports = waiting;
+        due.sort_by_key(|import| import.completes);
+        for import in due {
+            self.apply(import.list_id, import.contacts);
+        }
+    }
+
+    /// Imports accepted and not completed yet.
+    pub fn imports_pending(&self) -> usize {
+        self.imports.len()
+    }
+
+    /// Sets one field of one contact directly, as a person in Listrak's UI would.
+    pub fn edit_field(&mut self, list_id: u32, email: &str, field_id: u32, value: &str) {
+        self.contacts
+            .entry(list_id)
+            .or_default()
+            .entry(email.to_lowercase())
+            .or_default()
+            .insert(field_id, value.to_owned());
     }
 
     pub fn catalogue(&self) -> &Catalogue {
@@ -180,6 +222,7 @@ impl State {
     pub fn reset(&mut self) {
         self.contacts.clear();
         self.requests.clear();
+        self.imports.clear();
     }
 
     /// Decides, applies and records one request, in the order Listrak's checks are listed in
@@ -204,7 +247,19 @@ impl State {
             None => {
                 // No refusal means the list id and the body were both found valid.
                 let accepted = checked.and_then(Result::ok).unwrap_or_default();
-                self.apply(list_id.unwrap_or_default(), accepted);
+                let faults = self.faults.faults();
+                let (shortest, longest) = (faults.import_delay_min, faults.import_delay_max);
+                if longest.is_zero() {
+                    self.apply(list_id.unwrap_or_default(), accepted);
+                } else {
+                    let spread = longest.saturating_sub(shortest).as_secs_f64();
+                    let delay = shortest + Duration::from_secs_f64(rand::random::<f64>() * spread);
+                    self.imports.push(PendingImport {
+                        completes: now + delay,
+                        list_id: list_id.unwrap_or_default(),
+                        contacts: accepted,
+                    });
+                }
                 Ok(answer::resource_id())
             }
         };

@@ -982,3 +982,208 @@ async fn without_a_catalogue_any_list_and_field_is_accepted() {
     let lists = catalogue_call(&fake, Some(&token), reqwest::Method::GET, "List", None).await;
     assert_eq!(lists.body, json!({"status": 200, "data": []}));
 }
+
+/// The spec's `Contact`: `emailAddress` and `segmentationFieldValues` required, each value a
+/// `SegmentationFieldValue` with an int32 `segmentationFieldId` and a string `value`.
+fn assert_contact_shape(contact: &Value) {
+    assert!(contact["emailAddress"].is_string(), "{contact}");
+    let values = contact["segmentationFieldValues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("segmentationFieldValues is an array: {contact}"));
+    for value in values {
+        let id = value["segmentationFieldId"]
+            .as_i64()
+            .expect("an integer id");
+        assert!((1..=i64::from(i32::MAX)).contains(&id));
+        assert!(value["value"].is_string(), "{value}");
+    }
+}
+
+/// The spec's `Error`: `status`, `error`, `message`.
+fn assert_error_shape(answer: &Answer, status: u16) {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert_eq!(answer.body["status"], status);
+    assert!(answer.body["error"].is_string(), "{}", answer.body);
+    assert!(answer.body["message"].is_string(), "{}", answer.body);
+}
+
+async fn read(fake: &FakeServer, token: Option<&str>, path_and_query: &str) -> Answer {
+    let mut request = client().get(format!("{}/List/{path_and_query}", fake.api_url()));
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    answer(request.send().await.expect("read request")).await
+}
+
+#[tokio::test]
+async fn get_a_contact_answers_the_requested_fields_in_the_specs_shape() {
+    let fake = start(Faults::default()).await;
+    let token = token(&fake).await;
+    let body = json!([contact(
+        "Alice@Example.com",
+        &[(1, "on"), (2, "gold"), (3, "off")]
+    )]);
+    assert_eq!(send(&fake, &token, "7", &body).await.status, 201);
+
+    let found = read(
+        &fake,
+        Some(&token),
+        "7/Contact/alice@example.com?segmentationFieldIds=1,3,9",
+    )
+    .await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    assert_eq!(found.body["status"], 200);
+    assert_contact_shape(&found.body["data"]);
+    assert_eq!(
+        found.body["data"]["segmentationFieldValues"],
+        json!([
+            {"segmentationFieldId": 1, "value": "on"},
+            {"segmentationFieldId": 3, "value": "off"}
+        ])
+    );
+
+    let missing = read(
+        &fake,
+        Some(&token),
+        "7/Contact/bob@example.com?segmentationFieldIds=1",
+    )
+    .await;
+    assert_error_shape(&missing, 404);
+    let no_token = read(&fake, None, "7/Contact/alice@example.com").await;
+    assert_error_shape(&no_token, 401);
+    let bad_fields = read(
+        &fake,
+        Some(&token),
+        "7/Contact/alice@example.com?segmentationFieldIds=x",
+    )
+    .await;
+    assert_error_shape(&bad_fields, 400);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn get_all_contacts_pages_with_a_cursor_in_the_specs_shape() {
+    let fake = start(Faults {
+        unknown_lists: [99].into(),
+        ..Faults::default()
+    })
+    .await;
+    let token = token(&fake).await;
+    let body: Vec<Value> = (0..25)
+        .map(|i| contact(&format!("p{i:02}@example.com"), &[(4, "on")]))
+        .collect();
+    assert_eq!(send(&fake, &token, "7", &json!(body)).await.status, 201);
+
+    let mut seen = Vec::new();
+    let mut cursor = "Start".to_owned();
+    let mut pages = 0;
+    loop {
+        let page = read(
+            &fake,
+            Some(&token),
+            &format!("7/Contact?segmentationFieldIds=4&count=10&cursor={cursor}"),
+        )
+        .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert_eq!(page.body["status"], 200);
+        pages += 1;
+        for contact in page.body["data"].as_array().expect("data is an array") {
+            assert_contact_shape(contact);
+            seen.push(contact["emailAddress"].as_str().unwrap().to_owned());
+        }
+        match page.body["nextPageCursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 25);
+    seen.dedup();
+    assert_eq!(seen.len(), 25, "no contact on two pages");
+
+    assert_error_shape(&read(&fake, Some(&token), "99/Contact").await, 404);
+    assert_error_shape(&read(&fake, None, "7/Contact").await, 401);
+    assert_error_shape(&read(&fake, Some(&token), "7/Contact?count=0").await, 400);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn imports_complete_after_their_delay_in_any_order_and_reads_show_only_completed_ones() {
+    let fake = start(Faults {
+        import_delay_min: Duration::ZERO,
+        import_delay_max: 300 * MS,
+        ..Faults::default()
+    })
+    .await;
+    let token = token(&fake).await;
+    // Many accepted imports of one field: with random delays, the last accepted is not
+    // always the last completed.
+    for round in 0..40 {
+        let value = format!("v{round}");
+        assert_eq!(
+            send(&fake, &token, "7", &one("a@example.com", 1, &value))
+                .await
+                .status,
+            201
+        );
+    }
+    assert!(fake.imports_pending() > 0, "imports wait for their delay");
+    let started = Instant::now();
+    while fake.imports_pending() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "imports complete"
+        );
+        tokio::time::sleep(20 * MS).await;
+    }
+    let value = fake
+        .value(7, "a@example.com", 1)
+        .expect("a value once imported");
+    assert!(value.starts_with('v'));
+    let read_back = read(
+        &fake,
+        Some(&token),
+        "7/Contact/a@example.com?segmentationFieldIds=1",
+    )
+    .await;
+    assert_eq!(
+        read_back.body["data"]["segmentationFieldValues"][0]["value"],
+        value
+    );
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_field_edited_as_in_listraks_ui_shows_in_reads() {
+    let fake = start(Faults::default()).await;
+    let token = token(&fake).await;
+    assert_eq!(
+        send(&fake, &token, "7", &one("a@example.com", 1, "on"))
+            .await
+            .status,
+        201
+    );
+    let edited = client()
+        .put(format!(
+            "http://{}/_fake/contacts/7/a@example.com/1",
+            fake.addr()
+        ))
+        .body("off")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(edited.status(), 204);
+    assert_eq!(fake.value(7, "a@example.com", 1).as_deref(), Some("off"));
+    fake.edit_field(7, "B@example.com", 2, "gold");
+    let read_back = read(
+        &fake,
+        Some(&token),
+        "7/Contact/b@example.com?segmentationFieldIds=2",
+    )
+    .await;
+    assert_eq!(
+        read_back.body["data"]["segmentationFieldValues"][0]["value"],
+        "gold"
+    );
+    fake.shutdown().await;
+}
