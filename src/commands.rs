@@ -6,4 +6,5 @@ pub mod history;
 pub mod ingest;
 pub mod progress;
 pub mod publish;
+pub mod reconcile;
 pub mod setup;

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use listrak_worker::commands::dlq::superseded::SupersededCheck;
 use listrak_worker::commands::dlq::{self, DeadLetters, DlqError, Filter, ReplayOptions};
 use listrak_worker::commands::setup::{self, ProblemsFound, ProvisionRequest, SetupError};
-use listrak_worker::commands::{history, publish};
+use listrak_worker::commands::{history, publish, reconcile};
 use listrak_worker::config::Settings;
 use listrak_worker::driver::worker::Health;
 use listrak_worker::edges::listrak::ListrakClient;
@@ -106,6 +106,28 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Compare what Listrak holds for a list's fields with the newest value applied to each
+    /// (from the applied log): counts, and a row per differing key. Changes nothing unless
+    /// --apply, which sends the newest values again. Exits 0 whether or not it finds drift.
+    Reconcile {
+        /// The list.
+        #[arg(long)]
+        list: ListId,
+        /// Only this profile field (repeatable); by default every field the applied log names
+        /// for the list.
+        #[arg(long = "field", value_name = "FIELD_ID")]
+        fields: Vec<u32>,
+        /// Send the newest value of every differing key again (to the exchange, as a direct
+        /// update with its own event time: the worker applies it).
+        #[arg(long)]
+        apply: bool,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Pages of contacts (5,000 each) read per second at most.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
     },
     /// Every value applied to one contact, oldest first, from the applied log, and the dead
     /// letters that still wait for it.
@@ -317,7 +339,10 @@ fn main() -> ExitCode {
                 // The setup commands need only the credentials: they help write the mappings.
                 let loaded = if matches!(
                     command,
-                    Command::Listrak { .. } | Command::History { .. } | Command::Ingest
+                    Command::Listrak { .. }
+                        | Command::History { .. }
+                        | Command::Ingest
+                        | Command::Reconcile { .. }
                 ) {
                     Settings::load_without_mappings(cli.config.as_deref(), env)
                 } else {
@@ -472,6 +497,31 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Reconcile {
+            list,
+            fields,
+            apply,
+            json,
+            rate,
+        } => {
+            let api = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
+            let connection = dlq::connect(&settings.amqp).await?;
+            let options = reconcile::ReconcileOptions {
+                list,
+                fields,
+                apply,
+                pages_per_second: rate,
+            };
+            let found = reconcile::reconcile(&settings, &connection, &api, &options).await;
+            let _ = connection.close(200, "done".into()).await;
+            let found = found?;
+            if json {
+                println!("{}", serde_json::to_string(&found)?);
+            } else {
+                print!("{}", reconcile::table(&found, apply));
+            }
+            Ok(())
+        }
         Command::History {
             email,
             list,

@@ -313,6 +313,69 @@ struct FieldShape {
     max_length: Option<i64>,
 }
 
+/// A contact as Listrak holds it: its email and the values of the fields asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactValues {
+    pub email: String,
+    pub values: Vec<(u32, String)>,
+}
+
+/// One page of Get all Contacts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactsPage {
+    pub contacts: Vec<ContactValues>,
+    /// The cursor of the next page; `None` after the last.
+    pub next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PagedContacts {
+    #[serde(default)]
+    next_page_cursor: Option<String>,
+    #[serde(default)]
+    data: Vec<ContactShape>,
+}
+
+#[derive(Deserialize)]
+struct ContactResource {
+    data: ContactShape,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContactShape {
+    email_address: String,
+    #[serde(default)]
+    segmentation_field_values: Vec<FieldValueShape>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FieldValueShape {
+    segmentation_field_id: i64,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+impl From<ContactShape> for ContactValues {
+    fn from(contact: ContactShape) -> Self {
+        ContactValues {
+            email: contact.email_address.to_lowercase(),
+            values: contact
+                .segmentation_field_values
+                .into_iter()
+                .filter_map(|value| {
+                    Some((
+                        u32::try_from(value.segmentation_field_id).ok()?,
+                        value.value.unwrap_or_default(),
+                    ))
+                })
+                .collect(),
+        }
+    }
+}
+
 impl ListrakClient {
     /// Every list of the account (`GET /List`).
     pub async fn lists(&self) -> Result<Vec<ListInfo>, CatalogueError> {
@@ -408,6 +471,60 @@ impl ListrakClient {
         let request = format!("POST /{path}");
         let id = self.catalogue_create(&path, body).await?;
         FieldId::new(i64::from(id)).ok_or_else(|| unexpected(&request, format!("field id {id}")))
+    }
+
+    /// One page of Get all Contacts (`GET /List/{list}/Contact`): at most `count` contacts
+    /// after `cursor` (`None` for the first page), with the values of `fields` (at most 30)
+    /// they hold. Answers the contacts (email, field, value) and the next page's cursor.
+    pub async fn contacts_page(
+        &self,
+        list: ListId,
+        fields: &[u32],
+        cursor: Option<&str>,
+        count: usize,
+    ) -> Result<ContactsPage, CatalogueError> {
+        let ids: Vec<String> = fields.iter().map(u32::to_string).collect();
+        let path = format!(
+            "List/{list}/Contact?segmentationFieldIds={}&count={count}&cursor={}",
+            ids.join(","),
+            cursor.unwrap_or("Start")
+        );
+        let request = format!("GET /List/{list}/Contact");
+        let answer: PagedContacts = self.catalogue_get(&request, &path).await?;
+        Ok(ContactsPage {
+            contacts: answer.data.into_iter().map(ContactValues::from).collect(),
+            next: answer.next_page_cursor.filter(|next| !next.is_empty()),
+        })
+    }
+
+    /// Get a Contact (`GET /List/{list}/Contact/{email}`) with the values of `fields`;
+    /// `None` when the contact is not on the list (404).
+    pub async fn contact(
+        &self,
+        list: ListId,
+        email: &str,
+        fields: &[u32],
+    ) -> Result<Option<ContactValues>, CatalogueError> {
+        let ids: Vec<String> = fields.iter().map(u32::to_string).collect();
+        let identifier: String = email
+            .bytes()
+            .map(|byte| match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' | b'@' => {
+                    char::from(byte).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        let path = format!(
+            "List/{list}/Contact/{identifier}?segmentationFieldIds={}",
+            ids.join(",")
+        );
+        let request = format!("GET /List/{list}/Contact/{{email}}");
+        match self.catalogue_get::<ContactResource>(&request, &path).await {
+            Ok(answer) => Ok(Some(ContactValues::from(answer.data))),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     async fn catalogue_get<T: DeserializeOwned>(
