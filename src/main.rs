@@ -145,6 +145,10 @@ enum Command {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also read what Listrak holds now for each field applied (one Get a Contact per
+        /// list), beside the newest value applied.
+        #[arg(long)]
+        listrak: bool,
     },
     /// Run the whole pipeline on this machine against an in-process Listrak stand-in.
     Demo {
@@ -527,13 +531,18 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             list,
             since,
             json,
+            listrak,
         } => {
             let topology = broker::Topology::of(&settings);
             let connection = dlq::connect(&settings.amqp).await?;
             let list = list.map(ListId::get);
             let found = history::history(&connection, &topology, &email, list, since).await;
             let _ = connection.close(200, "done".into()).await;
-            let found = found?;
+            let mut found = found?;
+            if listrak {
+                let api = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
+                found.listrak = Some(history::listrak_now(&api, &found, &email).await?);
+            }
             if json {
                 println!("{}", history::to_json(&found, &email));
             } else {

@@ -32,6 +32,74 @@ pub struct History {
     pub waiting: Vec<Waiting>,
     /// Records of the log read.
     pub records: u64,
+    /// What Listrak holds now for each (list, field) applied, when asked (`--listrak`).
+    pub listrak: Option<Vec<HeldNow>>,
+}
+
+/// One field of the contact as Listrak holds it now; `value` is `None` when Listrak holds no
+/// value (or not the contact).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldNow {
+    pub list: u32,
+    pub field: u32,
+    pub value: Option<String>,
+    /// The newest value applied, to compare.
+    pub newest: String,
+}
+
+/// Reads, for every list and field of `history`, what Listrak holds now for `email` (Get a
+/// Contact, one request per list).
+pub async fn listrak_now(
+    api: &crate::edges::listrak::ListrakClient,
+    history: &History,
+    email: &str,
+) -> anyhow::Result<Vec<HeldNow>> {
+    use std::collections::BTreeMap;
+    let email = email.trim().to_lowercase();
+    // The newest applied value of each (list, field), by event time.
+    let mut newest: BTreeMap<(u32, u32), &AppliedValue> = BTreeMap::new();
+    for value in &history.applied {
+        let Ok(field) = u32::try_from(value.field) else {
+            continue;
+        };
+        let key = (value.list, field);
+        if newest
+            .get(&key)
+            .is_none_or(|seen| value.event_time >= seen.event_time)
+        {
+            newest.insert(key, value);
+        }
+    }
+    let mut lists: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (list, field) in newest.keys() {
+        lists.entry(*list).or_default().push(*field);
+    }
+    let mut held = Vec::new();
+    for (list, fields) in lists {
+        let Some(list_id) = crate::stages::model::ListId::new(i64::from(list)) else {
+            continue;
+        };
+        let contact = api
+            .contact(list_id, &email, &fields)
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot read {email} from Listrak: {error}"))?;
+        for field in fields {
+            let value = contact.as_ref().and_then(|contact| {
+                contact
+                    .values
+                    .iter()
+                    .find(|(id, _)| *id == field)
+                    .map(|(_, value)| value.clone())
+            });
+            held.push(HeldNow {
+                list,
+                field,
+                value,
+                newest: newest[&(list, field)].value.clone(),
+            });
+        }
+    }
+    Ok(held)
 }
 
 /// Reads the applied log (from `since` ago, or all it holds) and the dead-letter queue for
@@ -125,6 +193,23 @@ pub fn table(history: &History, email: &str) -> String {
             ));
         }
     }
+    if let Some(held) = &history.listrak {
+        out.push_str("\nwhat Listrak holds now:\n");
+        for now in held {
+            let verdict = if now.value.as_deref() == Some(now.newest.as_str()) {
+                "the newest applied"
+            } else {
+                "NOT the newest applied; `reconcile --apply` repairs it"
+            };
+            out.push_str(&format!(
+                "  list {:<10} field {:<10} {:<12} ({verdict}: {})\n",
+                now.list,
+                now.field,
+                now.value.as_deref().unwrap_or("(none)"),
+                now.newest
+            ));
+        }
+    }
     if history.waiting.is_empty() {
         out.push_str("no dead letter waits for it\n");
     } else {
@@ -180,11 +265,24 @@ pub fn to_json(history: &History, email: &str) -> String {
             })
         })
         .collect();
-    json!({
+    let mut answer = json!({
         "email": email.trim().to_lowercase(),
         "applied": applied,
         "dead_letters": waiting,
         "records_read": history.records,
-    })
-    .to_string()
+    });
+    if let Some(held) = &history.listrak {
+        answer["listrak"] = held
+            .iter()
+            .map(|now| {
+                json!({
+                    "list_id": now.list,
+                    "field_id": now.field,
+                    "value": now.value,
+                    "newest_applied": now.newest,
+                })
+            })
+            .collect();
+    }
+    answer.to_string()
 }

@@ -188,7 +188,7 @@ pub fn compare(
                 field_id: *field,
                 listrak_value: listrak.cloned(),
                 newest_value: value.clone(),
-                event_time: time.to_rfc3339(),
+                event_time: time.to_rfc3339_micros(),
             });
         }
     }

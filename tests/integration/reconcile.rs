@@ -68,6 +68,28 @@ async fn drift_after_a_clean_sync_is_named_exactly_changed_by_nothing_and_repair
         "a dry run changes nothing"
     );
 
+    // `history --listrak` says what Listrak holds now beside what was applied.
+    let mut told = listrak_worker::commands::history::history(
+        h.connection(),
+        &h.topology,
+        &email(0),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    told.listrak = Some(
+        listrak_worker::commands::history::listrak_now(&api, &told, &email(0))
+            .await
+            .unwrap(),
+    );
+    let held = told.listrak.as_ref().unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].value.as_deref(), Some("off"));
+    assert_eq!(held[0].newest, "on");
+    let text = listrak_worker::commands::history::table(&told, &email(0));
+    assert!(text.contains("NOT the newest applied"), "{text}");
+
     // The command line gives the same, as JSON.
     let config = std::env::temp_dir().join(format!("reconcile-{}.toml", std::process::id()));
     std::fs::write(
