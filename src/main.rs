@@ -419,11 +419,22 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
                 health.clone(),
                 stop_http.clone().cancelled_owned(),
             ));
+            // Bound before the worker starts, so a port in use stops the start.
             let ingest = if ingest {
+                let listen = settings.ingest.listen;
+                let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {listen} (ingest.listen): {e}")
+                })?;
                 let stop = stop_http.clone();
                 let settings = settings.clone();
                 Some(tokio::spawn(async move {
-                    listrak_worker::commands::ingest::run(&settings, stop.cancelled_owned()).await
+                    listrak_worker::commands::ingest::serve(
+                        listener,
+                        &settings,
+                        listrak_worker::edges::ingest::IngestMetrics::new(),
+                        stop.cancelled_owned(),
+                    )
+                    .await
                 }))
             } else {
                 None

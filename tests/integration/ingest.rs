@@ -244,3 +244,65 @@ async fn without_the_broker_the_endpoint_answers_503_and_a_retry_is_applied_once
     endpoint.stop().await;
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_command_takes_signed_events_and_exits_0_on_sigterm() {
+    let h = Harness::new("ingest_process", Faults::default(), Knobs::default()).await;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let config = std::env::temp_dir().join(format!("ingest-{}-{port}.toml", std::process::id()));
+    let text = crate::support::settings_text(
+        &h.topology.queue,
+        &h.fake.api_url(),
+        &h.fake.auth_url(),
+        &Knobs::default(),
+    );
+    std::fs::write(
+        &config,
+        format!("{text}\n[ingest]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_listrak-worker"))
+        .args(["ingest", "--config"])
+        .arg(&config)
+        .env("LISTRAK_INGEST_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until(
+        "the ingest process ready",
+        Duration::from_secs(30),
+        async || {
+            reqwest::get(format!("http://{address}/readyz"))
+                .await
+                .is_ok_and(|response| response.status() == 200)
+        },
+    )
+    .await;
+    let traffic = engage_traffic(60);
+    let body = as_array(&traffic.bodies);
+    let answer = reqwest::Client::new()
+        .post(format!("http://{address}/v1/batch"))
+        .header("x-signature", signature(SECRET.as_bytes(), &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(h.depth(&h.topology.queue).await, 60);
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exited.code(), Some(0), "SIGTERM ends ingest cleanly");
+    let _ = std::fs::remove_file(&config);
+    h.finish().await;
+}
