@@ -61,15 +61,15 @@ async fn take_cluster() -> (tokio::sync::MutexGuard<'static, ()>, Vec<String>) {
     (guard, urls)
 }
 
-/// Waits until every node declares and deletes a stream and a quorum queue: after a node
-/// was wiped and joined again, the stream coordinator takes a while to answer, and RabbitMQ
-/// refuses stream declarations until it does (`coordinator_unavailable`).
+/// Waits until every node declares and deletes a stream and a quorum queue: a node that
+/// joined again answers stream declarations with `coordinator_unavailable` until it is a
+/// member of the stream coordinator again (which `.ci/rabbitmq-cluster wipe` sees to).
 async fn cluster_ready(urls: &[String]) {
     use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
     use lapin::types::{AMQPValue, FieldTable};
     let started = Instant::now();
     for url in urls {
-        let probe = format!("test.cluster_ready.{}", std::process::id());
+        let probe = |kind: &str| format!("test.cluster_ready.{kind}.{}", std::process::id());
         wait_until(
             "the cluster ready for streams",
             Duration::from_secs(120),
@@ -88,10 +88,13 @@ async fn cluster_ready(urls: &[String]) {
                             ..QueueDeclareOptions::default()
                         };
                         channel
-                            .queue_declare(probe.as_str().into(), durable, args)
+                            .queue_declare(probe(kind).as_str().into(), durable, args)
                             .await?;
                         channel
-                            .queue_delete(probe.as_str().into(), QueueDeleteOptions::default())
+                            .queue_delete(
+                                probe(kind).as_str().into(),
+                                QueueDeleteOptions::default(),
+                            )
                             .await?;
                     }
                     Ok::<_, lapin::Error>(())
