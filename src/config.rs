@@ -238,6 +238,15 @@ impl Settings {
         Self::parse(&read(path)?, env, MappingsNeeded::Optional)
     }
 
+    /// As [`Settings::load`], for the commands that only talk to the broker (`ingest`):
+    /// neither `[[mappings]]` nor the Listrak credentials are needed.
+    pub fn load_for_broker(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        Self::parse(&read(path)?, env, MappingsNeeded::Neither)
+    }
+
     pub fn from_toml(
         text: &str,
         env: impl Fn(&str) -> Option<String>,
@@ -273,7 +282,8 @@ impl Settings {
         ])?;
         let amqp_node = root.table("amqp")?;
         let amqp = amqp_settings(&amqp_node, &env)?;
-        let listrak = listrak_settings(&root.table("listrak")?, &env)?;
+        let credentials = !matches!(needed, MappingsNeeded::Neither);
+        let listrak = listrak_settings(&root.table("listrak")?, &env, credentials)?;
         let batch_node = root.table("batch")?;
         let batch = batch_settings(&batch_node)?;
         let retry = retry_settings(&root.table("retry")?)?;
@@ -283,7 +293,7 @@ impl Settings {
         let applied_log = applied_log_settings(&root.table("applied_log")?)?;
         let ingest = ingest_settings(&root.table("ingest")?, &env)?;
         let mappings = match (needed, root.get("mappings")) {
-            (MappingsNeeded::Optional, None) => Vec::new(),
+            (MappingsNeeded::Optional | MappingsNeeded::Neither, None) => Vec::new(),
             _ => mappings(&root)?,
         };
 
@@ -349,6 +359,8 @@ impl Settings {
 enum MappingsNeeded {
     Required,
     Optional,
+    /// Neither mappings nor the Listrak credentials: a command that only publishes.
+    Neither,
 }
 
 fn read(path: Option<&Path>) -> Result<String, ConfigError> {

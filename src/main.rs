@@ -341,12 +341,11 @@ fn main() -> ExitCode {
             command => {
                 let env = |key: &str| std::env::var(key).ok();
                 // The setup commands need only the credentials: they help write the mappings.
-                let loaded = if matches!(
+                let loaded = if matches!(command, Command::Ingest) {
+                    Settings::load_for_broker(cli.config.as_deref(), env)
+                } else if matches!(
                     command,
-                    Command::Listrak { .. }
-                        | Command::History { .. }
-                        | Command::Ingest
-                        | Command::Reconcile { .. }
+                    Command::Listrak { .. } | Command::History { .. } | Command::Reconcile { .. }
                 ) {
                     Settings::load_without_mappings(cli.config.as_deref(), env)
                 } else {

@@ -56,6 +56,11 @@ impl Sourced {
         }
     }
 
+    /// A value that only some commands need: empty when missing.
+    pub(super) fn or_empty(self) -> String {
+        self.value.unwrap_or_default()
+    }
+
     /// A value that has no default: missing or empty is refused, naming both places.
     pub(super) fn required(self, node: &Node<'_>, name: &str) -> Result<String, ConfigError> {
         match self.value {

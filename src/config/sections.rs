@@ -91,9 +91,12 @@ fn amqp_name(node: &Node<'_>, name: &str, default: &str) -> Result<String, Confi
     }
 }
 
+/// `[listrak]`; the credentials may be missing (left empty) when `credentials_required` is
+/// false, for the commands that never call Listrak.
 pub(super) fn listrak_settings(
     node: &Node<'_>,
     env: &impl Fn(&str) -> Option<String>,
+    credentials_required: bool,
 ) -> Result<ListrakSettings, ConfigError> {
     node.only(&[
         "client_id",
@@ -105,10 +108,16 @@ pub(super) fn listrak_settings(
         "verify_at_start",
         "field_creation_budget",
     ])?;
-    let client_id =
-        Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?.required(node, "client_id")?;
-    let client_secret = Sourced::read(node, "client_secret", ENV_CLIENT_SECRET, env)?
-        .required(node, "client_secret")?;
+    let client_id = Sourced::read(node, "client_id", ENV_CLIENT_ID, env)?;
+    let client_secret = Sourced::read(node, "client_secret", ENV_CLIENT_SECRET, env)?;
+    let (client_id, client_secret) = if credentials_required {
+        (
+            client_id.required(node, "client_id")?,
+            client_secret.required(node, "client_secret")?,
+        )
+    } else {
+        (client_id.or_empty(), client_secret.or_empty())
+    };
     let api_url = Sourced::read(node, "api_url", ENV_API_URL, env)?
         .url(node, "api_url", DEFAULT_API_URL, &BASE_URL)?
         .trim_end_matches('/')

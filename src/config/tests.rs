@@ -630,3 +630,18 @@ fn a_bad_ingest_setting_is_refused_naming_its_key() {
         true,
     );
 }
+
+#[test]
+fn ingest_needs_neither_mappings_nor_listrak_credentials() {
+    let settings = Settings::load_for_broker(None, |name| {
+        (name == ENV_AMQP_URL).then(|| "amqp://u:p@rabbit:5672/%2f".to_owned())
+    })
+    .unwrap();
+    assert!(settings.mappings.is_empty());
+    assert_eq!(settings.listrak.client_id, "");
+    let refused = Settings::load_without_mappings(None, |_| None).unwrap_err();
+    assert!(
+        refused.to_string().contains("listrak.client_id"),
+        "{refused}"
+    );
+}
