@@ -13,11 +13,13 @@
 //! - `document`: the walk over the table, which names every key and type it refuses.
 //! - `environment`: the variables that override the file.
 //! - `secret`: values that are never printed; `urls`: what a URL setting must look like.
-//! - `sections`: one reader per table; `broker_tls` for `[amqp.tls]`.
+//! - `sections`: one reader per table; `broker_urls` for `amqp.url` (one node or several),
+//!   `broker_tls` for `[amqp.tls]` and `broker_tls_files` for the files it names.
 //! - `mappings`: `[[mappings]]`, into the rules [`crate::stages::mapping`] defines.
 //! - `print`: the effective configuration as TOML, secrets redacted (what `check` shows).
 
 mod broker_tls;
+mod broker_tls_files;
 mod broker_urls;
 mod defaults;
 mod document;
@@ -35,7 +37,6 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::edges::tls::BrokerTls;
 use crate::stages::mapping::Mapping;
 pub use defaults::CONFIRM_TIMEOUT;
 use defaults::MAX_IN_PROCESS;
@@ -46,6 +47,7 @@ use sections::{
     listrak_settings, retry_settings, shutdown_settings, superseded_settings,
 };
 
+pub use broker_tls_files::{BrokerTls, ClientIdentity, IdentityError, PemFile};
 pub use broker_urls::BrokerUrls;
 pub use defaults::{DEFAULT_AMQP_URL, HELD_MESSAGE_BYTES};
 pub use environment::{

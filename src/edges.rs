@@ -1,6 +1,6 @@
 //! The edges: where the worker meets the world. The broker (connection, topology, confirmed
 //! publishing, the applied log's stream), Listrak's HTTP API, the operations endpoint, the
-//! metrics, and the broker's TLS files.
+//! metrics, and the ingest endpoint Segment posts to.
 
 pub mod applied_log;
 pub mod broker;
@@ -8,4 +8,3 @@ pub mod http;
 pub mod ingest;
 pub mod listrak;
 pub mod telemetry;
-pub mod tls;

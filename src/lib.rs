@@ -31,7 +31,7 @@
 //!   worker appends to and tails), [`listrak`](edges::listrak) (the API client and its
 //!   OAuth token), [`http`](edges::http) (`/metrics`, `/healthz`, `/readyz`),
 //!   [`telemetry`](edges::telemetry) (every metric, one function per occurrence),
-//!   [`tls`](edges::tls) (the broker's `amqps://` files).
+//!   [`ingest`](edges::ingest) (Segment's Webhooks destination into the exchange).
 //! - [`driver`], the state that lives while the worker runs and the loops that move messages
 //!   through the stages: [`worker`](driver::worker) (sessions one after another,
 //!   reconnection, shutdown), [`session`](driver::session) (one broker session: consume,
@@ -94,7 +94,7 @@ mod layers {
     /// Which folders each folder's code may name (besides its own, `config` and `allocator`).
     const MAY_USE: [(&str, &[&str]); 5] = [
         ("stages", &[]),
-        ("edges", &["stages", "driver"]),
+        ("edges", &["stages"]),
         ("driver", &["stages", "edges"]),
         ("commands", &["stages", "edges", "driver"]),
         ("tools", &["stages", "edges", "driver", "commands"]),
@@ -233,6 +233,20 @@ mod layers {
             .filter_map(|item| item.split("::").next().map(str::trim))
             .filter(|name| !name.is_empty())
             .collect()
+    }
+
+    #[test]
+    fn the_configuration_uses_only_the_stages() {
+        for source in sources().into_iter().filter(|s| s.folder == "config") {
+            for module in named(&source.code) {
+                let folder = module.split('/').next().unwrap_or_default();
+                assert!(
+                    !FOLDERS.contains(&folder) || folder == "stages",
+                    "{} names {module}: the configuration uses only the stages",
+                    source.path.display()
+                );
+            }
+        }
     }
 
     #[test]

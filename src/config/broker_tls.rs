@@ -1,9 +1,9 @@
-//! `[amqp.tls]`: the CA and client certificate files, read through `crate::edges::tls`.
+//! `[amqp.tls]`: the CA and client certificate files, read through `broker_tls_files`.
 
+use super::broker_tls_files::{self as tls, BrokerTls, IdentityError};
 use super::document::Node;
 use super::environment::ENV_AMQP_URL;
 use super::{invalid, ConfigError};
-use crate::edges::tls::{self, BrokerTls, IdentityError};
 
 /// `[amqp.tls]`: refused with an `amqp://` URL, where it would be ignored and leave the
 /// operator believing the connection encrypted. Every file is read and checked now.

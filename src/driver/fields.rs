@@ -15,7 +15,6 @@
 //! converge on one field.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +24,7 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use crate::driver::unpoisoned::Mutex;
+pub use crate::edges::listrak::{CatalogueError, FieldCatalogue};
 use crate::edges::telemetry::{Metrics, Task};
 use crate::stages::catalogue::{same_name, FieldGroup};
 use crate::stages::mapping::Plan;
@@ -42,57 +42,6 @@ pub const CREATION_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// The longest audience key taken as a field name. Listrak documents no limit; Engage's keys
 /// are a few dozen characters, and anything longer is a producer's bug, not an audience.
 pub const MAX_FIELD_NAME_CHARS: usize = 100;
-
-/// Why a catalogue request (lists, field groups, fields) failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CatalogueError {
-    #[error("no Listrak token: {0}")]
-    NoToken(String),
-    #[error("{request} failed: {reason}")]
-    Transport { request: String, reason: String },
-    #[error("{request}: Listrak answered {status} {error}: {message}")]
-    Refused {
-        request: String,
-        status: u16,
-        error: String,
-        message: String,
-    },
-    #[error("{request}: the answer is not what Listrak documents: {reason}")]
-    Unexpected { request: String, reason: String },
-}
-
-impl CatalogueError {
-    /// Listrak's 404: the list (or group) in the path does not exist.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Refused { status: 404, .. })
-    }
-}
-
-/// The catalogue requests the resolver makes; narrow so it is tested without HTTP.
-pub trait FieldCatalogue: Send + Sync + 'static {
-    /// The list's field groups, each with its fields.
-    fn field_groups(
-        &self,
-        list: ListId,
-    ) -> impl Future<Output = Result<Vec<FieldGroup>, CatalogueError>> + Send;
-
-    /// Creates a field group; returns its id.
-    fn create_field_group(
-        &self,
-        list: ListId,
-        name: &str,
-        position: u32,
-    ) -> impl Future<Output = Result<u32, CatalogueError>> + Send;
-
-    /// Creates a Check Box field in a group; returns its id.
-    fn create_check_box(
-        &self,
-        list: ListId,
-        group: u32,
-        name: &str,
-        position: u32,
-    ) -> impl Future<Output = Result<FieldId, CatalogueError>> + Send;
-}
 
 /// A stand-in for Listrak that never reads or changes a catalogue (the delivery tests, the
 /// session simulation): any call is a bug in the test.

@@ -25,7 +25,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 
 use crate::driver::unpoisoned::Mutex;
-use crate::stages::model::{EventTime, FieldId, ListId};
+use crate::stages::model::{AppliedKnowledge, EventTime, FieldId, ListId};
 
 /// A list, contact and field, hashed with this process's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -307,6 +307,28 @@ fn unwatch(entries: &mut FxHashMap<Key, Entry>, key: Key, until: i64) {
     entry.watched_until = 0;
     if entry.in_recent == 0 {
         entries.remove(&key);
+    }
+}
+
+impl AppliedKnowledge for SupersededGuard {
+    fn applied(
+        &self,
+        list: ListId,
+        email: &str,
+        field: FieldId,
+        event_time: EventTime,
+        applied_at: EventTime,
+    ) {
+        self.record_at(list, email, field, event_time, applied_at);
+    }
+
+    fn outstanding(&self, list: ListId, email: &str, field: FieldId, at: EventTime) {
+        self.watch(list, email, field, at);
+    }
+
+    fn tick(&self, now: EventTime) -> (usize, Duration) {
+        self.expire(now);
+        (self.len(), self.horizon(now))
     }
 }
 

@@ -590,7 +590,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             return;
         };
         // The delivery recorded what it applied; the keys to watch are the record's news.
-        record.watch(&self.worker.deliverer.guard);
+        record.watch(&*self.worker.deliverer.guard);
         let applied = record.a.len();
         let bytes = record.encode();
         self.worker
@@ -816,7 +816,7 @@ async fn read_applied_log<A: ListrakApi>(
         &worker.topology,
         from,
         applied_log::Reader {
-            guard: Arc::clone(&worker.deliverer.guard),
+            guard: worker.deliverer.guard.clone(),
             metrics: worker.metrics.clone(),
             next_offset: Arc::clone(&worker.log_offset),
             writer: worker.writer.clone(),

@@ -27,11 +27,10 @@ use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::driver::guard::SupersededGuard;
 use crate::edges::broker::{as_i64, PublishError, Publisher, Topology};
 use crate::edges::telemetry::Metrics;
 use crate::stages::batch::Batch;
-use crate::stages::model::{EventTime, FieldId, ListId, Verdict};
+use crate::stages::model::{AppliedKnowledge, EventTime, FieldId, ListId, Verdict};
 
 pub const VERSION: u32 = 1;
 /// Records in hand at once while reading the log: up to 1,000 contacts each, about 100 KB,
@@ -211,7 +210,7 @@ impl Record {
     }
 
     /// Teaches the guard what the record says: values applied, keys to watch.
-    pub fn feed(&self, guard: &SupersededGuard) {
+    pub fn feed(&self, guard: &(impl AppliedKnowledge + ?Sized)) {
         let Some(list) = ListId::new(i64::from(self.list)) else {
             return;
         };
@@ -220,7 +219,7 @@ impl Record {
             for (field, _, before) in &contact.f {
                 if let Some(field) = FieldId::new(*field) {
                     let time = EventTime(self.at.saturating_sub(*before));
-                    guard.record_at(list, &contact.e, field, time, at);
+                    guard.applied(list, &contact.e, field, time, at);
                 }
             }
         }
@@ -228,7 +227,7 @@ impl Record {
     }
 
     /// Teaches the guard only which keys to watch (what was applied it learnt already).
-    pub fn watch(&self, guard: &SupersededGuard) {
+    pub fn watch(&self, guard: &(impl AppliedKnowledge + ?Sized)) {
         let Some(list) = ListId::new(i64::from(self.list)) else {
             return;
         };
@@ -236,7 +235,7 @@ impl Record {
         for contact in &self.p {
             for (field, _) in &contact.f {
                 if let Some(field) = FieldId::new(*field) {
-                    guard.watch(list, &contact.e, field, at);
+                    guard.outstanding(list, &contact.e, field, at);
                 }
             }
         }
@@ -333,7 +332,7 @@ impl ReadFrom {
 
 /// Who reads the log, and where what it reads goes.
 pub struct Reader {
-    pub guard: Arc<SupersededGuard>,
+    pub guard: Arc<dyn AppliedKnowledge>,
     pub metrics: Metrics,
     /// Where a later read resumes: the offset after the last record read.
     pub next_offset: Arc<AtomicI64>,
@@ -413,7 +412,7 @@ pub async fn follow(
                                 Some(_) => {}
                                 None => {
                                     read += 1;
-                                    record.feed(&guard);
+                                    record.feed(&*guard);
                                 }
                             },
                             Err(why) => unreadable(&metrics, &why),
@@ -437,9 +436,8 @@ pub async fn follow(
                         }
                         unacked = 0;
                     }
-                    let now = EventTime::now();
-                    guard.expire(now);
-                    metrics.guard(guard.len(), guard.horizon(now));
+                    let (keys, horizon) = guard.tick(EventTime::now());
+                    metrics.guard(keys, horizon);
                 }
             }
         }
@@ -452,7 +450,7 @@ pub async fn follow(
 pub async fn read_into(
     connection: &Connection,
     topology: &Topology,
-    guard: &SupersededGuard,
+    guard: &dyn AppliedKnowledge,
     from: ReadFrom,
 ) -> Result<u64, ReadError> {
     let publisher = Publisher::new(connection).await?;
@@ -606,6 +604,29 @@ mod tests {
         }
     }
 
+    /// What a record taught: the values applied (email, field, event time), and how many
+    /// keys it said to watch.
+    #[derive(Default)]
+    struct Learnt {
+        applied: std::sync::Mutex<Vec<(String, u32, i64)>>,
+        outstanding: std::sync::Mutex<usize>,
+    }
+
+    impl AppliedKnowledge for Learnt {
+        fn applied(&self, _: ListId, email: &str, field: FieldId, time: EventTime, _: EventTime) {
+            let entry = (email.to_owned(), field.get(), time.0);
+            self.applied.lock().unwrap().push(entry);
+        }
+
+        fn outstanding(&self, _: ListId, _: &str, _: FieldId, _: EventTime) {
+            *self.outstanding.lock().unwrap() += 1;
+        }
+
+        fn tick(&self, _: EventTime) -> (usize, Duration) {
+            (0, Duration::ZERO)
+        }
+    }
+
     #[test]
     fn a_record_reads_back_and_teaches_the_guard_what_was_applied_and_what_is_outstanding() {
         let now = EventTime(1_700_000_001_000_000);
@@ -635,23 +656,21 @@ mod tests {
             bytes.len()
         );
 
-        let guard = SupersededGuard::new(10);
-        read.feed(&guard);
-        let list = ListId::new(1001).unwrap();
-        let field = FieldId::new(456).unwrap();
-        assert!(guard.is_superseded(
-            list,
-            "a@example.com",
-            field,
-            EventTime(1_699_999_999_000_000)
-        ));
-        assert!(!guard.is_superseded(
-            list,
-            "a@example.com",
-            field,
-            EventTime(1_700_000_000_000_000)
-        ));
-        assert_eq!(guard.watched(), 4, "two pending contacts, two fields each");
+        let learnt = Learnt::default();
+        read.feed(&learnt);
+        let applied = learnt.applied.lock().unwrap().clone();
+        assert_eq!(
+            applied,
+            [
+                ("a@example.com".to_owned(), 456, 1_700_000_000_000_000),
+                ("a@example.com".to_owned(), 789, 1_700_000_000_500_000)
+            ]
+        );
+        assert_eq!(
+            *learnt.outstanding.lock().unwrap(),
+            4,
+            "two pending contacts, two fields each"
+        );
 
         let values = read.values_for("a@example.com", Some(1001));
         assert_eq!(values.len(), 2);

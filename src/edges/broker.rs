@@ -11,9 +11,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::config::AmqpSettings;
+use crate::config::BrokerTls;
 use crate::edges::listrak::install_crypto_provider;
 use crate::edges::telemetry::{Metrics, QueueRole};
-use crate::edges::tls::BrokerTls;
 
 pub use crate::config::CONFIRM_TIMEOUT;
 pub use crate::stages::headers::*;

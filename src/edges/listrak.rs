@@ -12,12 +12,61 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{ListrakSettings, Secret};
-pub use crate::driver::fields::CatalogueError;
-use crate::driver::fields::FieldCatalogue;
 use crate::edges::telemetry::{Metrics, RetryClass};
 use crate::stages::catalogue::{FieldGroup, FieldInfo, ListInfo, CHECK_BOX};
 use crate::stages::classify::{parse_retry_after, ListrakError, Outcome};
 use crate::stages::model::{FieldId, ListId};
+
+/// Why a catalogue request (lists, field groups, fields) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("no Listrak token: {0}")]
+    NoToken(String),
+    #[error("{request} failed: {reason}")]
+    Transport { request: String, reason: String },
+    #[error("{request}: Listrak answered {status} {error}: {message}")]
+    Refused {
+        request: String,
+        status: u16,
+        error: String,
+        message: String,
+    },
+    #[error("{request}: the answer is not what Listrak documents: {reason}")]
+    Unexpected { request: String, reason: String },
+}
+
+impl CatalogueError {
+    /// Listrak's 404: the list (or group) in the path does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Refused { status: 404, .. })
+    }
+}
+
+/// The catalogue requests the resolver makes; narrow so it is tested without HTTP.
+pub trait FieldCatalogue: Send + Sync + 'static {
+    /// The list's field groups, each with its fields.
+    fn field_groups(
+        &self,
+        list: ListId,
+    ) -> impl Future<Output = Result<Vec<FieldGroup>, CatalogueError>> + Send;
+
+    /// Creates a field group; returns its id.
+    fn create_field_group(
+        &self,
+        list: ListId,
+        name: &str,
+        position: u32,
+    ) -> impl Future<Output = Result<u32, CatalogueError>> + Send;
+
+    /// Creates a Check Box field in a group; returns its id.
+    fn create_check_box(
+        &self,
+        list: ListId,
+        group: u32,
+        name: &str,
+        position: u32,
+    ) -> impl Future<Output = Result<FieldId, CatalogueError>> + Send;
+}
 
 /// The one call the pipeline makes, and the catalogue requests that resolve `audience_field`
 /// mappings; narrow so the pipeline runs against anything in tests.

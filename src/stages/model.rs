@@ -234,6 +234,27 @@ pub enum Verdict {
     Abandoned,
 }
 
+/// What the applied log teaches whoever keeps the newest values applied (the superseded
+/// guard): the log's edge reads records and hands what they say over through this, and
+/// knows nothing else of its reader.
+pub trait AppliedKnowledge: Send + Sync + 'static {
+    /// A value of (`list`, `email`, `field`) with `event_time` was applied at `applied_at`.
+    fn applied(
+        &self,
+        list: ListId,
+        email: &str,
+        field: FieldId,
+        event_time: EventTime,
+        applied_at: EventTime,
+    );
+    /// A copy of an update of (`list`, `email`, `field`) went to a retry or dead-letter queue
+    /// at `at`: an older value may come back.
+    fn outstanding(&self, list: ListId, email: &str, field: FieldId, at: EventTime);
+    /// Forgets what is past its horizon at `now`; answers how many keys it holds and how far
+    /// back it vouches for every applied value.
+    fn tick(&self, now: EventTime) -> (usize, std::time::Duration);
+}
+
 /// Readiness for `/readyz`: true only while connected to the broker and consuming.
 #[derive(Clone, Default)]
 pub struct Health {

@@ -161,7 +161,7 @@ async fn measure(
         topology,
         applied_log::ReadFrom::Age(Duration::from_secs(8 * 24 * 3600)),
         applied_log::Reader {
-            guard: Arc::clone(&guard),
+            guard: guard.clone(),
             metrics: Metrics::new(1000),
             next_offset: Arc::new(AtomicI64::new(-1)),
             writer: applied_log::new_writer(),

@@ -1,5 +1,5 @@
 //! TLS to the broker: the CA and client certificate files of `[amqp.tls]`, read and checked
-//! once at start, and handed to lapin for every `amqps://` connection.
+//! once at start, and what lapin is handed for every `amqps://` connection.
 //!
 //! The server's certificate is verified against the system roots (rustls-platform-verifier,
 //! as for HTTPS to Listrak) plus the certificates of `ca_file`; the host name checked is the
