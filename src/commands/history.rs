@@ -102,6 +102,31 @@ pub async fn listrak_now(
     Ok(held)
 }
 
+/// Opens the applied log for a command that reads it to its end (`from` on), with how many
+/// messages it holds (for the progress line); a log that does not exist is said in words.
+pub(crate) async fn open_log(
+    connection: &Connection,
+    topology: &Topology,
+    from: ReadFrom,
+    purpose: &str,
+) -> anyhow::Result<(applied_log::Read, u32)> {
+    let channel = connection.create_channel().await?;
+    let (total, _) = queue_counts(&channel, &topology.applied)
+        .await
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "cannot read the applied log {:?} (has a worker of this configuration run?): \
+                 {error}",
+                topology.applied
+            )
+        })?;
+    let _ = channel.close(200, "counted".into()).await;
+    let publisher = Publisher::new(connection).await?;
+    let read = applied_log::Read::open(connection, &publisher, topology, from, purpose).await;
+    let _ = publisher.channel().close(200, "done".into()).await;
+    Ok((read?, total))
+}
+
 /// Reads the applied log (from `since` ago, or all it holds) and the dead-letter queue for
 /// `email` (letter case aside), on `list` if given.
 pub async fn history(
@@ -112,24 +137,11 @@ pub async fn history(
     since: Option<Duration>,
 ) -> anyhow::Result<History> {
     let email = email.trim().to_lowercase();
-    let channel = connection.create_channel().await?;
-    let (total, _) = queue_counts(&channel, &topology.applied)
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!(
-                "cannot read the applied log {:?} (has a worker of this configuration run?): \
-             {error}",
-                topology.applied
-            )
-        })?;
-    let _ = channel.close(200, "counted".into()).await;
-    let publisher = Publisher::new(connection).await?;
     let from = since.map_or(ReadFrom::First, ReadFrom::Age);
-    let read = applied_log::Read::open(connection, &publisher, topology, from, "history").await;
-    let _ = publisher.channel().close(200, "done".into()).await;
+    let (read, total) = open_log(connection, topology, from, "history").await?;
     let progress = Progress::new("reading the applied log", u64::from(total));
     let mut found = History::default();
-    found.records = read?
+    found.records = read
         .to_marker(|record| {
             progress.advance(1);
             found.applied.extend(record.values_for(&email, list));

@@ -12,11 +12,12 @@ use std::time::Duration;
 use lapin::Connection;
 use serde::Serialize;
 
+use crate::commands::history::open_log;
 use crate::commands::progress::Progress;
 use crate::commands::publish::publish_lines;
 use crate::config::Settings;
-use crate::edges::applied_log::{self, ReadFrom};
-use crate::edges::broker::{queue_counts, Publisher, Topology};
+use crate::edges::applied_log::ReadFrom;
+use crate::edges::broker::Topology;
 use crate::edges::listrak::ListrakClient;
 use crate::stages::model::{EventTime, ListId};
 
@@ -74,55 +75,34 @@ pub async fn newest_applied(
     list: ListId,
     fields: &[u32],
 ) -> anyhow::Result<Newest> {
-    let channel = connection.create_channel().await?;
-    let (total, _) = queue_counts(&channel, &topology.applied)
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!(
-                "cannot read the applied log {:?} (has a worker of this configuration run?): \
-                 {error}",
-                topology.applied
-            )
-        })?;
-    let _ = channel.close(200, "counted".into()).await;
-    let publisher = Publisher::new(connection).await?;
-    let read = applied_log::Read::open(
-        connection,
-        &publisher,
-        topology,
-        ReadFrom::First,
-        "reconcile",
-    )
-    .await;
-    let _ = publisher.channel().close(200, "done".into()).await;
+    let (read, total) = open_log(connection, topology, ReadFrom::First, "reconcile").await?;
     let progress = Progress::new("reading the applied log", u64::from(total));
     let wanted: BTreeSet<u32> = fields.iter().copied().collect();
     let mut newest = Newest::new();
-    read?
-        .to_marker(|record| {
-            progress.advance(1);
-            if record.list != list.get() {
-                return;
-            }
-            for contact in &record.a {
-                for (field, value, before) in &contact.f {
-                    let Ok(field) = u32::try_from(*field) else {
-                        continue;
-                    };
-                    if !wanted.is_empty() && !wanted.contains(&field) {
-                        continue;
-                    }
-                    let time = EventTime(record.at.saturating_sub(*before));
-                    let key = (contact.e.clone(), field);
-                    // The newest by event time; of two at the same time, the later applied.
-                    let newer = newest.get(&key).is_none_or(|(_, seen)| time >= *seen);
-                    if newer {
-                        newest.insert(key, (value.clone(), time));
-                    }
+    read.to_marker(|record| {
+        progress.advance(1);
+        if record.list != list.get() {
+            return;
+        }
+        for contact in &record.a {
+            for (field, value, before) in &contact.f {
+                let Ok(field) = u32::try_from(*field) else {
+                    continue;
+                };
+                if !wanted.is_empty() && !wanted.contains(&field) {
+                    continue;
+                }
+                let time = EventTime(record.at.saturating_sub(*before));
+                let key = (contact.e.clone(), field);
+                // The newest by event time; of two at the same time, the later applied.
+                let newer = newest.get(&key).is_none_or(|(_, seen)| time >= *seen);
+                if newer {
+                    newest.insert(key, (value.clone(), time));
                 }
             }
-        })
-        .await?;
+        }
+    })
+    .await?;
     progress.clear();
     Ok(newest)
 }
