@@ -8,14 +8,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpSettings, Settings};
+use crate::driver::worker::{next_reconnect_pause, RECONNECT_FIRST};
 use crate::edges::broker::{self, bounded, Publisher, Topology};
 use crate::edges::http::serve_router;
 use crate::edges::ingest::{router, Door, IngestMetrics, PublisherSlot};
 
 /// Segment sends a destination's requests over a handful of connections; more wait.
 const MAX_CONNECTIONS: usize = 256;
-const RECONNECT_FIRST: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// How often the connection is looked at: a lost one is noticed within this.
 const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
@@ -148,7 +147,7 @@ async fn keep_connected(
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
         }
-        delay = (delay * 2).min(RECONNECT_MAX);
+        delay = next_reconnect_pause(delay);
     }
 }
 

@@ -23,8 +23,14 @@ use crate::stages::model::ListId;
 
 pub use crate::stages::model::Health;
 
-const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+/// The pause before reconnecting after a node answered; it doubles while none answers.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// The pause after `delay` while no broker node answers.
+pub fn next_reconnect_pause(delay: Duration) -> Duration {
+    (delay * 2).min(RECONNECT_MAX)
+}
 /// Runs the worker until `shutdown` completes; a lost broker connection is re-established
 /// as often as needed. Returns after the shutdown drained what it could within the grace.
 pub async fn run<A: ListrakApi>(
@@ -177,6 +183,6 @@ impl<A: ListrakApi> Worker<A> {
             _ = tokio::time::sleep(*delay) => {}
             _ = self.stop.cancelled() => {}
         }
-        *delay = (*delay * 2).min(RECONNECT_MAX);
+        *delay = next_reconnect_pause(*delay);
     }
 }

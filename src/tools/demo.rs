@@ -349,20 +349,7 @@ async fn post_to_ingest(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow::Resu
     }
     let mut requests: Vec<(Vec<u8>, u64)> = json
         .chunks(INGEST_BATCH)
-        .map(|chunk| {
-            (
-                format!(
-                    "[{}]",
-                    chunk
-                        .iter()
-                        .map(|b| String::from_utf8_lossy(b))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )
-                .into_bytes(),
-                chunk.len() as u64,
-            )
-        })
+        .map(|chunk| (sample::json_array(chunk), chunk.len() as u64))
         .collect();
     requests.extend(not_json.iter().map(|body| (body.to_vec(), 0)));
     let mut published = 0;

@@ -58,23 +58,13 @@ pub async fn run(options: IngestBenchOptions) -> anyhow::Result<IngestReport> {
         }
     })
     .await?;
-    let single_requests: Vec<Vec<u8>> = bodies.clone();
     let single = measure("ingest, single events", &options, |settings, _| {
-        post_all(settings, single_requests.clone(), options.concurrency)
+        post_all(settings, bodies.clone(), options.concurrency)
     })
     .await?;
-    let batch_requests: Vec<Vec<u8>> = bodies
-        .chunks(BATCH)
-        .map(|chunk| {
-            let texts: Vec<&str> = chunk
-                .iter()
-                .map(|body| std::str::from_utf8(body).unwrap_or("null"))
-                .collect();
-            format!("[{}]", texts.join(",")).into_bytes()
-        })
-        .collect();
+    let batch_requests: Vec<Vec<u8>> = bodies.chunks(BATCH).map(sample::json_array).collect();
     let batch = measure("ingest, batches of 100", &options, |settings, _| {
-        post_all(settings, batch_requests.clone(), options.concurrency)
+        post_all(settings, batch_requests, options.concurrency)
     })
     .await?;
     let rate = |elapsed: Duration| options.events as f64 / elapsed.as_secs_f64();

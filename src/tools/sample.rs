@@ -117,6 +117,20 @@ const AUDIENCES: [&str; 4] = [
 ];
 pub const BASE_MICROS: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
 
+/// Events as one JSON array, as Segment's Webhooks destination batches them (each body must
+/// be JSON).
+pub fn json_array<B: AsRef<[u8]>>(bodies: &[B]) -> Vec<u8> {
+    let mut array = b"[".to_vec();
+    for (index, body) in bodies.iter().enumerate() {
+        if index > 0 {
+            array.push(b',');
+        }
+        array.extend_from_slice(body.as_ref());
+    }
+    array.push(b']');
+    array
+}
+
 pub fn email(person: usize) -> String {
     format!("person{person}@example.com")
 }

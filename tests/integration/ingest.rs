@@ -79,24 +79,12 @@ fn engage_traffic(events: usize) -> sample::Traffic {
     })
 }
 
-fn as_array(bodies: &[Vec<u8>]) -> Vec<u8> {
-    let mut array = b"[".to_vec();
-    for (index, body) in bodies.iter().enumerate() {
-        if index > 0 {
-            array.push(b',');
-        }
-        array.extend_from_slice(body);
-    }
-    array.push(b']');
-    array
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_batch_of_a_thousand_engage_events_ends_in_listrak_exactly() {
     let mut h = Harness::new("ingest_batch", Faults::default(), Knobs::default()).await;
     let endpoint = Endpoint::start(&settings_with_secret(&h)).await;
     let traffic = engage_traffic(1000);
-    let body = as_array(&traffic.bodies);
+    let body = sample::json_array(&traffic.bodies);
     let response = endpoint
         .post(&body, Some(&signature(SECRET.as_bytes(), &body)))
         .await;
@@ -128,7 +116,7 @@ async fn a_bad_signature_a_body_too_large_or_not_json_is_refused_and_publishes_n
     let h = Harness::new("ingest_refusals", Faults::default(), Knobs::default()).await;
     let endpoint = Endpoint::start(&settings_with_secret(&h)).await;
     let traffic = engage_traffic(30);
-    let body = as_array(&traffic.bodies);
+    let body = sample::json_array(&traffic.bodies);
     let signed = signature(SECRET.as_bytes(), &body);
 
     let missing = endpoint.post(&body, None).await;
@@ -171,7 +159,7 @@ async fn a_request_cut_off_mid_body_publishes_nothing() {
     let h = Harness::new("ingest_cut_off", Faults::default(), Knobs::default()).await;
     let endpoint = Endpoint::start(&h.settings).await;
     let traffic = engage_traffic(30);
-    let body = as_array(&traffic.bodies);
+    let body = sample::json_array(&traffic.bodies);
     let mut stream = tokio::net::TcpStream::connect(endpoint.address)
         .await
         .unwrap();
@@ -208,7 +196,7 @@ async fn without_the_broker_the_endpoint_answers_503_and_a_retry_is_applied_once
     settings.amqp.urls = BrokerUrls::one(relay.url());
     let endpoint = Endpoint::start(&settings).await;
     let traffic = engage_traffic(300);
-    let body = as_array(&traffic.bodies);
+    let body = sample::json_array(&traffic.bodies);
     let signed = signature(SECRET.as_bytes(), &body);
 
     relay.cut();
@@ -283,7 +271,7 @@ async fn the_ingest_command_takes_signed_events_and_exits_0_on_sigterm() {
     )
     .await;
     let traffic = engage_traffic(60);
-    let body = as_array(&traffic.bodies);
+    let body = sample::json_array(&traffic.bodies);
     let answer = reqwest::Client::new()
         .post(format!("http://{address}/v1/batch"))
         .header("x-signature", signature(SECRET.as_bytes(), &body))

@@ -575,15 +575,24 @@ fn view(email: &str, values: &BTreeMap<u32, String>, fields: &[u32]) -> ContactV
     }
 }
 
-/// The list exists for the read routes as it does for updates.
-fn known_list(state: &super::state::State, list: u32) -> Result<(), Refusal> {
-    let faults = state.faults(Instant::now());
+/// One list's contacts: email → field → value.
+type ListContacts = BTreeMap<String, BTreeMap<u32, String>>;
+
+/// A list's contacts as the completed imports left them, for the read routes: 404 for a list
+/// that does not exist, as for updates; `None` for one that holds no contact yet.
+fn list_contacts(
+    state: &mut super::state::State,
+    list: u32,
+) -> Result<Option<&ListContacts>, Refusal> {
+    let now = Instant::now();
+    state.complete_imports(now);
+    let faults = state.faults(now);
     if faults.unknown_lists.contains(&list)
         || (!state.catalogue().is_empty() && !state.catalogue().has_list(list))
     {
         return Err(Refusal::list_not_found());
     }
-    Ok(())
+    Ok(state.contacts().get(&list))
 }
 
 /// Get a Contact: `GET /v1/List/{listId}/Contact/{contactIdentifier}` (an email address).
@@ -597,12 +606,8 @@ async fn one_contact(
         admitted(&shared, &headers, &[("listId", &list)]).and_then(|ids| {
             let fields = requested_fields(&query)?;
             let mut state = shared.lock();
-            state.complete_imports(Instant::now());
-            known_list(&state, ids[0])?;
             let email = identifier.to_lowercase();
-            let values = state
-                .contacts()
-                .get(&ids[0])
+            let values = list_contacts(&mut state, ids[0])?
                 .and_then(|contacts| contacts.get(&email))
                 .ok_or_else(|| {
                     Refusal::new(
@@ -647,10 +652,8 @@ async fn contact_collection(
                 ),
             };
             let mut state = shared.lock();
-            state.complete_imports(Instant::now());
-            known_list(&state, ids[0])?;
             let empty = BTreeMap::new();
-            let contacts = state.contacts().get(&ids[0]).unwrap_or(&empty);
+            let contacts = list_contacts(&mut state, ids[0])?.unwrap_or(&empty);
             let start = match &after {
                 None => std::ops::Bound::Unbounded,
                 Some(after) => std::ops::Bound::Excluded(after),
