@@ -21,6 +21,9 @@ use crate::tools::sample::{self, TrafficShape, MAPPINGS_TOML};
 
 use crate::config::DEFAULT_AMQP_URL;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longer than the worker holds an ack back (at most 3 s): no ack for this long after every
+/// message was acked once means none is in hand.
+const QUIET: Duration = Duration::from_secs(4);
 
 /// The configuration the demo runs with: its own queue names, the fake's URLs.
 pub fn settings(amqp_url: &str, queue: &str, fake: &FakeServer) -> anyhow::Result<Settings> {
@@ -221,24 +224,37 @@ pub async fn run(events: usize, route: Route) -> anyhow::Result<()> {
         Route::Ingest => post_to_ingest(&settings, &traffic.bodies).await?,
     };
 
+    let health = Health::default();
     let drained = {
         let metrics = metrics.clone();
+        let health = health.clone();
         let expected = published as f64;
+        let amqp = settings.amqp.clone();
+        let queue = topology.queue.clone();
         async move {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
-            while acked(&metrics) < expected && Instant::now() < deadline {
+            let (mut last, mut since) = (0.0, Instant::now());
+            while Instant::now() < deadline {
+                // Acks counted are acks sent: those sent just before a lost connection are
+                // counted, and their messages delivered and acked again. So the drain is
+                // over once every message was acked, no ack came for longer than the worker
+                // holds one back, and the queue holds nothing ready.
+                let settled = acked(&metrics);
+                // Between broker sessions nothing is acked, and messages wait to come again.
+                if settled != last || !health.is_ready() {
+                    (last, since) = (settled, Instant::now());
+                }
+                if settled >= expected
+                    && since.elapsed() >= QUIET
+                    && queue_empty(&amqp, &queue).await
+                {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     };
-    worker::run(
-        settings.clone(),
-        api,
-        metrics.clone(),
-        Health::default(),
-        drained,
-    )
-    .await?;
+    worker::run(settings.clone(), api, metrics.clone(), health, drained).await?;
     let elapsed = started.elapsed();
 
     let cleanup = async {
@@ -313,6 +329,20 @@ pub async fn run(events: usize, route: Route) -> anyhow::Result<()> {
         "not every event was settled within {DRAIN_TIMEOUT:?}"
     );
     Ok(())
+}
+
+/// Whether `queue` holds no ready message, asked on a connection of its own (the worker's
+/// may be between nodes).
+async fn queue_empty(amqp: &crate::config::AmqpSettings, queue: &str) -> bool {
+    let Ok(connection) = broker::connect(amqp, "listrak-worker demo drain").await else {
+        return false;
+    };
+    let ready = match connection.create_channel().await {
+        Ok(channel) => broker::queue_counts(&channel, queue).await.ok(),
+        Err(_) => None,
+    };
+    let _ = connection.close(200, "checked".into()).await;
+    ready.is_some_and(|(ready, _)| ready == 0)
 }
 
 fn acked(metrics: &Metrics) -> f64 {
