@@ -44,7 +44,7 @@ use document::Node;
 use mappings::mappings;
 use sections::{
     amqp_settings, applied_log_settings, batch_settings, http_settings, ingest_settings,
-    listrak_settings, retry_settings, shutdown_settings, superseded_settings,
+    listrak_settings, reconcile_settings, retry_settings, shutdown_settings, superseded_settings,
 };
 
 pub use broker_tls_files::{BrokerTls, ClientIdentity, IdentityError, PemFile};
@@ -58,7 +58,7 @@ pub(crate) use print::toml_str;
 pub use secret::Secret;
 
 /// The whole validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub amqp: AmqpSettings,
     pub listrak: ListrakSettings,
@@ -69,6 +69,7 @@ pub struct Settings {
     pub superseded: SupersededSettings,
     pub applied_log: AppliedLogSettings,
     pub ingest: IngestSettings,
+    pub reconcile: ReconcileSettings,
     /// In file order; every one that matches an event produces an update.
     pub mappings: Vec<Mapping>,
 }
@@ -197,6 +198,20 @@ pub struct AppliedLogSettings {
     pub watch_capacity: usize,
 }
 
+/// Read-backs: keys updated more than once within `window` are read back from Listrak
+/// `after` their last update and repaired when Listrak holds an older value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconcileSettings {
+    pub enabled: bool,
+    /// How long after a key's last update it is read back: time for Listrak's imports to
+    /// complete.
+    pub after: Duration,
+    /// Two updates of a key applied within this long of each other put it at risk.
+    pub window: Duration,
+    /// The most contacts one worker reads back per second.
+    pub max_read_rate: f64,
+}
+
 /// Why the configuration was refused. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -280,6 +295,7 @@ impl Settings {
             "superseded",
             "applied_log",
             "ingest",
+            "reconcile",
             "mappings",
         ])?;
         let amqp_node = root.table("amqp")?;
@@ -294,6 +310,7 @@ impl Settings {
         let superseded = superseded_settings(&root.table("superseded")?)?;
         let applied_log = applied_log_settings(&root.table("applied_log")?)?;
         let ingest = ingest_settings(&root.table("ingest")?, &env)?;
+        let reconcile = reconcile_settings(&root.table("reconcile")?)?;
         let mappings = match (needed, root.get("mappings")) {
             (MappingsNeeded::Optional | MappingsNeeded::Neither, None) => Vec::new(),
             _ => mappings(&root)?,
@@ -351,6 +368,7 @@ impl Settings {
             superseded,
             applied_log,
             ingest,
+            reconcile,
             mappings,
         })
     }

@@ -11,4 +11,6 @@ pub mod headers;
 pub mod ingest;
 pub mod mapping;
 pub mod model;
+pub mod pace;
+pub mod readback;
 pub mod settle;

@@ -78,6 +78,18 @@ pub(super) const MIN_APPLIED_LOG_MAX_BYTES: i64 = 1 << 20;
 /// through the retry queues and 0.1% dead-lettered, with room; about 96 bytes each.
 pub(super) const DEFAULT_WATCH_CAPACITY: i64 = 150_000;
 pub(super) const MAX_WATCH_CAPACITY: i64 = 100_000_000;
+/// Listrak completes most imports within seconds; two minutes leaves room for a slow one
+/// before a key at risk is read back.
+pub(super) const DEFAULT_RECONCILE_AFTER: Duration = Duration::from_secs(120);
+/// Updates of one key within an hour of each other may complete in either order (or race
+/// between replicas); further apart, the first import completed long before the second.
+pub(super) const DEFAULT_RECONCILE_WINDOW: Duration = Duration::from_secs(3600);
+/// Reads per second per worker: a fraction of what Listrak answers, so that read-backs
+/// never crowd out updates.
+pub(super) const DEFAULT_MAX_READ_RATE: f64 = 50.0;
+pub(super) const MAX_MAX_READ_RATE: f64 = 10_000.0;
+/// A read-back waits in a queue with a per-message TTL; RabbitMQ takes up to 2³²−1 ms.
+pub(super) const MAX_RECONCILE_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// A request body must hold at least one contact with a few fields.
 pub(super) const MIN_MAX_BYTES: i64 = 1024;
 /// AMQP short strings are at most 255 bytes; the retry and dead queues append to the name.

@@ -107,6 +107,17 @@ impl<'t> Node<'t> {
         }
     }
 
+    /// An integer or a float, as a float.
+    pub(super) fn number(&self, name: &str) -> Result<Option<f64>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            #[allow(clippy::cast_precision_loss)]
+            Some(toml::Value::Integer(number)) => Ok(Some(*number as f64)),
+            Some(toml::Value::Float(number)) => Ok(Some(*number)),
+            Some(other) => Err(wrong_type(self.key(name), "a number", other)),
+        }
+    }
+
     pub(super) fn duration(&self, name: &str) -> Result<Option<Duration>, ConfigError> {
         self.get(name)
             .map(|value| parse_duration(&self.key(name), value))

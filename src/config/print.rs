@@ -100,6 +100,13 @@ impl Settings {
         let _ = writeln!(out, "max_bytes = {}", log.max_bytes);
         let _ = writeln!(out, "watch_capacity = {}", log.watch_capacity);
 
+        let reconcile = &self.reconcile;
+        let _ = writeln!(out, "\n[reconcile]");
+        let _ = writeln!(out, "enabled = {}", reconcile.enabled);
+        let _ = writeln!(out, "after = {}", toml_duration(reconcile.after));
+        let _ = writeln!(out, "window = {}", toml_duration(reconcile.window));
+        let _ = writeln!(out, "max_read_rate = {:?}", reconcile.max_read_rate);
+
         let ingest = &self.ingest;
         let _ = writeln!(out, "\n[ingest]");
         let _ = writeln!(out, "listen = {}", toml_str(&ingest.listen.to_string()));

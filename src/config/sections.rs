@@ -20,13 +20,18 @@ use super::defaults::{
 use super::defaults::{
     DEFAULT_INGEST_LISTEN, DEFAULT_INGEST_MAX_BODY, MAX_INGEST_MAX_BODY, MIN_INGEST_MAX_BODY,
 };
+use super::defaults::{
+    DEFAULT_MAX_READ_RATE, DEFAULT_RECONCILE_AFTER, DEFAULT_RECONCILE_WINDOW, MAX_MAX_READ_RATE,
+    MAX_RECONCILE_AFTER,
+};
 use super::document::{at_most, parse_duration, Node};
 use super::environment::{Sourced, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET};
 use super::environment::{ENV_INGEST_SECRET, ENV_INGEST_TOKEN};
 use super::urls::{BASE_URL, ENDPOINT_URL};
 use super::{
     invalid, AmqpSettings, AppliedLogSettings, BatchSettings, ConfigError, HttpSettings,
-    IngestSettings, ListrakSettings, RetrySettings, Secret, ShutdownSettings, SupersededSettings,
+    IngestSettings, ListrakSettings, ReconcileSettings, RetrySettings, Secret, ShutdownSettings,
+    SupersededSettings,
 };
 
 pub(super) fn amqp_settings(
@@ -307,5 +312,32 @@ pub(super) fn applied_log_settings(node: &Node<'_>) -> Result<AppliedLogSettings
         max_age,
         max_bytes: u64::try_from(max_bytes).expect("bounded to be positive"),
         watch_capacity: usize::try_from(watch_capacity).expect("bounded to be non-negative"),
+    })
+}
+
+pub(super) fn reconcile_settings(node: &Node<'_>) -> Result<ReconcileSettings, ConfigError> {
+    node.only(&["enabled", "after", "window", "max_read_rate"])?;
+    let enabled = node.boolean("enabled")?.unwrap_or(true);
+    let after = node.positive_duration("after", DEFAULT_RECONCILE_AFTER)?;
+    let after = at_most(&node.key("after"), after, MAX_RECONCILE_AFTER)?;
+    let window = node.positive_duration("window", DEFAULT_RECONCILE_WINDOW)?;
+    let window = at_most(&node.key("window"), window, MAX_ANY_DURATION)?;
+    let max_read_rate = node
+        .number("max_read_rate")?
+        .unwrap_or(DEFAULT_MAX_READ_RATE);
+    if !(max_read_rate > 0.0 && max_read_rate <= MAX_MAX_READ_RATE) {
+        return Err(invalid(
+            node.key("max_read_rate"),
+            format!(
+                "is {max_read_rate}; it must be more than 0 and at most {MAX_MAX_READ_RATE} \
+                 (contacts read per second)"
+            ),
+        ));
+    }
+    Ok(ReconcileSettings {
+        enabled,
+        after,
+        window,
+        max_read_rate,
     })
 }

@@ -293,6 +293,36 @@ fn every_refused_setting_names_its_key() {
                 "[superseded]\ncapacity = -1",
                 "superseded.capacity",
             ),
+            refused(
+                "zero_read_rate",
+                "[reconcile]\nmax_read_rate = 0",
+                "reconcile.max_read_rate",
+            ),
+            refused(
+                "read_rate_as_text",
+                "[reconcile]\nmax_read_rate = \"50/s\"",
+                "reconcile.max_read_rate",
+            ),
+            refused(
+                "zero_read_back_delay",
+                "[reconcile]\nafter = \"0s\"",
+                "reconcile.after",
+            ),
+            refused(
+                "read_back_after_two_days",
+                "[reconcile]\nafter = \"2d\"",
+                "reconcile.after",
+            ),
+            refused(
+                "enabled_as_text",
+                "[reconcile]\nenabled = \"yes\"",
+                "reconcile.enabled",
+            ),
+            refused(
+                "unknown_reconcile_key",
+                "[reconcile]\nevery = \"1m\"",
+                "reconcile.every",
+            ),
         ],
         true,
     );
@@ -404,6 +434,10 @@ fn defaults_fill_every_unset_key() {
     assert_eq!(settings.http.listen, "0.0.0.0:9464".parse().unwrap());
     assert_eq!(settings.shutdown.grace, Duration::from_secs(30));
     assert_eq!(settings.superseded.capacity, 200_000);
+    assert!(settings.reconcile.enabled);
+    assert_eq!(settings.reconcile.after, Duration::from_secs(120));
+    assert_eq!(settings.reconcile.window, Duration::from_secs(3600));
+    assert!((settings.reconcile.max_read_rate - 50.0).abs() < f64::EPSILON);
     assert_eq!(settings.listrak.field_creation_budget, 100);
 }
 
@@ -461,6 +495,12 @@ grace = "5s"
 
 [superseded]
 capacity = 0
+
+[reconcile]
+enabled = false
+after = "5s"
+window = "10m"
+max_read_rate = 2.5
 {MAPPING}"#
     ));
     assert_eq!(settings.amqp.exchange, "audiences");
@@ -487,6 +527,10 @@ capacity = 0
     assert_eq!(settings.http.listen, "127.0.0.1:9000".parse().unwrap());
     assert_eq!(settings.shutdown.grace, Duration::from_secs(5));
     assert_eq!(settings.superseded.capacity, 0);
+    assert!(!settings.reconcile.enabled);
+    assert_eq!(settings.reconcile.after, Duration::from_secs(5));
+    assert_eq!(settings.reconcile.window, Duration::from_secs(600));
+    assert!((settings.reconcile.max_read_rate - 2.5).abs() < f64::EPSILON);
 }
 
 #[test]

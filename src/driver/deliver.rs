@@ -17,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 use crate::driver::clock;
 use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
 use crate::driver::guard::SupersededGuard;
+use crate::driver::readback::Reconciler;
 use crate::driver::retry::InProcessBackoff;
 use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::{mask_email, Metrics, RetryClass};
 use crate::stages::batch::{Batch, Contact, FieldValue, RequestBody};
 use crate::stages::classify::{classify, Class, ListrakError, Outcome};
 use crate::stages::model::{
-    capped, DeadLetterReason, EventTime, ListId, Rejection, Verdict, QUOTE_LIMIT,
+    capped, AppliedKey, DeadLetterReason, EventTime, ListId, Rejection, Verdict, QUOTE_LIMIT,
 };
 
 /// The smallest body size that Listrak refused with a size-404, per list, learned by
@@ -74,6 +75,8 @@ pub struct Deliverer<A> {
     /// long, its token included; then the batch goes to the retry queues.
     pub request_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// Told what Listrak accepted and what got no answer, when read-backs are on.
+    pub reconciler: Option<Arc<Reconciler>>,
 }
 
 struct Attempt<'a> {
@@ -319,12 +322,24 @@ impl<A: ListrakApi> Deliverer<A> {
             };
             // The token and the answer spend the budget too: a token endpoint or an
             // answer that hangs cannot hold the batch past it.
+            // Until an answer comes, Listrak may apply the request whenever: a request that
+            // times out, loses its connection or is cancelled with its session leaves its
+            // keys at risk.
+            let mut unanswered = Unanswered {
+                reconciler: self.reconciler.as_deref(),
+                attempt,
+                sent: &sent,
+            };
             let outcome = tokio::time::timeout_at(
                 attempt.answer_deadline.into(),
                 self.api.post_contacts(attempt.list, body, sent.len()),
             )
             .await
             .unwrap_or(Outcome::Timeout);
+            if !matches!(outcome, Outcome::Timeout | Outcome::Connection(_)) {
+                unanswered.reconciler = None;
+            }
+            drop(unanswered);
             let class = classify(&outcome, sent.len());
             permit.record(match class {
                 Class::Ok => Signal::Healthy,
@@ -498,9 +513,40 @@ impl<A: ListrakApi> Deliverer<A> {
             for field in &contact.fields {
                 self.guard
                     .record(attempt.list, &contact.email, field.field, field.timestamp);
+                if let Some(reconciler) = &self.reconciler {
+                    let key = AppliedKey {
+                        list: attempt.list,
+                        email: &contact.email,
+                        field: field.field,
+                    };
+                    reconciler.applied_here(key, &field.value, field.timestamp, now);
+                }
                 let lag =
                     Duration::from_micros(now.0.saturating_sub(field.timestamp.0).max(0) as u64);
                 self.metrics.event_applied(lag);
+            }
+        }
+    }
+}
+
+/// A request sent and not yet answered; dropped unanswered (no answer in time, a lost
+/// connection, a cancelled task), it tells the reconciler that its keys are at risk.
+struct Unanswered<'a> {
+    reconciler: Option<&'a Reconciler>,
+    attempt: &'a Attempt<'a>,
+    sent: &'a [usize],
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(reconciler) = self.reconciler else {
+            return;
+        };
+        let now = EventTime::now();
+        for &index in self.sent {
+            let contact = &self.attempt.contacts[index];
+            for field in &contact.fields {
+                reconciler.uncertain(self.attempt.list, &contact.email, field.field, now);
             }
         }
     }

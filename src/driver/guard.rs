@@ -25,7 +25,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 
 use crate::driver::unpoisoned::Mutex;
-use crate::stages::model::{AppliedKnowledge, EventTime, FieldId, ListId};
+use crate::stages::model::{AppliedKey, AppliedKnowledge, EventTime, FieldId, ListId};
 
 /// A list, contact and field, hashed with this process's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +136,40 @@ impl SupersededGuard {
             .entries
             .get(&key)
             .is_some_and(|entry| entry.newest > time)
+    }
+
+    /// The newest event time applied to the key, if the guard holds the key.
+    pub fn newest(&self, list: ListId, email: &str, field: FieldId) -> Option<EventTime> {
+        let key = self.key(list, email, field);
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .get(&key)
+            .map(|entry| entry.newest)
+            .filter(|newest| newest.0 != i64::MIN)
+    }
+
+    /// Whether the guard knows every value applied since `since` (it forgot none applied
+    /// after it, and learnt the log from before it).
+    pub fn knows_everything_since(&self, since: EventTime) -> bool {
+        if self.capacity == usize::MAX {
+            return true;
+        }
+        let inner = self.inner.lock();
+        let forgot_after = inner
+            .forgot_applied_at
+            .is_some_and(|forgot| forgot >= since);
+        let learnt_before = inner.learnt_since.is_some_and(|learnt| learnt <= since);
+        self.capacity > 0 && !forgot_after && learnt_before
+    }
+
+    /// The guard read the whole applied log, which reaches back to `since`: it knows every
+    /// value applied since then (up to what it forgets).
+    pub fn learnt_from(&self, since: EventTime) {
+        let mut inner = self.inner.lock();
+        if inner.learnt_since.is_none_or(|learnt| since < learnt) {
+            inner.learnt_since = Some(since);
+        }
     }
 
     /// Records that Listrak accepted a value with this event time, now.
@@ -311,15 +345,8 @@ fn unwatch(entries: &mut FxHashMap<Key, Entry>, key: Key, until: i64) {
 }
 
 impl AppliedKnowledge for SupersededGuard {
-    fn applied(
-        &self,
-        list: ListId,
-        email: &str,
-        field: FieldId,
-        event_time: EventTime,
-        applied_at: EventTime,
-    ) {
-        self.record_at(list, email, field, event_time, applied_at);
+    fn applied(&self, key: AppliedKey<'_>, _: &str, event_time: EventTime, applied_at: EventTime) {
+        self.record_at(key.list, key.email, key.field, event_time, applied_at);
     }
 
     fn outstanding(&self, list: ListId, email: &str, field: FieldId, at: EventTime) {

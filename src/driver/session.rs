@@ -21,6 +21,7 @@ use crate::driver::clock;
 use crate::driver::core::{Arrival, Command, Core, CoreSettings, Ending, ACK_HOLD};
 use crate::driver::deliver::Delivered;
 use crate::driver::fields::{self, Unresolvable};
+use crate::driver::readback::{self, Learner};
 use crate::driver::shared::Worker;
 use crate::edges::applied_log::{self, ReadFrom, Record};
 use crate::edges::broker::{
@@ -257,7 +258,38 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             batches_sent: 0,
             tasks: JoinSet::new(),
         };
-        let result = session.drive(&mut consumer, &mut inbox).await;
+        let scheduler = worker.reconciler.as_ref().map(|reconciler| {
+            tokio::spawn(readback::schedule(
+                Arc::clone(reconciler),
+                session.publisher.clone(),
+                worker.topology.clone(),
+            ))
+        });
+        let reading_back = async {
+            if let Some(reconciler) = &worker.reconciler {
+                let context = readback::ReadBackContext {
+                    reconciler: Arc::clone(reconciler),
+                    api: Arc::clone(&worker.deliverer.api),
+                    concurrency: Arc::clone(&worker.deliverer.concurrency),
+                    guard: Arc::clone(&worker.deliverer.guard),
+                    topology: worker.topology.clone(),
+                    metrics: worker.metrics.clone(),
+                };
+                readback::read_back(context, connection).await;
+            }
+            // Reading back ends with its consumer; the session goes on.
+            std::future::pending::<()>().await;
+        };
+        let result = tokio::select! {
+            result = session.drive(&mut consumer, &mut inbox) => result,
+            () = reading_back => unreachable!("reading back never ends the session"),
+        };
+        if let Some(scheduler) = scheduler {
+            scheduler.abort();
+        }
+        if let (Ok(()), Some(reconciler)) = (&result, &worker.reconciler) {
+            readback::flush(reconciler, &session.publisher, &worker.topology).await;
+        }
         poller.abort();
         following.abort();
         session.tasks.shutdown().await;
@@ -816,7 +848,10 @@ async fn read_applied_log<A: ListrakApi>(
         &worker.topology,
         from,
         applied_log::Reader {
-            guard: worker.deliverer.guard.clone(),
+            guard: Arc::new(Learner {
+                guard: Arc::clone(&worker.deliverer.guard),
+                reconciler: worker.reconciler.clone(),
+            }),
             metrics: worker.metrics.clone(),
             next_offset: Arc::clone(&worker.log_offset),
             writer: worker.writer.clone(),
@@ -833,6 +868,11 @@ async fn read_applied_log<A: ListrakApi>(
             Ok(records) => {
                 let guard = &worker.deliverer.guard;
                 let now = EventTime::now();
+                if let ReadFrom::Age(age) = from {
+                    // Everything the log still holds was read: nothing older is known.
+                    let age = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
+                    guard.learnt_from(EventTime(now.0.saturating_sub(age)));
+                }
                 worker.metrics.guard(guard.len(), guard.horizon(now));
                 tracing::info!(
                     records,

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::driver::deliver::Deliverer;
 use crate::driver::fields::Fields;
+use crate::driver::readback::Reconciler;
 use crate::edges::broker::Topology;
 use crate::edges::telemetry::Metrics;
 use crate::stages::model::Health;
@@ -27,4 +28,6 @@ pub(crate) struct Worker<A> {
     /// This worker's id in the applied log: its tail skips its own records, whose values
     /// its guard learnt when they were written.
     pub(crate) writer: String,
+    /// Read-backs of keys at risk, unless `reconcile.enabled` is false.
+    pub(crate) reconciler: Option<Arc<Reconciler>>,
 }

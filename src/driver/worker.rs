@@ -13,6 +13,7 @@ use crate::driver::concurrency::AdaptiveConcurrency;
 use crate::driver::deliver::{Deliverer, SizeCeilings};
 use crate::driver::fields::Fields;
 use crate::driver::guard::SupersededGuard;
+use crate::driver::readback::Reconciler;
 use crate::driver::session::{Session, SessionError};
 use crate::driver::shared::Worker;
 use crate::edges::broker::{self, bounded, Topology};
@@ -69,6 +70,10 @@ impl<A: ListrakApi> Worker<A> {
             metrics.clone(),
             settings.listrak.field_creation_budget,
         ));
+        let reconciler = settings
+            .reconcile
+            .enabled
+            .then(|| Arc::new(Reconciler::new(settings.reconcile.clone(), metrics.clone())));
         let deliverer = Arc::new(Deliverer {
             api,
             concurrency: AdaptiveConcurrency::new(settings.listrak.max_concurrency.get(), {
@@ -85,6 +90,7 @@ impl<A: ListrakApi> Worker<A> {
             hold_budget: settings.batch.max_wait + settings.retry.in_process,
             request_timeout: settings.listrak.request_timeout,
             shutdown: stop.clone(),
+            reconciler: reconciler.clone(),
         });
         Self {
             settings: Arc::new(settings),
@@ -96,6 +102,7 @@ impl<A: ListrakApi> Worker<A> {
             stop,
             log_offset: Arc::new(AtomicI64::new(-1)),
             writer: crate::edges::applied_log::new_writer(),
+            reconciler,
         }
     }
 

@@ -16,6 +16,7 @@
 //! version, a hand-published message, a body that inflates past `MAX_RECORD_BYTES`) is
 //! skipped and counted.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tokio::sync::oneshot;
 use crate::edges::broker::{as_i64, PublishError, Publisher, Topology};
 use crate::edges::telemetry::Metrics;
 use crate::stages::batch::Batch;
-use crate::stages::model::{AppliedKnowledge, EventTime, FieldId, ListId, Verdict};
+use crate::stages::model::{AppliedKey, AppliedKnowledge, EventTime, FieldId, ListId, Verdict};
 
 pub const VERSION: u32 = 1;
 /// Records in hand at once while reading the log: up to 1,000 contacts each, about 100 KB,
@@ -216,10 +217,15 @@ impl Record {
         };
         let at = EventTime(self.at);
         for contact in &self.a {
-            for (field, _, before) in &contact.f {
+            for (field, value, before) in &contact.f {
                 if let Some(field) = FieldId::new(*field) {
                     let time = EventTime(self.at.saturating_sub(*before));
-                    guard.applied(list, &contact.e, field, time, at);
+                    let key = AppliedKey {
+                        list,
+                        email: &contact.e,
+                        field,
+                    };
+                    guard.applied(key, value, time, at);
                 }
             }
         }
@@ -445,6 +451,46 @@ pub async fn follow(
     Ok(Following { synced, task })
 }
 
+/// A key of the log: list, email (lower-cased) and field id.
+pub type LogKey = (u32, String, i64);
+
+/// The newest value the log holds for each of `wanted`, read from `from` up to its end (a
+/// marker appended now): for read-backs of keys whose values the guard forgot.
+pub async fn newest_values(
+    connection: &Connection,
+    topology: &Topology,
+    from: ReadFrom,
+    wanted: &HashSet<LogKey>,
+) -> Result<HashMap<LogKey, (String, EventTime)>, ReadError> {
+    let publisher = Publisher::new(connection).await?;
+    let read = Read::open(connection, &publisher, topology, from, "read-back").await;
+    let _ = publisher.channel().close(200, "done".into()).await;
+    let emails: HashSet<&str> = wanted.iter().map(|(_, email, _)| email.as_str()).collect();
+    let mut newest: HashMap<LogKey, (String, EventTime)> = HashMap::new();
+    read?
+        .to_marker(|record| {
+            for contact in &record.a {
+                if !emails.contains(contact.e.as_str()) {
+                    continue;
+                }
+                for (field, value, before) in &contact.f {
+                    let key = (record.list, contact.e.clone(), *field);
+                    if !wanted.contains(&key) {
+                        continue;
+                    }
+                    let time = EventTime(record.at.saturating_sub(*before));
+                    let entry = newest.entry(key).or_insert_with(|| (value.clone(), time));
+                    // The later record wins a tie, as the later delivery does.
+                    if time >= entry.1 {
+                        *entry = (value.clone(), time);
+                    }
+                }
+            }
+        })
+        .await?;
+    Ok(newest)
+}
+
 /// Reads the log from `from` up to its end (a marker appended now) into `guard`, without
 /// tailing it: for the commands that judge dead letters against it. Returns the records read.
 pub async fn read_into(
@@ -613,8 +659,8 @@ mod tests {
     }
 
     impl AppliedKnowledge for Learnt {
-        fn applied(&self, _: ListId, email: &str, field: FieldId, time: EventTime, _: EventTime) {
-            let entry = (email.to_owned(), field.get(), time.0);
+        fn applied(&self, key: AppliedKey<'_>, _: &str, time: EventTime, _: EventTime) {
+            let entry = (key.email.to_owned(), key.field.get(), time.0);
             self.applied.lock().unwrap().push(entry);
         }
 

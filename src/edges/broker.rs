@@ -43,6 +43,26 @@ impl Topology {
                 }
             }
         }
+        if let Some(readback) = &self.readback {
+            let declared = async {
+                let mut due_args = FieldTable::default();
+                due_args.insert("x-queue-type".into(), string("quorum"));
+                channel
+                    .queue_declare(readback.due.as_str().into(), DURABLE, due_args)
+                    .await?;
+                declare_retry_queue(&channel, &readback.waiting, &readback.due, readback.after)
+                    .await
+            };
+            match declared.await {
+                Ok(()) => {}
+                Err(error) if refused_arguments(&error) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(queue = %readback.waiting, %error, "cannot declare the \
+                        read-back queues now; read-backs wait in memory until they can");
+                    channel = connection.create_channel().await?;
+                }
+            }
+        }
         bounded(channel.close(200, "declared".into())).await;
         Ok(())
     }
@@ -164,6 +184,9 @@ impl Topology {
         use lapin::options::ExchangeDeleteOptions;
         let mut queues = vec![self.queue.clone(), self.dead.clone(), self.applied.clone()];
         queues.extend(self.retries.iter().map(|(name, _)| name.clone()));
+        if let Some(readback) = &self.readback {
+            queues.extend([readback.waiting.clone(), readback.due.clone()]);
+        }
         for queue in queues {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -526,6 +549,11 @@ pub async fn poll_queue_depths(channel: Channel, topology: Topology, metrics: Me
             retry += depth(name).await.unwrap_or(0);
         }
         metrics.queue_depth(QueueRole::Retry, retry);
+        if let Some(readback) = &topology.readback {
+            let waiting = depth(&readback.waiting).await.unwrap_or(0);
+            let due = depth(&readback.due).await.unwrap_or(0);
+            metrics.reconcile_pending(waiting + due);
+        }
         tokio::time::sleep(QUEUE_POLL).await;
     }
 }

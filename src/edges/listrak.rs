@@ -78,6 +78,15 @@ pub trait ListrakApi: FieldCatalogue + Send + Sync + 'static {
         body: Bytes,
         contacts: usize,
     ) -> impl Future<Output = Outcome> + Send;
+
+    /// What Listrak holds in `fields` of one contact of a list (Get a Contact); `None` when
+    /// the contact is not on the list.
+    fn contact(
+        &self,
+        list: ListId,
+        email: &str,
+        fields: &[u32],
+    ) -> impl Future<Output = Result<Option<ContactValues>, CatalogueError>> + Send;
 }
 
 /// An access token and when to stop using it.
@@ -299,6 +308,15 @@ impl ListrakClient {
 }
 
 impl ListrakApi for ListrakClient {
+    async fn contact(
+        &self,
+        list: ListId,
+        email: &str,
+        fields: &[u32],
+    ) -> Result<Option<ContactValues>, CatalogueError> {
+        ListrakClient::contact(self, list, email, fields).await
+    }
+
     async fn post_contacts(&self, list: ListId, body: Bytes, contacts: usize) -> Outcome {
         let mut refreshed = false;
         loop {

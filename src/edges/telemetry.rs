@@ -138,6 +138,11 @@ struct Inner {
     applied_log_contacts: IntCounter,
     applied_log_unreadable: IntCounter,
     catalogue_reads: IntCounter,
+    reconcile_scheduled: IntCounterVec,
+    reconcile_reads: IntCounterVec,
+    reconcile_repairs: IntCounter,
+    reconcile_postponed: IntCounter,
+    reconcile_pending: IntGauge,
     unmapped_audience_events: IntCounterVec,
     /// The audience keys labelled by name so far, at most [`MAX_UNMAPPED_AUDIENCE_KEYS`].
     unmapped_audience_keys: Mutex<HashSet<String>>,
@@ -358,6 +363,39 @@ impl Metrics {
             "Check Box profile fields created for an audience by an `audience_field` mapping with \
              `create = true`.",
         );
+        let reconcile_scheduled = counter_vec(
+            "listrak_reconcile_scheduled_total",
+            "Keys at risk (updated twice within reconcile.window, or sent without an answer) \
+             whose read-back was scheduled (outcome=scheduled), or could not be (dropped: more \
+             than can wait in memory while the broker is unreachable).",
+            "outcome",
+        );
+        let reconcile_reads = counter_vec(
+            "listrak_reconcile_reads_total",
+            "Keys read back from Listrak, by what Listrak held: in_sync, differs, not_on_list \
+             (both repaired), or failed (read again later, or given up on a 4xx).",
+            "outcome",
+        );
+        for outcome in ["in_sync", "differs", "not_on_list", "failed"] {
+            reconcile_reads.with_label_values(&[outcome]);
+        }
+        for outcome in ["scheduled", "dropped"] {
+            reconcile_scheduled.with_label_values(&[outcome]);
+        }
+        let reconcile_repairs = counter(
+            "listrak_reconcile_repairs_total",
+            "Keys whose newest applied value was sent again because Listrak held another.",
+        );
+        let reconcile_postponed = counter(
+            "listrak_reconcile_postponed_total",
+            "Read-backs not read because a newer update of the key was applied since; that \
+             update's own read-back checks the key.",
+        );
+        let reconcile_pending = int_gauge(
+            "listrak_reconcile_pending",
+            "Read-back messages waiting in the broker (each names up to 100 keys), scheduled or \
+             due.",
+        );
         let catalogue_reads = counter(
             "listrak_catalogue_reads_total",
             "Reads of a list's profile field groups and fields, to resolve `audience_field` \
@@ -435,6 +473,11 @@ impl Metrics {
                 applied_log_contacts,
                 applied_log_unreadable,
                 catalogue_reads,
+                reconcile_scheduled,
+                reconcile_reads,
+                reconcile_repairs,
+                reconcile_postponed,
+                reconcile_pending,
                 unmapped_audience_events,
                 unmapped_audience_keys: Mutex::new(HashSet::new()),
             }),
@@ -565,6 +608,36 @@ impl Metrics {
         self.inner.applied_log_records.inc();
         self.inner.applied_log_bytes.inc_by(bytes as u64);
         self.inner.applied_log_contacts.inc_by(contacts as u64);
+    }
+
+    /// Read-backs scheduled for `keys` keys at risk (or `dropped` when none could wait).
+    pub fn reconcile_scheduled(&self, keys: usize, dropped: bool) {
+        let outcome = if dropped { "dropped" } else { "scheduled" };
+        self.inner
+            .reconcile_scheduled
+            .with_label_values(&[outcome])
+            .inc_by(keys as u64);
+    }
+
+    /// A key was read back: `outcome` is a comparison's name, or `failed`.
+    pub fn reconcile_read(&self, outcome: &str) {
+        self.inner
+            .reconcile_reads
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    pub fn reconcile_repaired(&self, keys: usize) {
+        self.inner.reconcile_repairs.inc_by(keys as u64);
+    }
+
+    pub fn reconcile_postponed(&self) {
+        self.inner.reconcile_postponed.inc();
+    }
+
+    /// Read-back messages waiting in the broker.
+    pub fn reconcile_pending(&self, messages: u32) {
+        self.inner.reconcile_pending.set(i64::from(messages));
     }
 
     pub fn applied_log_unreadable(&self) {
@@ -776,6 +849,11 @@ mod tests {
             "listrak_fields_not_created_total",
             "listrak_guard_keys",
             "listrak_guard_horizon_seconds",
+            "listrak_reconcile_scheduled_total",
+            "listrak_reconcile_reads_total",
+            "listrak_reconcile_repairs_total",
+            "listrak_reconcile_postponed_total",
+            "listrak_reconcile_pending",
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
         }

@@ -27,6 +27,17 @@ pub struct Topology {
     /// The applied log's `x-max-age` and `x-max-length-bytes`.
     pub applied_max_age: Duration,
     pub applied_max_bytes: u64,
+    /// With read-backs on: `<queue>.readback.<after>`, where a key at risk waits `after`
+    /// (the queue's TTL), and `<queue>.readback.due`, where it lands to be read.
+    pub readback: Option<ReadBackQueues>,
+}
+
+/// The two queues of read-backs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBackQueues {
+    pub waiting: String,
+    pub after: Duration,
+    pub due: String,
 }
 
 impl Topology {
@@ -47,6 +58,7 @@ impl Topology {
             applied: format!("{queue}.applied"),
             applied_max_age: Duration::from_secs(7 * 24 * 3600),
             applied_max_bytes: 4_000_000_000,
+            readback: None,
         }
     }
 
@@ -57,6 +69,10 @@ impl Topology {
             single_active_consumer: settings.amqp.single_active_consumer,
             applied_max_age: settings.applied_log.max_age,
             applied_max_bytes: settings.applied_log.max_bytes,
+            readback: settings
+                .reconcile
+                .enabled
+                .then(|| ReadBackQueues::of(&settings.amqp.queue, settings.reconcile.after)),
             ..Self::new(
                 &settings.amqp.exchange,
                 &settings.amqp.queue,
@@ -68,6 +84,16 @@ impl Topology {
     /// The retry queue for a step of the schedule.
     pub fn retry_queue(&self, delay: Duration) -> String {
         retry_queue_name(&self.queue, delay)
+    }
+}
+
+impl ReadBackQueues {
+    pub fn of(queue: &str, after: Duration) -> Self {
+        Self {
+            waiting: format!("{queue}.readback.{}", humantime::format_duration(after)),
+            after,
+            due: format!("{queue}.readback.due"),
+        }
     }
 }
 

@@ -234,16 +234,24 @@ pub enum Verdict {
     Abandoned,
 }
 
+/// A list, contact and field whose value Listrak accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedKey<'a> {
+    pub list: ListId,
+    pub email: &'a str,
+    pub field: FieldId,
+}
+
 /// What the applied log teaches whoever keeps the newest values applied (the superseded
 /// guard): the log's edge reads records and hands what they say over through this, and
 /// knows nothing else of its reader.
 pub trait AppliedKnowledge: Send + Sync + 'static {
-    /// A value of (`list`, `email`, `field`) with `event_time` was applied at `applied_at`.
+    /// `value` of (`list`, `email`, `field`), with `event_time`, was applied at `applied_at`
+    /// by another replica (or by an earlier run of this one).
     fn applied(
         &self,
-        list: ListId,
-        email: &str,
-        field: FieldId,
+        key: AppliedKey<'_>,
+        value: &str,
         event_time: EventTime,
         applied_at: EventTime,
     );

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use listrak_worker::commands::dlq::{DeadLetters, Filter, ReplayOptions};
 use listrak_worker::driver::fields::FieldCatalogue;
-use listrak_worker::edges::listrak::{CatalogueError, ListrakApi, ListrakClient};
+use listrak_worker::edges::listrak::{CatalogueError, ContactValues, ListrakApi, ListrakClient};
 use listrak_worker::stages::catalogue::FieldGroup;
 use listrak_worker::stages::classify::Outcome;
 use listrak_worker::stages::model::{FieldId, ListId};
@@ -148,12 +148,13 @@ async fn a_hanging_catalogue_sends_every_held_message_to_the_retry_queues_within
     let published = bodies.len() as u64;
     let started = Instant::now();
     h.publish(&bodies).await;
-    // max_wait + in_process is when a message's batch may last start a request: a field
-    // lookup ends there. Then a confirm and an ack (folded for up to 500 ms); the rest is
-    // room for a loaded machine.
+    // max_wait + in_process (1.2 s) is when a message's batch may last start a request: a
+    // field lookup ends there. Then a confirm and an ack (folded for up to 500 ms): 1.3 s
+    // here. The catalogue answers after 30 s, so a bound of 20 s still tells a budget kept
+    // from a wait for the catalogue, with room for a machine loaded by the other tests.
     h.wait_for(
         "every held message handed to the retry queue",
-        Duration::from_secs(6),
+        Duration::from_secs(20),
         |h| h.acked_as("retry_scheduled") >= published,
     )
     .await;
@@ -439,6 +440,15 @@ impl ListrakApi for PanickingReads {
         contacts: usize,
     ) -> impl Future<Output = Outcome> + Send {
         self.client.post_contacts(list, body, contacts)
+    }
+
+    fn contact(
+        &self,
+        list: ListId,
+        email: &str,
+        fields: &[u32],
+    ) -> impl Future<Output = Result<Option<ContactValues>, CatalogueError>> + Send {
+        ListrakApi::contact(&self.client, list, email, fields)
     }
 }
 

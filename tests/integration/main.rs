@@ -13,6 +13,7 @@ mod logs;
 mod observability;
 mod pipeline;
 mod process;
+mod readback;
 mod reconcile;
 mod replicas;
 mod setup;

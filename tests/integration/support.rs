@@ -84,6 +84,8 @@ pub struct Knobs {
     pub mappings: Option<String>,
     /// `listrak.field_creation_budget`.
     pub field_creation_budget: usize,
+    /// The keys of the `[reconcile]` table.
+    pub reconcile: &'static str,
 }
 
 impl Default for Knobs {
@@ -107,6 +109,7 @@ impl Default for Knobs {
             verify_at_start: false,
             mappings: None,
             field_creation_budget: 100,
+            reconcile: "",
         }
     }
 }
@@ -149,7 +152,11 @@ grace = "{grace}"
 
 [superseded]
 capacity = {superseded_capacity}
+
+[reconcile]
+{reconcile}
 {mappings}"#,
+        reconcile = knobs.reconcile,
         mappings = knobs.mappings.as_deref().unwrap_or(MAPPINGS_TOML),
         amqp = match &knobs.cluster_urls {
             Some(urls) => format!(

@@ -1,32 +1,6 @@
 //! `--rate`: pacing replays to a number of messages per second.
 
-use std::time::{Duration, Instant};
-
-/// Hands out send times `1/rate` apart. The schedule runs from the first send, so the time
-/// spent between sends does not slow the rate; a sender that falls behind is not given a
-/// burst to catch up, so the rate is never exceeded. (A `tokio::time::interval` cannot go
-/// below the timer's millisecond resolution; this can, since it only computes deadlines.)
-#[derive(Debug, Clone)]
-pub struct Pace {
-    interval: Duration,
-    next: Option<Instant>,
-}
-
-impl Pace {
-    pub fn new(per_second: f64) -> Self {
-        Self {
-            interval: Duration::from_secs_f64(1.0 / per_second),
-            next: None,
-        }
-    }
-
-    /// When the next message may be sent, asked at `now`.
-    pub fn slot(&mut self, now: Instant) -> Instant {
-        let at = self.next.map_or(now, |next| next.max(now));
-        self.next = Some(at + self.interval);
-        at
-    }
-}
+pub use crate::stages::pace::Pace;
 
 /// Parses `--rate`: `50`, `50/s`, `0.5/s`, `3000/m` or `100/h`, messages per time unit.
 pub fn parse_rate(text: &str) -> Result<f64, String> {
@@ -56,6 +30,7 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn slots_are_one_interval_apart_from_the_first_send() {

@@ -129,6 +129,27 @@ impl Drop for InFlight {
 }
 
 impl ListrakApi for SimulatedListrak {
+    async fn contact(
+        &self,
+        _list: ListId,
+        email: &str,
+        fields: &[u32],
+    ) -> Result<Option<crate::edges::listrak::ContactValues>, crate::edges::listrak::CatalogueError>
+    {
+        let state = self.state.lock();
+        let values = fields
+            .iter()
+            .filter_map(|field| {
+                let value = state.values.get(&(email.to_owned(), *field))?;
+                Some((*field, value.clone()))
+            })
+            .collect();
+        Ok(Some(crate::edges::listrak::ContactValues {
+            email: email.to_owned(),
+            values,
+        }))
+    }
+
     async fn post_contacts(&self, _list: ListId, body: Bytes, contacts: usize) -> Outcome {
         let parsed: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
         let sent: Vec<(String, Vec<(u32, String)>)> = parsed
@@ -412,6 +433,7 @@ impl Simulation {
             hold_budget: scenario.hold_budget(),
             request_timeout: REQUEST_TIMEOUT,
             shutdown: CancellationToken::new(),
+            reconciler: None,
         });
         Simulation {
             broker: Broker {

@@ -21,6 +21,16 @@ struct MemoryListrak {
 impl crate::driver::fields::WithoutCatalogue for MemoryListrak {}
 
 impl ListrakApi for MemoryListrak {
+    async fn contact(
+        &self,
+        _: ListId,
+        _: &str,
+        _: &[u32],
+    ) -> Result<Option<crate::edges::listrak::ContactValues>, crate::edges::listrak::CatalogueError>
+    {
+        unreachable!("delivering a batch reads nothing back")
+    }
+
     async fn post_contacts(&self, list: ListId, body: Bytes, contacts: usize) -> Outcome {
         assert!(!self.panics, "a bug in the request path");
         let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -103,6 +113,7 @@ fn deliverer(api: MemoryListrak, hold_budget: Duration) -> Deliverer<MemoryListr
         hold_budget,
         request_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
+        reconciler: None,
     }
 }
 

@@ -265,6 +265,11 @@ impl FakeHandle {
         state.edit_field(list_id, email, field_id, value);
     }
 
+    /// Requests of the contact read routes (Get a Contact, Get all Contacts) so far.
+    pub fn contact_reads(&self) -> usize {
+        self.shared.lock().contact_reads()
+    }
+
     /// Imports accepted (201) and not completed yet.
     pub fn imports_pending(&self) -> usize {
         let mut state = self.shared.lock();

@@ -586,6 +586,7 @@ fn list_contacts(
 ) -> Result<Option<&ListContacts>, Refusal> {
     let now = Instant::now();
     state.complete_imports(now);
+    state.contact_read();
     let faults = state.faults(now);
     if faults.unknown_lists.contains(&list)
         || (!state.catalogue().is_empty() && !state.catalogue().has_list(list))

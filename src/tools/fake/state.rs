@@ -81,6 +81,9 @@ pub struct State {
     catalogue: Catalogue,
     /// Imports accepted but not completed yet (`import_delay_*`), in the order they arrived.
     imports: Vec<PendingImport>,
+    /// Requests of the contact read routes answered with contacts (Get a Contact, Get all
+    /// Contacts).
+    contact_reads: usize,
 }
 
 /// An accepted update whose import has not completed.
@@ -101,6 +104,7 @@ impl State {
             requests: Vec::new(),
             catalogue: Catalogue::default(),
             imports: Vec::new(),
+            contact_reads: 0,
         }
     }
 
@@ -118,6 +122,15 @@ impl State {
         for import in due {
             self.apply(import.list_id, import.contacts);
         }
+    }
+
+    /// A contact read route was asked.
+    pub fn contact_read(&mut self) {
+        self.contact_reads += 1;
+    }
+
+    pub fn contact_reads(&self) -> usize {
+        self.contact_reads
     }
 
     /// Imports accepted and not completed yet.
