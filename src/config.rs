@@ -49,7 +49,7 @@ use sections::{
 
 pub use broker_tls_files::{BrokerTls, ClientIdentity, IdentityError, PemFile};
 pub use broker_urls::BrokerUrls;
-pub use defaults::{DEFAULT_AMQP_URL, HELD_MESSAGE_BYTES};
+pub use defaults::{DEFAULT_AMQP_URL, DEFAULT_RECONCILE_AFTER, HELD_MESSAGE_BYTES};
 pub use environment::{
     ENV_AMQP_URL, ENV_API_URL, ENV_AUTH_URL, ENV_CLIENT_ID, ENV_CLIENT_SECRET, ENV_INGEST_SECRET,
     ENV_INGEST_TOKEN,

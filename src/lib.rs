@@ -25,7 +25,9 @@
 //!   acks), [`disposition`](stages::disposition) (an ack, a retry queue's copy or a dead
 //!   letter, with the headers that say why), [`headers`](stages::headers) (the header names,
 //!   the properties a copy carries, the queue names), [`catalogue`](stages::catalogue) (an
-//!   account's lists and fields against the mappings, and what `listrak provision` creates).
+//!   account's lists and fields against the mappings, and what `listrak provision` creates),
+//!   [`readback`](stages::readback) (which keys are at risk of a stale value in Listrak, and
+//!   what reading one back decides), [`pace`](stages::pace) (send times at most a rate apart).
 //! - [`edges`], where the worker meets the world: [`broker`](edges::broker) (connection,
 //!   topology, confirmed publishing), [`applied_log`](edges::applied_log) (the stream every
 //!   worker appends to and tails), [`listrak`](edges::listrak) (the API client and its
@@ -40,6 +42,8 @@
 //!   retries within the hold budget, bisection, size ceilings), [`fields`](driver::fields)
 //!   (each list's field catalogue, resolving `audience_field` mappings),
 //!   [`guard`](driver::guard) (what the applied log says was applied),
+//!   [`readback`](driver::readback) (keys at risk scheduled in the broker, read back from
+//!   Listrak and repaired),
 //!   [`concurrency`](driver::concurrency) (adaptive request concurrency and a rate after a
 //!   429), [`retry`](driver::retry) (in-process backoff; the only user of `backoff`),
 //!   [`unpoisoned`](driver::unpoisoned) (a mutex a panic does not poison).

@@ -85,6 +85,11 @@ struct Args {
     ingest: bool,
     #[arg(long, default_value_t = 16)]
     ingest_concurrency: usize,
+    /// Measure read-backs instead: `--events` Engage events for one list (`--lag-setting`'s
+    /// latency, each person appearing ten times) into a Listrak whose imports complete 0-3 s
+    /// after their 201 in any order; reads, repairs and fields left stale.
+    #[arg(long)]
+    readback: bool,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/listrak-bench.json")]
     json: PathBuf,
@@ -140,6 +145,16 @@ async fn main() -> anyhow::Result<()> {
         throttle_rps: args.throttle_rps,
         throttle_duration: args.throttle_duration,
     };
+    if args.readback {
+        let setting = Setting {
+            lists: 1,
+            latency: options.lag_setting.latency,
+            appearances: 10,
+        };
+        let report = bench::readbacks(&options, setting, Duration::from_secs(600)).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         if args.runs > 1 {

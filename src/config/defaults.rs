@@ -80,7 +80,7 @@ pub(super) const DEFAULT_WATCH_CAPACITY: i64 = 150_000;
 pub(super) const MAX_WATCH_CAPACITY: i64 = 100_000_000;
 /// Listrak completes most imports within seconds; two minutes leaves room for a slow one
 /// before a key at risk is read back.
-pub(super) const DEFAULT_RECONCILE_AFTER: Duration = Duration::from_secs(120);
+pub const DEFAULT_RECONCILE_AFTER: Duration = Duration::from_secs(120);
 /// Updates of one key within an hour of each other may complete in either order (or race
 /// between replicas); further apart, the first import completed long before the second.
 pub(super) const DEFAULT_RECONCILE_WINDOW: Duration = Duration::from_secs(3600);

@@ -431,6 +431,12 @@ async fn pass<A: ListrakApi>(
         context.metrics.reconcile_repaired(repairs.len());
     }
     for (list, email, field, value, time) in repairs {
+        tracing::debug!(
+            list_id = %list,
+            field_id = field,
+            email = %mask_email(&email),
+            "repairing a key Listrak holds another value for"
+        );
         let repair = Repair {
             list,
             email: &email,

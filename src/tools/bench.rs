@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::commands::publish::event_properties;
 use crate::edges::broker::{self, wait_confirm, Publisher, Topology};
+use crate::stages::headers::ReadBackQueues;
 use crate::stages::model::EventTime;
 use crate::tools::fake::{FakeOptions, FakeServer, Faults};
 
@@ -178,6 +179,19 @@ pub struct Report {
 /// Engage events for a setting: people entering and leaving its lists' audiences. Returns
 /// the bodies and, per list, how many distinct contacts they touch.
 fn engage_events(events: usize, setting: Setting, seed: u64) -> (Vec<Vec<u8>>, Vec<usize>) {
+    let backlog = engage_backlog(events, setting, seed);
+    (backlog.bodies, backlog.contacts_per_list)
+}
+
+/// Engage events and where they leave each person.
+struct Backlog {
+    bodies: Vec<Vec<u8>>,
+    contacts_per_list: Vec<usize>,
+    /// (person, list, audience) → in the audience after the last event.
+    last: HashMap<(usize, usize, usize), bool>,
+}
+
+fn engage_backlog(events: usize, setting: Setting, seed: u64) -> Backlog {
     let mut rng = StdRng::seed_from_u64(seed);
     // With one appearance, about 6% of events flip a contact already seen on the same list.
     let people = (events / setting.appearances).max(1);
@@ -198,7 +212,11 @@ fn engage_events(events: usize, setting: Setting, seed: u64) -> (Vec<Vec<u8>>, V
         let key = audience_key(list, audience, audiences);
         bodies.push(engage_event(index, &key, person, entered, EventTime::now()));
     }
-    (bodies, contacts.iter().map(HashSet::len).collect())
+    Backlog {
+        bodies,
+        contacts_per_list: contacts.iter().map(HashSet::len).collect(),
+        last: member,
+    }
 }
 
 fn audience_key(list: usize, audience: usize, audiences: usize) -> String {
@@ -499,10 +517,23 @@ impl WorkerProcess {
         fake: &FakeServer,
         tag: &str,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with(options, setting, queue, fake, tag, "")
+    }
+
+    /// As [`Self::spawn`], with `extra` tables added to the configuration.
+    fn spawn_with(
+        options: &BenchOptions,
+        setting: Setting,
+        queue: &str,
+        fake: &FakeServer,
+        tag: &str,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let listen = free_port()?;
         let config =
             std::env::temp_dir().join(format!("listrak-bench-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&config, self::config(options, setting, queue, fake, listen))?;
+        let text = self::config(options, setting, queue, fake, listen);
+        std::fs::write(&config, format!("{extra}\n{text}"))?;
         let child = Command::new(&options.worker_binary)
             .args(["run", "--runtime", &options.runtime, "--config"])
             .arg(&config)
@@ -600,6 +631,15 @@ async fn fake(faults: Faults) -> anyhow::Result<(FakeServer, Instant)> {
     Ok((fake, started))
 }
 
+/// The `reconcile.after` the worker of a measurement runs with.
+fn reconcile_after(tag: &str) -> Duration {
+    if tag == READBACK_TAG {
+        READBACK_AFTER
+    } else {
+        crate::config::DEFAULT_RECONCILE_AFTER
+    }
+}
+
 async fn with_queue<T>(
     options: &BenchOptions,
     tag: &str,
@@ -619,6 +659,10 @@ async fn with_queue<T>(
             Duration::from_secs(4 * 3600),
         ],
     );
+    // The worker declares its read-back queues (at the default `reconcile.after`, or the
+    // read-back measurement's); they go with the others.
+    let mut topology = topology;
+    topology.readback = Some(ReadBackQueues::of(&queue, reconcile_after(tag)));
     topology.declare(&connection).await?;
     let result = run(&publisher, &topology).await;
     if let Err(error) = topology.delete(publisher.channel()).await {
@@ -1147,4 +1191,117 @@ mod tests {
         assert!("8".parse::<Setting>().is_err());
         assert!("8xsoon".parse::<Setting>().is_err());
     }
+}
+
+const READBACK_TAG: &str = "readback";
+/// `reconcile.after` in the read-back measurement: imports complete within 3 s.
+const READBACK_AFTER: Duration = Duration::from_secs(5);
+
+/// What read-backs cost and repair on an Engage-shaped backlog whose imports complete out of
+/// order.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReadBackReport {
+    pub events: usize,
+    pub contacts: usize,
+    /// (contact, audience field) pairs the backlog sets.
+    pub keys: usize,
+    /// Keys on another value than their newest once the backlog was drained and every
+    /// import completed: what would stay without read-backs.
+    pub stale_after_drain: usize,
+    pub stale_at_end: usize,
+    /// From the last ack until no key was stale.
+    pub seconds_to_exact: f64,
+    pub keys_scheduled: f64,
+    pub reads: f64,
+    pub repairs: f64,
+    pub reads_per_1000_contacts: f64,
+    pub repairs_per_1000_contacts: f64,
+    pub drain_events_per_second: f64,
+}
+
+/// Drains an Engage-shaped backlog (one list, `setting`'s latency and appearances) into a
+/// Listrak whose imports complete 0–3 s after their 201 in any order, with read-backs
+/// `READBACK_AFTER` after each update at risk, and waits until Listrak holds every newest
+/// value (or `within` passes).
+pub async fn readbacks(
+    options: &BenchOptions,
+    setting: Setting,
+    within: Duration,
+) -> anyhow::Result<ReadBackReport> {
+    crate::edges::listrak::install_crypto_provider();
+    let backlog = engage_backlog(options.events, setting, 11);
+    let mut report = ReadBackReport {
+        events: options.events,
+        contacts: backlog.contacts_per_list.iter().sum(),
+        keys: backlog.last.len(),
+        ..ReadBackReport::default()
+    };
+    let stale = |fake: &FakeServer| {
+        backlog
+            .last
+            .iter()
+            .filter(|((person, list, audience), entered)| {
+                let held = fake.value(
+                    1000 + *list as u32,
+                    &format!("person{person}@example.com"),
+                    100 + *audience as u32,
+                );
+                held.as_deref() != Some(if **entered { "on" } else { "off" })
+            })
+            .count()
+    };
+    with_queue(options, READBACK_TAG, async |publisher, topology| {
+        publish_all(publisher, &topology.exchange, &backlog.bodies).await?;
+        let (fake, _) = fake(Faults {
+            latency: setting.latency,
+            import_delay_max: Duration::from_secs(3),
+            ..Faults::default()
+        })
+        .await?;
+        let after = humantime::format_duration(READBACK_AFTER);
+        let worker = WorkerProcess::spawn_with(
+            options,
+            setting,
+            &topology.queue,
+            &fake,
+            READBACK_TAG,
+            &format!("[reconcile]\nafter = \"{after}\"\n"),
+        )?;
+        let started = Instant::now();
+        worker
+            .wait_acked(backlog.bodies.len(), Duration::from_secs(600))
+            .await?;
+        report.drain_events_per_second =
+            backlog.bodies.len() as f64 / started.elapsed().as_secs_f64();
+        let drained = Instant::now();
+        while fake.imports_pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.stale_after_drain = stale(&fake);
+        loop {
+            report.stale_at_end = stale(&fake);
+            if report.stale_at_end == 0 || drained.elapsed() > within {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        report.seconds_to_exact = drained.elapsed().as_secs_f64();
+        // The repairs' own read-backs confirm them; let them finish before counting.
+        tokio::time::sleep(READBACK_AFTER * 2).await;
+        let metrics = worker.scrape().await.unwrap_or_default();
+        report.keys_scheduled = series_sum(
+            &metrics,
+            r#"listrak_reconcile_scheduled_total{outcome="scheduled"}"#,
+        );
+        report.reads = series_sum(&metrics, "listrak_reconcile_reads_total");
+        report.repairs = series_sum(&metrics, "listrak_reconcile_repairs_total");
+        worker.stop();
+        fake.shutdown().await;
+        Ok(())
+    })
+    .await?;
+    let per_1000 = 1000.0 / report.contacts.max(1) as f64;
+    report.reads_per_1000_contacts = report.reads * per_1000;
+    report.repairs_per_1000_contacts = report.repairs * per_1000;
+    Ok(report)
 }
