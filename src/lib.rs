@@ -5,11 +5,18 @@
 //! ```text
 //!  RabbitMQ ──► decode ──► mapping ──► fields ──► batch ──► deliver ──► Listrak
 //!  (broker)     bytes to    events to   audience   per list,  requests,    (listrak)
-//!               messages    updates     key to     contact,   retries,
-//!                                       field id   field      bisection
-//!                                                                │
-//!                            ack / retry queue / dead letter ◄── settle
+//!               messages    updates     key to     contact,   retries,       │ 201
+//!                                       field id   field      bisection      ▼
+//!                                                                │      applied log ──► guard
+//!                            ack / retry queue / dead letter ◄── settle  (every replica's)
+//!                                                                            │ a key applied
+//!   main queue ◄── repair ◄── Listrak read back ◄── readback queues ◄────────┘ twice
 //! ```
+//!
+//! One broker session (`driver::session`) carries out what its core
+//! (`driver::session_core`) decides: which messages form a batch, when it leaves, what is
+//! held, acked, copied to a retry queue or dead-lettered, when a shutdown is done. The core
+//! does no I/O and reads no clock: the session hands it the time (`driver::clock`).
 //!
 //! The folders say what a module is:
 //!
@@ -36,16 +43,21 @@
 //!   [`ingest`](edges::ingest) (Segment's Webhooks destination into the exchange).
 //! - [`driver`], the state that lives while the worker runs and the loops that move messages
 //!   through the stages: [`worker`](driver::worker) (sessions one after another,
-//!   reconnection, shutdown), [`session`](driver::session) (one broker session: consume,
-//!   resolve fields, batch, dispatch, settle, publish, ack), [`shared`](driver::shared) (what
-//!   the sessions share), [`deliver`](driver::deliver) (one batch to Listrak: in-process
+//!   reconnection, shutdown), [`worker_state`](driver::worker_state) (what the sessions share
+//!   and keep), [`session`](driver::session) (one broker session: consume,
+//!   resolve fields, batch, dispatch, settle, publish, ack: what touches lapin, tasks and the
+//!   clock), [`session_core`](driver::session_core) (every decision of a session, without
+//!   I/O: batches, holds, acks, copies, shutdown), [`clock`](driver::clock) (the one clock the
+//!   driver reads), [`deliver`](driver::deliver) (one batch to Listrak: in-process
 //!   retries within the hold budget, bisection, size ceilings), [`fields`](driver::fields)
 //!   (each list's field catalogue, resolving `audience_field` mappings),
-//!   [`guard`](driver::guard) (what the applied log says was applied),
+//!   [`superseded`](driver::superseded) (the superseded guard: the newest event time applied
+//!   per key, from this worker's 201s and the applied log),
 //!   [`readback`](driver::readback) (keys at risk scheduled in the broker, read back from
 //!   Listrak and repaired),
 //!   [`concurrency`](driver::concurrency) (adaptive request concurrency and a rate after a
-//!   429), [`retry`](driver::retry) (in-process backoff; the only user of `backoff`),
+//!   429), [`retry`](driver::retry) (every retry schedule: in-process backoff, the only user
+//!   of `backoff`, publish attempts, reconnections),
 //!   [`unpoisoned`](driver::unpoisoned) (a mutex a panic does not poison).
 //! - [`commands`], what runs beside `run`: [`dlq`](commands::dlq) (stats, peek, replay,
 //!   export, purge), [`setup`](commands::setup) (`listrak lists | fields | provision`,
@@ -315,7 +327,7 @@ mod layers {
 
     #[test]
     fn the_stages_and_the_session_core_stay_pure() {
-        let pure = |s: &Source| s.folder == "stages" || s.module == "driver/core";
+        let pure = |s: &Source| s.folder == "stages" || s.module == "driver/session_core";
         for source in sources().into_iter().filter(pure) {
             for line in source.code.lines().map(str::trim) {
                 if line.starts_with("//") {
@@ -352,11 +364,11 @@ mod layers {
     #[test]
     fn the_import_reader_sees_grouped_and_inline_paths() {
         let code = "use crate::edges::{broker::{self, Topology}, http};\n\
-                    fn f() { crate::driver::guard::x(); }\nuse crate::config::Settings;";
+                    fn f() { crate::driver::superseded::x(); }\nuse crate::config::Settings;";
         let named: Vec<String> = named(code).into_iter().collect();
         assert_eq!(
             named,
-            ["config", "driver/guard", "edges/broker", "edges/http"]
+            ["config", "driver/superseded", "edges/broker", "edges/http"]
         );
     }
 }

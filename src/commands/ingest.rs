@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpSettings, Settings};
-use crate::driver::worker::{next_reconnect_pause, RECONNECT_FIRST};
+use crate::driver::retry::{next_reconnect_pause, RECONNECT_FIRST};
 use crate::edges::broker::{self, bounded, Publisher, Topology};
 use crate::edges::http::serve_router;
 use crate::edges::ingest::{router, Door, IngestMetrics, PublisherSlot};

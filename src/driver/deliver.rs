@@ -16,15 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::driver::clock;
 use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
-use crate::driver::guard::SupersededGuard;
 use crate::driver::readback::Reconciler;
 use crate::driver::retry::InProcessBackoff;
+use crate::driver::superseded::SupersededGuard;
 use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::{mask_email, Metrics, RetryClass};
 use crate::stages::batch::{Batch, Contact, FieldValue, RequestBody};
 use crate::stages::classify::{classify, Class, ListrakError, Outcome};
 use crate::stages::model::{
-    capped, AppliedKey, DeadLetterReason, EventTime, ListId, Rejection, Verdict, QUOTE_LIMIT,
+    capped, AppliedKey, DeadLetterReason, Delivered, EventTime, ListId, Rejection, Verdict,
+    QUOTE_LIMIT,
 };
 
 /// The smallest body size that Listrak refused with a size-404, per list, learned by
@@ -203,13 +204,6 @@ impl Verdicts {
             })
             .collect()
     }
-}
-
-/// A batch's verdicts (in the order of its contacts) and the `resourceId`s of the requests
-/// Listrak accepted.
-pub struct Delivered {
-    pub verdicts: Vec<Verdict>,
-    pub resource_ids: Vec<String>,
 }
 
 impl<A: ListrakApi> Deliverer<A> {

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::config::ReconcileSettings;
 use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
-use crate::driver::guard::SupersededGuard;
+use crate::driver::superseded::SupersededGuard;
 use crate::driver::unpoisoned::Mutex;
 use crate::edges::applied_log::{self, LogKey, ReadFrom};
 use crate::edges::broker::{PublishError, Publisher, Topology, CONFIRM_TIMEOUT};
@@ -106,8 +106,15 @@ impl Reconciler {
     }
 
     fn applied_elsewhere(&self, key: AppliedKey<'_>, value: &str, time: EventTime, at: EventTime) {
+        let now = EventTime::now();
+        // A session reads the log from its horizon (days) before it consumes: only what
+        // was applied within the window can put a key at risk.
+        let window = i64::try_from(self.settings.window.as_micros()).unwrap_or(i64::MAX);
+        if now.0.saturating_sub(at.0) > window {
+            return;
+        }
         let hash = self.hash(key.list, key.email, key.field);
-        if self.risk.lock().applied_elsewhere(hash, EventTime::now()) {
+        if self.risk.lock().applied_elsewhere(hash, now) {
             self.schedule(key, value, time, at);
         }
     }

@@ -18,11 +18,11 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::driver::clock;
-use crate::driver::core::{Arrival, Command, Core, CoreSettings, Ending, ACK_HOLD};
-use crate::driver::deliver::Delivered;
 use crate::driver::fields::{self, Unresolvable};
 use crate::driver::readback::{self, Learner};
-use crate::driver::shared::Worker;
+use crate::driver::retry::{self, PUBLISH_ATTEMPTS};
+use crate::driver::session_core::{Arrival, Command, Core, CoreSettings, Ending, ACK_HOLD};
+use crate::driver::worker_state::Worker;
 use crate::edges::applied_log::{self, ReadFrom, Record};
 use crate::edges::broker::{
     self, bounded, poll_queue_depths, text_header, PackedProperties, Publisher, RetryHeaders,
@@ -35,18 +35,13 @@ use crate::stages::decode::decode;
 use crate::stages::disposition::{self, dispose, Disposition, Republish, Rules};
 use crate::stages::mapping::plan;
 use crate::stages::model::{
-    capped, AckOutcome, DeadLetterReason, EventTime, ListId, Rejection, Update, Verdict,
+    capped, AckOutcome, DeadLetterReason, Delivered, EventTime, ListId, Rejection, Update, Verdict,
     QUOTE_LIMIT,
 };
 use crate::stages::settle::{AckCommand, Settlement};
 
 /// Bound on asking the broker whether the queue is empty, before an early flush.
 const QUIET_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-/// A retry or dead-letter publish that fails is tried again on a new channel this many
-/// times, a little later each time; then the session ends and the broker delivers the
-/// message again, so no delivery stays unsettled.
-const PUBLISH_ATTEMPTS: u32 = 5;
-const PUBLISH_RETRY_FIRST: Duration = Duration::from_millis(200);
 
 /// A message being worked on: what is needed to publish it again, unchanged, elsewhere.
 struct Original {
@@ -677,13 +672,11 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         generation: u64,
     ) -> Result<Duration, SessionError> {
         *attempts += 1;
-        if *attempts >= PUBLISH_ATTEMPTS {
-            return Err(SessionError::PublishFailed);
-        }
+        let pause = retry::publish_pause(*attempts).ok_or(SessionError::PublishFailed)?;
         if generation == self.publisher_generation {
             self.replace_publisher().await?;
         }
-        Ok(PUBLISH_RETRY_FIRST * 2u32.pow(*attempts - 1))
+        Ok(pause)
     }
 
     /// A failed publish usually means the publisher channel is gone (the broker closed it

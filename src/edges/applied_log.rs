@@ -5,7 +5,7 @@
 //!
 //! A record also notes the contacts of the batch whose messages went to a retry queue or the
 //! dead-letter queue (or were left for redelivery): an older copy of theirs may come back, so
-//! the guard watches those keys for the log's horizon (see `guard`).
+//! the guard watches those keys for the log's horizon (see `driver::superseded`).
 //!
 //! A record is compact JSON, compressed with zlib (`content-encoding: deflate`: about a third
 //! of its JSON, message ids being random), one object per record:

@@ -234,6 +234,13 @@ pub enum Verdict {
     Abandoned,
 }
 
+/// A batch's verdicts (in the order of its contacts) and the `resourceId`s of the requests
+/// Listrak accepted.
+pub struct Delivered {
+    pub verdicts: Vec<Verdict>,
+    pub resource_ids: Vec<String>,
+}
+
 /// A list, contact and field whose value Listrak accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppliedKey<'a> {

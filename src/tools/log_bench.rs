@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::driver::guard::{SupersededGuard, BYTES_PER_KEY};
+use crate::driver::superseded::{SupersededGuard, BYTES_PER_KEY};
 use crate::edges::applied_log::{self, AppliedContact, PendingContact, Record, VERSION};
 use crate::edges::broker::{self, Publisher, Topology};
 use crate::edges::telemetry::Metrics;

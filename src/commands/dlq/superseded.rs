@@ -5,7 +5,7 @@
 use lapin::{BasicProperties, Connection};
 
 use crate::config::Settings;
-use crate::driver::guard::SupersededGuard;
+use crate::driver::superseded::SupersededGuard;
 use crate::edges::applied_log::{self, ReadFrom};
 use crate::edges::broker::{carried_event_time, stamped_time, Topology};
 use crate::stages::decode::decode;

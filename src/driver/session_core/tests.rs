@@ -21,7 +21,7 @@ use super::*;
 use crate::driver::clock;
 use crate::driver::concurrency::AdaptiveConcurrency;
 use crate::driver::deliver::{Deliverer, SizeCeilings};
-use crate::driver::guard::SupersededGuard;
+use crate::driver::superseded::SupersededGuard;
 use crate::driver::unpoisoned::Mutex;
 use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::Metrics;

@@ -9,10 +9,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::driver::deliver::Delivered;
 use crate::stages::batch::{ArrivalPace, Batch, BatchLimits, Batcher};
 use crate::stages::mapping::Plan;
-use crate::stages::model::{AckOutcome, ListId, Rejection, Update, Verdict};
+use crate::stages::model::{AckOutcome, Delivered, ListId, Rejection, Update, Verdict};
 use crate::stages::settle::{AckCommand, Acks, Ledger, Settlement};
 
 /// Acks are sent at every tick: often enough for latency, rarely enough to fold many.
