@@ -253,7 +253,7 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_limit_grows_while_used_and_halves_on_overload() {
         let limiter = AdaptiveConcurrency::new(8, |_| {});
         assert_eq!(limiter.limit(), 4);
@@ -267,13 +267,13 @@ mod tests {
         let grown = limiter.limit();
         assert!(grown > 4, "grew to {grown}");
         assert!(grown <= 8);
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::advance(Duration::from_millis(2)).await;
         limiter.acquire().await.record(Signal::Overloaded);
         assert_eq!(limiter.limit(), (grown as f64 * DECREASE).max(1.0) as usize);
     }
 
-    #[test]
-    fn the_limit_doubles_per_round_trip_until_the_first_overload_then_grows_by_one() {
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_doubles_per_round_trip_until_the_first_overload_then_grows_by_one() {
         let limiter = AdaptiveConcurrency::new(128, |_| {});
         let rtt = Duration::from_millis(1);
         assert_eq!(limiter.limit(), 64, "half the maximum to start with");
@@ -281,7 +281,7 @@ mod tests {
             limiter.observe(Signal::Healthy, true, rtt);
         }
         assert_eq!(limiter.limit(), 128, "one round trip of answers doubled it");
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::advance(Duration::from_millis(2)).await;
         limiter.observe(Signal::Overloaded, true, rtt);
         assert_eq!(limiter.limit(), 64);
         // A little more than a round trip of answers, for the limit grows as they come.
@@ -291,11 +291,11 @@ mod tests {
         assert_eq!(limiter.limit(), 65, "then one more per round trip");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_limit_never_goes_below_one_nor_above_the_maximum() {
         let limiter = AdaptiveConcurrency::new(3, |_| {});
         for _ in 0..10 {
-            std::thread::sleep(Duration::from_millis(1));
+            tokio::time::advance(Duration::from_millis(1)).await;
             limiter.acquire().await.record(Signal::Overloaded);
         }
         assert_eq!(limiter.limit(), 1);
@@ -318,14 +318,14 @@ mod tests {
         assert_eq!(limiter.limit(), 4);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_429_caps_the_rate_under_what_was_accepted_and_the_cap_then_grows() {
         let limiter = AdaptiveConcurrency::new(4, |_| {});
         assert_eq!(limiter.rate(), None);
         for _ in 0..20 {
             limiter.acquire().await.record(Signal::Healthy);
         }
-        std::thread::sleep(RATE_WINDOW);
+        tokio::time::advance(RATE_WINDOW + Duration::from_millis(1)).await;
         for _ in 0..10 {
             limiter.acquire().await.record(Signal::Healthy);
         }
@@ -337,21 +337,21 @@ mod tests {
         );
 
         // Requests are now spaced by 1/rate.
-        let started = Instant::now();
+        let started = clock::now();
         for _ in 0..4 {
             limiter.acquire().await.record(Signal::Neutral);
         }
-        assert!(started.elapsed() >= Duration::from_secs_f64(3.0 / capped));
+        assert!(clock::now() - started >= Duration::from_secs_f64(3.0 / capped));
 
-        std::thread::sleep(RATE_SETTLE);
+        tokio::time::advance(RATE_SETTLE).await;
         limiter.acquire().await.record(Signal::Healthy);
         assert!(limiter.rate().unwrap() > capped, "grows without 429s");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_5xx_lowers_concurrency_but_sets_no_rate() {
         let limiter = AdaptiveConcurrency::new(8, |_| {});
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::advance(Duration::from_millis(2)).await;
         limiter.acquire().await.record(Signal::Overloaded);
         assert_eq!(limiter.rate(), None);
     }
