@@ -8,9 +8,12 @@ use serde_json::json;
 
 use crate::commands::dlq::{DeadLetters, Filter};
 use crate::commands::progress::Progress;
+use crate::config::Settings;
 use crate::edges::applied_log::{self, AppliedValue, ReadFrom};
 use crate::edges::broker::{queue_counts, Publisher, Topology};
-use crate::stages::model::EventTime;
+use crate::edges::listrak::ListrakClient;
+use crate::edges::telemetry::Metrics;
+use crate::stages::model::{EventTime, ListId};
 
 /// Dead letters read at most, looking for the contact's.
 const DEAD_LETTERS_READ: usize = 1_000_000;
@@ -297,4 +300,42 @@ pub fn to_json(history: &History, email: &str) -> String {
             .collect();
     }
     answer.to_string()
+}
+
+/// What `history` is asked.
+pub struct HistoryRequest {
+    pub email: String,
+    pub list: Option<ListId>,
+    pub since: Option<Duration>,
+    pub json: bool,
+    /// Also read what Listrak holds now.
+    pub listrak: bool,
+}
+
+/// `history`: what the applied log and the dead-letter queue say of one contact, as a table
+/// or JSON.
+pub async fn run(settings: &Settings, request: HistoryRequest) -> anyhow::Result<()> {
+    let HistoryRequest {
+        email,
+        list,
+        since,
+        json,
+        listrak,
+    } = request;
+    let topology = Topology::of(settings);
+    let connection = crate::commands::dlq::connect(&settings.amqp).await?;
+    let list = list.map(ListId::get);
+    let found = history(&connection, &topology, &email, list, since).await;
+    let _ = connection.close(200, "done".into()).await;
+    let mut found = found?;
+    if listrak {
+        let api = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
+        found.listrak = Some(listrak_now(&api, &found, &email).await?);
+    }
+    if json {
+        println!("{}", to_json(&found, &email));
+    } else {
+        print!("{}", table(&found, &email));
+    }
+    Ok(())
 }

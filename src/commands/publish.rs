@@ -16,7 +16,7 @@ use lapin::BasicProperties;
 use crate::commands::dlq::letter::replay_properties;
 use crate::commands::dlq::record::{parse_line, Line};
 use crate::commands::progress::Progress;
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, Settings};
 use crate::edges::broker::{
     self, wait_confirm, PublishError, Publisher, Topology, TopologyMismatch,
 };
@@ -282,4 +282,32 @@ impl Link {
             window.len()
         )))
     }
+}
+
+/// `publish FILE`: every line of the file to the exchange, and what was published.
+pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<()> {
+    let topology = Topology::of(settings);
+    let published = publish_file(&settings.amqp, &topology, file).await?;
+    println!(
+        "published {} messages to exchange {:?}{}{}",
+        published.messages,
+        topology.exchange,
+        if published.restored > 0 {
+            format!(
+                " ({} exported dead letters with their properties and headers)",
+                published.restored
+            )
+        } else {
+            String::new()
+        },
+        if published.not_json > 0 {
+            format!(
+                " ({} lines were not JSON; the worker will dead-letter them)",
+                published.not_json
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }

@@ -19,6 +19,7 @@ use crate::config::Settings;
 use crate::edges::applied_log::ReadFrom;
 use crate::edges::broker::Topology;
 use crate::edges::listrak::ListrakClient;
+use crate::edges::telemetry::Metrics;
 use crate::stages::model::{EventTime, ListId};
 
 /// Get all Contacts takes at most 30 fields a request and 5,000 contacts a page.
@@ -264,6 +265,26 @@ pub fn table(found: &Reconciled, applied: bool) -> String {
         }
     }
     out
+}
+
+/// `reconcile`: reads the list, compares, prints a table (or one JSON object), and with
+/// `--apply` repairs.
+pub async fn run(
+    settings: &Settings,
+    options: &ReconcileOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    let api = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
+    let connection = crate::commands::dlq::connect(&settings.amqp).await?;
+    let found = reconcile(settings, &connection, &api, options).await;
+    let _ = connection.close(200, "done".into()).await;
+    let found = found?;
+    if json {
+        println!("{}", serde_json::to_string(&found)?);
+    } else {
+        print!("{}", table(&found, options.apply));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

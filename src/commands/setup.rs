@@ -4,8 +4,10 @@
 
 use std::fmt::Write as _;
 
-use crate::config::toml_str;
+use crate::commands::cli::ListrakCommand;
+use crate::config::{toml_str, Settings};
 use crate::edges::listrak::{CatalogueError, ListrakClient};
+use crate::edges::telemetry::Metrics;
 use crate::stages::catalogue::{
     self, same_name, Catalogue, CheckReport, FieldGroup, ListInfo, Presence, ProvisionPlan,
     ProvisionRefusal,
@@ -452,6 +454,123 @@ impl Provisioned {
         }
         out
     }
+}
+
+/// `check`: the configuration as the worker reads it (secrets redacted); with `auth`, a token
+/// from Listrak; with `listrak`, every mapping against the account.
+pub async fn check(settings: &Settings, auth: bool, listrak: bool) -> anyhow::Result<()> {
+    print!("{}", settings.redacted_toml());
+    if auth || listrak {
+        let client = ListrakClient::new(&settings.listrak, Metrics::new(1))?;
+        if auth {
+            let lifetime = client
+                .authenticate()
+                .await
+                .map_err(|reason| anyhow::anyhow!("authentication failed: {reason}"))?;
+            println!(
+                "# authentication: ok, token valid for about {}s",
+                lifetime.as_secs()
+            );
+        }
+        if listrak {
+            verify_listrak(settings, &client, false).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks every mapping against the account; problems are printed (to stderr and the log at
+/// start, to stdout for `check`) and make an error that exits 2.
+pub async fn verify_listrak(
+    settings: &Settings,
+    client: &ListrakClient,
+    at_start: bool,
+) -> anyhow::Result<()> {
+    let report = verify(client, &settings.mappings)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot check the mappings against Listrak: {error}"))?;
+    let text = report_text(&report, settings.mappings.len());
+    if at_start {
+        for problem in &report.problems {
+            tracing::error!(%problem, "a mapping does not match the Listrak account");
+        }
+        for unchecked in &report.unchecked {
+            tracing::warn!(
+                %unchecked,
+                "a mapping could not be checked against the Listrak account"
+            );
+        }
+        if !report.problems.is_empty() {
+            eprint!("{text}");
+        }
+    } else {
+        print!("{text}");
+    }
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ProblemsFound(report.problems.len()).into())
+    }
+}
+
+/// `listrak lists | fields | provision`.
+pub async fn listrak(
+    command: ListrakCommand,
+    client: &ListrakClient,
+    mappings: &[Mapping],
+) -> anyhow::Result<()> {
+    match command {
+        ListrakCommand::Lists { json } => {
+            let lists = client.lists().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lists)?);
+            } else {
+                print!("{}", lists_table(&lists));
+            }
+        }
+        ListrakCommand::Fields { list, json } => {
+            let groups = field_groups(client, list).await?;
+            if json {
+                let answer = serde_json::json!({ "list": list, "groups": groups });
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", fields_table(&groups));
+            }
+        }
+        ListrakCommand::Provision {
+            list,
+            group,
+            audiences,
+            name,
+            dry_run,
+        } => {
+            let target = provision_target(mappings, list, group)?;
+            let request = ProvisionRequest {
+                list: target.list,
+                group: target.group,
+                audiences,
+                name,
+                dry_run,
+            };
+            let provisioned = provision(client, &request).await?;
+            // What happened goes to stderr, so that stdout is the configuration to paste.
+            eprint!("{}", provisioned.summary());
+            let mappings = provisioned.mappings_toml();
+            if let Some(mapping) = target.covered_by {
+                eprintln!(
+                    "mapping {mapping:?} (audience_field) already writes these audiences; no \
+                     [[mappings]] tables to add"
+                );
+            } else if mappings.is_empty() {
+                eprintln!(
+                    "dry run: nothing created; run without --dry-run for the [[mappings]] tables"
+                );
+            } else {
+                print!("{mappings}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,40 @@ struct Ops {
     health: Health,
 }
 
+/// The operations endpoint of a running worker: bound, and serving until stopped.
+pub struct OpsEndpoint {
+    stop: tokio_util::sync::CancellationToken,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OpsEndpoint {
+    /// Binds `listen` (an error when the port is taken, so a worker that cannot be watched
+    /// does not start) and serves `/metrics`, `/healthz` and `/readyz`.
+    pub async fn start(
+        listen: std::net::SocketAddr,
+        metrics: Metrics,
+        health: Health,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(serve(
+            listener,
+            metrics,
+            health,
+            stop.clone().cancelled_owned(),
+        ));
+        Ok(Self { stop, serving })
+    }
+
+    /// Stops taking connections. Open scrapes get a moment to finish; a client holding a
+    /// connection does not hold up the exit.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.serving).await;
+    }
+}
+
 /// Serves until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
