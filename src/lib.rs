@@ -28,11 +28,13 @@
 //!   rules), [`batch`](stages::batch) (per list, merged per contact, last write wins per
 //!   field; when a batch leaves; a contact in flight is never in a second request),
 //!   [`classify`](stages::classify) (a Listrak answer to ok / auth / systemic / ambiguous /
-//!   permanent), [`settle`](stages::settle) (each message to its acknowledgement; folding
+//!   permanent; a field that cannot be resolved to a dead letter or a retry), [`settle`](stages::settle) (each message to its acknowledgement; folding
 //!   acks), [`disposition`](stages::disposition) (an ack, a retry queue's copy or a dead
 //!   letter, with the headers that say why), [`headers`](stages::headers) (the header names,
 //!   the properties a copy carries, the queue names), [`catalogue`](stages::catalogue) (an
 //!   account's lists and fields against the mappings, and what `listrak provision` creates),
+//!   [`arrival`](stages::arrival) (a delivery decoded and mapped, its event times trusted
+//!   as far as `batch.clock_skew`, or poison),
 //!   [`readback`](stages::readback) (which keys are at risk of a stale value in Listrak, and
 //!   what reading one back decides), [`pace`](stages::pace) (send times at most a rate apart).
 //! - [`edges`], where the worker meets the world: [`broker`](edges::broker) (connection,

@@ -2,6 +2,7 @@
 //! them performs I/O, reads a clock or draws a random number; time comes in as a value. They
 //! import only each other and `config` (a test in `lib.rs` checks every file in this folder).
 
+pub mod arrival;
 pub mod batch;
 pub mod catalogue;
 pub mod classify;

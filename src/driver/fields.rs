@@ -39,9 +39,7 @@ pub const FAILED_READ_PAUSE_MAX: Duration = Duration::from_secs(4);
 const MAX_REFUSED_NAMES: usize = 1000;
 /// The window the creation budget counts over.
 pub const CREATION_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// The longest audience key taken as a field name. Listrak documents no limit; Engage's keys
-/// are a few dozen characters, and anything longer is a producer's bug, not an audience.
-pub const MAX_FIELD_NAME_CHARS: usize = 100;
+pub use crate::stages::classify::{Unresolvable, MAX_FIELD_NAME_CHARS};
 
 /// A stand-in for Listrak that never reads or changes a catalogue (the delivery tests, the
 /// session simulation): any call is a bug in the test.
@@ -144,56 +142,6 @@ impl NotCreated {
     }
 }
 
-/// Why a message's fields could not all be resolved.
-#[derive(Debug, thiserror::Error)]
-pub enum Unresolvable {
-    /// No such field, and the mapping does not create it (or a field of another type holds
-    /// the name): the message is dead-lettered as `unknown_field`.
-    #[error(
-        "list {list} has no Check Box field {name:?} in the profile field group {group:?}; \
-             create it (`listrak provision --audience {name}`) or set `create = true` in the \
-             mapping (a field of that name and another type is never replaced), then replay the \
-             dead letters with `dlq replay --reason unknown_field`"
-    )]
-    UnknownField {
-        list: ListId,
-        group: String,
-        name: String,
-    },
-    /// `create = true`, but the creation budget of the list is spent.
-    #[error(
-        "list {list} has no Check Box field {name:?} in the profile field group {group:?}, and \
-             {budget} fields were created in this list in the last 24 hours, the most \
-             `listrak.field_creation_budget` allows; if these audiences are real, raise the \
-             budget (or create the fields with `listrak provision`), then replay the dead \
-             letters with `dlq replay --reason unknown_field` (they also apply once the 24 \
-             hours have passed)"
-    )]
-    BudgetSpent {
-        list: ListId,
-        group: String,
-        name: String,
-        budget: usize,
-    },
-    /// The audience key cannot name a Listrak field; no request is made for it.
-    #[error(
-        "the audience key {name:?} cannot be the name of a profile field in list {list} (empty, \
-             over {MAX_FIELD_NAME_CHARS} characters, or with control characters); fix the \
-             producer, then replay the dead letters with `dlq replay --reason unknown_field`"
-    )]
-    InvalidName { list: ListId, name: String },
-    /// Reading or extending the catalogue failed.
-    #[error(transparent)]
-    Catalogue(#[from] CatalogueError),
-    /// The message's hold budget was spent waiting (for a read, a creation, or the turn of
-    /// the list): it goes to the retry queues.
-    #[error("the list's profile fields could not be resolved within the message's hold budget")]
-    OutOfTime,
-    /// A bug: the resolution panicked. The message goes to the retry queues.
-    #[error("resolving the message's profile fields panicked")]
-    Panicked,
-}
-
 /// Whether `name` can be a Listrak field's name.
 pub fn valid_field_name(name: &str) -> bool {
     !name.trim().is_empty()
@@ -257,19 +205,6 @@ pub struct Fields<C> {
     /// The most fields created per list in [`CREATION_WINDOW`].
     creation_budget: usize,
     lists: Mutex<HashMap<ListId, Arc<ListState>>>,
-}
-
-/// Whether a catalogue failure is Listrak's passing fault (tried again within the budget,
-/// then the retry queues), as the update path's classes have it.
-pub fn is_systemic(error: &CatalogueError) -> bool {
-    match error {
-        CatalogueError::NoToken(_)
-        | CatalogueError::Transport { .. }
-        | CatalogueError::Unexpected { .. } => true,
-        CatalogueError::Refused { status, .. } => {
-            matches!(status, 401 | 403 | 408 | 423 | 429) || (*status >= 500 && *status != 501)
-        }
-    }
 }
 
 impl<C: FieldCatalogue> Fields<C> {
@@ -456,9 +391,9 @@ impl<C: FieldCatalogue> Fields<C> {
 
     /// The field for a miss noticed at `seen`: from a read made after `seen` (waiting for the
     /// list's next allowed read if need be), then, with `create`, by creating it (and its
-    /// group), within the creation budget. A failure of Listrak's (see [`is_systemic`]) is
-    /// tried again after the list's pause, until the caller's deadline; any other is the
-    /// answer.
+    /// group), within the creation budget. A failure of Listrak's (see
+    /// [`CatalogueError::is_systemic`]) is tried again after the list's pause, until the
+    /// caller's deadline; any other is the answer.
     pub async fn resolve(
         &self,
         list: ListId,
@@ -469,7 +404,7 @@ impl<C: FieldCatalogue> Fields<C> {
     ) -> Result<Resolution, CatalogueError> {
         loop {
             match self.try_resolve(list, group, name, create, seen).await {
-                Err(error) if is_systemic(&error) => {
+                Err(error) if error.is_systemic() => {
                     tracing::debug!(
                         list_id = %list,
                         %error,
@@ -552,7 +487,7 @@ impl<C: FieldCatalogue> Fields<C> {
                 known.failed = None;
                 known.refused.remove(&key);
             }
-            Err(error) if !is_systemic(error) => {
+            Err(error) if !error.is_systemic() => {
                 // Bounded: a producer inventing names cannot grow it past what it refuses.
                 if known.refused.len() >= MAX_REFUSED_NAMES {
                     known.refused.clear();
@@ -1247,7 +1182,7 @@ mod tests {
         let Err(Unresolvable::Catalogue(error)) = refused else {
             panic!("{refused:?}");
         };
-        assert!(!is_systemic(&error));
+        assert!(!error.is_systemic());
         assert!(error.to_string().contains("answered 400"), "{error}");
     }
 

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::driver::clock;
-use crate::driver::fields::{self, Unresolvable};
+use crate::driver::fields::Unresolvable;
 use crate::driver::readback::{self, Learner};
 use crate::driver::retry::{self, PUBLISH_ATTEMPTS};
 use crate::driver::session_core::{Arrival, Command, Core, CoreSettings, Ending, ACK_HOLD};
@@ -28,15 +28,14 @@ use crate::edges::broker::{
     self, bounded, poll_queue_depths, text_header, PackedProperties, Publisher, RetryHeaders,
     TopologyMismatch,
 };
-use crate::edges::listrak::{CatalogueError, ListrakApi};
+use crate::edges::listrak::ListrakApi;
 use crate::edges::telemetry::Task;
+use crate::stages::arrival::{self, Prepared};
 use crate::stages::batch::{Batch, BatchLimits};
-use crate::stages::decode::decode;
+use crate::stages::classify::unresolved_verdict;
 use crate::stages::disposition::{self, dispose, Disposition, Republish, Rules};
-use crate::stages::mapping::plan;
 use crate::stages::model::{
-    capped, AckOutcome, DeadLetterReason, Delivered, EventTime, ListId, Rejection, Update, Verdict,
-    QUOTE_LIMIT,
+    capped, AckOutcome, Delivered, EventTime, ListId, Rejection, Update, Verdict, QUOTE_LIMIT,
 };
 use crate::stages::settle::{AckCommand, Settlement};
 
@@ -90,6 +89,16 @@ impl Received {
 
     fn message_id(&self) -> &str {
         self.message_id.as_deref().unwrap_or("-")
+    }
+
+    /// What is kept of it to publish it again: the copy carries `event_time` on.
+    fn into_original(self, event_time: Option<EventTime>) -> Original {
+        Original {
+            properties: self.properties,
+            message_id: self.message_id,
+            body: self.body,
+            event_time,
+        }
     }
 }
 
@@ -427,81 +436,49 @@ impl<'w, A: ListrakApi> Session<'w, A> {
         }
     }
 
-    /// Decodes and maps a delivery, trusts its event times as far as `batch.clock_skew`, looks
-    /// its fields up, and hands it to the core.
+    /// Prepares a delivery (`stages::arrival`), looks its fields up, and hands it to the core.
     fn on_delivery(&mut self, delivery: Received) {
         let metrics = &self.worker.metrics;
         metrics.message_received();
         let arrived = delivery.arrived;
         let tag = delivery.tag;
-        let now = EventTime::now();
-        // What an earlier delivery used, else the producer's AMQP timestamp, else now (this
-        // is the first receipt: a copy carries the time on).
-        let carried = delivery.carried;
-        let received = carried.or(delivery.stamped).unwrap_or(now);
-        let planned = decode(&delivery.body, received)
-            .and_then(|inbound| plan(&inbound, &self.worker.settings.mappings, metrics));
-        let mut plan = match planned {
-            Err(poison) => {
+        let prepared = arrival::prepare(
+            arrival::Delivery {
+                body: &delivery.body,
+                carried: delivery.carried,
+                stamped: delivery.stamped,
+            },
+            EventTime::now(),
+            self.worker.settings.batch.clock_skew,
+            &self.worker.settings.mappings,
+            metrics,
+        );
+        let arrival = match prepared {
+            Prepared::Poison(rejection) => {
                 tracing::info!(
                     delivery_tag = tag,
                     message_id = %delivery.message_id(),
-                    reason = %poison.reason,
-                    detail = %capped(&poison.detail, QUOTE_LIMIT),
+                    reason = %rejection.reason,
+                    detail = %capped(rejection.message.as_deref().unwrap_or(""), QUOTE_LIMIT),
                     "dead-lettering a message that cannot be applied"
                 );
-                let rejection = Rejection {
-                    reason: poison.reason,
-                    status: None,
-                    error: None,
-                    message: Some(poison.detail),
-                    list_id: None,
-                };
-                let original = Original {
-                    properties: delivery.properties,
-                    message_id: delivery.message_id,
-                    body: delivery.body,
-                    event_time: None,
-                };
-                let arrival = Arrival::Poison(original, rejection);
-                self.core.delivered(tag, arrival, arrived);
-                return;
+                Arrival::Poison(delivery.into_original(None), rejection)
             }
-            Ok(plan) if plan.is_empty() => {
-                self.core.delivered(tag, Arrival::Ignored, arrived);
-                return;
+            Prepared::Ignored => Arrival::Ignored,
+            Prepared::Plan {
+                plan,
+                event_time,
+                future,
+            } => {
+                if let Some(claimed) = future {
+                    metrics.future_timestamp(tag, delivery.message_id(), &claimed.to_rfc3339());
+                }
+                let original = delivery.into_original(Some(event_time));
+                match self.worker.fields.lookup_all(plan) {
+                    Ok(updates) => Arrival::Updates(original, updates),
+                    Err(plan) => Arrival::Unresolved(original, plan),
+                }
             }
-            Ok(plan) => plan,
-        };
-        let skew = self.worker.settings.batch.clock_skew;
-        let updates = plan.updates.iter_mut().chain(
-            plan.unresolved
-                .iter_mut()
-                .map(|pending| &mut pending.update),
-        );
-        let mut updates: Vec<&mut Update> = updates.collect();
-        if let Some(carried) = carried {
-            for update in updates.iter_mut() {
-                update.timestamp = carried;
-            }
-        }
-        if let Some(claimed) = trust_event_times(updates, now, skew) {
-            metrics.future_timestamp(tag, delivery.message_id(), &claimed.to_rfc3339());
-        }
-        let event_time = plan
-            .updates
-            .first()
-            .or(plan.unresolved.first().map(|pending| &pending.update))
-            .map_or(received, |update| update.timestamp);
-        let original = Original {
-            properties: delivery.properties,
-            message_id: delivery.message_id,
-            body: delivery.body,
-            event_time: Some(event_time),
-        };
-        let arrival = match self.worker.fields.lookup_all(plan) {
-            Ok(updates) => Arrival::Updates(original, updates),
-            Err(plan) => Arrival::Unresolved(original, plan),
         };
         self.core.delivered(tag, arrival, arrived);
     }
@@ -888,75 +865,10 @@ async fn read_applied_log<A: ListrakApi>(
     }
 }
 
-/// What becomes of a message whose fields could not be resolved: the update path's classes.
-fn unresolved_verdict(why: &Unresolvable) -> Verdict {
-    let unknown_field = |list: ListId, status, error, message| {
-        Verdict::DeadLetter(Rejection {
-            reason: DeadLetterReason::UnknownField,
-            status,
-            error,
-            message: Some(message),
-            list_id: Some(list),
-        })
-    };
-    match why {
-        Unresolvable::UnknownField { list, .. }
-        | Unresolvable::BudgetSpent { list, .. }
-        | Unresolvable::InvalidName { list, .. } => {
-            unknown_field(*list, None, None, why.to_string())
-        }
-        Unresolvable::Catalogue(error) if error.is_not_found() => Verdict::DeadLetter(Rejection {
-            reason: DeadLetterReason::ListNotFound,
-            status: Some(404),
-            error: None,
-            message: Some(error.to_string()),
-            list_id: None,
-        }),
-        Unresolvable::Catalogue(error) if !fields::is_systemic(error) => match error {
-            CatalogueError::Refused {
-                status,
-                error: code,
-                ..
-            } => Verdict::DeadLetter(Rejection {
-                reason: DeadLetterReason::UnknownField,
-                status: Some(*status),
-                error: Some(code.clone()).filter(|code| !code.is_empty()),
-                message: Some(format!(
-                    "{error}; the audience's field could not be created, so its events were \
-                     dead-lettered; replay them with `dlq replay --reason unknown_field` once \
-                     the field exists"
-                )),
-                list_id: None,
-            }),
-            _ => Verdict::Retry,
-        },
-        Unresolvable::Catalogue(_) | Unresolvable::OutOfTime | Unresolvable::Panicked => {
-            Verdict::Retry
-        }
-    }
-}
-
 /// Sleeps until `at`; without a time, never wakes (a `select!` branch that stays idle).
 async fn sleep_until_if_any(at: Option<impl Into<tokio::time::Instant>>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// Replaces event times more than `skew` ahead of `now` by `now`; returns the first such time.
-fn trust_event_times<'u>(
-    updates: impl IntoIterator<Item = &'u mut Update>,
-    now: EventTime,
-    skew: Duration,
-) -> Option<EventTime> {
-    let mut claimed = None;
-    for update in updates
-        .into_iter()
-        .filter(|u| u.timestamp.is_ahead_of(now, skew))
-    {
-        claimed.get_or_insert(update.timestamp);
-        update.timestamp = now;
-    }
-    claimed
 }

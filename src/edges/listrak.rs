@@ -14,33 +14,9 @@ use serde::Deserialize;
 use crate::config::{ListrakSettings, Secret};
 use crate::edges::telemetry::{Metrics, RetryClass};
 use crate::stages::catalogue::{FieldGroup, FieldInfo, ListInfo, CHECK_BOX};
+pub use crate::stages::classify::CatalogueError;
 use crate::stages::classify::{parse_retry_after, ListrakError, Outcome};
 use crate::stages::model::{FieldId, ListId};
-
-/// Why a catalogue request (lists, field groups, fields) failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CatalogueError {
-    #[error("no Listrak token: {0}")]
-    NoToken(String),
-    #[error("{request} failed: {reason}")]
-    Transport { request: String, reason: String },
-    #[error("{request}: Listrak answered {status} {error}: {message}")]
-    Refused {
-        request: String,
-        status: u16,
-        error: String,
-        message: String,
-    },
-    #[error("{request}: the answer is not what Listrak documents: {reason}")]
-    Unexpected { request: String, reason: String },
-}
-
-impl CatalogueError {
-    /// Listrak's 404: the list (or group) in the path does not exist.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Refused { status: 404, .. })
-    }
-}
 
 /// The catalogue requests the resolver makes; narrow so it is tested without HTTP.
 pub trait FieldCatalogue: Send + Sync + 'static {

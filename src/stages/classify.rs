@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::stages::model::{DeadLetterReason, ListId, Rejection, Verdict};
+
 /// Listrak's error envelope: `{"status":400,"error":"ERROR_INVALID_PARAMETER","message":"…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
 pub struct ListrakError {
@@ -109,6 +111,147 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
     Some(wait.to_std().unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER))
 }
 
+/// Why a catalogue request (lists, field groups, fields) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("no Listrak token: {0}")]
+    NoToken(String),
+    #[error("{request} failed: {reason}")]
+    Transport { request: String, reason: String },
+    #[error("{request}: Listrak answered {status} {error}: {message}")]
+    Refused {
+        request: String,
+        status: u16,
+        error: String,
+        message: String,
+    },
+    #[error("{request}: the answer is not what Listrak documents: {reason}")]
+    Unexpected { request: String, reason: String },
+}
+
+impl CatalogueError {
+    /// Listrak's 404: the list (or group) in the path does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Refused { status: 404, .. })
+    }
+}
+
+impl CatalogueError {
+    /// Whether the failure is Listrak's passing fault (tried again within the budget, then
+    /// the retry queues), as the update path's classes have it.
+    pub fn is_systemic(&self) -> bool {
+        match self {
+            Self::NoToken(_) | Self::Transport { .. } | Self::Unexpected { .. } => true,
+            Self::Refused { status, .. } => {
+                matches!(status, 401 | 403 | 408 | 423 | 429) || (*status >= 500 && *status != 501)
+            }
+        }
+    }
+}
+
+/// The longest audience key taken as a field name. Listrak documents no limit; Engage's keys
+/// are a few dozen characters, and anything longer is a producer's bug, not an audience.
+pub const MAX_FIELD_NAME_CHARS: usize = 100;
+
+/// Why a message's fields could not all be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum Unresolvable {
+    /// No such field, and the mapping does not create it (or a field of another type holds
+    /// the name): the message is dead-lettered as `unknown_field`.
+    #[error(
+        "list {list} has no Check Box field {name:?} in the profile field group {group:?}; \
+             create it (`listrak provision --audience {name}`) or set `create = true` in the \
+             mapping (a field of that name and another type is never replaced), then replay the \
+             dead letters with `dlq replay --reason unknown_field`"
+    )]
+    UnknownField {
+        list: ListId,
+        group: String,
+        name: String,
+    },
+    /// `create = true`, but the creation budget of the list is spent.
+    #[error(
+        "list {list} has no Check Box field {name:?} in the profile field group {group:?}, and \
+             {budget} fields were created in this list in the last 24 hours, the most \
+             `listrak.field_creation_budget` allows; if these audiences are real, raise the \
+             budget (or create the fields with `listrak provision`), then replay the dead \
+             letters with `dlq replay --reason unknown_field` (they also apply once the 24 \
+             hours have passed)"
+    )]
+    BudgetSpent {
+        list: ListId,
+        group: String,
+        name: String,
+        budget: usize,
+    },
+    /// The audience key cannot name a Listrak field; no request is made for it.
+    #[error(
+        "the audience key {name:?} cannot be the name of a profile field in list {list} (empty, \
+             over {MAX_FIELD_NAME_CHARS} characters, or with control characters); fix the \
+             producer, then replay the dead letters with `dlq replay --reason unknown_field`"
+    )]
+    InvalidName { list: ListId, name: String },
+    /// Reading or extending the catalogue failed.
+    #[error(transparent)]
+    Catalogue(#[from] CatalogueError),
+    /// The message's hold budget was spent waiting (for a read, a creation, or the turn of
+    /// the list): it goes to the retry queues.
+    #[error("the list's profile fields could not be resolved within the message's hold budget")]
+    OutOfTime,
+    /// A bug: the resolution panicked. The message goes to the retry queues.
+    #[error("resolving the message's profile fields panicked")]
+    Panicked,
+}
+
+/// What becomes of a message whose fields could not be resolved, in the update path's
+/// classes: a field that is not there (and will not be made) dead-letters it as
+/// `unknown_field`, a list that is not there as `list_not_found`, Listrak refusing to make the
+/// field as `unknown_field` with its answer; Listrak's passing faults, a spent hold budget and
+/// a bug send it to the retry queues.
+pub fn unresolved_verdict(why: &Unresolvable) -> Verdict {
+    let unknown_field = |list: ListId| {
+        Verdict::DeadLetter(Rejection {
+            reason: DeadLetterReason::UnknownField,
+            status: None,
+            error: None,
+            message: Some(why.to_string()),
+            list_id: Some(list),
+        })
+    };
+    match why {
+        Unresolvable::UnknownField { list, .. }
+        | Unresolvable::BudgetSpent { list, .. }
+        | Unresolvable::InvalidName { list, .. } => unknown_field(*list),
+        Unresolvable::Catalogue(error) if error.is_not_found() => Verdict::DeadLetter(Rejection {
+            reason: DeadLetterReason::ListNotFound,
+            status: Some(404),
+            error: None,
+            message: Some(error.to_string()),
+            list_id: None,
+        }),
+        Unresolvable::Catalogue(
+            error @ CatalogueError::Refused {
+                status,
+                error: code,
+                ..
+            },
+        ) if !error.is_systemic() => Verdict::DeadLetter(Rejection {
+            reason: DeadLetterReason::UnknownField,
+            status: Some(*status),
+            error: Some(code.clone()).filter(|code| !code.is_empty()),
+            message: Some(format!(
+                "{error}; the audience's field could not be created, so its events were \
+                 dead-lettered; replay them with `dlq replay --reason unknown_field` once the \
+                 field exists"
+            )),
+            list_id: None,
+        }),
+        Unresolvable::Catalogue(_) | Unresolvable::OutOfTime | Unresolvable::Panicked => {
+            Verdict::Retry
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +349,88 @@ mod tests {
         for (header, expected) in table {
             assert_eq!(parse_retry_after(header, now), *expected, "{header:?}");
         }
+    }
+
+    #[test]
+    fn a_message_whose_fields_cannot_be_resolved_is_dead_lettered_or_retried_by_class() {
+        let list = ListId::new(7).unwrap();
+        let refused = |status: u16, code: &str| {
+            Unresolvable::Catalogue(CatalogueError::Refused {
+                request: "POST /List/7/SegmentationFieldGroup/1/SegmentationField".into(),
+                status,
+                error: code.into(),
+                message: "no".into(),
+            })
+        };
+        let dead =
+            |reason, status: Option<u16>, list_id: Option<ListId>| (Some(reason), status, list_id);
+        let cases = [
+            (
+                Unresolvable::UnknownField {
+                    list,
+                    group: "Engage Audiences".into(),
+                    name: "vip".into(),
+                },
+                dead(DeadLetterReason::UnknownField, None, Some(list)),
+            ),
+            (
+                Unresolvable::BudgetSpent {
+                    list,
+                    group: "Engage Audiences".into(),
+                    name: "vip".into(),
+                    budget: 100,
+                },
+                dead(DeadLetterReason::UnknownField, None, Some(list)),
+            ),
+            (
+                Unresolvable::InvalidName {
+                    list,
+                    name: String::new(),
+                },
+                dead(DeadLetterReason::UnknownField, None, Some(list)),
+            ),
+            (
+                refused(404, "ERROR_UNABLE_TO_LOCATE_RESOURCE"),
+                dead(DeadLetterReason::ListNotFound, Some(404), None),
+            ),
+            (
+                refused(400, "ERROR_INVALID_PARAMETER"),
+                dead(DeadLetterReason::UnknownField, Some(400), None),
+            ),
+            (refused(503, "ERROR_UNAVAILABLE"), (None, None, None)),
+            (refused(429, ""), (None, None, None)),
+            (refused(401, ""), (None, None, None)),
+            (
+                Unresolvable::Catalogue(CatalogueError::Transport {
+                    request: "GET /List/7/SegmentationFieldGroup".into(),
+                    reason: "reset".into(),
+                }),
+                (None, None, None),
+            ),
+            (Unresolvable::OutOfTime, (None, None, None)),
+            (Unresolvable::Panicked, (None, None, None)),
+        ];
+        for (why, (reason, status, list_id)) in cases {
+            let verdict = unresolved_verdict(&why);
+            match (&verdict, reason) {
+                (Verdict::DeadLetter(rejection), Some(reason)) => {
+                    assert_eq!(rejection.reason, reason, "{why}");
+                    assert_eq!(rejection.status, status, "{why}");
+                    assert_eq!(rejection.list_id, list_id, "{why}");
+                    assert!(rejection.message.is_some(), "{why}: says why");
+                }
+                (Verdict::Retry, None) => {}
+                _ => panic!("{why}: {verdict:?}"),
+            }
+        }
+        let made = unresolved_verdict(&refused(400, "ERROR_INVALID_PARAMETER"));
+        let Verdict::DeadLetter(rejection) = made else {
+            panic!("dead-lettered");
+        };
+        assert_eq!(rejection.error.as_deref(), Some("ERROR_INVALID_PARAMETER"));
+        assert!(rejection
+            .message
+            .unwrap()
+            .contains("dlq replay --reason unknown_field"));
     }
 }
