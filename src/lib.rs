@@ -28,8 +28,9 @@
 //!   rules), [`batch`](stages::batch) (per list, merged per contact, last write wins per
 //!   field; when a batch leaves; a contact in flight is never in a second request),
 //!   [`classify`](stages::classify) (a Listrak answer to ok / auth / systemic / ambiguous /
-//!   permanent; a field that cannot be resolved to a dead letter or a retry), [`settle`](stages::settle) (each message to its acknowledgement; folding
-//!   acks), [`disposition`](stages::disposition) (an ack, a retry queue's copy or a dead
+//!   permanent; a field that cannot be resolved to a dead letter or a retry),
+//!   [`settle`](stages::settle) (each message to its acknowledgement; folding acks),
+//!   [`disposition`](stages::disposition) (an ack, a retry queue's copy or a dead
 //!   letter, with the headers that say why), [`headers`](stages::headers) (the header names,
 //!   the properties a copy carries, the queue names), [`catalogue`](stages::catalogue) (an
 //!   account's lists and fields against the mappings, and what `listrak provision` creates),
