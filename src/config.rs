@@ -57,6 +57,8 @@ pub use environment::{
 pub(crate) use print::toml_str;
 pub use secret::Secret;
 
+use crate::stages::headers::{ReadBackQueues, Topology};
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -371,6 +373,29 @@ impl Settings {
             reconcile,
             mappings,
         })
+    }
+}
+
+/// The topology of a configuration is built here, where the settings are known, so that the
+/// stages need not know the configuration.
+impl Topology {
+    /// The topology `settings` describe: names, retry steps, and whether the main queue has
+    /// a single active consumer.
+    pub fn of(settings: &Settings) -> Self {
+        Self {
+            single_active_consumer: settings.amqp.single_active_consumer,
+            applied_max_age: settings.applied_log.max_age,
+            applied_max_bytes: settings.applied_log.max_bytes,
+            readback: settings
+                .reconcile
+                .enabled
+                .then(|| ReadBackQueues::of(&settings.amqp.queue, settings.reconcile.after)),
+            ..Self::new(
+                &settings.amqp.exchange,
+                &settings.amqp.queue,
+                &settings.retry.schedule,
+            )
+        }
     }
 }
 

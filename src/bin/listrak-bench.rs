@@ -90,6 +90,12 @@ struct Args {
     /// after their 201 in any order; reads, repairs and fields left stale.
     #[arg(long)]
     readback: bool,
+    /// With --readback: the share of events published last, after newer ones (late events).
+    #[arg(long, default_value_t = 0.0)]
+    late: f64,
+    /// With --readback: the worker's reconcile.max_read_rate.
+    #[arg(long, default_value_t = 50.0)]
+    read_rate: f64,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/listrak-bench.json")]
     json: PathBuf,
@@ -151,7 +157,12 @@ async fn main() -> anyhow::Result<()> {
             latency: options.lag_setting.latency,
             appearances: 10,
         };
-        let report = bench::readbacks(&options, setting, Duration::from_secs(600)).await?;
+        let shape = bench::ReadBackShape {
+            late: args.late.clamp(0.0, 1.0),
+            max_read_rate: args.read_rate,
+            within: Duration::from_secs(3600),
+        };
+        let report = bench::readbacks(&options, setting, shape).await?;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }

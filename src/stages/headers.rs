@@ -8,7 +8,6 @@ use std::time::Duration;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
-use crate::config::Settings;
 use crate::stages::model::EventTime;
 
 /// Every exchange and queue the worker uses, named after `amqp.queue`.
@@ -59,25 +58,6 @@ impl Topology {
             applied_max_age: Duration::from_secs(7 * 24 * 3600),
             applied_max_bytes: 4_000_000_000,
             readback: None,
-        }
-    }
-
-    /// The topology `settings` describe: names, retry steps, and whether the main queue has
-    /// a single active consumer.
-    pub fn of(settings: &Settings) -> Self {
-        Self {
-            single_active_consumer: settings.amqp.single_active_consumer,
-            applied_max_age: settings.applied_log.max_age,
-            applied_max_bytes: settings.applied_log.max_bytes,
-            readback: settings
-                .reconcile
-                .enabled
-                .then(|| ReadBackQueues::of(&settings.amqp.queue, settings.reconcile.after)),
-            ..Self::new(
-                &settings.amqp.exchange,
-                &settings.amqp.queue,
-                &settings.retry.schedule,
-            )
         }
     }
 

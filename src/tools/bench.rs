@@ -199,6 +199,9 @@ fn engage_backlog(events: usize, setting: Setting, seed: u64) -> Backlog {
     let mut member: HashMap<(usize, usize, usize), bool> = HashMap::new();
     let mut contacts: Vec<HashSet<usize>> = vec![HashSet::new(); setting.lists];
     let mut bodies = Vec::with_capacity(events);
+    // One millisecond apart, ending now: every event has a time of its own (the times
+    // events carry have millisecond precision), so their order is never a tie.
+    let start = EventTime::now().0 - i64::try_from(events).unwrap_or(i64::MAX) * 1000;
     for index in 0..events {
         let person = rng.random_range(0..people);
         let list = rng.random_range(0..setting.lists);
@@ -210,7 +213,8 @@ fn engage_backlog(events: usize, setting: Setting, seed: u64) -> Backlog {
         member.insert((person, list, audience), entered);
         contacts[list].insert(person);
         let key = audience_key(list, audience, audiences);
-        bodies.push(engage_event(index, &key, person, entered, EventTime::now()));
+        let at = EventTime(start + i64::try_from(index).unwrap_or(i64::MAX) * 1000);
+        bodies.push(engage_event(index, &key, person, entered, at));
     }
     Backlog {
         bodies,
@@ -1197,11 +1201,25 @@ const READBACK_TAG: &str = "readback";
 /// `reconcile.after` in the read-back measurement: imports complete within 3 s.
 const READBACK_AFTER: Duration = Duration::from_secs(5);
 
+/// The read-back measurement's knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBackShape {
+    /// The share of events published last, after newer ones.
+    pub late: f64,
+    /// `reconcile.max_read_rate`.
+    pub max_read_rate: f64,
+    /// How long after the drain Listrak may take to hold every newest value.
+    pub within: Duration,
+}
+
 /// What read-backs cost and repair on an Engage-shaped backlog whose imports complete out of
 /// order.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ReadBackReport {
     pub events: usize,
+    /// Events published after all the others, though older than many of them.
+    pub late_events: usize,
+    pub max_read_rate: f64,
     pub contacts: usize,
     /// (contact, audience field) pairs the backlog sets.
     pub keys: usize,
@@ -1226,12 +1244,27 @@ pub struct ReadBackReport {
 pub async fn readbacks(
     options: &BenchOptions,
     setting: Setting,
-    within: Duration,
+    shape: ReadBackShape,
 ) -> anyhow::Result<ReadBackReport> {
     crate::edges::listrak::install_crypto_provider();
-    let backlog = engage_backlog(options.events, setting, 11);
+    let mut backlog = engage_backlog(options.events, setting, 11);
+    // Late events: older than others already published, they come last.
+    let mut rng = StdRng::seed_from_u64(12);
+    let (mut on_time, mut late) = (Vec::new(), Vec::new());
+    for body in std::mem::take(&mut backlog.bodies) {
+        if rng.random_bool(shape.late) {
+            late.push(body);
+        } else {
+            on_time.push(body);
+        }
+    }
+    let late_events = late.len();
+    on_time.extend(late);
+    backlog.bodies = on_time;
     let mut report = ReadBackReport {
         events: options.events,
+        late_events,
+        max_read_rate: shape.max_read_rate,
         contacts: backlog.contacts_per_list.iter().sum(),
         keys: backlog.last.len(),
         ..ReadBackReport::default()
@@ -1265,7 +1298,10 @@ pub async fn readbacks(
             &topology.queue,
             &fake,
             READBACK_TAG,
-            &format!("[reconcile]\nafter = \"{after}\"\n"),
+            &format!(
+                "[reconcile]\nafter = \"{after}\"\nmax_read_rate = {}\n",
+                shape.max_read_rate
+            ),
         )?;
         let started = Instant::now();
         worker
@@ -1280,7 +1316,7 @@ pub async fn readbacks(
         report.stale_after_drain = stale(&fake);
         loop {
             report.stale_at_end = stale(&fake);
-            if report.stale_at_end == 0 || drained.elapsed() > within {
+            if report.stale_at_end == 0 || drained.elapsed() > shape.within {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
