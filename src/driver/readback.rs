@@ -13,9 +13,7 @@
 //! the main queue: it is batched, guarded (a newer value applied meanwhile wins) and logged
 //! like any update, and, its key being at risk, read back once more.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::config::ReconcileSettings;
 use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
-use crate::driver::superseded::SupersededGuard;
+use crate::driver::superseded::{KeyHasher, SupersededGuard};
 use crate::driver::unpoisoned::Mutex;
 use crate::edges::applied_log::{self, LogKey, ReadFrom};
 use crate::edges::broker::{PublishError, Publisher, Topology, CONFIRM_TIMEOUT};
@@ -59,7 +57,7 @@ const LOG_MARGIN: Duration = Duration::from_secs(60);
 /// What the sessions of one worker share for read-backs.
 pub struct Reconciler {
     settings: ReconcileSettings,
-    hashers: (RandomState, RandomState),
+    hashers: KeyHasher,
     risk: Mutex<RiskFilter>,
     waiting: Mutex<VecDeque<KeyToRead>>,
     noticed: Notify,
@@ -73,7 +71,7 @@ impl Reconciler {
             risk: Mutex::new(RiskFilter::new(settings.window)),
             pace: Mutex::new(Pace::new(settings.max_read_rate)),
             settings,
-            hashers: (RandomState::new(), RandomState::new()),
+            hashers: KeyHasher::new(),
             waiting: Mutex::new(VecDeque::new()),
             noticed: Notify::new(),
             metrics,
@@ -81,14 +79,8 @@ impl Reconciler {
     }
 
     fn hash(&self, list: ListId, email: &str, field: FieldId) -> KeyHash {
-        let hash = |state: &RandomState| {
-            let mut hasher = state.build_hasher();
-            list.hash(&mut hasher);
-            field.hash(&mut hasher);
-            email.hash(&mut hasher);
-            hasher.finish()
-        };
-        KeyHash(hash(&self.hashers.0), hash(&self.hashers.1))
+        let (high, low) = self.hashers.hash(list, email, field);
+        KeyHash(high, low)
     }
 
     /// Listrak accepted `value` (of `time`) for a key from this worker, at `now`.

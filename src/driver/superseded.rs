@@ -31,6 +31,33 @@ use crate::stages::model::{AppliedKey, AppliedKnowledge, EventTime, FieldId, Lis
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key(u64, u64);
 
+/// Hashes a list, contact and field to 128 bits with two SipHash-1-3 keyed at random for this
+/// process: no input can make two contacts collide on purpose.
+pub struct KeyHasher(RandomState, RandomState);
+
+impl KeyHasher {
+    pub fn new() -> Self {
+        Self(RandomState::new(), RandomState::new())
+    }
+
+    pub fn hash(&self, list: ListId, email: &str, field: FieldId) -> (u64, u64) {
+        let hash = |state: &RandomState| {
+            let mut hasher = state.build_hasher();
+            list.hash(&mut hasher);
+            field.hash(&mut hasher);
+            email.hash(&mut hasher);
+            hasher.finish()
+        };
+        (hash(&self.0), hash(&self.1))
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The bytes one key costs: its map entry (with the map's overhead) and one entry in each
 /// queue (see `guard_memory_stays_within_its_bound`). The table takes its room for the recent
 /// keys at start and keeps it (see `make_room`); only watched keys beyond that make it grow,
@@ -74,7 +101,7 @@ pub struct SupersededGuard {
     reserved: usize,
     watch_capacity: usize,
     watch_for: Duration,
-    hashers: (RandomState, RandomState),
+    hashers: KeyHasher,
     inner: Mutex<Inner>,
 }
 
@@ -96,7 +123,7 @@ impl SupersededGuard {
             reserved,
             watch_capacity,
             watch_for,
-            hashers: (RandomState::new(), RandomState::new()),
+            hashers: KeyHasher::new(),
             inner: Mutex::new(Inner {
                 entries: FxHashMap::with_capacity_and_hasher(reserved, Default::default()),
                 recent: VecDeque::with_capacity(reserved),
@@ -108,14 +135,8 @@ impl SupersededGuard {
     }
 
     fn key(&self, list: ListId, email: &str, field: FieldId) -> Key {
-        let hash = |state: &RandomState| {
-            let mut hasher = state.build_hasher();
-            list.hash(&mut hasher);
-            field.hash(&mut hasher);
-            email.hash(&mut hasher);
-            hasher.finish()
-        };
-        Key(hash(&self.hashers.0), hash(&self.hashers.1))
+        let (high, low) = self.hashers.hash(list, email, field);
+        Key(high, low)
     }
 
     /// True when a value with a strictly newer event time was applied; an equal time is not

@@ -69,6 +69,16 @@ fn out_of_order() -> Faults {
     }
 }
 
+/// Waits until listrak-fake completed every import it accepted (they take up to 3 s).
+async fn imports_completed(h: &Harness) {
+    wait_until(
+        "every import completed",
+        Duration::from_secs(10),
+        async || h.fake.imports_pending() == 0,
+    )
+    .await;
+}
+
 /// Publishes both rounds for `people`, the second once the first is acked (so in separate
 /// requests), and waits for every import to complete.
 async fn two_rounds(h: &Harness, test: &str, people: usize) {
@@ -77,12 +87,7 @@ async fn two_rounds(h: &Harness, test: &str, people: usize) {
     h.publish(&round(test, people, 1)).await;
     h.wait_acked(2 * people as u64, Duration::from_secs(60))
         .await;
-    wait_until(
-        "every import completed",
-        Duration::from_secs(10),
-        async || h.fake.imports_pending() == 0,
-    )
-    .await;
+    imports_completed(h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,12 +285,7 @@ async fn three_replicas_racing_on_one_queue_leave_no_field_stale() {
         acked >= bodies.len() as u64
     })
     .await;
-    wait_until(
-        "every import completed",
-        Duration::from_secs(10),
-        async || h.fake.imports_pending() == 0,
-    )
-    .await;
+    imports_completed(&h).await;
     let stale_before = stale(&h, test, PEOPLE, last);
     let started = Instant::now();
     let total = async |name: &str| {
