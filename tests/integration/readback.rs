@@ -323,3 +323,54 @@ async fn three_replicas_racing_on_one_queue_leave_no_field_stale() {
     assert!(h.take_dead_letters().await.is_empty());
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_backs_of_a_replica_killed_with_sigkill_are_done_by_another() {
+    const PEOPLE: usize = 200;
+    let test = "readback-failover";
+    let knobs = knobs(r#"after = "5s""#);
+    let h = Harness::new(test, out_of_order(), knobs.clone()).await;
+    let mut first = WorkerProcess::spawn(&h, "first", &knobs);
+    first.wait_ready(Duration::from_secs(30)).await;
+    h.publish(&round(test, PEOPLE, 0)).await;
+    wait_until(
+        "the first round acked",
+        Duration::from_secs(60),
+        async || first.acked().await >= PEOPLE as u64,
+    )
+    .await;
+    h.publish(&round(test, PEOPLE, 1)).await;
+    wait_until(
+        "every second update's read-back scheduled",
+        Duration::from_secs(60),
+        async || first.counter("listrak_reconcile_scheduled_total").await >= PEOPLE as u64,
+    )
+    .await;
+    // Killed before any read-back is due: what it scheduled waits in the broker.
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(30)).await;
+    imports_completed(&h).await;
+    let stale_before = stale(&h, test, PEOPLE, |i| value(i, 1));
+
+    let mut second = WorkerProcess::spawn(&h, "second", &knobs);
+    second.wait_ready(Duration::from_secs(30)).await;
+    wait_until("no field left stale", REPAIRED_WITHIN, async || {
+        stale(&h, test, PEOPLE, |i| value(i, 1)) == 0
+    })
+    .await;
+    let read = second.counter("listrak_reconcile_reads_total").await;
+    println!(
+        "a replica SIGKILLed with its read-backs scheduled: {stale_before} of {PEOPLE} stale, \
+         none once another replica read {read} keys back"
+    );
+    assert!(
+        read >= PEOPLE as u64,
+        "the other replica read every key at risk back"
+    );
+    second.signal("TERM");
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(60)).await.code(),
+        Some(0)
+    );
+    h.finish().await;
+}
