@@ -43,11 +43,13 @@ use crate::stages::readback::{
 pub const MAX_WAITING: usize = 100_000;
 /// Keys per read-back message.
 const KEYS_PER_MESSAGE: usize = 100;
-/// Read-back messages a replica takes at once from the due queue.
-const DUE_PREFETCH: u16 = 20;
+/// Read-back messages a replica takes at once from the due queue: up to 10,000 keys, so that
+/// where the guard forgot, one read of the applied log serves many (that read, not Listrak,
+/// bounds read-backs then: a log of 400,000 applications takes seconds to read).
+const DUE_PREFETCH: u16 = 100;
 /// How long due messages are gathered before they are read: one pass over the applied log
 /// then serves all of them.
-const GATHER: Duration = Duration::from_millis(200);
+const GATHER: Duration = Duration::from_secs(1);
 /// Contacts read at once (each still takes a slot of the adaptive concurrency).
 const READS_IN_FLIGHT: usize = 16;
 /// The applied log is read from this long before the window of the oldest key, for the

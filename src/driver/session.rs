@@ -563,7 +563,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 self.publish(failed, delay);
             }
             // Cannot tell: an early partial batch is the lesser harm.
-            Report::QueueCounted(empty) => self.core.queue_counted(empty.unwrap_or(true), now),
+            Report::QueueCounted(empty) => self.core.queue_counted(empty, now),
         }
         Ok(())
     }

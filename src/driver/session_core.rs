@@ -289,10 +289,12 @@ impl<O> Core<O> {
         self.check_drained();
     }
 
-    /// The broker's answer to `AskQueue`: whether no message is ready in the queue.
-    pub fn queue_counted(&mut self, empty: bool, now: Instant) {
+    /// The broker's answer to `AskQueue`: whether no message is ready in the queue, or `None`
+    /// when the broker could not say. Not knowing counts as empty: what is open leaves now
+    /// rather than waiting out `max_wait` on a question nobody answers.
+    pub fn queue_counted(&mut self, empty: Option<bool>, now: Instant) {
         self.asking = false;
-        if empty {
+        if empty.unwrap_or(true) {
             self.flush_idle();
         } else {
             self.pace.not_quiet_yet(now);

@@ -682,7 +682,7 @@ impl Simulation {
                 core.appended(&batch, &verdicts, now);
             }
             Report::Copied(tag, outcome) => core.copied(tag, Some(outcome), now),
-            Report::QueueCounted(empty) => core.queue_counted(empty, now),
+            Report::QueueCounted(empty) => core.queue_counted(Some(empty), now),
         }
     }
 
