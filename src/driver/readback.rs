@@ -28,7 +28,7 @@ use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
 use crate::driver::superseded::{KeyHasher, SupersededGuard};
 use crate::driver::unpoisoned::Mutex;
 use crate::edges::applied_log::{self, LogKey, ReadFrom};
-use crate::edges::broker::{PublishError, Publisher, Topology, CONFIRM_TIMEOUT};
+use crate::edges::broker::{wait_confirm, PublishError, Publisher, Topology, CONFIRM_TIMEOUT};
 use crate::edges::listrak::{CatalogueError, ListrakApi};
 use crate::edges::telemetry::{mask_email, Metrics};
 use crate::stages::model::{AppliedKey, AppliedKnowledge, EventTime, FieldId, ListId};
@@ -41,8 +41,10 @@ use crate::stages::readback::{
 /// Keys at risk held in memory while they cannot be scheduled (the broker out of reach);
 /// about 100 bytes each. Beyond it, new ones are dropped and counted.
 pub const MAX_WAITING: usize = 100_000;
-/// Keys per read-back message.
+/// Keys per read-back message: about 100 bytes each.
 const KEYS_PER_MESSAGE: usize = 100;
+/// Read-back messages published before their confirms are awaited.
+const MESSAGES_IN_FLIGHT: usize = 32;
 /// Read-back messages a replica takes at once from the due queue: up to 10,000 keys, so that
 /// where the guard forgot, one read of the applied log serves many (that read, not Listrak,
 /// bounds read-backs then: a log of 400,000 applications takes seconds to read).
@@ -212,19 +214,28 @@ async fn publish_waiting(
         return Ok(());
     };
     loop {
+        // Several messages in flight at once, their confirms awaited together: a drain
+        // notices tens of thousands of keys a second.
         let keys: Vec<KeyToRead> = {
             let waiting = reconciler.waiting.lock();
-            waiting.iter().take(KEYS_PER_MESSAGE).cloned().collect()
+            let take = KEYS_PER_MESSAGE * MESSAGES_IN_FLIGHT;
+            waiting.iter().take(take).cloned().collect()
         };
         if keys.is_empty() {
             return Ok(());
         }
         let count = keys.len();
-        let message = ReadBacks {
-            v: VERSION,
-            k: keys,
-        };
-        publish_read_backs(publisher, &queues.waiting, &message).await?;
+        let mut confirms = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_MESSAGE) {
+            let message = ReadBacks {
+                v: VERSION,
+                k: chunk.to_vec(),
+            };
+            confirms.push(start_read_backs(publisher, &queues.waiting, &message).await?);
+        }
+        for confirm in confirms {
+            wait_confirm(confirm).await?;
+        }
         reconciler.waiting.lock().drain(..count);
         reconciler.metrics.reconcile_scheduled(count, false);
     }
@@ -235,11 +246,20 @@ async fn publish_read_backs(
     queue: &str,
     message: &ReadBacks,
 ) -> Result<(), PublishError> {
+    wait_confirm(start_read_backs(publisher, queue, message).await?).await
+}
+
+/// Sends a read-back message without waiting for its confirm.
+async fn start_read_backs(
+    publisher: &Publisher,
+    queue: &str,
+    message: &ReadBacks,
+) -> Result<lapin::PublisherConfirm, PublishError> {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     publisher
-        .publish("", queue, &message.encode(), properties)
+        .start("", queue, &message.encode(), properties)
         .await
 }
 
