@@ -26,9 +26,10 @@ use tokio::time::Instant;
 use crate::driver::unpoisoned::Mutex;
 pub use crate::edges::listrak::{CatalogueError, FieldCatalogue};
 use crate::edges::telemetry::{Metrics, Task};
+use crate::stages::batch::Batch;
 use crate::stages::catalogue::{same_name, FieldGroup};
 use crate::stages::mapping::Plan;
-use crate::stages::model::{FieldId, ListId, Update};
+use crate::stages::model::{FieldId, ListId, Rejection, Update, Verdict};
 
 /// The least time between two reads of one list's catalogue.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(3);
@@ -374,6 +375,22 @@ impl<C: FieldCatalogue> Fields<C> {
             self.forget(list);
         }
         named
+    }
+
+    /// Learns from a delivered batch's verdicts: a contact dead-lettered on a 400 that names
+    /// one of its fields from the catalogue makes the list's catalogue be read again.
+    pub fn learn_from(&self, batch: &Batch, verdicts: &[Verdict]) {
+        for (contact, verdict) in batch.contacts.iter().zip(verdicts) {
+            if let Verdict::DeadLetter(Rejection {
+                status: Some(400),
+                message: Some(message),
+                ..
+            }) = verdict
+            {
+                let fields = contact.fields.iter().map(|value| value.field);
+                self.refused(batch.list_id, message, fields);
+            }
+        }
     }
 
     /// Whether `field` is in what is held of `list`'s catalogue.

@@ -35,7 +35,7 @@ use crate::stages::batch::{Batch, BatchLimits};
 use crate::stages::classify::unresolved_verdict;
 use crate::stages::disposition::{self, dispose, Disposition, Republish, Rules};
 use crate::stages::model::{
-    capped, AckOutcome, Delivered, EventTime, ListId, Rejection, Update, Verdict, QUOTE_LIMIT,
+    capped, AckOutcome, Delivered, EventTime, ListId, Update, Verdict, QUOTE_LIMIT,
 };
 use crate::stages::settle::{AckCommand, Settlement};
 
@@ -527,17 +527,7 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                 self.spawn_append(failed, delay);
             }
             Report::Appended { batch, verdicts } => {
-                for (contact, verdict) in batch.contacts.iter().zip(&verdicts) {
-                    if let Verdict::DeadLetter(Rejection {
-                        status: Some(400),
-                        message: Some(message),
-                        ..
-                    }) = verdict
-                    {
-                        let fields = contact.fields.iter().map(|value| value.field);
-                        self.worker.fields.refused(batch.list_id, message, fields);
-                    }
-                }
+                self.worker.fields.learn_from(&batch, &verdicts);
                 self.core.appended(&batch, &verdicts, now);
             }
             Report::Resolved {
@@ -562,7 +552,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     .await?;
                 self.publish(failed, delay);
             }
-            // Cannot tell: an early partial batch is the lesser harm.
             Report::QueueCounted(empty) => self.core.queue_counted(empty, now),
         }
         Ok(())
