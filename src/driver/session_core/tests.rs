@@ -1095,3 +1095,49 @@ fn the_ack_hold_follows_listraks_round_trip() {
     assert_eq!(alone.len(), 1);
     assert_eq!((alone[0].tag, alone[0].multiple), (2, false));
 }
+
+/// When the broker cannot say whether the queue holds more (the count timed out), the open
+/// batch leaves then, as if the queue were empty, rather than waiting out `max_wait`.
+#[test]
+fn a_queue_count_nobody_answers_lets_the_open_batch_leave() {
+    let start = Instant::now();
+    let mut core = core_alone(100, 10);
+    let update = |email: &str| Update {
+        list_id: ListId::new(LIST.into()).unwrap(),
+        email: email.to_owned(),
+        fields: vec![(FieldId::new(1).unwrap(), "on".to_owned())],
+        timestamp: EventTime(1_000_000),
+    };
+    // Two arrivals give the input a pace, against which a pause reads as quiet.
+    core.delivered(1, Arrival::Updates((), vec![update("a")]), start);
+    let second = start + Duration::from_millis(1);
+    core.delivered(2, Arrival::Updates((), vec![update("b")]), second);
+    let mut asked_at = None;
+    for ms in (10..1000).step_by(10) {
+        let now = start + Duration::from_millis(ms);
+        core.tick(now);
+        let mut commands = Vec::new();
+        while let Some(command) = core.next_command() {
+            commands.push(command);
+        }
+        assert!(
+            !commands.iter().any(|c| matches!(c, Command::Send(_))),
+            "nothing leaves before the queue was asked"
+        );
+        if commands.iter().any(|c| matches!(c, Command::AskQueue)) {
+            asked_at = Some(now);
+            break;
+        }
+    }
+    let asked_at = asked_at.expect("a quiet input asks whether the queue is empty");
+    assert!(asked_at < start + Duration::from_secs(1), "before max_wait");
+    core.queue_counted(None, asked_at);
+    let mut sent = Vec::new();
+    while let Some(command) = core.next_command() {
+        if let Command::Send(batch) = command {
+            sent.push(batch);
+        }
+    }
+    assert_eq!(sent.len(), 1, "the open batch left on the unanswered count");
+    assert_eq!(sent[0].trigger, FlushTrigger::Idle);
+}
