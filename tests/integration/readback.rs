@@ -122,6 +122,11 @@ async fn imports_completing_out_of_order_leave_no_field_stale_across_a_restart()
     })
     .await;
     let read = |outcome| sample(&h, "listrak_reconcile_reads_total", &[("outcome", outcome)]);
+    // Keys Listrak held right read back in their own time too.
+    wait_until("every key at risk read back", REPAIRED_WITHIN, async || {
+        read("in_sync") + read("differs") >= PEOPLE as u64
+    })
+    .await;
     let repairs = sample(&h, "listrak_reconcile_repairs_total", &[]);
     println!(
         "imports completing 0-3 s after their 201, in any order: {stale_before} of {PEOPLE} \
@@ -134,10 +139,6 @@ async fn imports_completing_out_of_order_leave_no_field_stale_across_a_restart()
     assert!(
         repairs >= stale_before as u64,
         "every stale field was repaired"
-    );
-    assert!(
-        read("in_sync") + read("differs") >= PEOPLE as u64,
-        "every key at risk was read"
     );
     assert!(h.take_dead_letters().await.is_empty());
     h.finish().await;
@@ -358,14 +359,16 @@ async fn read_backs_of_a_replica_killed_with_sigkill_are_done_by_another() {
         stale(&h, test, PEOPLE, |i| value(i, 1)) == 0
     })
     .await;
-    let read = second.counter("listrak_reconcile_reads_total").await;
+    // Keys Listrak held right are read back in their own time too, by the other replica.
+    wait_until(
+        "the other replica reading every key at risk back",
+        REPAIRED_WITHIN,
+        async || second.counter("listrak_reconcile_reads_total").await >= PEOPLE as u64,
+    )
+    .await;
     println!(
         "a replica SIGKILLed with its read-backs scheduled: {stale_before} of {PEOPLE} stale, \
-         none once another replica read {read} keys back"
-    );
-    assert!(
-        read >= PEOPLE as u64,
-        "the other replica read every key at risk back"
+         none once another replica read them back"
     );
     second.signal("TERM");
     assert_eq!(
