@@ -817,8 +817,16 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
         )
 }
 
+/// Scenarios per run: 256, or `LISTRAK_SIMULATION_CASES` (thousands for a long run).
+fn simulation_cases() -> u32 {
+    std::env::var("LISTRAK_SIMULATION_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(256)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: simulation_cases(), ..ProptestConfig::default() })]
 
     /// Every message settles exactly once, never before its updates were accepted (or
     /// superseded) and recorded or its copy confirmed; no contact is in two requests at once;
