@@ -20,6 +20,7 @@ use crate::edges::applied_log::ReadFrom;
 use crate::edges::broker::Topology;
 use crate::edges::listrak::ListrakClient;
 use crate::edges::telemetry::Metrics;
+use crate::stages::decode::profile_update_body;
 use crate::stages::model::{EventTime, ListId};
 
 /// Get all Contacts takes at most 30 fields a request and 5,000 contacts a page.
@@ -205,19 +206,17 @@ pub async fn reconcile(
             .rows
             .iter()
             .map(|drift| {
-                serde_json::json!({
-                    "type": "profile_update",
-                    "list_id": options.list.get(),
-                    "email": drift.email,
-                    "fields": { drift.field_id.to_string(): drift.newest_value },
-                    "timestamp": drift.event_time,
-                    "message_id": format!(
+                profile_update_body(
+                    options.list,
+                    &drift.email,
+                    drift.field_id,
+                    &drift.newest_value,
+                    &drift.event_time,
+                    &format!(
                         "reconcile-{}-{}-{}",
                         options.list, drift.field_id, drift.email
                     ),
-                })
-                .to_string()
-                .into_bytes()
+                )
             })
             .collect();
         let total = bodies.len() as u64;

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -24,6 +24,7 @@ use lapin::{BasicProperties, Connection};
 use tokio::sync::Notify;
 
 use crate::config::ReconcileSettings;
+use crate::driver::clock;
 use crate::driver::concurrency::{AdaptiveConcurrency, Signal};
 use crate::driver::superseded::{KeyHasher, SupersededGuard};
 use crate::driver::unpoisoned::Mutex;
@@ -31,11 +32,12 @@ use crate::edges::applied_log::{self, LogKey, ReadFrom};
 use crate::edges::broker::{wait_confirm, PublishError, Publisher, Topology, CONFIRM_TIMEOUT};
 use crate::edges::listrak::{CatalogueError, ListrakApi};
 use crate::edges::telemetry::{mask_email, Metrics};
+use crate::stages::decode::profile_update_body;
 use crate::stages::model::{AppliedKey, AppliedKnowledge, EventTime, FieldId, ListId};
 use crate::stages::pace::Pace;
 use crate::stages::readback::{
     compare, expectation, Comparison, Expectation, KeyHash, KeyToRead, Knowledge, ReadBacks,
-    RiskFilter, VERSION,
+    RiskFilter,
 };
 
 /// Keys at risk held in memory while they cannot be scheduled (the broker out of reach);
@@ -43,7 +45,7 @@ use crate::stages::readback::{
 pub const MAX_WAITING: usize = 100_000;
 /// Keys per read-back message: about 100 bytes each.
 const KEYS_PER_MESSAGE: usize = 100;
-/// Read-back messages published before their confirms are awaited.
+/// Read-back messages a scheduling round publishes before it awaits their confirms.
 const MESSAGES_IN_FLIGHT: usize = 32;
 /// Read-back messages a replica takes at once from the due queue: up to 10,000 keys, so that
 /// where the guard forgot, one read of the applied log serves many (that read, not Listrak,
@@ -61,6 +63,8 @@ const LOG_MARGIN: Duration = Duration::from_secs(60);
 /// What the sessions of one worker share for read-backs.
 pub struct Reconciler {
     settings: ReconcileSettings,
+    /// `settings.window` in microseconds, as event times count.
+    window: i64,
     hashers: KeyHasher,
     risk: Mutex<RiskFilter>,
     waiting: Mutex<VecDeque<KeyToRead>>,
@@ -74,6 +78,7 @@ impl Reconciler {
         Self {
             risk: Mutex::new(RiskFilter::new(settings.window)),
             pace: Mutex::new(Pace::new(settings.max_read_rate)),
+            window: i64::try_from(settings.window.as_micros()).unwrap_or(i64::MAX),
             settings,
             hashers: KeyHasher::new(),
             waiting: Mutex::new(VecDeque::new()),
@@ -105,8 +110,7 @@ impl Reconciler {
         let now = EventTime::now();
         // A session reads the log from its horizon (days) before it consumes: only what
         // was applied within the window can put a key at risk.
-        let window = i64::try_from(self.settings.window.as_micros()).unwrap_or(i64::MAX);
-        if now.0.saturating_sub(at.0) > window {
+        if now.0.saturating_sub(at.0) > self.window {
             return;
         }
         let hash = self.hash(key.list, key.email, key.field);
@@ -214,8 +218,6 @@ async fn publish_waiting(
         return Ok(());
     };
     loop {
-        // Several messages in flight at once, their confirms awaited together: a drain
-        // notices tens of thousands of keys a second.
         let keys: Vec<KeyToRead> = {
             let waiting = reconciler.waiting.lock();
             let take = KEYS_PER_MESSAGE * MESSAGES_IN_FLIGHT;
@@ -224,43 +226,36 @@ async fn publish_waiting(
         if keys.is_empty() {
             return Ok(());
         }
-        let count = keys.len();
-        let mut confirms = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_MESSAGE) {
-            let message = ReadBacks {
-                v: VERSION,
-                k: chunk.to_vec(),
-            };
-            confirms.push(start_read_backs(publisher, &queues.waiting, &message).await?);
-        }
-        for confirm in confirms {
-            wait_confirm(confirm).await?;
-        }
-        reconciler.waiting.lock().drain(..count);
-        reconciler.metrics.reconcile_scheduled(count, false);
+        publish_keys(publisher, &queues.waiting, &keys).await?;
+        reconciler.waiting.lock().drain(..keys.len());
+        reconciler.metrics.reconcile_scheduled(keys.len(), false);
     }
 }
 
-async fn publish_read_backs(
+/// Publishes `keys` to the read-back queue `queue`, in messages of [`KEYS_PER_MESSAGE`], all
+/// sent before their confirms are awaited together: a drain notices tens of thousands of keys
+/// a second.
+async fn publish_keys(
     publisher: &Publisher,
     queue: &str,
-    message: &ReadBacks,
+    keys: &[KeyToRead],
 ) -> Result<(), PublishError> {
-    wait_confirm(start_read_backs(publisher, queue, message).await?).await
-}
-
-/// Sends a read-back message without waiting for its confirm.
-async fn start_read_backs(
-    publisher: &Publisher,
-    queue: &str,
-    message: &ReadBacks,
-) -> Result<lapin::PublisherConfirm, PublishError> {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
-    publisher
-        .start("", queue, &message.encode(), properties)
-        .await
+    let mut confirms = Vec::new();
+    for chunk in keys.chunks(KEYS_PER_MESSAGE) {
+        let body = ReadBacks::encode_keys(chunk);
+        confirms.push(
+            publisher
+                .start("", queue, &body, properties.clone())
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        wait_confirm(confirm).await?;
+    }
+    Ok(())
 }
 
 /// What reading back needs of the worker.
@@ -359,7 +354,7 @@ async fn pass<A: ListrakApi>(
     keys: Vec<KeyToRead>,
 ) -> Result<(), PassError> {
     let now = EventTime::now();
-    let window = i64::try_from(context.reconciler.settings.window.as_micros()).unwrap_or(i64::MAX);
+    let window = context.reconciler.window;
     let mut forgotten = Vec::new();
     let mut known = Vec::new();
     for key in keys {
@@ -372,39 +367,43 @@ async fn pass<A: ListrakApi>(
         let since = EventTime(key.a.saturating_sub(window));
         if context.guard.knows_everything_since(since) {
             let newest = context.guard.newest(list, &key.e, field);
-            known.push((key, Knowledge::Guard { newest }));
+            known.push((list, key, Knowledge::Guard { newest }));
         } else {
-            forgotten.push(key);
+            forgotten.push((list, key));
         }
     }
     if !forgotten.is_empty() {
-        let oldest = forgotten.iter().map(|key| key.a).min().unwrap_or(now.0);
+        let oldest = forgotten
+            .iter()
+            .map(|(_, key)| key.a)
+            .min()
+            .unwrap_or(now.0);
         let age = Duration::from_micros(u64::try_from(now.0 - oldest).unwrap_or(0))
             + context.reconciler.settings.window
             + LOG_MARGIN;
         let wanted: HashSet<LogKey> = forgotten
             .iter()
-            .map(|key| (key.l, key.e.clone(), i64::from(key.f)))
+            .map(|(_, key)| (key.l, key.e.clone(), i64::from(key.f)))
             .collect();
         let newest =
             applied_log::newest_values(connection, &context.topology, ReadFrom::Age(age), &wanted)
                 .await
                 .map_err(|error| PassError(error.to_string()))?;
-        for key in forgotten {
+        for (list, key) in forgotten {
             let newest = newest
                 .get(&(key.l, key.e.clone(), i64::from(key.f)))
                 .cloned();
-            known.push((key, Knowledge::Log { newest }));
+            known.push((list, key, Knowledge::Log { newest }));
         }
     }
 
     // Per contact, the fields to read and the value each should hold.
-    let mut contacts: HashMap<(u32, String), Vec<Expected>> = HashMap::new();
-    for (key, knowledge) in known {
+    let mut contacts: HashMap<(ListId, String), Vec<Expected>> = HashMap::new();
+    for (list, key, knowledge) in known {
         match expectation(&key, knowledge) {
             Expectation::Postponed => context.metrics.reconcile_postponed(),
             Expectation::Holds { value, time } => contacts
-                .entry((key.l, key.e.clone()))
+                .entry((list, key.e.clone()))
                 .or_default()
                 .push((key, value, time)),
         }
@@ -425,23 +424,17 @@ async fn pass<A: ListrakApi>(
                 fields,
             } => {
                 for (key, value, time, comparison) in fields {
-                    context.metrics.reconcile_read(comparison.as_str());
+                    context.metrics.reconcile_read(comparison.as_str(), 1);
                     if comparison.repairs() {
                         repairs.push((list, email.clone(), key.f, value, time));
                     }
                 }
             }
             ContactRead::Again(keys) => {
-                for _ in &keys {
-                    context.metrics.reconcile_read("failed");
-                }
+                context.metrics.reconcile_read("failed", keys.len());
                 again.extend(keys);
             }
-            ContactRead::GivenUp(count) => {
-                for _ in 0..count {
-                    context.metrics.reconcile_read("failed");
-                }
-            }
+            ContactRead::GivenUp(count) => context.metrics.reconcile_read("failed", count),
         }
     }
     if !repairs.is_empty() {
@@ -451,6 +444,8 @@ async fn pass<A: ListrakApi>(
         );
         context.metrics.reconcile_repaired(repairs.len());
     }
+    // Sent together, their confirms awaited together.
+    let mut confirms = Vec::with_capacity(repairs.len());
     for (list, email, field, value, time) in repairs {
         tracing::debug!(
             list_id = %list,
@@ -465,19 +460,19 @@ async fn pass<A: ListrakApi>(
             value: &value,
             time,
         };
-        publish_repair(publisher, &context.topology.queue, &repair)
+        let confirm = start_repair(publisher, &context.topology.queue, &repair)
+            .await
+            .map_err(|error| PassError(error.to_string()))?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        wait_confirm(confirm)
             .await
             .map_err(|error| PassError(error.to_string()))?;
     }
-    for chunk in again.chunks(KEYS_PER_MESSAGE) {
-        let message = ReadBacks {
-            v: VERSION,
-            k: chunk.to_vec(),
-        };
-        publish_read_backs(publisher, waiting_queue, &message)
-            .await
-            .map_err(|error| PassError(error.to_string()))?;
-    }
+    publish_keys(publisher, waiting_queue, &again)
+        .await
+        .map_err(|error| PassError(error.to_string()))?;
     Ok(())
 }
 
@@ -502,14 +497,11 @@ enum ContactRead {
 
 async fn read_contact<A: ListrakApi>(
     context: &ReadBackContext<A>,
-    list: u32,
+    list: ListId,
     email: String,
     fields: Vec<Expected>,
 ) -> ContactRead {
-    let Some(list) = ListId::new(i64::from(list)) else {
-        return ContactRead::GivenUp(fields.len());
-    };
-    let slot = context.reconciler.pace.lock().slot(Instant::now());
+    let slot = context.reconciler.pace.lock().slot(clock::now());
     tokio::time::sleep_until(slot.into()).await;
     let ids: Vec<u32> = fields.iter().map(|(key, ..)| key.f).collect();
     let permit = context.concurrency.acquire().await;
@@ -582,28 +574,25 @@ struct Repair<'a> {
     time: EventTime,
 }
 
-/// The newest value, sent again as a `profile_update` with its own event time.
-async fn publish_repair(
+/// The newest value, sent again as a `profile_update` with its own event time; its confirm
+/// is the caller's to await.
+async fn start_repair(
     publisher: &Publisher,
     queue: &str,
     repair: &Repair<'_>,
-) -> Result<(), PublishError> {
+) -> Result<lapin::PublisherConfirm, PublishError> {
     let id = format!("readback-{:016x}", rand::random::<u64>());
-    let mut fields = serde_json::Map::new();
-    fields.insert(repair.field.to_string(), repair.value.into());
-    let body = serde_json::json!({
-        "type": "profile_update",
-        "list_id": repair.list.get(),
-        "email": repair.email,
-        "fields": fields,
-        "timestamp": repair.time.to_rfc3339_micros(),
-        "message_id": id,
-    });
+    let body = profile_update_body(
+        repair.list,
+        repair.email,
+        repair.field,
+        repair.value,
+        &repair.time.to_rfc3339_micros(),
+        &id,
+    );
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_message_id(id.as_str().into());
-    publisher
-        .publish("", queue, body.to_string().as_bytes(), properties)
-        .await
+    publisher.start("", queue, &body, properties).await
 }

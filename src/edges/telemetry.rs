@@ -619,12 +619,12 @@ impl Metrics {
             .inc_by(keys as u64);
     }
 
-    /// A key was read back: `outcome` is a comparison's name, or `failed`.
-    pub fn reconcile_read(&self, outcome: &str) {
+    /// `keys` keys were read back: `outcome` is a comparison's name, or `failed`.
+    pub fn reconcile_read(&self, outcome: &str, keys: usize) {
         self.inner
             .reconcile_reads
             .with_label_values(&[outcome])
-            .inc();
+            .inc_by(keys as u64);
     }
 
     pub fn reconcile_repaired(&self, keys: usize) {

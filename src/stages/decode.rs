@@ -379,6 +379,31 @@ fn excerpt_value(value: &Json<'_>) -> String {
     }
 }
 
+/// The body of a `profile_update` setting one field: how a value the worker applied is sent
+/// again (a read-back's repair, `reconcile --apply`), with its own event time (RFC 3339, to
+/// the microsecond, so that the guard sees the very time it recorded).
+pub fn profile_update_body(
+    list: ListId,
+    email: &str,
+    field: u32,
+    value: &str,
+    event_time: &str,
+    message_id: &str,
+) -> Vec<u8> {
+    let mut fields = serde_json::Map::new();
+    fields.insert(field.to_string(), value.into());
+    serde_json::json!({
+        "type": "profile_update",
+        "list_id": list.get(),
+        "email": email,
+        "fields": fields,
+        "timestamp": event_time,
+        "message_id": message_id,
+    })
+    .to_string()
+    .into_bytes()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -876,5 +901,29 @@ pub(crate) mod tests {
     fn poison_reads_as_reason_then_detail() {
         let poison = Poison::invalid_event("`type` is missing");
         assert_eq!(poison.to_string(), "invalid_event: `type` is missing");
+    }
+
+    #[test]
+    fn a_profile_update_body_decodes_to_the_update_it_was_made_from() {
+        let at = EventTime(1_800_000_000_123_456);
+        let body = profile_update_body(
+            ListId::new(7).unwrap(),
+            "a@example.com",
+            456,
+            "on",
+            &at.to_rfc3339_micros(),
+            "readback-1",
+        );
+        let Ok(Inbound::ProfileUpdate(direct)) = decode(&body, EventTime(0)) else {
+            panic!("a profile update");
+        };
+        assert_eq!(direct.update.list_id.get(), 7);
+        assert_eq!(direct.update.email, "a@example.com");
+        assert_eq!(
+            direct.update.fields,
+            [(FieldId::new(456).unwrap(), "on".to_owned())]
+        );
+        assert_eq!(direct.update.timestamp, at, "to the microsecond");
+        assert_eq!(direct.message_id.as_deref(), Some("readback-1"));
     }
 }

@@ -175,7 +175,21 @@ pub struct KeyToRead {
 
 impl ReadBacks {
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a read-back serializes")
+        Self::encode_keys(&self.k)
+    }
+
+    /// The message naming `keys`, without copying them into a `ReadBacks`.
+    pub fn encode_keys(keys: &[KeyToRead]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            v: u32,
+            k: &'a [KeyToRead],
+        }
+        serde_json::to_vec(&Borrowed {
+            v: VERSION,
+            k: keys,
+        })
+        .expect("a read-back serializes")
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
