@@ -33,6 +33,7 @@ use crate::edges::broker::{wait_confirm, PublishError, Publisher, Topology, CONF
 use crate::edges::listrak::{CatalogueError, ListrakApi};
 use crate::edges::telemetry::{mask_email, Metrics};
 use crate::stages::decode::profile_update_body;
+use crate::stages::headers::ReadBackQueues;
 use crate::stages::model::{AppliedKey, AppliedKnowledge, EventTime, FieldId, ListId};
 use crate::stages::pace::Pace;
 use crate::stages::readback::{
@@ -56,6 +57,8 @@ const DUE_PREFETCH: u16 = 100;
 const GATHER: Duration = Duration::from_secs(1);
 /// Contacts read at once (each still takes a slot of the adaptive concurrency).
 const READS_IN_FLIGHT: usize = 16;
+/// The pause before a channel that failed is opened again.
+const AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// The applied log is read from this long before the window of the oldest key, for the
 /// clocks of replicas that disagree.
 const LOG_MARGIN: Duration = Duration::from_secs(60);
@@ -169,18 +172,29 @@ impl AppliedKnowledge for Learner {
     }
 }
 
-/// Publishes the keys noticed at risk to the read-back queue as they come, until the
-/// publisher fails (the session is ending): what was not confirmed waits for the next
-/// session.
-pub async fn schedule(reconciler: Arc<Reconciler>, publisher: Publisher, topology: Topology) {
+/// Publishes the keys noticed at risk to the read-back queue as they come, on a channel of
+/// its own, opened again a moment after a failure (a refused publish closes a channel), for
+/// as long as the broker session lasts: what was not confirmed waits for the next one.
+pub async fn schedule(reconciler: &Reconciler, connection: &Connection, topology: &Topology) {
     loop {
-        // Registered before looking, so that a key noticed meanwhile wakes it.
-        let noticed = reconciler.noticed.notified();
-        if let Err(error) = publish_waiting(&reconciler, &publisher, &topology).await {
-            tracing::debug!(%error, "could not schedule read-backs; the next session will");
+        let Ok(publisher) = Publisher::new(connection).await else {
             return;
+        };
+        loop {
+            // Registered before looking, so that a key noticed meanwhile wakes it.
+            let noticed = reconciler.noticed.notified();
+            if let Err(error) = publish_waiting(reconciler, &publisher, topology).await {
+                tracing::warn!(%error, keys = reconciler.waiting(), "could not schedule \
+                    read-backs; trying again on a new channel");
+                break;
+            }
+            noticed.await;
         }
-        noticed.await;
+        let _ = publisher
+            .channel()
+            .close(200, "publish failed".into())
+            .await;
+        tokio::time::sleep(AGAIN_AFTER).await;
     }
 }
 
@@ -275,6 +289,20 @@ pub async fn read_back<A: ListrakApi>(context: ReadBackContext<A>, connection: &
     let Some(queues) = context.topology.readback.clone() else {
         return;
     };
+    // A pass that fails (a repair the broker refused, the applied log unreadable) gives its
+    // messages back; reading goes on a moment later on new channels.
+    while read_until_failure(&context, connection, &queues).await {
+        tokio::time::sleep(AGAIN_AFTER).await;
+    }
+}
+
+/// Reads back on channels of its own until a pass fails (true: try again) or the connection
+/// is gone (false).
+async fn read_until_failure<A: ListrakApi>(
+    context: &ReadBackContext<A>,
+    connection: &Connection,
+    queues: &ReadBackQueues,
+) -> bool {
     let opened = async {
         let channel = connection.create_channel().await?;
         channel
@@ -298,19 +326,19 @@ pub async fn read_back<A: ListrakApi>(context: ReadBackContext<A>, connection: &
         Err(error) => {
             tracing::warn!(%error, queue = %queues.due, "cannot consume due read-backs in \
                 this session");
-            return;
+            return false;
         }
     };
     loop {
         let Some(Ok(first)) = consumer.next().await else {
-            return;
+            return false;
         };
         let mut deliveries = vec![first];
         let until = tokio::time::Instant::now() + GATHER;
         while deliveries.len() < usize::from(DUE_PREFETCH) {
             match tokio::time::timeout_at(until, consumer.next()).await {
                 Ok(Some(Ok(delivery))) => deliveries.push(delivery),
-                Ok(_) => return,
+                Ok(_) => return false,
                 Err(_) => break,
             }
         }
@@ -326,10 +354,10 @@ pub async fn read_back<A: ListrakApi>(context: ReadBackContext<A>, connection: &
             .last()
             .map_or(0, |delivery| delivery.delivery_tag);
         let multiple = BasicAckOptions { multiple: true };
-        match pass(&context, connection, &publisher, &queues.waiting, keys).await {
+        match pass(context, connection, &publisher, &queues.waiting, keys).await {
             Ok(()) => {
                 if channel.basic_ack(last, multiple).await.is_err() {
-                    return;
+                    return false;
                 }
             }
             Err(error) => {
@@ -339,7 +367,9 @@ pub async fn read_back<A: ListrakApi>(context: ReadBackContext<A>, connection: &
                     requeue: true,
                 };
                 let _ = channel.basic_nack(last, requeue).await;
-                return;
+                let _ = channel.close(200, "pass failed".into()).await;
+                let _ = publisher.channel().close(200, "pass failed".into()).await;
+                return true;
             }
         }
     }

@@ -262,13 +262,6 @@ impl<'w, A: ListrakApi> Session<'w, A> {
             batches_sent: 0,
             tasks: JoinSet::new(),
         };
-        let scheduler = worker.reconciler.as_ref().map(|reconciler| {
-            tokio::spawn(readback::schedule(
-                Arc::clone(reconciler),
-                session.publisher.clone(),
-                worker.topology.clone(),
-            ))
-        });
         let reading_back = async {
             if let Some(reconciler) = &worker.reconciler {
                 let context = readback::ReadBackContext {
@@ -279,18 +272,18 @@ impl<'w, A: ListrakApi> Session<'w, A> {
                     topology: worker.topology.clone(),
                     metrics: worker.metrics.clone(),
                 };
-                readback::read_back(context, connection).await;
+                tokio::join!(
+                    readback::schedule(reconciler, connection, &worker.topology),
+                    readback::read_back(context, connection),
+                );
             }
-            // Reading back ends with its consumer; the session goes on.
+            // Read-backs end with the connection; the session goes on until it notices.
             std::future::pending::<()>().await;
         };
         let result = tokio::select! {
             result = session.drive(&mut consumer, &mut inbox) => result,
             () = reading_back => unreachable!("reading back never ends the session"),
         };
-        if let Some(scheduler) = scheduler {
-            scheduler.abort();
-        }
         if let (Ok(()), Some(reconciler)) = (&result, &worker.reconciler) {
             readback::flush(reconciler, &session.publisher, &worker.topology).await;
         }
