@@ -174,10 +174,6 @@ pub struct KeyToRead {
 }
 
 impl ReadBacks {
-    pub fn encode(&self) -> Vec<u8> {
-        Self::encode_keys(&self.k)
-    }
-
     /// The message naming `keys`, without copying them into a `ReadBacks`.
     pub fn encode_keys(keys: &[KeyToRead]) -> Vec<u8> {
         #[derive(Serialize)]
@@ -526,7 +522,10 @@ mod tests {
             v: VERSION,
             k: vec![to_read("on", 100)],
         };
-        assert_eq!(ReadBacks::decode(&message.encode()).unwrap(), message);
+        assert_eq!(
+            ReadBacks::decode(&ReadBacks::encode_keys(&message.k)).unwrap(),
+            message
+        );
         assert!(ReadBacks::decode(b"{\"v\":2,\"k\":[]}")
             .unwrap_err()
             .contains("version 2"));
